@@ -1,0 +1,26 @@
+# The two set-up commands of the README: `make bench` (main job) and `make test`.
+# Both build .venv in the repository root and install everything they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: bench test system-deps
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[torch,test]'
+	touch $(STAMP)
+
+# Debian packages: Fashion-MNIST (the embedded benchmark's real data) and fonts.
+system-deps:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	fi
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.throughput
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q

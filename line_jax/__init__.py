@@ -1,0 +1,9 @@
+"""line_jax: LINe out-of-distribution detection in JAX, fused and jitted.
+
+Every score in line_jax follows one convention: higher = more in-distribution.
+"""
+
+from line_jax import line
+from line_jax import metrics
+
+__version__ = "0.1.0"

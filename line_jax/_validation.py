@@ -1,0 +1,140 @@
+"""Host-side input checks shared by every scorer's `fit` and `score`.
+
+Each check runs once, outside jit, and raises an error whose message names the
+argument and the problem. Nothing here is traced.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _shape_of(name: str, x) -> tuple[int, ...]:
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+  return tuple(x.shape)
+
+
+def _check_finite(name: str, x) -> None:
+  # Reduced where the array lives (device or host); only one bool comes back.
+  if not bool(jnp.all(jnp.isfinite(x))):
+    raise ValueError(f"{name} contains NaN or Inf")
+
+
+def _check_float(name: str, x) -> None:
+  dtype = np.dtype(x.dtype)
+  if not (np.issubdtype(dtype, np.floating) or dtype == jnp.bfloat16):
+    raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
+
+
+def features(x, *, name: str = "features", width: int | None = None) -> None:
+  """Checks `[batch, features]`: 2-D, non-empty, floating, finite, right width."""
+  shape = _shape_of(name, x)
+  if len(shape) != 2:
+    raise ValueError(f"{name} must be 2-D [batch, features], got shape {shape}")
+  if shape[0] == 0 or shape[1] == 0:
+    raise ValueError(f"{name} is empty: shape {shape}")
+  if width is not None and shape[1] != width:
+    raise ValueError(
+        f"{name} has {shape[1]} features per sample but the head expects {width}"
+    )
+  _check_float(name, x)
+  _check_finite(name, x)
+
+
+def kernel(k) -> tuple[int, int]:
+  """Checks a Flax Dense kernel `[features, classes]`; returns its shape."""
+  shape = _shape_of("kernel", k)
+  if len(shape) != 2:
+    raise ValueError(f"kernel must be 2-D [features, classes], got shape {shape}")
+  if shape[0] < 1 or shape[1] < 1:
+    raise ValueError(f"kernel is empty: shape {shape}")
+  _check_float("kernel", k)
+  _check_finite("kernel", k)
+  return shape
+
+
+def head(kernel_, bias, num_features: int) -> int:
+  """Checks a head `kernel: [features, classes]`, `bias: [classes]` (or None).
+
+  Returns:
+    The number of classes.
+  """
+  k_shape = kernel(kernel_)
+  if k_shape[0] != num_features:
+    raise ValueError(
+        f"kernel has {k_shape[0]} input features but features have "
+        f"{num_features} (kernel is [features, classes]; PyTorch's weight is "
+        "its transpose)"
+    )
+  if bias is not None:
+    b_shape = _shape_of("bias", bias)
+    if b_shape != (k_shape[1],):
+      raise ValueError(
+          f"bias must have shape ({k_shape[1]},) to match kernel, got {b_shape}"
+      )
+    _check_float("bias", bias)
+    _check_finite("bias", bias)
+  return k_shape[1]
+
+
+def labels(y, num_samples: int, num_classes: int, *, name: str = "labels") -> None:
+  """Checks integer labels `[batch]` in `[0, num_classes)`."""
+  shape = _shape_of(name, y)
+  if len(shape) != 1:
+    raise ValueError(f"{name} must be 1-D [batch], got shape {shape}")
+  if shape[0] != num_samples:
+    raise ValueError(
+        f"{name} has {shape[0]} entries but features have {num_samples} samples"
+    )
+  if not np.issubdtype(np.dtype(y.dtype), np.integer):
+    raise TypeError(f"{name} must be integers, got dtype {np.dtype(y.dtype)}")
+  lo, hi = int(jnp.min(y)), int(jnp.max(y))
+  if lo < 0 or hi >= num_classes:
+    raise ValueError(
+        f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]"
+    )
+
+
+def nonempty_classes(counts) -> None:
+  """Raises if any class has no training sample (its mean would be 0/0)."""
+  counts = np.asarray(counts)
+  empty = np.flatnonzero(counts == 0)
+  if empty.size:
+    shown = ", ".join(str(c) for c in empty[:10]) + (" ..." if empty.size > 10 else "")
+    raise ValueError(
+        f"{empty.size} class(es) have no training sample: {shown}; every class "
+        "needs at least one to estimate its contributions"
+    )
+
+
+def _real_number(name: str, value) -> float:
+  if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jnp.ndarray)):
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+  if getattr(value, "shape", ()) != ():
+    raise TypeError(f"{name} must be a scalar, got shape {value.shape}")
+  return float(value)
+
+
+def percentile(name: str, value, *, allow_none: bool = False) -> float | None:
+  """Checks a percentile in [0, 100] (or None where that switches a part off)."""
+  if value is None and allow_none:
+    return None
+  v = _real_number(name, value)
+  if not 0.0 <= v <= 100.0:
+    raise ValueError(f"{name} must be a percentile in [0, 100], got {value}")
+  return v
+
+
+def positive(name: str, value, *, allow_none: bool = False) -> float | None:
+  """Checks a positive finite number (or None where that switches a part off)."""
+  if value is None and allow_none:
+    return None
+  v = _real_number(name, value)
+  if not (math.isfinite(v) and v > 0.0):
+    raise ValueError(f"{name} must be a positive finite number, got {value}")
+  return v
