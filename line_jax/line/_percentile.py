@@ -113,8 +113,11 @@ def order_statistics(scale: jax.Array, sorted_cols: jax.Array, rank: int) -> tup
     return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
   key, _ = jax.lax.fori_loop(0, 64, step, (lo, hi))
-  value = _from_key(key)
-  below = count_at_most(scale, sorted_cols, value)
+  below = count_at_most(scale, sorted_cols, _from_key(key))
+  # Snap to the product itself: XLA may flush a subnormal search key to zero,
+  # so the key's own value is not always one of the products.
+  last_le = jnp.take_along_axis(cols, jnp.maximum(below - 1, 0)[None], 0)[0]
+  value = jnp.max(jnp.where(below > 0, scale * last_le, -jnp.inf))
   # Next distinct product above `value`, unless `value` repeats past `rank`.
   first_above = jnp.take_along_axis(cols, jnp.minimum(below, num_rows - 1)[None], 0)[0]
   first_above = jnp.where(below < num_rows, scale * first_above, jnp.inf)

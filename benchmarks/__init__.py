@@ -1,0 +1,1 @@
+"""Benchmarks and PyTorch references for line_jax (not imported by the library)."""
