@@ -58,9 +58,10 @@ class OfficialLine:
       `C` up front (the full `[C, C, m]` tensor is 7.6 GiB for ImageNet).
   """
 
-  def __init__(self, weight, bias, contrib, *, p_w, p_a, clip, lazy=False):
-    self.weight = torch.from_numpy(np.asarray(weight, np.float32))
-    self.bias = torch.from_numpy(np.asarray(bias, np.float32))
+  def __init__(self, weight, bias, contrib, *, p_w, p_a, clip, lazy=False, device="cpu"):
+    self.device = device
+    self.weight = torch.as_tensor(np.asarray(weight, np.float32), device=device)
+    self.bias = torch.as_tensor(np.asarray(bias, np.float32), device=device)
     self.contrib = np.asarray(contrib, np.float64)
     self.p_w, self.p_a, self.clip = p_w, p_a, clip
     self.masked_w: dict[int, torch.Tensor] = {}
@@ -70,24 +71,25 @@ class OfficialLine:
         self._build(c)
 
   def _build(self, c: int) -> None:
-    weight_np = self.weight.numpy()
+    weight_np = self.weight.cpu().numpy()
     matrix = abs(self.contrib[c, :]) * weight_np  # float64 [C, m]
-    mask_w = torch.Tensor(matrix > np.percentile(matrix, self.p_w))
+    mask_w = torch.Tensor(matrix > np.percentile(matrix, self.p_w)).to(self.device)
     self.masked_w[c] = self.weight * mask_w
-    self.mask_f[c] = torch.Tensor(self.contrib[c, :] > np.percentile(self.contrib[c, :], self.p_a))
+    mask_f = torch.Tensor(self.contrib[c, :] > np.percentile(self.contrib[c, :], self.p_a))
+    self.mask_f[c] = mask_f.to(self.device)
 
   def __call__(self, features) -> torch.Tensor:
-    x = torch.as_tensor(features).clip(max=self.clip)
+    x = torch.as_tensor(features, device=self.device).clip(max=self.clip)
     with torch.no_grad():
       pre = x[:, None, :] * self.weight
       pred = torch.nn.functional.softmax(pre.sum(2) + self.bias, dim=1)
-      preds = np.argmax(pred.numpy(), axis=1)  # host round trip, as the official code
+      preds = np.argmax(pred.cpu().numpy(), axis=1)  # host round trip, as the official code
       for c in set(preds.tolist()) - self.masked_w.keys():
         self._build(c)
-      cp = torch.zeros((len(x), x.shape[1]))
+      cp = torch.zeros((len(x), x.shape[1]), device=self.device)
       for i, c in enumerate(preds):
         cp[i] = x[i] * self.mask_f[c]
-      vote = torch.zeros((len(x), self.weight.shape[0], x.shape[1]))
+      vote = torch.zeros((len(x), self.weight.shape[0], x.shape[1]), device=self.device)
       for i, c in enumerate(preds):
         vote[i] = cp[i] * self.masked_w[c]
       out = vote.sum(2) + self.bias
