@@ -13,10 +13,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[torch,test]'
 	touch $(STAMP)
 
-# Debian packages: Fashion-MNIST (the embedded benchmark's real data) and fonts.
+# Debian packages: Fashion-MNIST (the embedded benchmark's real data) and the
+# fonts its letter-glyph OOD set is rendered from.
+DEBIAN_PACKAGES := dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-urw-base35
 system-deps:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	@if ! dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1; then \
+	  apt-get install -y -q $(DEBIAN_PACKAGES) || (apt-get update -q && apt-get install -y -q $(DEBIAN_PACKAGES)); \
 	fi
 
 bench: $(STAMP)
