@@ -5,5 +5,6 @@ Every score in line_jax follows one convention: higher = more in-distribution.
 
 from line_jax import line
 from line_jax import metrics
+from line_jax import models
 
 __version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""Flax image classifiers that return `(logits, features)`.
+
+`features` are the pooled pre-logits `[batch, num_features]` (the input of the
+final Dense layer `fc`, non-negative after ReLU): what line_jax's scorers take,
+with the head `(params["fc"]["kernel"], params["fc"]["bias"])`.
+"""
+
+from line_jax.models._densenet import DenseNet
+from line_jax.models._densenet import DenseNetBC100
+from line_jax.models._registry import get_model
+from line_jax.models._registry import input_shapes
+from line_jax.models._registry import registry
+from line_jax.models._resnet import BasicBlock
+from line_jax.models._resnet import BottleneckBlock
+from line_jax.models._resnet import ResNet
+from line_jax.models._resnet import ResNet18Cifar
+from line_jax.models._resnet import ResNet50
+from line_jax.models._resnet import ResNetSmall
+from line_jax.models._torch_import import load_torch_checkpoint
+from line_jax.models._torch_import import read_torch_state_dict
+from line_jax.models._torch_import import variables_from_state_dict
+
+__all__ = (
+    "BasicBlock",
+    "BottleneckBlock",
+    "DenseNet",
+    "DenseNetBC100",
+    "ResNet",
+    "ResNet18Cifar",
+    "ResNet50",
+    "ResNetSmall",
+    "get_model",
+    "input_shapes",
+    "load_torch_checkpoint",
+    "read_torch_state_dict",
+    "registry",
+    "variables_from_state_dict",
+)
