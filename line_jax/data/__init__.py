@@ -1,15 +1,12 @@
 """Datasets for line_jax: TFDS loaders, curated image folders, embedded OOD sets.
 
-Importing this package registers the TFDS builder `fashion_mnist_local`.
+The TFDS-backed names (`load_split`, `FashionMnistLocal`, ...) import
+tensorflow-datasets on first use, which registers `fashion_mnist_local`.
 """
 
 from line_jax.data._embedded_ood import OOD_SET_NAMES
 from line_jax.data._embedded_ood import ood_set
 from line_jax.data._embedded_ood import ood_sets
-from line_jax.data._fashion_mnist_local import CLASS_NAMES as FASHION_MNIST_CLASSES
-from line_jax.data._fashion_mnist_local import DEBIAN_FASHION_MNIST_DIR
-from line_jax.data._fashion_mnist_local import FashionMnistLocal
-from line_jax.data._fashion_mnist_local import read_fashion_mnist
 from line_jax.data._idx import read_idx
 from line_jax.data._idx import write_idx
 from line_jax.data._image_folder import CURATED_OOD
@@ -25,9 +22,6 @@ from line_jax.data._preprocess import normalize
 from line_jax.data._preprocess import resize_center_crop
 from line_jax.data._preprocess import resize_center_crop_batch
 from line_jax.data._preprocess import resize_shorter_side
-from line_jax.data._tfds_loader import STOCK_DATASETS
-from line_jax.data._tfds_loader import StockDataset
-from line_jax.data._tfds_loader import load_split
 
 __all__ = (
     "CURATED_OOD",
@@ -56,3 +50,24 @@ __all__ = (
     "resize_shorter_side",
     "write_idx",
 )
+
+# Names that need tensorflow-datasets load it on first use, so that the rest of
+# line_jax.data (IDX files, OOD sets, preprocessing) works where TFDS is absent,
+# e.g. on an accelerator VM with only JAX installed.
+_LAZY = {
+    "FASHION_MNIST_CLASSES": ("line_jax.data._fashion_mnist_local", "CLASS_NAMES"),
+    "DEBIAN_FASHION_MNIST_DIR": ("line_jax.data._fashion_mnist_local", "DEBIAN_FASHION_MNIST_DIR"),
+    "FashionMnistLocal": ("line_jax.data._fashion_mnist_local", "FashionMnistLocal"),
+    "read_fashion_mnist": ("line_jax.data._fashion_mnist_local", "read_fashion_mnist"),
+    "STOCK_DATASETS": ("line_jax.data._tfds_loader", "STOCK_DATASETS"),
+    "StockDataset": ("line_jax.data._tfds_loader", "StockDataset"),
+    "load_split": ("line_jax.data._tfds_loader", "load_split"),
+}
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    import importlib
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+  raise AttributeError(f"module 'line_jax.data' has no attribute {name!r}")
