@@ -1,0 +1,150 @@
+"""Scoring throughput of every registered scorer, line_jax vs. PyTorch.
+
+For each head shape `(classes, features)` every scorer is fitted once on
+random training features (via the registry, default hyperparameters, except
+KNN whose bank is kept small), then its jitted `score` is timed on a fixed
+batch: one warm-up call (compilation), then `repeats` calls, each waited for
+with `block_until_ready`; the median gives samples/s. The PyTorch version of
+the same method (`benchmarks.torch_baselines`, eval mode, `no_grad`) is built
+from the same fitted state and timed on the same batch, in blocks that
+alternate with line_jax's. On a shared CPU run it while nothing else does:
+PyTorch's OpenMP barriers slow down far more than XLA under foreign load.
+
+Run from the repository root:
+
+    python -m benchmarks.scorer_throughput
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # `python benchmarks/scorer_throughput.py`
+  sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+from benchmarks import torch_baselines  # pylint: disable=wrong-import-position
+from line_jax import scorers  # pylint: disable=wrong-import-position
+
+SHAPES = ((10, 342), (100, 342), (1000, 2048))
+_SETTLE_S = 0.05
+
+
+def _problem(num_classes: int, num_features: int, train: int, batch: int, seed: int):
+  rng = np.random.default_rng(seed)
+  labels = np.arange(train) % num_classes
+  features = np.abs(rng.normal(size=(train, num_features))).astype(np.float32)
+  kernel = (rng.normal(size=(num_features, num_classes)) / np.sqrt(num_features)).astype(np.float32)
+  bias = (0.1 * rng.normal(size=(num_classes,))).astype(np.float32)
+  test = np.abs(rng.normal(size=(batch, num_features))).astype(np.float32)
+  return features, labels, kernel, bias, test
+
+
+def _median_rates(fns, batch: int, repeats: int, rounds: int) -> list[float]:
+  """samples/s of each of `fns`: the median over `rounds` blocks of `repeats`.
+
+  The implementations take turns block by block, so slow drifts of a shared
+  CPU's background load hit both alike. Between blocks we pause: after a
+  call, PyTorch's OpenMP workers spin for milliseconds (libgomp's default
+  spin count) and XLA's briefly, and on two cores a spinning neighbour would
+  be timed as part of the next block.
+  """
+  for fn in fns:
+    fn()  # warm-up: compilation, caches, thread pools
+  times = [[] for _ in fns]
+  for _ in range(rounds):
+    for fn, spent in zip(fns, times):
+      time.sleep(_SETTLE_S)
+      fn()
+      for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        spent.append(time.perf_counter() - start)
+  return [batch / statistics.median(spent) for spent in times]
+
+
+def run(shapes=SHAPES, batch: int = 256, repeats: int = 20, *, rounds: int = 3,
+        train: int = 2048, knn_k: int = 50, names=None, seed: int = 0) -> list[dict]:
+  """Measures samples/s of every scorer in line_jax and in PyTorch.
+
+  Args:
+    shapes: `(classes, features)` head shapes.
+    batch: test samples per score call.
+    repeats: timed calls per block.
+    rounds: blocks per implementation and measurement (median of all calls).
+    train: training samples each scorer is fitted on (also the KNN bank).
+    knn_k: KNN's k (the default 1000 suits a full ImageNet bank, not this one).
+    names: scorers to measure (default: all registered).
+    seed: seed of the random problem.
+
+  Returns:
+    One dict per (scorer, shape, implementation): what, method, classes,
+    features, batch, implementation ("line_jax" or "torch"), samples_per_s.
+  """
+  # Every call here is waited for, so on CPU asynchronous dispatch would only
+  # add a hand-off to a worker thread and back per call (tens of
+  # microseconds, as much as the whole of a small head's work); PyTorch
+  # runs on the calling thread too. Restored on exit.
+  async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  try:
+    return _run(shapes, batch, repeats, rounds, train, knn_k, names, seed)
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", async_dispatch)
+
+
+def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict]:
+  records = []
+  for num_classes, num_features in shapes:
+    features, labels, kernel, bias, test = _problem(
+        num_classes, num_features, max(train, num_classes), batch, seed)
+    test_jax = jax.device_put(test)
+    test_torch = torch.from_numpy(test)
+    for name in names or scorers.names():
+      scorer = scorers.get(name)
+      hparams = {"k": knn_k} if name == "knn" else {}
+      state = scorer.fit(features, labels, kernel, bias, **hparams)
+      module = torch_baselines.from_state(name, state)
+
+      def jax_call(state=state, scorer=scorer):
+        scorer.score(state, test_jax).block_until_ready()
+
+      def torch_call(module=module):
+        with torch.no_grad():
+          module(test_torch)
+
+      rates = _median_rates((jax_call, torch_call), batch, repeats, rounds)
+      for implementation, rate in zip(("line_jax", "torch"), rates):
+        records.append({
+            "what": "scorer", "method": name, "classes": num_classes,
+            "features": num_features, "batch": batch, "implementation": implementation,
+            "samples_per_s": rate,
+        })
+  return records
+
+
+def table(records: list[dict]) -> str:
+  """Markdown table: one row per method and shape, both implementations."""
+  rows = {}
+  for r in records:
+    key = (r["method"], r["classes"], r["features"])
+    rows.setdefault(key, {})[r["implementation"]] = r["samples_per_s"]
+  lines = ["| method | classes x features | line_jax samples/s | torch samples/s | ratio |",
+           "|---|---|---|---|---|"]
+  for (method, c, m), rates in rows.items():
+    jx, pt = rates.get("line_jax", float("nan")), rates.get("torch", float("nan"))
+    lines.append(f"| {method} | {c} x {m} | {jx:,.0f} | {pt:,.0f} | {jx / pt:.2f} |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  start = time.perf_counter()
+  result = run()
+  print(table(result))
+  print(f"\n{jax.default_backend()} backend, torch threads {torch.get_num_threads()}, "
+        f"{time.perf_counter() - start:.0f} s")

@@ -1,0 +1,152 @@
+"""What the feature-space scorers share: the head, input checks, energy.
+
+Every check on arrays goes through `line_jax._validation`, so a scorer rejects
+bad input with the same message as `line_jax.line.fit`. Score functions run
+under jit, where only shapes are known; `check_width` is their (trace-time)
+check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+import numbers
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from line_jax import _validation
+
+
+@flax.struct.dataclass
+class HeadState:
+  """The state of a scorer that fits nothing: only the classification head.
+
+  Attributes:
+    kernel: `[features, classes]` float32 head kernel (Flax layout).
+    bias: `[classes]` float32 head bias (zeros when the head has none).
+  """
+
+  kernel: jax.Array
+  bias: jax.Array
+
+
+def head_state(kernel, bias) -> HeadState:
+  """`HeadState` of a validated head; a missing bias becomes zeros."""
+  kernel = jnp.asarray(kernel, jnp.float32)
+  if bias is None:
+    bias = jnp.zeros((kernel.shape[1],), jnp.float32)
+  return HeadState(kernel=kernel, bias=jnp.asarray(bias, jnp.float32))
+
+
+def fit_head(features, labels, kernel, bias) -> HeadState:
+  """`fit` of a scorer that learns nothing: checks the inputs, keeps the head.
+
+  Args:
+    features: `[n, features]` training activations (only validated).
+    labels: `[n]` integer labels or None (only validated).
+    kernel: `[features, classes]` head kernel (Flax layout).
+    bias: `[classes]` head bias or None.
+  """
+  check_train(features, labels, kernel, bias)
+  return head_state(kernel, bias)
+
+
+def fit_head_from_batches(batches, kernel, bias) -> HeadState:
+  """`fit_from_batches` of a scorer that learns nothing; batches are not read."""
+  del batches  # Nothing to estimate from data.
+  check_head(kernel, bias)
+  return head_state(kernel, bias)
+
+
+def check_train(features, labels, kernel, bias, *, needs_labels: bool = False) -> int:
+  """Validates in-memory training data and the head; returns the class count.
+
+  Args:
+    features: `[n, features]` training activations.
+    labels: `[n]` integer labels, or None where the scorer does not use them.
+    kernel: `[features, classes]` head kernel.
+    bias: `[classes]` head bias or None.
+    needs_labels: whether None labels are an error.
+  """
+  _validation.features(features)
+  num_classes = _validation.head(kernel, bias, features.shape[1])
+  if labels is None:
+    if needs_labels:
+      raise ValueError("labels are required: this scorer fits per-class statistics")
+  else:
+    _validation.labels(labels, features.shape[0], num_classes)
+  return num_classes
+
+
+def check_head(kernel, bias) -> tuple[int, int]:
+  """Validates a head on its own; returns `(features, classes)`."""
+  num_features, num_classes = _validation.kernel(kernel)
+  _validation.head(kernel, bias, num_features)
+  return num_features, num_classes
+
+
+def check_batch(features, labels, num_features: int, num_classes: int, *,
+                needs_labels: bool = False) -> None:
+  """Validates one streamed `(features, labels)` batch against the head."""
+  _validation.features(features, width=num_features)
+  if labels is None:
+    if needs_labels:
+      raise ValueError("labels are required: this scorer fits per-class statistics")
+  else:
+    _validation.labels(labels, features.shape[0], num_classes)
+
+
+def batches_of(batches: Iterable, *, passes: int = 1) -> Iterable:
+  """Checks that `batches` can be iterated `passes` times and is not empty.
+
+  A generator or other iterator can only be read once; a scorer that needs
+  two passes over the training data says so instead of silently seeing an
+  empty second pass.
+  """
+  if passes > 1 and isinstance(batches, Iterator):
+    raise TypeError(
+        f"this scorer reads the training batches {passes} times; pass a "
+        "re-iterable (a list, or an object whose __iter__ starts over), not a "
+        "one-shot iterator or generator"
+    )
+  return batches
+
+
+def no_batches() -> ValueError:
+  return ValueError("batches is empty: no training sample to fit on")
+
+
+def integer(name: str, value, *, low: int = 1) -> int:
+  """Checks an integer hyperparameter (a count, a dimension, a seed) >= `low`."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+  if value < low:
+    raise ValueError(f"{name} must be at least {low}, got {value}")
+  return int(value)
+
+
+def check_width(features: jax.Array, num_features: int) -> None:
+  """Trace-time check of `[batch, features]` (shapes are static under jit)."""
+  shape = tuple(features.shape)
+  if len(shape) != 2:
+    raise ValueError(f"features must be 2-D [batch, features], got shape {shape}")
+  if shape[1] != num_features:
+    raise ValueError(
+        f"features have {shape[1]} features per sample but the fitted head "
+        f"expects {num_features}"
+    )
+
+
+def logits(state, features: jax.Array) -> jax.Array:
+  """`[batch, classes]` float32 logits of the head held by `state`."""
+  return features.astype(jnp.float32) @ state.kernel + state.bias
+
+
+def energy(logits_: jax.Array) -> jax.Array:
+  """Negative free energy at temperature 1, `logsumexp` over classes.
+
+  Liu, Wang, Owens, Li, "Energy-based Out-of-distribution Detection",
+  NeurIPS 2020.
+  """
+  return jax.nn.logsumexp(logits_, axis=-1)

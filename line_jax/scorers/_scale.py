@@ -1,0 +1,56 @@
+"""SCALE: activation scaling without pruning, then energy.
+
+Xu, Lian, Yang, Yang, "Scaling for Training Time and Post-hoc
+Out-of-distribution Detection Enhancement", ICLR 2024. Like ASH-S, the factor
+is `exp(sum_before / sum_after)` where `sum_after` sums the
+`k = n - round(n p / 100)` largest activations of the sample, but SCALE keeps
+every activation and only multiplies them all by it. Default p = 85, the
+paper's ImageNet ResNet-50 setting.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from line_jax.scorers import _common
+from line_jax.scorers import _shaping
+
+PERCENTILE = 85.0
+
+
+def fit(features, labels, kernel, bias, *, percentile=PERCENTILE) -> _shaping.ShapingState:
+  """Checks the inputs, keeps the head and the percentile (SCALE fits nothing).
+
+  Args:
+    features: `[n, features]` training activations (only validated).
+    labels: `[n]` integer labels or None (only validated).
+    kernel: `[features, classes]` head kernel (Flax layout).
+    bias: `[classes]` head bias or None.
+    percentile: in [0, 100]; the k largest activations that set the scale are
+      the top `100 - percentile` %.
+  """
+  _common.check_train(features, labels, kernel, bias)
+  return _shaping.shaping_state(kernel, bias, percentile, features.shape[1])
+
+
+def fit_from_batches(batches, kernel, bias, *, percentile=PERCENTILE) -> _shaping.ShapingState:
+  """`fit` without data (SCALE fits nothing); the batches are not read."""
+  del batches
+  num_features, _ = _common.check_head(kernel, bias)
+  return _shaping.shaping_state(kernel, bias, percentile, num_features)
+
+
+@jax.jit
+def score(state: _shaping.ShapingState, features: jax.Array) -> jax.Array:
+  """`[batch]` energies of the scaled features; higher = more ID.
+
+  Args:
+    state: from `fit`.
+    features: `[batch, features]` penultimate activations.
+  """
+  _common.check_width(features, state.kernel.shape[0])
+  h = features.astype(jnp.float32)
+  k = _shaping.kept_count(h.shape[1], state.percentile)
+  factor = jnp.exp(jnp.sum(h, axis=1) / _shaping.top_k_sum(h, k))
+  return _common.energy((h * factor[:, None]) @ state.kernel + state.bias)

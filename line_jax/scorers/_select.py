@@ -1,0 +1,55 @@
+"""Exact order statistics by radix selection over float32 bit patterns.
+
+Each finite float32 maps to a uint32 key with the same order (flip all bits
+of negatives, the sign bit of the rest). The k-th largest key is then built
+bit by bit from the top: 32 fused compare-and-count passes and no sort. On
+CPU this is several times faster than XLA's sort-based `top_k` (and than
+`torch.topk` at 2048 values) when only the k-th value is needed.
+
+The counts run down the leading axis, so each pass is a column reduction that
+vectorises across the other axis; `kth_largest` takes rows and transposes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SIGN = np.uint32(1 << 31)
+
+
+def to_key(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (finite values; -0.0 < +0.0)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(bits >> 31 == 1, ~bits, bits | _SIGN)
+
+
+def from_key(key: jax.Array) -> jax.Array:
+  """Inverse of `to_key`."""
+  bits = jnp.where(key >> 31 == 1, key & ~_SIGN, ~key)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def kth_largest_key_per_column(keys: jax.Array, k: int) -> jax.Array:
+  """The k-th largest of each column of `keys` (`[n, columns]` uint32).
+
+  A bit of the answer stays set when at least k keys are >= the prefix with
+  that bit set. Requires 1 <= k <= n.
+  """
+  def step(i, prefix):
+    candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    count = jnp.sum(keys >= candidate[None, :], axis=0, dtype=jnp.int32)
+    return jnp.where(count >= k, candidate, prefix)
+
+  return jax.lax.fori_loop(0, 32, step, jnp.zeros(keys.shape[1:], jnp.uint32))
+
+
+def kth_largest_per_column(x: jax.Array, k: int) -> jax.Array:
+  """The k-th largest value of each column of float32 `[n, columns]`."""
+  return from_key(kth_largest_key_per_column(to_key(x), k))
+
+
+def kth_largest(x: jax.Array, k: int) -> jax.Array:
+  """The k-th largest value of each row of float32 `[rows, n]`."""
+  return kth_largest_per_column(x.T, k)

@@ -1,0 +1,85 @@
+"""What ASH and SCALE share: their state and per-sample top-k masks.
+
+ASH and SCALE keep the `k = n - round(n p / 100)` largest activations of each
+sample, as their code does with `torch.topk`. XLA's `top_k` sorts on CPU (5x
+slower than `torch.topk` at 2048 features); only the k-th largest value is
+needed, which `_select` finds by radix selection. A mask then keeps every
+entry above it plus the first tied entries until exactly k are kept (lowest
+index first, the order a stable sort gives).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from line_jax import _validation
+from line_jax.scorers import _common
+from line_jax.scorers import _select
+
+def kept_count(num_features: int, percentile: float) -> int:
+  """`k = n - round(n p / 100)` as ASH's code computes it (`np.round`)."""
+  return num_features - int(np.round(num_features * percentile / 100.0))
+
+
+def check_percentile(percentile, num_features: int) -> float:
+  """Validates a shaping percentile; at least one activation must survive."""
+  p = _validation.percentile("percentile", percentile)
+  if kept_count(num_features, p) < 1:
+    raise ValueError(
+        f"percentile {percentile} keeps no activation of {num_features} "
+        "features; use a smaller one"
+    )
+  return p
+
+
+@flax.struct.dataclass
+class ShapingState:
+  """A head and a shaping percentile (ASH and SCALE fit nothing else).
+
+  Attributes:
+    kernel: `[features, classes]` float32 head kernel.
+    bias: `[classes]` float32 head bias.
+    percentile: static; the share of activations ASH prunes.
+  """
+
+  kernel: jax.Array
+  bias: jax.Array
+  percentile: float = flax.struct.field(pytree_node=False)
+
+
+def shaping_state(kernel, bias, percentile, num_features: int) -> ShapingState:
+  """Checks the percentile and builds the state of a validated head."""
+  p = check_percentile(percentile, num_features)
+  head = _common.head_state(kernel, bias)
+  return ShapingState(head.kernel, head.bias, p)
+
+
+def top_k_sum(x: jax.Array, k: int) -> jax.Array:
+  """`[batch]` sums of the k largest entries of each row of float32 `x`.
+
+  No mask needed: with t the k-th largest value, the k largest are every
+  entry above t plus as many copies of t as it takes to make k.
+  """
+  t = _select.kth_largest(x, k)[:, None]
+  above = x > t
+  count = jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
+  return (jnp.sum(jnp.where(above, x, 0.0), axis=1, keepdims=True) + (k - count) * t)[:, 0]
+
+
+def top_k_mask(x: jax.Array, k: int) -> jax.Array:
+  """`[batch, n]` bool: the k largest entries of each row of float32 `x`."""
+  keys = _select.to_key(x)
+  kth = _select.kth_largest_key_per_column(keys.T, k)[:, None]
+  above = keys > kth
+  tied = keys == kth
+  missing = k - jnp.sum(above, axis=1, keepdims=True, dtype=jnp.int32)
+
+  def first_ties(_):
+    return above | (tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= missing))
+
+  # Ties at the k-th value are rare off zero; skip the cumsum when none spill.
+  spill = jnp.any(jnp.sum(tied, axis=1, keepdims=True, dtype=jnp.int32) > missing)
+  return jax.lax.cond(spill, first_ties, lambda _: above | tied, None)

@@ -1,0 +1,277 @@
+"""Registry, parity with independent NumPy computations, and equivalences."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from line_jax import line
+from line_jax import scorers
+from line_jax.scorers import _quantile
+from line_jax.scorers import _select
+from line_jax.scorers import _shaping
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+N, M, C, B = 120, 12, 5, 16
+EXPECTED = (
+    "msp", "maxlogit", "energy", "react", "dice", "ash_p", "ash_b", "ash_s",
+    "scale", "mahalanobis", "knn", "vim", "gradnorm", "line",
+)
+SMALL = {"knn": {"k": 7}, "vim": {"dim": 6}}
+
+
+def _problem(seed=0):
+  rng = np.random.default_rng(seed)
+  train = np.abs(rng.normal(size=(N, M))).astype(np.float32)
+  labels = np.arange(N) % C
+  train += np.eye(C, M, dtype=np.float32)[labels] * 2  # class structure
+  kernel = rng.normal(size=(M, C)).astype(np.float32)
+  bias = rng.normal(size=(C,)).astype(np.float32)
+  test = np.abs(rng.normal(size=(B, M))).astype(np.float32) * 1.5
+  return train, labels, kernel, bias, test
+
+
+def _fit_score(name, **hparams):
+  train, labels, kernel, bias, test = _problem()
+  scorer = scorers.get(name)
+  state = scorer.fit(train, labels, kernel, bias, **{**SMALL.get(name, {}), **hparams})
+  return np.asarray(scorer.score(state, test)), state
+
+
+# Independent float64 NumPy references, written from each paper's definition.
+def _logits(h, kernel, bias):
+  return h.astype(np.float64) @ kernel.astype(np.float64) + bias
+
+
+def _energy(z):
+  top = z.max(axis=1)
+  return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+
+
+def _top_k_mask(h, k):
+  order = np.argsort(-h, axis=1, kind="stable")[:, :k]
+  mask = np.zeros(h.shape, bool)
+  np.put_along_axis(mask, order, True, axis=1)
+  return mask
+
+
+def _kept(m, p):
+  return m - int(np.round(m * p / 100.0))
+
+
+def test_registry_names_are_canonical_and_complete():
+  assert scorers.names() == EXPECTED
+  for name in EXPECTED:
+    scorer = scorers.get(name)
+    assert scorer.name == name
+    assert isinstance(scorer.score, type(jax.jit(lambda x: x)))  # jitted
+
+
+def test_registry_defaults_follow_the_papers():
+  defaults = {name: dict(scorers.get(name).defaults) for name in EXPECTED}
+  assert defaults["react"] == {"percentile": 90.0}
+  assert defaults["dice"] == {"p": 70.0}
+  assert defaults["ash_p"] == {"percentile": 60.0}
+  assert defaults["ash_b"] == {"percentile": 65.0}
+  assert defaults["ash_s"] == {"percentile": 90.0}
+  assert defaults["scale"] == {"percentile": 85.0}
+  assert defaults["knn"]["k"] == 1000
+  assert defaults["vim"] == {"dim": 512}
+  assert defaults["line"] == {"p_w": 10.0, "p_a": 10.0, "clip": 0.8}
+  for name in ("msp", "maxlogit", "energy", "mahalanobis", "gradnorm"):
+    assert defaults[name] == {}
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_every_scorer_returns_finite_batch_scores(name):
+  scores, _ = _fit_score(name)
+  chex.assert_shape(scores, (B,))
+  assert scores.dtype == np.float32
+  assert np.all(np.isfinite(scores))
+
+
+def test_msp_maxlogit_energy_match_numpy():
+  train, labels, kernel, bias, test = _problem()
+  z = _logits(test, kernel, bias)
+  probs = np.exp(z - _energy(z)[:, None])
+  np.testing.assert_allclose(_fit_score("msp")[0], probs.max(axis=1), rtol=1e-5)
+  np.testing.assert_allclose(_fit_score("maxlogit")[0], z.max(axis=1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_fit_score("energy")[0], _energy(z), rtol=1e-5, atol=1e-5)
+
+
+def test_react_matches_numpy():
+  train, labels, kernel, bias, test = _problem()
+  threshold = np.percentile(train.ravel().astype(np.float64), 80)
+  scores, state = _fit_score("react", percentile=80)
+  assert float(state.threshold) == np.float32(threshold)
+  want = _energy(_logits(np.minimum(test, threshold), kernel, bias))
+  np.testing.assert_allclose(scores, want, rtol=1e-5)
+  assert np.any(test > threshold)  # the clip did something
+
+
+def test_dice_matches_numpy():
+  train, labels, kernel, bias, test = _problem()
+  contrib = train.astype(np.float64).mean(axis=0)[:, None] * kernel
+  mask = contrib > np.percentile(contrib, 60)
+  scores, state = _fit_score("dice", p=60)
+  np.testing.assert_array_equal(np.asarray(state.kernel) != 0, mask)
+  want = _energy(_logits(test, kernel * mask, bias))
+  np.testing.assert_allclose(scores, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["p", "b", "s"])
+@pytest.mark.parametrize("percentile", [0.0, 37.0, 65.0, 95.0])
+def test_ash_matches_numpy(variant, percentile):
+  train, labels, kernel, bias, test = _problem()
+  k = _kept(M, percentile)
+  mask = _top_k_mask(test, k)
+  before = test.astype(np.float64).sum(axis=1, keepdims=True)
+  pruned = np.where(mask, test, 0.0)
+  if variant == "p":
+    shaped = pruned
+  elif variant == "b":
+    shaped = np.where(mask, before / k, 0.0)
+  else:
+    shaped = pruned * np.exp(before / pruned.sum(axis=1, keepdims=True))
+  scores, _ = _fit_score(f"ash_{variant}", percentile=percentile)
+  np.testing.assert_allclose(scores, _energy(_logits(shaped, kernel, bias)), rtol=2e-5)
+
+
+def test_scale_matches_numpy():
+  train, labels, kernel, bias, test = _problem()
+  k = _kept(M, 85)
+  h = test.astype(np.float64)
+  factor = np.exp(h.sum(axis=1) / np.where(_top_k_mask(test, k), h, 0).sum(axis=1))
+  scores, _ = _fit_score("scale")
+  np.testing.assert_allclose(scores, _energy(_logits(h * factor[:, None], kernel, bias)), rtol=2e-5)
+
+
+def test_mahalanobis_matches_numpy():
+  train, labels, kernel, bias, test = _problem()
+  x = train.astype(np.float64)
+  means = np.stack([x[labels == c].mean(axis=0) for c in range(C)])
+  centred = x - means[labels]
+  precision = np.linalg.pinv(centred.T @ centred / N)
+  diff = test[:, None, :] - means[None]
+  distances = np.einsum("bcm,mn,bcn->bc", diff, precision, diff)
+  scores, _ = _fit_score("mahalanobis")
+  np.testing.assert_allclose(scores, -distances.min(axis=1), rtol=1e-4)
+
+
+def test_knn_matches_numpy():
+  train, labels, kernel, bias, test = _problem()
+  normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+  bank, z = normalise(train.astype(np.float64)), normalise(test.astype(np.float64))
+  distances = np.linalg.norm(z[:, None] - bank[None], axis=2)
+  scores, _ = _fit_score("knn", k=7)
+  np.testing.assert_allclose(scores, -np.sort(distances, axis=1)[:, 6], atol=2e-6)
+
+
+def test_vim_matches_numpy_as_the_official_code_computes_it():
+  train, labels, kernel, bias, test = _problem()
+  w = kernel.T.astype(np.float64)  # PyTorch layout
+  origin = -np.linalg.pinv(w) @ bias
+  centred = train - origin
+  values, vectors = np.linalg.eig(centred.T @ centred / N)
+  null = vectors.real[:, np.argsort(-values.real)[6:]]
+  residual = lambda x: np.linalg.norm((x - origin) @ null, axis=-1)
+  alpha = _logits(train, kernel, bias).max(axis=1).mean() / residual(train).mean()
+  want = _energy(_logits(test, kernel, bias)) - alpha * residual(test)
+  scores, state = _fit_score("vim", dim=6)
+  np.testing.assert_allclose(float(state.alpha), alpha, rtol=1e-5)
+  np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
+
+
+def test_vim_caps_dim_below_the_feature_count():
+  _, state = _fit_score("vim", dim=512)
+  chex.assert_shape(state.residual, (M, 1))
+
+
+def test_gradnorm_matches_numpy_and_the_gradient_of_the_kl():
+  train, labels, kernel, bias, test = _problem()
+  z = _logits(test, kernel, bias)
+  probs = np.exp(z - _energy(z)[:, None])
+  closed = np.abs(test).sum(axis=1) * np.abs(probs - 1 / C).sum(axis=1)
+  scores, _ = _fit_score("gradnorm")
+  np.testing.assert_allclose(scores, closed, rtol=1e-5)
+
+  def kl_uniform(k, h):  # KL(u || softmax(h k + b)) for one sample
+    log_p = jax.nn.log_softmax(h @ k + bias)
+    return jnp.sum((1.0 / C) * (jnp.log(1.0 / C) - log_p))
+
+  grads = jax.vmap(jax.grad(kl_uniform), (None, 0))(jnp.asarray(kernel), jnp.asarray(test))
+  np.testing.assert_allclose(scores, np.abs(np.asarray(grads)).sum(axis=(1, 2)), rtol=1e-4)
+
+
+def test_line_scorer_is_line_jax_line():
+  train, labels, kernel, bias, test = _problem()
+  scores, state = _fit_score("line", p_w=90, p_a=10, clip=1.0)
+  direct = line.fit(train, labels, kernel, bias, p_w=90, p_a=10, clip=1.0)
+  np.testing.assert_array_equal(scores, np.asarray(line.score(direct, test)))
+  assert state.p_w == 90 and state.p_a == 10
+
+
+# Equivalences between methods.
+def test_react_at_percentile_100_is_energy():
+  chex.assert_trees_all_close(_fit_score("react", percentile=100)[0], _fit_score("energy")[0])
+
+
+def test_line_with_every_part_off_is_energy():
+  off, _ = _fit_score("line", p_w=None, p_a=None, clip=None)
+  np.testing.assert_allclose(off, _fit_score("energy")[0], rtol=1e-6)
+
+
+def test_dice_at_p0_drops_only_the_smallest_contribution():
+  train, labels, kernel, bias, test = _problem()
+  contrib = train.astype(np.float64).mean(axis=0)[:, None] * kernel
+  dropped = kernel.copy()
+  dropped.flat[np.argmin(contrib)] = 0.0
+  _, state = _fit_score("dice", p=0)
+  np.testing.assert_array_equal(np.asarray(state.kernel), dropped)
+  np.testing.assert_allclose(_fit_score("dice", p=0)[0], _energy(_logits(test, dropped, bias)), rtol=1e-5)
+
+
+def test_ash_p_at_percentile_0_is_energy():
+  np.testing.assert_allclose(_fit_score("ash_p", percentile=0)[0], _fit_score("energy")[0], rtol=1e-6)
+
+
+def test_ash_s_and_scale_at_percentile_0_scale_every_activation_by_e():
+  train, labels, kernel, bias, test = _problem()
+  want = _energy(_logits(test * np.e, kernel, bias))
+  np.testing.assert_allclose(_fit_score("ash_s", percentile=0)[0], want, rtol=1e-5)
+  np.testing.assert_allclose(_fit_score("scale", percentile=0)[0], want, rtol=1e-5)
+
+
+# The exact selections under the scorers.
+def test_top_k_mask_breaks_ties_by_lowest_index():
+  x = jnp.array([[3.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 2.0, -1.0, 5.0, -3.0]])
+  mask = np.asarray(_shaping.top_k_mask(x, 3))
+  np.testing.assert_array_equal(mask, _top_k_mask(np.asarray(x), 3))
+  np.testing.assert_array_equal(mask.sum(axis=1), [3, 3, 3])
+
+
+def test_top_k_sum_counts_ties_up_to_k():
+  x = jnp.array([[3.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [-1.0, 2.0, -1.0, 5.0, -3.0]])
+  np.testing.assert_array_equal(np.asarray(_shaping.top_k_sum(x, 3)), [5.0, 6.0, 6.0])
+
+
+def test_kth_largest_matches_numpy_on_signed_values_and_ties():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(6, 50)).astype(np.float32)
+  x[:, :10] = 0.25  # ties
+  x[0, 10:] = -0.0
+  for k in (1, 7, 10, 11, 50):
+    want = -np.sort(-x, axis=1)[:, k - 1]
+    np.testing.assert_array_equal(np.asarray(_select.kth_largest(jnp.asarray(x), k)), want)
+
+
+@pytest.mark.parametrize("p", [0.0, 12.5, 50.0, 90.0, 99.9, 100.0])
+def test_streamed_percentile_is_numpy_percentile_exactly(p):
+  rng = np.random.default_rng(2)
+  values = [rng.normal(size=(30, 7)).astype(np.float32) for _ in range(3)]
+  values[1][:, :3] = 0.0  # repeated values
+  values[2][0] = np.float32(1e-30)
+  want = np.percentile(np.concatenate(values).ravel().astype(np.float64), p)
+  assert _quantile.percentile_from_batches(lambda: values, p) == want

@@ -1,0 +1,36 @@
+"""The PyTorch baselines of the benchmark compute the same scores as line_jax.
+
+Guards `benchmarks/scorer_throughput.py`: a speed comparison is only fair if
+both sides compute the same method on the same parameters.
+"""
+
+import numpy as np
+import pytest
+
+from line_jax import scorers
+
+torch_baselines = pytest.importorskip("benchmarks.torch_baselines")
+
+N, M, C, B = 90, 16, 6, 24
+SMALL = {"knn": {"k": 5}, "vim": {"dim": 8}, "line": {"p_w": 50, "p_a": 30, "clip": 1.2}}
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_torch_baseline_matches_line_jax(name):
+  rng = np.random.default_rng(3)
+  train = np.abs(rng.normal(size=(N, M))).astype(np.float32)
+  labels = np.arange(N) % C
+  kernel = rng.normal(size=(M, C)).astype(np.float32)
+  bias = rng.normal(size=(C,)).astype(np.float32)
+  test = np.abs(rng.normal(size=(B, M))).astype(np.float32)
+  scorer = scorers.get(name)
+  state = scorer.fit(train, labels, kernel, bias, **SMALL.get(name, {}))
+  module = torch_baselines.from_state(name, state)
+  assert not module.training
+  np.testing.assert_allclose(torch_baselines.score(module, test),
+                             np.asarray(scorer.score(state, test)), rtol=2e-4, atol=2e-4)
+
+
+def test_unknown_baseline_is_an_error():
+  with pytest.raises(ValueError, match="no PyTorch baseline for 'odin'"):
+    torch_baselines.from_state("odin", None)
