@@ -6,5 +6,7 @@ Every score in line_jax follows one convention: higher = more in-distribution.
 from line_jax import line
 from line_jax import metrics
 from line_jax import models
+from line_jax import odin
+from line_jax import scorers
 
 __version__ = "0.1.0"

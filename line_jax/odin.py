@@ -20,8 +20,9 @@ with `epsilon` in pixel units as in the paper.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,9 @@ def score(
   """
   _check_images(images)
   temperature = _validation.positive("temperature", temperature)
-  if epsilon != 0:
-    epsilon = _validation.positive("epsilon", epsilon)
+  # Zero is allowed (temperature scaling alone); anything else must be > 0.
+  zero = isinstance(epsilon, numbers.Real) and not isinstance(epsilon, bool) and epsilon == 0
+  epsilon = 0.0 if zero else _validation.positive("epsilon", epsilon)
   return _score(logits_fn, images, jnp.float32(temperature), jnp.float32(epsilon))
 
 

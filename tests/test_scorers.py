@@ -220,7 +220,7 @@ def test_react_at_percentile_100_is_energy():
 
 def test_line_with_every_part_off_is_energy():
   off, _ = _fit_score("line", p_w=None, p_a=None, clip=None)
-  np.testing.assert_allclose(off, _fit_score("energy")[0], rtol=1e-6)
+  np.testing.assert_allclose(off, _fit_score("energy")[0], rtol=1e-6, atol=1e-6)
 
 
 def test_dice_at_p0_drops_only_the_smallest_contribution():
@@ -230,11 +230,13 @@ def test_dice_at_p0_drops_only_the_smallest_contribution():
   dropped.flat[np.argmin(contrib)] = 0.0
   _, state = _fit_score("dice", p=0)
   np.testing.assert_array_equal(np.asarray(state.kernel), dropped)
-  np.testing.assert_allclose(_fit_score("dice", p=0)[0], _energy(_logits(test, dropped, bias)), rtol=1e-5)
+  want = _energy(_logits(test, dropped, bias))
+  np.testing.assert_allclose(_fit_score("dice", p=0)[0], want, rtol=1e-5)
 
 
 def test_ash_p_at_percentile_0_is_energy():
-  np.testing.assert_allclose(_fit_score("ash_p", percentile=0)[0], _fit_score("energy")[0], rtol=1e-6)
+  np.testing.assert_allclose(_fit_score("ash_p", percentile=0)[0], _fit_score("energy")[0],
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_ash_s_and_scale_at_percentile_0_scale_every_activation_by_e():
@@ -245,16 +247,33 @@ def test_ash_s_and_scale_at_percentile_0_scale_every_activation_by_e():
 
 
 # The exact selections under the scorers.
+TIES = [[3.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [-1.0, 2.0, -1.0, 5.0, -3.0]]
+
+
 def test_top_k_mask_breaks_ties_by_lowest_index():
-  x = jnp.array([[3.0, 1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0], [-1.0, 2.0, -1.0, 5.0, -3.0]])
+  x = jnp.array(TIES)
   mask = np.asarray(_shaping.top_k_mask(x, 3))
   np.testing.assert_array_equal(mask, _top_k_mask(np.asarray(x), 3))
   np.testing.assert_array_equal(mask.sum(axis=1), [3, 3, 3])
 
 
 def test_top_k_sum_counts_ties_up_to_k():
-  x = jnp.array([[3.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [-1.0, 2.0, -1.0, 5.0, -3.0]])
-  np.testing.assert_array_equal(np.asarray(_shaping.top_k_sum(x, 3)), [5.0, 6.0, 6.0])
+  np.testing.assert_array_equal(np.asarray(_shaping.top_k_sum(jnp.array(TIES), 3)), [5.0, 6.0, 6.0])
+
+
+def test_ash_on_sparse_features_keeps_exactly_k_with_zero_ties():
+  # Post-ReLU features: fewer positives than k, so zeros tie at the k-th value
+  # and ASH-B must fill exactly k entries (the first zeros by index).
+  train, labels, kernel, bias, _ = _problem()
+  rng = np.random.default_rng(5)
+  test = np.maximum(rng.normal(size=(B, M)) - 0.8, 0.0).astype(np.float32)
+  k = _kept(M, 50)
+  assert np.all((test > 0).sum(axis=1) < k)
+  mask = _top_k_mask(test, k)
+  shaped = np.where(mask, test.astype(np.float64).sum(axis=1, keepdims=True) / k, 0.0)
+  state = scorers.get("ash_b").fit(train, labels, kernel, bias, percentile=50)
+  np.testing.assert_allclose(np.asarray(scorers.get("ash_b").score(state, test)),
+                             _energy(_logits(shaped, kernel, bias)), rtol=1e-5)
 
 
 def test_kth_largest_matches_numpy_on_signed_values_and_ties():

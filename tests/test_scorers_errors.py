@@ -66,7 +66,8 @@ def test_bad_batch_in_a_stream_is_rejected(name):
   fit = scorers.get(name).fit_from_batches
   with pytest.raises(ValueError, match="^features contains NaN or Inf$"):
     fit([(train, labels), (bad, labels)], kernel, bias, **SMALL.get(name, {}))
-  with pytest.raises(ValueError, match="^features has 5 features per sample but the head expects 6$"):
+  width = "^features has 5 features per sample but the head expects 6$"
+  with pytest.raises(ValueError, match=width):
     fit([(train, labels), (train[:, :5], labels)], kernel, bias, **SMALL.get(name, {}))
 
 

@@ -46,7 +46,8 @@ def test_streamed_fit_equals_in_memory_fit(name):
 
 def test_streamed_react_threshold_is_exact():
   train, labels, kernel, bias, _ = _problem()
-  state = scorers.get("react").fit_from_batches(_batches(train, labels), kernel, bias, percentile=73)
+  react = scorers.get("react")
+  state = react.fit_from_batches(_batches(train, labels), kernel, bias, percentile=73)
   assert float(state.threshold) == np.float32(np.percentile(train.ravel().astype(np.float64), 73))
 
 

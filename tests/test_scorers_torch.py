@@ -4,6 +4,7 @@ Guards `benchmarks/scorer_throughput.py`: a speed comparison is only fair if
 both sides compute the same method on the same parameters.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -34,3 +35,17 @@ def test_torch_baseline_matches_line_jax(name):
 def test_unknown_baseline_is_an_error():
   with pytest.raises(ValueError, match="no PyTorch baseline for 'odin'"):
     torch_baselines.from_state("odin", None)
+
+
+def test_throughput_benchmark_reports_every_scorer_in_both_implementations():
+  throughput = pytest.importorskip("benchmarks.scorer_throughput")
+  async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
+  records = throughput.run(shapes=((3, 8),), batch=4, repeats=1, rounds=1, train=16, knn_k=2)
+  assert len(records) == 2 * len(scorers.names())
+  assert {(r["method"], r["implementation"]) for r in records} == {
+      (name, impl) for name in scorers.names() for impl in ("line_jax", "torch")}
+  for r in records:
+    assert (r["what"], r["classes"], r["features"], r["batch"]) == ("scorer", 3, 8, 4)
+    assert np.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
+  assert "| energy | 3 x 8 |" in throughput.table(records)
+  assert jax.config.read("jax_cpu_enable_async_dispatch") == async_dispatch  # restored

@@ -98,7 +98,7 @@ def check_batch(features, labels, num_features: int, num_classes: int, *,
 
 
 def batches_of(batches: Iterable, *, passes: int = 1) -> Iterable:
-  """Checks that `batches` can be iterated `passes` times and is not empty.
+  """Checks that `batches` can be iterated `passes` times.
 
   A generator or other iterator can only be read once; a scorer that needs
   two passes over the training data says so instead of silently seeing an
@@ -114,6 +114,7 @@ def batches_of(batches: Iterable, *, passes: int = 1) -> Iterable:
 
 
 def no_batches() -> ValueError:
+  """The error for a stream that held no sample."""
   return ValueError("batches is empty: no training sample to fit on")
 
 

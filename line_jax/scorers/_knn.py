@@ -18,10 +18,11 @@ float32 (ImageNet: 1.28 M x 2048 = 10.5 GB; 105 MB at `bank_fraction=0.01`).
 A score call walks the blocks with `lax.scan`, merging each block's
 similarities into a running exact top-k (`[batch, k]`), so its temporaries
 are `[batch, block_rows + k]` floats whatever the bank size. Work is
-`2 x batch x bank x features` flops for the products (ImageNet, full bank:
-5.4 TFLOP per 1,024 test samples, a fraction of a second on an H100) plus one
-top-k per block. A bank of one block skips the merge and selects the k-th
-value by radix selection, which is faster than XLA's sort-based `top_k` on CPU.
+`2 x batch x bank x features` flops for the products plus one top-k per
+block: with the full ImageNet bank (1,281,167 x 2048, 40 blocks) and k = 1000
+a batch of 1,024 took 0.16 s on an H200 (0.046 s for 256); with a 1 % bank
+and k = 10, 2.2 ms. A bank of one block skips the merge and selects the k-th
+value by radix selection, faster than XLA's sort-based `top_k` on CPU.
 
 The bank subsample is seeded and counter-based: sample i of the training
 stream is kept iff `uniform(fold_in(key(seed), i)) < bank_fraction`, so the
@@ -69,7 +70,8 @@ def _hparams(k, bank_fraction, seed, block_rows):
   fraction = _validation.positive("bank_fraction", bank_fraction)
   if fraction > 1.0:
     raise ValueError(f"bank_fraction must lie in (0, 1], got {bank_fraction}")
-  return k, fraction, _common.integer("seed", seed, low=0), _common.integer("block_rows", block_rows)
+  seed = _common.integer("seed", seed, low=0)
+  return k, fraction, seed, _common.integer("block_rows", block_rows)
 
 
 @jax.jit

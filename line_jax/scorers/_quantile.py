@@ -61,7 +61,8 @@ def percentile_from_batches(
 
   Args:
     batches: called twice, each call returns an iterable over the same
-      finite float arrays (any shape) in the same order.
+      finite float arrays (any shape, read as float32) in the same order;
+      fewer than 2**31 values per array.
     p: percentile in [0, 100].
 
   Returns:

@@ -41,20 +41,32 @@ DIM = 512
 class VimState:
   """A fitted ViM scorer.
 
+  Scoring needs `h @ kernel` and `(h - origin) @ residual`; both come out of
+  one matrix product with `projection = [kernel | residual]`, the second as
+  `h @ residual - origin @ residual`.
+
   Attributes:
-    kernel: `[features, classes]` float32 head kernel.
+    projection: `[features, classes + features - D]` float32: the head kernel
+      next to an orthonormal basis of the complement of the principal space.
     bias: `[classes]` float32 head bias.
     origin: `[features]` float32, `-(W^T)^+ b`.
-    residual: `[features, features - D]` float32 orthonormal basis of the
-      complement of the principal space.
+    residual_offset: `[features - D]` float32, `origin @ residual`.
     alpha: float32 scalar matching the virtual logit to the real ones.
   """
 
-  kernel: jax.Array
+  projection: jax.Array
   bias: jax.Array
   origin: jax.Array
-  residual: jax.Array
+  residual_offset: jax.Array
   alpha: jax.Array
+
+  @property
+  def kernel(self) -> jax.Array:
+    return self.projection[:, : self.bias.shape[0]]
+
+  @property
+  def residual(self) -> jax.Array:
+    return self.projection[:, self.bias.shape[0] :]
 
 
 def _dim(dim, num_features: int) -> int:
@@ -136,7 +148,13 @@ def fit_from_batches(batches, kernel, bias, *, dim=DIM) -> VimState:
         f"{count}: batches must yield the same data each time"
     )
   alpha = (max_logit_sum / count) / (norm_sum / count)
-  return VimState(head.kernel, head.bias, origin, residual, jnp.asarray(alpha, jnp.float32))
+  return VimState(
+      projection=jnp.concatenate([head.kernel, residual], axis=1),
+      bias=head.bias,
+      origin=origin,
+      residual_offset=origin @ residual,
+      alpha=jnp.asarray(alpha, jnp.float32),
+  )
 
 
 @jax.jit
@@ -147,7 +165,9 @@ def score(state: VimState, features: jax.Array) -> jax.Array:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
   """
-  _common.check_width(features, state.kernel.shape[0])
-  h = features.astype(jnp.float32)
-  norms = jnp.linalg.norm((h - state.origin) @ state.residual, axis=-1)
-  return _common.energy(h @ state.kernel + state.bias) - state.alpha * norms
+  _common.check_width(features, state.projection.shape[0])
+  z = features.astype(jnp.float32) @ state.projection
+  num_classes = state.bias.shape[0]
+  logits = z[:, :num_classes] + state.bias
+  norms = jnp.linalg.norm(z[:, num_classes:] - state.residual_offset, axis=-1)
+  return _common.energy(logits) - state.alpha * norms
