@@ -46,6 +46,18 @@ def features(x, *, name: str = "features", width: int | None = None) -> None:
   _check_finite(name, x)
 
 
+def feature_shape(shape: tuple[int, ...], width: int) -> None:
+  """Checks `[batch, features]` from shapes alone: usable at trace time in jit."""
+  shape = tuple(shape)
+  if len(shape) != 2:
+    raise ValueError(f"features must be 2-D [batch, features], got shape {shape}")
+  if shape[1] != width:
+    raise ValueError(
+        f"features have {shape[1]} features per sample but the fitted head "
+        f"expects {width}"
+    )
+
+
 def kernel(k) -> tuple[int, int]:
   """Checks a Flax Dense kernel `[features, classes]`; returns its shape."""
   shape = _shape_of("kernel", k)

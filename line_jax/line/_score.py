@@ -97,14 +97,7 @@ def score(state: LineState, features: jax.Array, *, strategy: str = "auto") -> j
     `[batch]` float32 energies `logsumexp(masked logits)`.
   """
   # Shapes are static: this check runs once per compilation, on the host.
-  shape = tuple(features.shape)
-  if len(shape) != 2:
-    raise ValueError(f"features must be 2-D [batch, features], got shape {shape}")
-  if shape[1] != state.num_features:
-    raise ValueError(
-        f"features have {shape[1]} features per sample but the fitted head "
-        f"expects {state.num_features}"
-    )
+  _validation.feature_shape(features.shape, state.num_features)
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   clipped = jnp.minimum(features.astype(jnp.float32), state.clip)

@@ -129,14 +129,7 @@ def integer(name: str, value, *, low: int = 1) -> int:
 
 def check_width(features: jax.Array, num_features: int) -> None:
   """Trace-time check of `[batch, features]` (shapes are static under jit)."""
-  shape = tuple(features.shape)
-  if len(shape) != 2:
-    raise ValueError(f"features must be 2-D [batch, features], got shape {shape}")
-  if shape[1] != num_features:
-    raise ValueError(
-        f"features have {shape[1]} features per sample but the fitted head "
-        f"expects {num_features}"
-    )
+  _validation.feature_shape(features.shape, num_features)
 
 
 def logits(state, features: jax.Array) -> jax.Array:
