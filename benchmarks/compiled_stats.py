@@ -23,20 +23,85 @@ from benchmarks import throughput
 from benchmarks import timing
 
 
-def count_kernels(hlo_text: str) -> dict:
-  """Kernel-like instructions per kind outside fused computations."""
-  counts: dict[str, int] = {}
-  in_fused = False
+# Instructions that launch no kernel of their own (bookkeeping, control flow
+# whose bodies are counted separately).
+_NOT_KERNELS = frozenset((
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
+    "conditional", "call", "after-all", "partition-id", "replica-id",
+    "opt-barrier", "add-dependency", "domain", "iota"))
+_MATMUL_OPS = ("dot(", "convolution(", "__cublas", "__cudnn", "gemm", "matmul")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][\w\-]*)\(")
+_CALLEES = re.compile(
+    r"(?:body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
+    r"|branch_computations=\{([^}]*)\}|\bcall\(.*calls=%?([\w.\-]+)")
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  """Computation name -> instruction lines, and the entry computation's name."""
+  bodies: dict[str, list[str]] = {}
+  entry, current = "", None
   for line in hlo_text.splitlines():
-    header = re.match(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-    if header and not line.strip().startswith("ROOT"):
-      in_fused = header.group(2).startswith(("fused_", "fused.", "wrapped_")) or "fused_computation" in header.group(2)
+    header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+    if header and "=" not in line.split("(")[0]:
+      current = header.group(2)
+      bodies[current] = []
+      if header.group(1):
+        entry = current
+    elif line.strip() == "}":
+      current = None
+    elif current is not None:
+      bodies[current].append(line)
+  return bodies, entry
+
+
+def count_kernels(hlo_text: str) -> dict:
+  """Kernels the optimised HLO launches per call, by kind (static count).
+
+  Walks the computations that run on their own: the entry, loop bodies and
+  conditions, conditional branches and called computations; a fusion's
+  computation is one kernel and is not entered. A while loop's body counts
+  once, however many times it runs. Fusions that wrap a matrix product
+  (XLA:CPU's "ynn"/"onednn" library fusions, GPU's cuBLAS/Triton GEMM
+  fusions) and library calls (cuBLAS custom calls) count as "matmul"; other
+  fusions as "fusion"; anything else that runs (an unfused sort, copy,
+  reduce, ...) under its own op name.
+
+  Args:
+    hlo_text: `compiled.as_text()` of a jitted function.
+
+  Returns:
+    `{kind: count, ..., "total": count}`.
+  """
+  bodies, entry = _computations(hlo_text)
+  counts: dict[str, int] = {}
+  seen, todo = set(), [entry]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in bodies:
       continue
-    if in_fused:
-      continue
-    op = re.search(r"=\s*[\w\[\]{},\d\s:()#*]*?\s(fusion|custom-call|sort|dot|convolution|reduce|scatter|gather)\(", line)
-    if op:
-      counts[op.group(1)] = counts.get(op.group(1), 0) + 1
+    seen.add(name)
+    for line in bodies[name]:
+      op = _INSTRUCTION.match(line)
+      if not op:
+        continue
+      kind = op.group(1)
+      for match in _CALLEES.finditer(line):
+        if match.group(2):
+          todo += [c.strip().lstrip("%") for c in match.group(2).split(",")]
+        else:
+          todo.append(match.group(1) or match.group(3))
+      if kind in _NOT_KERNELS:
+        continue
+      if kind == "fusion":
+        callee = re.search(r"calls=%?([\w.\-]+)", line)
+        inner = "\n".join(bodies.get(callee.group(1), [])) if callee else ""
+        kind = "matmul" if any(t in inner or t in line for t in _MATMUL_OPS[:2]) else "fusion"
+        if kind == "fusion" and re.search(r"kind=kCustom.*(gemm|matmul)", line):
+          kind = "matmul"
+      elif kind in ("dot", "convolution") or (
+          kind == "custom-call" and any(t in line for t in _MATMUL_OPS[2:])):
+        kind = "matmul"
+      counts[kind] = counts.get(kind, 0) + 1
   counts["total"] = sum(counts.values())
   return counts
 

@@ -7,8 +7,8 @@ CIFAR value). The PyTorch version of the same method
 (`benchmarks.torch_baselines`, eval mode, `no_grad`) is built from the same
 fitted state, and both score the same batch: after a warm-up call
 (compilation), each implementation runs `rounds` blocks of `repeats` calls,
-blocks alternating between the two, every call waited for
-(`block_until_ready`); the median call time gives samples/s. JAX runs with
+blocks alternating between the two (`timing.interleaved_rates`), every
+call waited for (`block_until_ready`); the median call time gives samples/s. JAX runs with
 synchronous CPU dispatch here, as PyTorch does (see `run`).
 
 On a shared CPU run it while nothing else does: PyTorch's OpenMP barriers
@@ -22,7 +22,6 @@ Run from the repository root:
 from __future__ import annotations
 
 import pathlib
-import statistics
 import sys
 import time
 
@@ -33,11 +32,11 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/scorer_throughput.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks import timing  # pylint: disable=wrong-import-position
 from benchmarks import torch_baselines  # pylint: disable=wrong-import-position
 from line_jax import scorers  # pylint: disable=wrong-import-position
 
 SHAPES = ((10, 342), (100, 342), (1000, 2048))
-_SETTLE_S = 0.03
 
 
 def _problem(num_classes: int, num_features: int, train: int, batch: int, seed: int):
@@ -48,29 +47,6 @@ def _problem(num_classes: int, num_features: int, train: int, batch: int, seed: 
   bias = (0.1 * rng.normal(size=(num_classes,))).astype(np.float32)
   test = np.abs(rng.normal(size=(batch, num_features))).astype(np.float32)
   return features, labels, kernel, bias, test
-
-
-def _median_rates(fns, batch: int, repeats: int, rounds: int) -> list[float]:
-  """samples/s of each of `fns`: the median over `rounds` blocks of `repeats`.
-
-  The implementations take turns block by block, so slow drifts of a shared
-  CPU's background load hit both alike. Between blocks we pause: after a
-  call, PyTorch's OpenMP workers spin for milliseconds (libgomp's default
-  spin count) and XLA's briefly, and on two cores a spinning neighbour would
-  be timed as part of the next block.
-  """
-  for fn in fns:
-    fn()  # warm-up: compilation, caches, thread pools
-  times = [[] for _ in fns]
-  for _ in range(rounds):
-    for fn, spent in zip(fns, times):
-      time.sleep(_SETTLE_S)
-      fn()
-      for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        spent.append(time.perf_counter() - start)
-  return [batch / statistics.median(spent) for spent in times]
 
 
 def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 3,
@@ -90,6 +66,7 @@ def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 3,
   Returns:
     One dict per (scorer, shape, implementation): what, method, classes,
     features, batch, implementation ("line_jax" or "torch"), samples_per_s.
+    PyTorch runs on the GPU when there is one (synchronised after each call).
   """
   # Every call here is waited for, so on CPU asynchronous dispatch would only
   # add a hand-off to a worker thread and back per call (tens of
@@ -109,12 +86,13 @@ def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict
     features, labels, kernel, bias, test = _problem(
         num_classes, num_features, max(train, num_classes), batch, seed)
     test_jax = jax.device_put(test)
-    test_torch = torch.from_numpy(test)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    test_torch = torch.from_numpy(test).to(device)
     for name in names or scorers.names():
       scorer = scorers.get(name)
       hparams = {"k": knn_k} if name == "knn" else {}
       state = scorer.fit(features, labels, kernel, bias, **hparams)
-      module = torch_baselines.from_state(name, state)
+      module = torch_baselines.from_state(name, state).to(device)
 
       def jax_call(state=state, scorer=scorer):
         scorer.score(state, test_jax).block_until_ready()
@@ -122,9 +100,17 @@ def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict
       def torch_call(module=module):
         with torch.no_grad():
           module(test_torch)
+        if device == "cuda":
+          torch.cuda.synchronize()
 
-      rates = _median_rates((jax_call, torch_call), batch, repeats, rounds)
-      for implementation, rate in zip(("line_jax", "torch"), rates):
+      fns, implementations = [jax_call, torch_call], ["line_jax", "torch"]
+      try:
+        torch_call()
+      except RuntimeError as error:  # a baseline that is not device-clean
+        print(f"torch {name} failed on {device}: {error}", file=sys.stderr)
+        fns, implementations = fns[:1], implementations[:1]
+      rates = timing.interleaved_rates(fns, batch, repeats=repeats, rounds=rounds)
+      for implementation, rate in zip(implementations, rates):
         records.append({
             "what": "scorer", "method": name, "classes": num_classes,
             "features": num_features, "batch": batch, "implementation": implementation,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -31,6 +32,39 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 2,
   return statistics.median(times)
 
 
+def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repeats: int,
+                      rounds: int, settle_s: float = 0.03) -> list[float]:
+  """samples/s of each of `fns`: median call time over `rounds` blocks of `repeats`.
+
+  Each `fn` must wait for its own result (`block_until_ready`,
+  `torch.cuda.synchronize`). One untimed warm-up call each first
+  (compilation, caches, thread pools). The implementations take turns block
+  by block, so slow drifts of a shared machine's load hit all alike. Between
+  blocks we pause: after a call PyTorch's OpenMP workers spin for
+  milliseconds (libgomp's default spin count) and XLA's briefly, and on a
+  few cores a spinning neighbour would be timed as part of the next block.
+
+  Args:
+    fns: the implementations, each doing the same work on `samples` samples.
+    samples: samples per call.
+    repeats: timed calls per block.
+    rounds: blocks per implementation.
+    settle_s: pause before each block.
+  """
+  for fn in fns:
+    fn()
+  times: list[list[float]] = [[] for _ in fns]
+  for _ in range(rounds):
+    for fn, spent in zip(fns, times):
+      time.sleep(settle_s)
+      fn()  # untimed: wakes the thread pools after the pause
+      for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        spent.append(time.perf_counter() - start)
+  return [samples / statistics.median(spent) for spent in times]
+
+
 def environment() -> dict:
   """Device, library versions and thread counts, recorded with every result."""
   import flax
@@ -44,9 +78,12 @@ def environment() -> dict:
       "versions": {"jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__},
       "threads": {},
   }
+  env["threads"]["cpu_count"] = os.cpu_count()
+  env["threads"]["cpu_affinity"] = len(os.sched_getaffinity(0))
+  for var in ("OMP_NUM_THREADS", "XLA_FLAGS"):
+    if var in os.environ:
+      env["threads"][var] = os.environ[var]
   try:
-    import os
-    env["threads"]["cpu_count"] = os.cpu_count()
     import torch
     env["versions"]["torch"] = torch.__version__
     env["threads"]["torch_intra_op"] = torch.get_num_threads()

@@ -31,6 +31,13 @@ def _check_float(name: str, x) -> None:
     raise TypeError(f"{name} must be a floating-point array, got dtype {dtype}")
 
 
+def finite_float_array(name: str, x) -> None:
+  """Checks any floating-point array (e.g. images) for dtype and NaN / Inf."""
+  _shape_of(name, x)
+  _check_float(name, x)
+  _check_finite(name, x)
+
+
 def features(x, *, name: str = "features", width: int | None = None) -> None:
   """Checks `[batch, features]`: 2-D, non-empty, floating, finite, right width."""
   shape = _shape_of(name, x)

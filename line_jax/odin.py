@@ -69,8 +69,7 @@ def _check_images(images) -> None:
     raise TypeError(f"images must be an array, got {type(images).__name__}")
   if len(images.shape) < 1 or images.shape[0] == 0 or 0 in images.shape:
     raise ValueError(f"images must be a non-empty [batch, ...] array, got shape {images.shape}")
-  _validation._check_float("images", images)  # pylint: disable=protected-access
-  _validation._check_finite("images", images)  # pylint: disable=protected-access
+  _validation.finite_float_array("images", images)
 
 
 @functools.partial(jax.jit, static_argnums=0)
