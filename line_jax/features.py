@@ -1,0 +1,198 @@
+"""Pooled penultimate features of a whole image set, batch by batch.
+
+Every model of `line_jax.models` returns `(logits, features)`; the scorers
+need those for tens of thousands of images. `extract` runs the model over
+uint8 images in fixed-size batches:
+
+* normalisation runs on the device inside the jitted apply, so only uint8
+  pixels cross to it (4x less than float32);
+* the apply is jitted once at module level with the model static, so every
+  caller with the same model and batch shape shares one compilation; the last
+  batch is padded to the full size (and the padding dropped) so a set of any
+  length compiles once;
+* the next batch is dispatched before the previous one is copied back, so
+  host-to-device copies overlap with compute;
+* with a `mesh` each batch is split over its 'batch' axis (data parallel) and
+  the variables are replicated.
+
+`iter_extract` yields the batches instead of stacking them, and
+`FeatureBatches` wraps it as the re-iterable `(features, labels)` stream that
+`Scorer.fit_from_batches` takes, for training sets whose features do not fit
+in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+BATCH_AXIS = "batch"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model: nn.Module, variables: Any, images: jax.Array, mean: jax.Array,
+           std: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x = (images.astype(jnp.float32) / 255.0 - mean) / std
+  logits, features = model.apply(variables, x)
+  return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
+def _with_dtype(model: nn.Module, dtype) -> nn.Module:
+  if dtype is None:
+    return model
+  if not hasattr(model, "dtype"):
+    raise ValueError(f"{type(model).__name__} has no dtype attribute to set")
+  # Parameters stay float32; the model computes in `dtype` and returns float32
+  # features and logits.
+  return model.clone(dtype=dtype)
+
+
+def _check_images(images, mean) -> tuple[int, int]:
+  shape = tuple(getattr(images, "shape", ()))
+  if len(shape) != 4:
+    raise ValueError(f"images must be [N, H, W, C], got shape {shape}")
+  if np.asarray(images[:0]).dtype != np.uint8:
+    raise ValueError(f"images must be uint8 pixels, got {np.asarray(images[:0]).dtype}")
+  if len(mean) != shape[3]:
+    raise ValueError(f"images have {shape[3]} channels but mean/std have {len(mean)}")
+  return shape[0], shape[3]
+
+
+def _batch_size(n: int, batch_size: int, mesh: Mesh | None) -> int:
+  devices = 1 if mesh is None else mesh.shape[BATCH_AXIS]
+  # Never larger than the (rounded-up) set: a 300-image set is one batch.
+  size = min(batch_size, n)
+  return -(-size // devices) * devices
+
+
+def iter_extract(
+    model: nn.Module,
+    variables: Any,
+    images,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 512,
+    mesh: Mesh | None = None,
+    dtype=None,
+    progress: bool | str = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields `(logits, features)` per batch, in order, as float32 NumPy.
+
+  Args:
+    model: a `line_jax.models` module (returns `(logits, features)`).
+    variables: its variables (`{"params": ..., "batch_stats": ...}`).
+    images: uint8 `[N, H, W, C]` (any array with slicing, e.g. a memmap).
+    mean: `[C]` per-channel mean in [0, 1] pixel units.
+    std: `[C]` per-channel standard deviation.
+    batch_size: images per device call; rounded up to a multiple of the
+      mesh's 'batch' axis.
+    mesh: optional `jax.sharding.Mesh` with a 'batch' axis; each batch is
+      sharded over it, the variables replicated.
+    dtype: compute dtype (e.g. `jnp.bfloat16`), set on the model; None keeps
+      the model's own.
+    progress: show a tqdm bar (rate and ETA); a string is its label.
+
+  Yields:
+    `([b, classes], [b, features])`; the last batch holds the remainder.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if mesh is not None and BATCH_AXIS not in mesh.shape:
+    raise ValueError(f"mesh needs a {BATCH_AXIS!r} axis, got axes {tuple(mesh.shape)}")
+  n, _ = _check_images(images, mean)
+  if n == 0:
+    return
+  model = _with_dtype(model, dtype)
+  size = _batch_size(n, batch_size, mesh)
+  mean = jnp.asarray(mean, jnp.float32)
+  std = jnp.asarray(std, jnp.float32)
+  if mesh is None:
+    put = jax.device_put
+  else:
+    variables = jax.device_put(variables, NamedSharding(mesh, P()))
+    mean, std = (jax.device_put(a, NamedSharding(mesh, P())) for a in (mean, std))
+    batch_sharding = NamedSharding(mesh, P(BATCH_AXIS))
+    put = functools.partial(jax.device_put, device=batch_sharding)
+
+  label = progress if isinstance(progress, str) else "features"
+  bar = tqdm(total=n, desc=label, unit="img", disable=not progress, leave=False)
+  pending = None
+  try:
+    for start in range(0, n, size):
+      batch = np.asarray(images[start:start + size])
+      valid = batch.shape[0]
+      if valid < size:  # Pad so every batch has one shape: one compilation.
+        batch = np.concatenate(
+            [batch, np.zeros((size - valid, *batch.shape[1:]), np.uint8)])
+      out = _apply(model, variables, put(batch), mean, std)
+      if pending is not None:
+        yield _fetch(*pending, bar)
+      pending = (out, valid)
+    yield _fetch(*pending, bar)
+  finally:
+    bar.close()
+
+
+def _fetch(out, valid: int, bar) -> tuple[np.ndarray, np.ndarray]:
+  logits, features = (np.asarray(a)[:valid] for a in out)
+  bar.update(valid)
+  return logits, features
+
+
+def extract(model: nn.Module, variables: Any, images, *, mean: Sequence[float],
+            std: Sequence[float], batch_size: int = 512, mesh: Mesh | None = None,
+            dtype=None, progress: bool | str = True) -> tuple[np.ndarray, np.ndarray]:
+  """Logits and pooled features of every image; arguments as `iter_extract`.
+
+  Returns:
+    `(logits, features)`: float32 NumPy `[N, classes]` and `[N, features]`.
+  """
+  parts = list(iter_extract(model, variables, images, mean=mean, std=std,
+                            batch_size=batch_size, mesh=mesh, dtype=dtype,
+                            progress=progress))
+  if not parts:
+    raise ValueError("images is empty: no image to extract features from")
+  return (np.concatenate([p[0] for p in parts]),
+          np.concatenate([p[1] for p in parts]))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureBatches:
+  """Re-iterable `(features, labels)` batches for `Scorer.fit_from_batches`.
+
+  Each pass runs the model again, so memory is one batch of features whatever
+  the set's size; scorers that read the data twice (ReAct, ViM) cost two
+  passes of the network.
+
+  Attributes:
+    model, variables, images, mean, std: as in `iter_extract`.
+    labels: `[N]` integer labels, or None for scorers that use none.
+    kwargs: further `iter_extract` arguments (batch_size, mesh, dtype, ...).
+  """
+
+  model: nn.Module
+  variables: Any
+  images: Any
+  mean: Sequence[float]
+  std: Sequence[float]
+  labels: Any = None
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+  def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    start = 0
+    for _, features in iter_extract(self.model, self.variables, self.images,
+                                    mean=self.mean, std=self.std, **self.kwargs):
+      stop = start + features.shape[0]
+      labels = None if self.labels is None else np.asarray(self.labels[start:stop])
+      start = stop
+      yield features, labels

@@ -1,0 +1,116 @@
+"""Figures of an evaluation: ROC curves and ID-vs-OOD score histograms.
+
+Drawn with matplotlib's Agg backend (files only, no display needed). Scores
+follow line_jax's convention, higher = more in-distribution, so a ROC curve
+plots the true positive rate on ID against the false positive rate on OOD as
+the threshold falls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+
+
+def roc_curve(score_id, score_ood) -> tuple[np.ndarray, np.ndarray]:
+  """ROC points `(fpr, tpr)`, one per distinct threshold, from (0, 0) to (1, 1).
+
+  Args:
+    score_id: `[n_id]` scores of ID samples (the positives).
+    score_ood: `[n_ood]` scores of OOD samples.
+  """
+  score_id = np.asarray(score_id, np.float64)
+  score_ood = np.asarray(score_ood, np.float64)
+  scores = np.concatenate([score_id, score_ood])
+  positive = np.concatenate([np.ones(score_id.size), np.zeros(score_ood.size)])
+  order = np.argsort(-scores, kind="stable")
+  scores, positive = scores[order], positive[order]
+  # One point per distinct score, so ties move both rates together.
+  last = np.flatnonzero(np.diff(scores, append=-np.inf))
+  tpr = np.cumsum(positive)[last] / score_id.size
+  fpr = np.cumsum(1.0 - positive)[last] / score_ood.size
+  return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
+
+
+def _grid(count: int) -> tuple[int, int]:
+  cols = min(count, 4)
+  return math.ceil(count / cols), cols
+
+
+def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike,
+             *, id_key: str = "id") -> str:
+  """One panel per OOD set, one ROC curve per method in each.
+
+  Args:
+    scores: method -> {"id": `[n_id]`, ood_set: `[n_ood]`, ...}.
+    path: the PNG to write.
+    id_key: key of the ID scores in each method's dict.
+
+  Returns:
+    `path` as a string.
+  """
+  methods = list(scores)
+  sets = [k for k in scores[methods[0]] if k != id_key]
+  rows, cols = _grid(len(sets))
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+  colors = plt.get_cmap("tab20")
+  for ax, name in zip(axes.flat, sets):
+    for i, method in enumerate(methods):
+      fpr, tpr = roc_curve(scores[method][id_key], scores[method][name])
+      ax.plot(fpr, tpr, color=colors(i % 20), lw=1.2, label=method)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
+    ax.axhline(0.95, color="0.6", lw=0.6, ls="--")  # FPR95 is read here.
+    ax.set(title=name, xlabel="FPR (OOD)", ylabel="TPR (ID)", xlim=(0, 1), ylim=(0, 1.01))
+  for ax in axes.flat[len(sets):]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", fontsize=8)
+  fig.tight_layout(rect=(0, 0, 0.88, 1))
+  return _save(fig, path)
+
+
+def plot_histograms(method: str, scores: Mapping[str, np.ndarray],
+                    path: str | os.PathLike, *, id_key: str = "id") -> str:
+  """One panel per OOD set: the ID score histogram against that set's.
+
+  Args:
+    method: title of the figure.
+    scores: {"id": `[n_id]`, ood_set: `[n_ood]`, ...} for this method.
+    path: the PNG to write.
+    id_key: key of the ID scores.
+
+  Returns:
+    `path` as a string.
+  """
+  sets = [k for k in scores if k != id_key]
+  rows, cols = _grid(len(sets))
+  fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 2.8 * rows), squeeze=False)
+  score_id = np.asarray(scores[id_key], np.float64)
+  for ax, name in zip(axes.flat, sets):
+    score_ood = np.asarray(scores[name], np.float64)
+    both = np.concatenate([score_id, score_ood])
+    low, high = np.percentile(both, [0.5, 99.5])  # Keep outliers from flattening it.
+    bins = np.linspace(low, high if high > low else low + 1.0, 60)
+    ax.hist(np.clip(score_id, low, high), bins, density=True, alpha=0.55, label="ID")
+    ax.hist(np.clip(score_ood, low, high), bins, density=True, alpha=0.55, label=name)
+    ax.set(title=name, xlabel="score (higher = ID)")
+    ax.legend(fontsize=7, loc="upper left")
+  for ax in axes.flat[len(sets):]:
+    ax.axis("off")
+  fig.suptitle(method)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def _save(fig, path) -> str:
+  path = os.fspath(path)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

@@ -1,0 +1,146 @@
+"""line_jax.evaluate end to end on a tiny random network and random images."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from line_jax import _protocols
+from line_jax import evaluate
+from line_jax import features
+from line_jax import metrics
+from line_jax import scorers
+from line_jax.models import get_model
+
+MEAN, STD = (0.286,), (0.353,)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# A few methods keep the test fast; every registered one runs in the default CLI.
+METHODS = ("energy", "react", "ash_s", "knn", "line")
+
+
+def _inputs():
+  rng = np.random.default_rng(0)
+  model = get_model("resnet_small", 10, num_filters=4)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+  def images(n, high=256):
+    return rng.integers(0, high, (n, 28, 28, 1), dtype=np.uint8)
+
+  return evaluate.Inputs(
+      model, variables, MEAN, STD, images(120), np.arange(120) % 10, images(50),
+      np.arange(50) % 10, {"dark": images(30, 60), "noise": images(20)})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("eval")
+  extra = np.random.default_rng(1).integers(0, 256, (25, 28, 28), dtype=np.uint8)
+  np.save(out / "mine.npy", extra)
+  inputs = _inputs()
+  result = evaluate.run_evaluation(out, inputs=inputs, extra_ood=[f"mine={out / 'mine.npy'}"],
+                                   methods=METHODS, batch_size=32, progress=False)
+  return out, result, inputs, extra
+
+
+def test_metrics_json_schema(run):
+  out, result, _, _ = run
+  with open(out / "metrics.json") as f:
+    saved = json.load(f)
+  assert saved == result
+  assert set(saved) == {"id_accuracy", "methods"}
+  assert 0.0 <= saved["id_accuracy"] <= 1.0
+  assert list(saved["methods"]) == list(METHODS)
+  for rows in saved["methods"].values():
+    assert list(rows) == ["dark", "noise", "mine", "average"]
+    for cell in rows.values():
+      assert set(cell) == {"fpr95", "auroc", "aupr_in", "aupr_out"}
+      assert all(isinstance(v, float) for v in cell.values())
+    for m in evaluate.METRICS:
+      assert rows["average"][m] == pytest.approx(np.mean([rows[s][m] for s in ("dark", "noise", "mine")]))
+
+
+def test_metrics_equal_metrics_evaluate_on_the_scores(run):
+  _, result, inputs, extra = run
+  kw = dict(mean=MEAN, std=STD, batch_size=32, progress=False)
+  train = features.extract(inputs.model, inputs.variables, inputs.train_images, **kw)[1]
+  logits, test = features.extract(inputs.model, inputs.variables, inputs.test_images, **kw)
+  mine = features.extract(inputs.model, inputs.variables, extra[..., None], **kw)[1]
+  head = inputs.variables["params"]["fc"]
+  protocol = _protocols.get("fashion_mnist")
+  for method in ("energy", "line", "knn"):
+    scorer = scorers.get(method)
+    hp = _protocols.hparams_for(protocol, method, scorer.defaults, train)
+    state = scorer.fit(train, inputs.train_labels, head["kernel"], head["bias"], **hp)
+    expected = metrics.evaluate(scorer.score(state, test), scorer.score(state, mine))
+    for key, value in expected.items():
+      assert result["methods"][method]["mine"][key] == pytest.approx(value, abs=1e-6)
+  assert result["id_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == inputs.test_labels))
+
+
+def test_line_uses_the_protocol_clip(run):
+  out, _, _, _ = run
+  with open(out / "hparams.json") as f:
+    used = json.load(f)
+  assert used["line"]["p_w"] == 90.0 and used["line"]["p_a"] == 90.0
+  assert isinstance(used["line"]["clip"], float)
+  assert used["knn"]["k"] == 50 and used["ash_s"]["percentile"] == 95.0
+
+
+def test_table_layout(run):
+  out, result, _, _ = run
+  table = (out / "table.md").read_text()
+  assert table == evaluate.format_table(result)
+  lines = table.splitlines()
+  assert lines[2] == "| method | dark | noise | mine | average |"
+  assert lines[3] == "|---|---|---|---|---|"
+  rows = lines[4:]
+  assert [r.split(" | ")[0][2:] for r in rows] == list(METHODS)
+  energy = result["methods"]["energy"]["mine"]
+  cell = f"{100 * energy['fpr95']:.2f} / {100 * energy['auroc']:.2f}"
+  assert rows[0].split(" | ")[3] == cell
+
+
+def test_pngs_exist_and_are_valid(run):
+  out, _, _, _ = run
+  names = ["roc.png"] + [f"hist_{m}.png" for m in METHODS]
+  for name in names:
+    with open(out / name, "rb") as f:
+      assert f.read(8) == PNG_MAGIC, name
+
+
+def test_extra_ood_errors(tmp_path):
+  inputs = _inputs()
+  bad = tmp_path / "bad.npy"
+  np.save(bad, np.zeros((3, 28, 28), np.float32))
+  with pytest.raises(ValueError, match="uint8"):
+    evaluate.run_evaluation(None, inputs=inputs, extra_ood=[f"x={bad}"], progress=False)
+  wrong = tmp_path / "wrong.npy"
+  np.save(wrong, np.zeros((3, 32, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match="shape"):
+    evaluate.run_evaluation(None, inputs=inputs, extra_ood=[f"x={wrong}"], progress=False)
+  with pytest.raises(ValueError, match="already taken"):
+    evaluate.run_evaluation(None, inputs=inputs, extra_ood=[f"dark={wrong}"], progress=False)
+  with pytest.raises(ValueError, match="NAME=PATH"):
+    evaluate.run_evaluation(None, inputs=inputs, extra_ood=["nopath"], progress=False)
+
+
+def test_cli_rejects_a_missing_file_before_loading(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--out", str(tmp_path), "--extra-ood", f"x={tmp_path / 'none.npy'}"])
+  assert "does not exist" in str(e.value)
+
+
+def test_paper_benchmark_names_what_is_missing(tmp_path):
+  with pytest.raises(FileNotFoundError) as e:
+    evaluate.run_evaluation(None, benchmark="cifar10", data_dir=str(tmp_path), progress=False)
+  message = str(e.value)
+  assert "--torch-checkpoint" in message
+  assert "'cifar10' is not prepared" in message and "svhn_cropped" in message
+  assert "lsun_c" in message and "places365_small" in message
+
+
+def test_unknown_method():
+  with pytest.raises(ValueError, match="unknown scorer"):
+    evaluate.run_evaluation(None, inputs=_inputs(), methods=["nope"], progress=False)
