@@ -127,15 +127,19 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, Any, dict]:
     raise ValueError(f"{path} not found: the checkpoint has no weights")
   checkpointer = ocp.StandardCheckpointer()
   try:
+    try:
+      saved = checkpointer.metadata(path).item_metadata
+    except Exception as e:  # orbax/tensorstore raise many types on bad files.
+      raise ValueError(f"{path}: corrupt or truncated checkpoint: "
+                       f"{type(e).__name__}: {e}") from e
     # Compare shapes before reading any array, so a config that does not
     # match the weights gets a message that says which leaf differs.
-    _check_shapes(path, checkpointer.metadata(path).item_metadata, abstract)
-    variables = checkpointer.restore(path, abstract)
-  except ValueError:
-    raise
-  except Exception as e:  # orbax/tensorstore raise many types on bad files.
-    raise ValueError(f"{path}: corrupt or truncated checkpoint: "
-                     f"{type(e).__name__}: {e}") from e
+    _check_shapes(path, saved, abstract)
+    try:
+      variables = checkpointer.restore(path, abstract)
+    except Exception as e:  # tensorstore reports a short read as ValueError.
+      raise ValueError(f"{path}: corrupt or truncated checkpoint: "
+                       f"{type(e).__name__}: {e}") from e
   finally:
     checkpointer.close()
   return model, variables, config

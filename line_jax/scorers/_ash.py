@@ -90,7 +90,10 @@ def shape(features: jax.Array, percentile: float, variant: str) -> jax.Array:
   if variant == "p":
     return pruned
   after = jnp.sum(pruned, axis=1, keepdims=True)
-  return pruned * jnp.exp(before / after)
+  # An all-zero row has before = after = 0; any factor leaves it zero, and 1
+  # (ratio 0) keeps 0 / 0 from turning the score into NaN.
+  ratio = jnp.where(after == 0, 0.0, before / jnp.where(after == 0, 1.0, after))
+  return pruned * jnp.exp(ratio)
 
 
 def _score(state: _shaping.ShapingState, features: jax.Array, *, variant: str) -> jax.Array:

@@ -1,0 +1,122 @@
+"""`python -m line_jax.fit`: killed with SIGKILL and resumed, bit-identical states."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from line_jax import fit
+from line_jax import scorers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 256 images in 8 batches of 32, a checkpoint after each: many kill points.
+ARGS = ["--max-examples", "256", "--batch-size", "32", "--save-every", "1",
+        "--hparam", "knn.k=10"]
+
+
+def state_bytes(state):
+  """Every leaf as (name, dtype, shape, bytes), plus the static fields."""
+  import dataclasses
+  out = {}
+  for field in dataclasses.fields(state):
+    value = getattr(state, field.name)
+    if field.metadata.get("pytree_node", True):
+      a = np.asarray(value)
+      out[field.name] = (str(a.dtype), a.shape, a.tobytes())
+    else:
+      out[field.name] = value
+  return type(state).__name__, out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  out = tmp_path_factory.mktemp("reference")
+  fit.main(["--out", str(out), *ARGS])
+  return out
+
+
+def _start(out, log):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-m", "line_jax.fit", "--out", str(out), *ARGS],
+                          cwd=REPO, env=env, stdout=log, stderr=log)
+
+
+def _saved_steps(out):
+  try:
+    return [int(n) for n in os.listdir(out / fit.PROGRESS_DIR) if n.isdigit()]
+  except FileNotFoundError:
+    return []
+
+
+def _kill_when(proc, ready, timeout=120):
+  deadline = time.monotonic() + timeout
+  while not ready():
+    assert proc.poll() is None, "the run ended before the kill point"
+    assert time.monotonic() < deadline, "kill point never reached"
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+
+
+def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_path):
+  out = tmp_path / "run"
+  kill_points = [
+      # Right after the arguments are claimed: during model load or batch 1.
+      lambda: (out / fit.ARGS_FILE).exists(),
+      # Mid-stream, with some batches saved.
+      lambda: max(_saved_steps(out), default=0) >= 3,
+      # After the stream, while the states are being written.
+      lambda: (out / "msp.json").exists(),
+  ]
+  logs = []
+  for i, ready in enumerate(kill_points):
+    with open(tmp_path / f"log{i}", "w") as log:
+      _kill_when(_start(out, log), ready)
+    logs.append((tmp_path / f"log{i}").read_text())
+  with open(tmp_path / "final", "w") as log:
+    assert _start(out, log).wait(timeout=300) == 0
+  final_log = (tmp_path / "final").read_text()
+
+  # The second and third runs resumed from a saved batch, not from zero.
+  for text in (logs[2], final_log):
+    first = re.search(r"\| *(\d+)/256", text)
+    assert first and int(first.group(1)) > 0, text[-2000:]
+  for name in scorers.names():
+    assert state_bytes(fit.load_state(out, name)) == state_bytes(
+        fit.load_state(reference, name)), name
+
+
+def test_states_score_like_a_fresh_in_memory_fit(reference):
+  """The streamed states are the scorers' own fits on the same features."""
+  config = json.loads((reference / fit.ARGS_FILE).read_text())
+  features = np.load(reference / fit.FEATURES_FILE)
+  from line_jax import _checkpoint
+  from line_jax.data import read_fashion_mnist
+  _, variables, _ = _checkpoint.load_model(config["checkpoint"])
+  labels = read_fashion_mnist("train")[1][:256].astype(np.int32)
+  kernel = variables["params"]["fc"]["kernel"]
+  bias = variables["params"]["fc"]["bias"]
+  for name in ("line", "mahalanobis", "react", "vim"):
+    scorer = scorers.get(name)
+    want = scorer.score(scorer.fit(features, labels, kernel, bias), features[:64])
+    got = scorer.score(fit.load_state(reference, name), features[:64])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_resume_with_other_arguments_is_refused(reference, capsys):
+  with pytest.raises(SystemExit) as e:
+    fit.main(["--out", str(reference), *ARGS[:2], "--batch-size", "64", *ARGS[4:]])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "other arguments" in err and "batch_size: 32 -> 64" in err
+
+
+def test_missing_state_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="no fitted state 'line'"):
+    fit.load_state(tmp_path, "line")
