@@ -19,7 +19,7 @@ import sys
 import jax
 import numpy as np
 
-from benchmarks import throughput
+from benchmarks import line_heads
 from benchmarks import timing
 
 
@@ -106,11 +106,19 @@ def count_kernels(hlo_text: str) -> dict:
   return counts
 
 
-def measure(batch: int = 256) -> list[dict]:
+def measure(batch: int = 256, heads=line_heads.HEADS) -> list[dict]:
+  """Memory and kernel records for each head of `heads` at `batch`.
+
+  Returns:
+    `what="memory"` records (implementation line_jax_state,
+    official_masked_weights, line_jax_<strategy>_temp; `bytes`) and
+    `what="kernels"` records (implementation line_jax_<strategy>; `kernels`:
+    `count_kernels`'s dict), each with classes, features, batch.
+  """
   from line_jax import line
   records = []
-  for num_classes, num_features, p_w, p_a, clip in throughput.HEADS:
-    _, _, _, state = throughput._problem(num_classes, num_features, p_w, p_a, clip)  # pylint: disable=protected-access
+  for num_classes, num_features, p_w, p_a, clip in heads:
+    _, _, _, state = line_heads.problem(num_classes, num_features, p_w, p_a, clip)
     state_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
     base = dict(classes=num_classes, features=num_features, batch=batch)
     records.append(dict(base, what="memory", implementation="line_jax_state", bytes=state_bytes))
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
     print(f"{r['classes']:>5} x {r['features']:<5} {r['implementation']:<28} {value}")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"schema": 1, "environment": timing.environment(), "records": records}, f, indent=1)
+      json.dump({"schema": 2, "environment": timing.environment(), "records": records}, f, indent=1)
   return 0
 
 

@@ -33,7 +33,7 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, warmup: int = 2,
 
 
 def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repeats: int,
-                      rounds: int, settle_s: float = 0.03) -> list[float]:
+                      rounds: int, settle_s: float = 0.03, wake: bool = True) -> list[float]:
   """samples/s of each of `fns`: median call time over `rounds` blocks of `repeats`.
 
   Each `fn` must wait for its own result (`block_until_ready`,
@@ -50,6 +50,10 @@ def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repe
     repeats: timed calls per block.
     rounds: blocks per implementation.
     settle_s: pause before each block.
+    wake: one untimed call at the start of each block. Calls of tens of
+      milliseconds and more (a backbone) need neither it nor the pause:
+      with `repeats=1, settle_s=0, wake=False` the implementations simply
+      alternate call by call.
   """
   for fn in fns:
     fn()
@@ -57,7 +61,8 @@ def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repe
   for _ in range(rounds):
     for fn, spent in zip(fns, times):
       time.sleep(settle_s)
-      fn()  # untimed: wakes the thread pools after the pause
+      if wake:
+        fn()  # untimed: wakes the thread pools after the pause
       for _ in range(repeats):
         start = time.perf_counter()
         fn()

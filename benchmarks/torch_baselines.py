@@ -161,7 +161,7 @@ class LINe(_Head):
     pred = self.fc(h).argmax(dim=1)
     kept = h * self.neuron_mask[pred]
     weight = self.fc.weight  # [classes, features]
-    out = torch.empty(h.shape[0], weight.shape[0])
+    out = torch.empty(h.shape[0], weight.shape[0], device=h.device)
     for c in torch.unique(pred).tolist():
       rows = pred == c
       masked = torch.where(weight > self.floor[c], weight, torch.zeros(()))
