@@ -276,7 +276,7 @@ def run_evaluation(
       [s.name for s in protocol.ood] or list(_embedded_names()))
   extra = load_extra_ood(extra_ood, shape, taken)
   if inputs is None:
-    if benchmark == "fashion_mnist":
+    if benchmark.startswith("fashion_mnist"):
       inputs = fashion_mnist_inputs(checkpoint, max_train=max_train,
                                     max_test=max_test, ood_size=ood_size)
     else:

@@ -83,9 +83,10 @@ def test_line_uses_the_protocol_clip(run):
   out, _, _, _ = run
   with open(out / "hparams.json") as f:
     used = json.load(f)
-  assert used["line"]["p_w"] == 90.0 and used["line"]["p_a"] == 90.0
+  # The embedded benchmark's validation-selected settings (_protocols.py).
+  assert used["line"]["p_w"] == 10.0 and used["line"]["p_a"] == 10.0
   assert isinstance(used["line"]["clip"], float)
-  assert used["knn"]["k"] == 50 and used["ash_s"]["percentile"] == 95.0
+  assert used["knn"]["k"] == 1 and used["ash_s"]["percentile"] == 50.0
 
 
 def test_table_layout(run):
