@@ -137,6 +137,27 @@ def logits(state, features: jax.Array) -> jax.Array:
   return features.astype(jnp.float32) @ state.kernel + state.bias
 
 
+def logit_scorer(of_logits, doc: str):
+  """A jitted `score(state, features)` that is `of_logits(head logits)`.
+
+  For the scorers that only read the head's logits (MSP, MaxLogit, Energy);
+  `doc` says what the `[batch]` scores are.
+  """
+
+  @jax.jit
+  def score(state: HeadState, features: jax.Array) -> jax.Array:
+    check_width(features, state.kernel.shape[0])
+    return of_logits(logits(state, features))
+
+  score.__doc__ = doc + """
+
+  Args:
+    state: from `fit` (the head).
+    features: `[batch, features]` penultimate activations.
+  """
+  return score
+
+
 def energy(logits_: jax.Array) -> jax.Array:
   """Negative free energy at temperature 1, `logsumexp` over classes.
 

@@ -6,7 +6,6 @@ Hendrycks, Basart, Mazeika, Zou, Kwon, Mostajabi, Steinhardt, Song,
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from line_jax.scorers import _common
@@ -15,13 +14,5 @@ fit = _common.fit_head
 fit_from_batches = _common.fit_head_from_batches
 
 
-@jax.jit
-def score(state: _common.HeadState, features: jax.Array) -> jax.Array:
-  """`[batch]` largest logits; higher = more ID.
-
-  Args:
-    state: from `fit` (the head).
-    features: `[batch, features]` penultimate activations.
-  """
-  _common.check_width(features, state.kernel.shape[0])
-  return jnp.max(_common.logits(state, features), axis=-1)
+score = _common.logit_scorer(
+    lambda z: jnp.max(z, axis=-1), "`[batch]` largest logits; higher = more ID.")

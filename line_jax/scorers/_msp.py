@@ -15,15 +15,10 @@ fit = _common.fit_head
 fit_from_batches = _common.fit_head_from_batches
 
 
-@jax.jit
-def score(state: _common.HeadState, features: jax.Array) -> jax.Array:
-  """`[batch]` largest softmax probabilities; higher = more ID.
-
-  Args:
-    state: from `fit` (the head).
-    features: `[batch, features]` penultimate activations.
-  """
-  _common.check_width(features, state.kernel.shape[0])
-  z = _common.logits(state, features)
+def _max_softmax(z: jax.Array) -> jax.Array:
   # max softmax = exp(max z - logsumexp z): no [batch, classes] division.
   return jnp.exp(jnp.max(z, axis=-1) - _common.energy(z))
+
+
+score = _common.logit_scorer(
+    _max_softmax, "`[batch]` largest softmax probabilities; higher = more ID.")
