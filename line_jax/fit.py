@@ -5,7 +5,8 @@
 
 streams the training set (default: Fashion-MNIST's 60,000 training images
 from Debian's files) through a trained checkpoint (default: the committed
-`checkpoints/fashion_mnist_resnet_small`), jitted, batch by batch, and writes
+`checkpoints/fashion_mnist_resnet_small`), jitted, batch by batch (sharded over
+every local device when `--batch-size` divides evenly over them), and writes
 each fitted scorer state to `DIR/<scorer>` (orbax) with `DIR/<scorer>.json`
 (its class, static fields and hyperparameters); `load_state(DIR, name)`
 restores it.
@@ -49,9 +50,10 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from line_jax import _checkpoint
+from line_jax import features as features_lib
 from line_jax import line
 from line_jax import scorers
-from line_jax.data import normalize
+from line_jax import sharding
 from line_jax.scorers import _mahalanobis
 
 DEFAULT_CHECKPOINT = os.path.join(
@@ -248,12 +250,10 @@ def _update_stats(stats: dict, features: jax.Array, labels: np.ndarray, kernel) 
   return stats
 
 
-def _feature_fn(model, mean, std):
-  @jax.jit
-  def apply(variables, images):
-    _, features = model.apply(variables, normalize(images, mean, std))
-    return features
-  return apply
+def _mesh_for(batch_size: int):
+  """All local devices when the batch splits evenly over them, else None."""
+  count = jax.device_count()
+  return sharding.batch_mesh() if count > 1 and batch_size % count == 0 else None
 
 
 class _MemmapBatches:
@@ -298,7 +298,6 @@ def run(config: dict[str, Any], out: str) -> dict[str, Any]:
   kernel = variables["params"]["fc"]["kernel"]
   bias = variables["params"]["fc"]["bias"]
   num_features = kernel.shape[0]
-  features_fn = _feature_fn(model, mean, std)
   num_batches = -(-images.shape[0] // batch_size)
 
   manager = ocp.CheckpointManager(
@@ -319,13 +318,13 @@ def run(config: dict[str, Any], out: str) -> dict[str, Any]:
 
   bar = tqdm.tqdm(total=images.shape[0], initial=min(start * batch_size, images.shape[0]),
                   unit="img", desc="features", file=sys.stderr, dynamic_ncols=True)
-  for b in range(start, num_batches):
+  # Batches of `batch_size` from the resume point, data parallel over the
+  # local devices (features.extract pads the last batch: one compilation).
+  extracted = features_lib.iter_extract(
+      model, variables, images[start * batch_size:], mean=mean, std=std,
+      batch_size=batch_size, mesh=_mesh_for(batch_size), progress=False)
+  for b, (_, features) in zip(range(start, num_batches), extracted):
     lo, hi = b * batch_size, min((b + 1) * batch_size, images.shape[0])
-    batch = np.asarray(images[lo:hi])
-    if hi - lo < batch_size:  # One shape for every batch: one compilation.
-      batch = np.concatenate([batch, np.zeros((batch_size - (hi - lo),) + batch.shape[1:],
-                                              batch.dtype)])
-    features = features_fn(variables, batch)[: hi - lo]
     stats = _update_stats(stats, features, labels[lo:hi], kernel)
     if bank is not None:
       bank[lo:hi] = np.asarray(features)
