@@ -77,7 +77,7 @@ def kernel(k) -> tuple[int, int]:
   return shape
 
 
-def head(kernel_, bias, num_features: int) -> int:
+def head(kernel_, bias_, num_features: int) -> int:
   """Checks a head `kernel: [features, classes]`, `bias: [classes]` (or None).
 
   Returns:
@@ -90,15 +90,20 @@ def head(kernel_, bias, num_features: int) -> int:
         f"{num_features} (kernel is [features, classes]; PyTorch's weight is "
         "its transpose)"
     )
-  if bias is not None:
-    b_shape = _shape_of("bias", bias)
-    if b_shape != (k_shape[1],):
-      raise ValueError(
-          f"bias must have shape ({k_shape[1]},) to match kernel, got {b_shape}"
-      )
-    _check_float("bias", bias)
-    _check_finite("bias", bias)
+  if bias_ is not None:
+    bias(bias_, k_shape[1])
   return k_shape[1]
+
+
+def bias(b, num_classes: int) -> None:
+  """Checks a head bias `[classes]`: shape, floating, finite."""
+  b_shape = _shape_of("bias", b)
+  if b_shape != (num_classes,):
+    raise ValueError(
+        f"bias must have shape ({num_classes},) to match kernel, got {b_shape}"
+    )
+  _check_float("bias", b)
+  _check_finite("bias", b)
 
 
 def labels(y, num_samples: int, num_classes: int, *, name: str = "labels") -> None:

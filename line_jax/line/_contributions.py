@@ -71,14 +71,24 @@ def update_sums(acc: ContributionSums, features, labels, kernel) -> Contribution
     The updated `ContributionSums`.
   """
   num_classes, num_features = acc.sums.shape
-  _validation.features(features, width=num_features)
   _validation.head(kernel, None, num_features)
   if kernel.shape[1] != num_classes:
     raise ValueError(
         f"kernel has {kernel.shape[1]} classes but the sums were started for "
         f"{num_classes}"
     )
+  _check_batch(acc, features, labels)
+  return add_batch(acc, features, labels, kernel)
+
+
+def _check_batch(acc: ContributionSums, features, labels) -> None:
+  num_classes, num_features = acc.sums.shape
+  _validation.features(features, width=num_features)
   _validation.labels(labels, features.shape[0], num_classes)
+
+
+def add_batch(acc: ContributionSums, features, labels, kernel) -> ContributionSums:
+  """`update_sums` for a batch and kernel the caller has already validated."""
   with jax.enable_x64(True):
     return _add_linear(acc, features, labels, kernel)
 
@@ -114,9 +124,7 @@ def contributions(features, labels, kernel) -> jax.Array:
 def class_means(features, labels, kernel) -> jax.Array:
   """`contributions` for inputs that the caller has already validated."""
   acc = init_sums(kernel.shape[1], features.shape[1])
-  with jax.enable_x64(True):
-    acc = _add_linear(acc, features, labels, kernel)
-  return finalize(acc)
+  return finalize(add_batch(acc, features, labels, kernel))
 
 
 def contributions_from_batches(
@@ -130,7 +138,9 @@ def contributions_from_batches(
   num_features, num_classes = _validation.kernel(kernel)
   acc = init_sums(num_classes, num_features)
   for features, labels in batches:
-    acc = update_sums(acc, features, labels, kernel)
+    # The kernel was checked once above; each batch is checked on its own.
+    _check_batch(acc, features, labels)
+    acc = add_batch(acc, features, labels, kernel)
   return finalize(acc)
 
 

@@ -92,7 +92,8 @@ def fit_from_contributions(contrib, kernel, bias, *, p_w, p_a, clip) -> LineStat
   fit in memory. Arguments as in `fit`.
   """
   num_features, num_classes = _validation.kernel(kernel)
-  _validation.head(kernel, bias, num_features)
+  if bias is not None:
+    _validation.bias(bias, num_classes)
   if tuple(getattr(contrib, "shape", ())) != (num_classes, num_features):
     raise ValueError(
         f"contributions must have shape ({num_classes}, {num_features}) to match "

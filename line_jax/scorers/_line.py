@@ -13,6 +13,7 @@ import numpy as np
 
 from line_jax import _validation
 from line_jax import line
+from line_jax.line import _contributions
 from line_jax.scorers import _common
 
 P_W = 10.0
@@ -37,7 +38,7 @@ def fit_from_batches(batches, kernel, bias, *, p_w=P_W, p_a=P_A, clip=CLIP) -> l
   acc = line.init_sums(num_classes, num_features)
   for features, labels in _common.batches_of(batches):
     _common.check_batch(features, labels, num_features, num_classes, needs_labels=True)
-    acc = line.update_sums(acc, features, labels, kernel)
+    acc = _contributions.add_batch(acc, features, labels, kernel)  # checked just above
   if not np.asarray(acc.counts).any():
     raise _common.no_batches()
   contrib = line.finalize_sums(acc)
