@@ -140,12 +140,13 @@ def logits(state, features: jax.Array) -> jax.Array:
 def logit_scorer(of_logits, doc: str):
   """A jitted `score(state, features)` that is `of_logits(head logits)`.
 
-  For the scorers that only read the head's logits (MSP, MaxLogit, Energy);
-  `doc` says what the `[batch]` scores are.
+  For the scorers that only read the logits of the head their state holds
+  (MSP, MaxLogit, Energy; DICE's sparsified head); `doc` says what the
+  `[batch]` scores are.
   """
 
   @jax.jit
-  def score(state: HeadState, features: jax.Array) -> jax.Array:
+  def score(state, features: jax.Array) -> jax.Array:
     check_width(features, state.kernel.shape[0])
     return of_logits(logits(state, features))
 

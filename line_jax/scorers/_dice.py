@@ -110,13 +110,6 @@ def _state(acc: MeanSums, kernel, bias, p: float) -> DiceState:
   return DiceState(jnp.where(jnp.asarray(keep), head.kernel, 0.0), head.bias)
 
 
-@jax.jit
-def score(state: DiceState, features: jax.Array) -> jax.Array:
-  """`[batch]` energies under the sparsified head; higher = more ID.
-
-  Args:
-    state: from `fit`.
-    features: `[batch, features]` penultimate activations.
-  """
-  _common.check_width(features, state.kernel.shape[0])
-  return _common.energy(_common.logits(state, features))
+# Energy under the sparsified head: the same scorer as Energy, over DiceState.
+score = _common.logit_scorer(
+    _common.energy, "`[batch]` energies under the sparsified head; higher = more ID.")
