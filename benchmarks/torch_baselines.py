@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks import torch_reference
+
 
 def _tensor(x) -> torch.Tensor:
   return torch.from_numpy(np.array(x, dtype=np.float32))
@@ -161,11 +163,8 @@ class LINe(_Head):
     pred = self.fc(h).argmax(dim=1)
     kept = h * self.neuron_mask[pred]
     weight = self.fc.weight  # [classes, features]
-    out = torch.empty(h.shape[0], weight.shape[0], device=h.device)
-    for c in torch.unique(pred).tolist():
-      rows = pred == c
-      masked = torch.where(weight > self.floor[c], weight, torch.zeros(()))
-      out[rows] = kept[rows] @ masked.T
+    out = torch_reference.grouped_masked_logits(
+        kept, pred, weight.shape[0], lambda c: torch.where(weight > self.floor[c], weight, 0.0))
     return torch.logsumexp(out + self.fc.bias, dim=1)
 
 

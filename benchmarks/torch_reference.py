@@ -136,13 +136,27 @@ class FastTorchLine:
     if self.mode == "gather":
       out = torch.bmm(self.heads[pred], kept[:, :, None])[:, :, 0]
     else:
-      order = torch.argsort(pred)
-      classes, counts = torch.unique_consecutive(pred[order], return_counts=True)
-      out = torch.empty((x.shape[0], self.weight.shape[0]), device=x.device)
-      start = 0
-      for c, n in zip(classes.tolist(), counts.tolist()):
-        idx = order[start:start + n]
-        head = self.heads[c] if self.heads is not None else self._head(c)
-        out[idx] = kept[idx] @ head.T
-        start += n
+      head_of = (lambda c: self.heads[c]) if self.heads is not None else self._head
+      out = grouped_masked_logits(kept, pred, self.weight.shape[0], head_of)
     return torch.logsumexp(out + self.bias, dim=1)
+
+
+def grouped_masked_logits(kept: torch.Tensor, pred: torch.Tensor, num_classes: int,
+                          head_of) -> torch.Tensor:
+  """`[batch, classes]` logits, one masked head per predicted class present.
+
+  Args:
+    kept: `[batch, features]` clipped, neuron-masked features.
+    pred: `[batch]` predicted classes.
+    num_classes: the head's classes.
+    head_of: class -> its masked `[classes, features]` head (PyTorch layout).
+  """
+  order = torch.argsort(pred)
+  classes, counts = torch.unique_consecutive(pred[order], return_counts=True)
+  out = torch.empty((kept.shape[0], num_classes), device=kept.device)
+  start = 0
+  for c, n in zip(classes.tolist(), counts.tolist()):
+    idx = order[start:start + n]
+    out[idx] = kept[idx] @ head_of(c).T
+    start += n
+  return out
