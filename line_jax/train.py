@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 from typing import Any, Sequence
 
@@ -26,6 +25,7 @@ import tqdm
 from flax.training import train_state
 
 from line_jax import _checkpoint
+from line_jax import features
 from line_jax.data import MEAN_STD
 from line_jax.models import get_model
 
@@ -140,13 +140,6 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
   return state, loss
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _count_correct(model: nn.Module, variables, images, labels, valid, mean,
-                   std):
-  logits, _ = model.apply(variables, _normalize(images, mean, std))
-  return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
-
-
 def evaluate(model: nn.Module, variables: Any, images: np.ndarray,
              labels: np.ndarray, mean: Sequence[float], std: Sequence[float],
              batch_size: int = 512) -> float:
@@ -165,21 +158,12 @@ def evaluate(model: nn.Module, variables: Any, images: np.ndarray,
     The fraction of `labels` predicted correctly.
   """
   images, labels = _as_nhwc(images), np.asarray(labels, np.int32)
-  n = len(labels)
-  if n == 0:
+  if len(labels) == 0:
     raise ValueError("cannot evaluate on an empty set")
-  batch_size = min(batch_size, n)
-  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-  correct = 0
-  for start in range(0, n, batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
-    valid = np.arange(batch_size) < len(y)
-    if len(y) < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - len(y), *x.shape[1:]),
-                                      x.dtype)])
-      y = np.concatenate([y, np.zeros(batch_size - len(y), y.dtype)])
-    correct += int(_count_correct(model, variables, x, y, valid, mean, std))
-  return correct / n
+  # The shared batched forward pass (padded last batch, one compilation).
+  logits, _ = features.extract(model, variables, images, mean=mean, std=std,
+                               batch_size=min(batch_size, len(labels)), progress=False)
+  return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
 def create_state(config: TrainConfig, input_shape: Sequence[int],
