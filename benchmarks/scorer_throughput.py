@@ -7,21 +7,30 @@ CIFAR value). The PyTorch version of the same method
 (`benchmarks.torch_baselines`, eval mode, `no_grad`) is built from the same
 fitted state, and both score the same batch: after a warm-up call
 (compilation), each implementation runs `rounds` blocks of `repeats` calls,
-blocks alternating between the two (`timing.interleaved_rates`), every
+blocks alternating between the two (`timing.interleaved_blocks`), every
 call waited for (`block_until_ready`); the median call time gives samples/s. JAX runs with
-synchronous CPU dispatch here, as PyTorch does (see `run`).
+synchronous CPU dispatch here, as PyTorch does (see `run`). Each round also
+gives a ratio of its own (line_jax's median call time over PyTorch's in the
+two adjacent blocks); the lowest of them shows how far a slow phase of a
+shared machine moves the figure.
 
 On a shared CPU run it while nothing else does: PyTorch's OpenMP barriers
 slow down far more than XLA under foreign load.
 
-Run from the repository root:
+Run from the repository root (about 2 minutes on 2 cores):
 
-    python -m benchmarks.scorer_throughput
+    python -m benchmarks.scorer_throughput [--out benchmarks/results]
+
+`--out DIR` writes `DIR/<device>/scorers.json` (records and environment) and
+`scorers.md` (the table).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import pathlib
+import statistics
 import sys
 import time
 
@@ -32,6 +41,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/scorer_throughput.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks import report  # pylint: disable=wrong-import-position
 from benchmarks import timing  # pylint: disable=wrong-import-position
 from benchmarks import torch_baselines  # pylint: disable=wrong-import-position
 from line_jax import scorers  # pylint: disable=wrong-import-position
@@ -49,7 +59,7 @@ def _problem(num_classes: int, num_features: int, train: int, batch: int, seed: 
   return features, labels, kernel, bias, test
 
 
-def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 3,
+def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 7,
         train: int = 2048, knn_k: int = 50, names=None, seed: int = 0) -> list[dict]:
   """Measures samples/s of every scorer in line_jax and in PyTorch.
 
@@ -65,7 +75,8 @@ def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 3,
 
   Returns:
     One dict per (scorer, shape, implementation): what, method, classes,
-    features, batch, implementation ("line_jax" or "torch"), samples_per_s.
+    features, batch, implementation ("line_jax" or "torch"), samples_per_s;
+    line_jax's also has `round_ratios`, its speed over PyTorch's per round.
     PyTorch runs on the GPU when there is one (synchronised after each call).
   """
   # Every call here is waited for, so on CPU asynchronous dispatch would only
@@ -109,13 +120,16 @@ def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict
       except RuntimeError as error:  # a baseline that is not device-clean
         print(f"torch {name} failed on {device}: {error}", file=sys.stderr)
         fns, implementations = fns[:1], implementations[:1]
-      rates = timing.interleaved_rates(fns, batch, repeats=repeats, rounds=rounds)
-      for implementation, rate in zip(implementations, rates):
+      times = timing.interleaved_blocks(fns, repeats=repeats, rounds=rounds)
+      for implementation, blocks in zip(implementations, times):
         records.append({
             "what": "scorer", "method": name, "classes": num_classes,
             "features": num_features, "batch": batch, "implementation": implementation,
-            "samples_per_s": rate,
+            "samples_per_s": batch / statistics.median(t for b in blocks for t in b),
         })
+      if len(times) == 2:
+        records[-2]["round_ratios"] = [
+            statistics.median(pt) / statistics.median(jx) for jx, pt in zip(*times)]
   return records
 
 
@@ -125,17 +139,44 @@ def table(records: list[dict]) -> str:
   for r in records:
     key = (r["method"], r["classes"], r["features"])
     rows.setdefault(key, {})[r["implementation"]] = r["samples_per_s"]
-  lines = ["| method | classes x features | line_jax samples/s | torch samples/s | ratio |",
-           "|---|---|---|---|---|"]
-  for (method, c, m), rates in rows.items():
+  lowest = {(r["method"], r["classes"], r["features"]): min(r["round_ratios"])
+            for r in records if r.get("round_ratios")}
+  lines = ["| method | classes x features | line_jax samples/s | torch samples/s | ratio "
+           "| lowest round ratio |", "|---|---|---|---|---|---|"]
+  for key, rates in rows.items():
+    method, c, m = key
     jx, pt = rates.get("line_jax", float("nan")), rates.get("torch", float("nan"))
-    lines.append(f"| {method} | {c} x {m} | {jx:,.0f} | {pt:,.0f} | {jx / pt:.2f} |")
+    low = f"{lowest[key]:.2f}" if key in lowest else "-"
+    lines.append(f"| {method} | {c} x {m} | {jx:,.0f} | {pt:,.0f} | {jx / pt:.2f} | {low} |")
   return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", help="write <out>/<device>/scorers.{json,md}")
+  parser.add_argument("--rounds", type=int, default=7, help="blocks per implementation")
+  parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
+  args = parser.parse_args(argv)
   start = time.perf_counter()
-  result = run()
-  print(table(result))
-  print(f"\n{jax.default_backend()} backend, torch threads {torch.get_num_threads()}, "
-        f"{time.perf_counter() - start:.0f} s")
+  records = run(rounds=args.rounds, repeats=args.repeats)
+  markdown = table(records)
+  env = timing.environment()
+  footer = (f"{jax.default_backend()} backend ({env['device']}), torch threads "
+            f"{torch.get_num_threads()}, rounds {args.rounds} x {args.repeats} calls, "
+            f"{time.perf_counter() - start:.0f} s")
+  print(markdown + "\n\n" + footer)
+  if args.out:
+    folder = pathlib.Path(args.out) / report.device_slug(env)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scorers.json").write_text(json.dumps(
+        {"environment": env, "settings": {"rounds": args.rounds, "repeats": args.repeats},
+         "records": records}, indent=1) + "\n")
+    (folder / "scorers.md").write_text(
+        "# Every scorer, line_jax vs PyTorch, batch 256 (samples/s)\n\n"
+        f"`python -m benchmarks.scorer_throughput --out {args.out}`; {footer}.\n\n"
+        + markdown + "\n")
+    print(f"wrote {folder}/scorers.json and scorers.md")
+
+
+if __name__ == "__main__":
+  main()

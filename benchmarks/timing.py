@@ -36,6 +36,23 @@ def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repe
                       rounds: int, settle_s: float = 0.03, wake: bool = True) -> list[float]:
   """samples/s of each of `fns`: median call time over `rounds` blocks of `repeats`.
 
+  `interleaved_blocks` says how the calls are made; this is the median of
+  all of one implementation's calls.
+
+  Args:
+    fns: the implementations, each doing the same work on `samples` samples.
+    samples: samples per call.
+    repeats, rounds, settle_s, wake: as in `interleaved_blocks`.
+  """
+  times = interleaved_blocks(fns, repeats=repeats, rounds=rounds, settle_s=settle_s, wake=wake)
+  return [samples / statistics.median(t for block in blocks for t in block)
+          for blocks in times]
+
+
+def interleaved_blocks(fns: Sequence[Callable[[], object]], *, repeats: int, rounds: int,
+                       settle_s: float = 0.03, wake: bool = True) -> list[list[list[float]]]:
+  """Call times of each of `fns`, `[fn][round][repeat]` seconds, taken in turns.
+
   Each `fn` must wait for its own result (`block_until_ready`,
   `torch.cuda.synchronize`). One untimed warm-up call each first
   (compilation, caches, thread pools). The implementations take turns block
@@ -45,8 +62,7 @@ def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repe
   few cores a spinning neighbour would be timed as part of the next block.
 
   Args:
-    fns: the implementations, each doing the same work on `samples` samples.
-    samples: samples per call.
+    fns: the implementations, each doing the same work.
     repeats: timed calls per block.
     rounds: blocks per implementation.
     settle_s: pause before each block.
@@ -57,17 +73,19 @@ def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repe
   """
   for fn in fns:
     fn()
-  times: list[list[float]] = [[] for _ in fns]
+  times: list[list[list[float]]] = [[] for _ in fns]
   for _ in range(rounds):
-    for fn, spent in zip(fns, times):
+    for fn, blocks in zip(fns, times):
       time.sleep(settle_s)
       if wake:
         fn()  # untimed: wakes the thread pools after the pause
+      spent = []
       for _ in range(repeats):
         start = time.perf_counter()
         fn()
         spent.append(time.perf_counter() - start)
-  return [samples / statistics.median(spent) for spent in times]
+      blocks.append(spent)
+  return times
 
 
 def environment() -> dict:

@@ -40,12 +40,19 @@ def test_unknown_baseline_is_an_error():
 def test_throughput_benchmark_reports_every_scorer_in_both_implementations():
   throughput = pytest.importorskip("benchmarks.scorer_throughput")
   async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
-  records = throughput.run(shapes=((3, 8),), batch=4, repeats=1, rounds=1, train=16, knn_k=2)
+  records = throughput.run(shapes=((3, 8),), batch=4, repeats=1, rounds=2, train=16, knn_k=2)
   assert len(records) == 2 * len(scorers.names())
   assert {(r["method"], r["implementation"]) for r in records} == {
       (name, impl) for name in scorers.names() for impl in ("line_jax", "torch")}
   for r in records:
     assert (r["what"], r["classes"], r["features"], r["batch"]) == ("scorer", 3, 8, 4)
     assert np.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
-  assert "| energy | 3 x 8 |" in throughput.table(records)
+    if r["implementation"] == "line_jax":
+      assert len(r["round_ratios"]) == 2 and all(x > 0 for x in r["round_ratios"])
+    else:
+      assert "round_ratios" not in r
+  energy = next(r for r in records if (r["method"], r["implementation"]) == ("energy", "line_jax"))
+  low = f"{min(energy['round_ratios']):.2f}"
+  assert any(line.startswith("| energy | 3 x 8 |") and line.endswith(f"| {low} |")
+             for line in throughput.table(records).splitlines())
   assert jax.config.read("jax_cpu_enable_async_dispatch") == async_dispatch  # restored

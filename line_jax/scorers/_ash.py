@@ -98,9 +98,9 @@ def shape(features: jax.Array, percentile: float, variant: str) -> jax.Array:
 
 def _score(state: _shaping.ShapingState, features: jax.Array, *, variant: str) -> jax.Array:
   """`[batch]` energies of the shaped features; higher = more ID."""
-  _common.check_width(features, state.kernel.shape[0])
+  _common.check_width(features, state.weight.shape[1])
   shaped = shape(features.astype(jnp.float32), state.percentile, variant)
-  return _common.energy(shaped @ state.kernel + state.bias)
+  return _common.head_energy(state, shaped)
 
 
 score_p = jax.jit(functools.partial(_score, variant="p"))

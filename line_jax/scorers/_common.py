@@ -18,25 +18,37 @@ import jax.numpy as jnp
 from line_jax import _validation
 
 
+class _Head:
+  """`kernel`, the Flax-layout view of a state's class-major `weight`."""
+
+  @property
+  def kernel(self) -> jax.Array:
+    """`[features, classes]` head kernel (Flax layout), `weight` transposed."""
+    return self.weight.T
+
+
 @flax.struct.dataclass
-class HeadState:
+class HeadState(_Head):
   """The state of a scorer that fits nothing: only the classification head.
 
+  The head is stored class-major (PyTorch layout), the operand `logits`
+  multiplies fastest on CPU; `kernel` gives the Flax layout back.
+
   Attributes:
-    kernel: `[features, classes]` float32 head kernel (Flax layout).
+    weight: `[classes, features]` float32 head weight (the kernel transposed).
     bias: `[classes]` float32 head bias (zeros when the head has none).
   """
 
-  kernel: jax.Array
+  weight: jax.Array
   bias: jax.Array
 
 
 def head_state(kernel, bias) -> HeadState:
-  """`HeadState` of a validated head; a missing bias becomes zeros."""
+  """`HeadState` of a validated `[features, classes]` kernel and bias (or None)."""
   kernel = jnp.asarray(kernel, jnp.float32)
   if bias is None:
     bias = jnp.zeros((kernel.shape[1],), jnp.float32)
-  return HeadState(kernel=kernel, bias=jnp.asarray(bias, jnp.float32))
+  return HeadState(weight=kernel.T, bias=jnp.asarray(bias, jnp.float32))
 
 
 def fit_head(features, labels, kernel, bias) -> HeadState:
@@ -132,23 +144,52 @@ def check_width(features: jax.Array, num_features: int) -> None:
   _validation.feature_shape(features.shape, num_features)
 
 
-def logits(state, features: jax.Array) -> jax.Array:
-  """`[batch, classes]` float32 logits of the head held by `state`."""
-  return features.astype(jnp.float32) @ state.kernel + state.bias
+def logits(state, features: jax.Array) -> tuple[jax.Array, int]:
+  """Float32 logits of the head held by `state`, and their class axis.
+
+  Args:
+    state: holds `weight` `[classes, features]` and `bias` `[classes]`.
+    features: `[batch, features]`.
+
+  Returns:
+    `(z, axis)`: on CPU for batches up to `_CLASS_MAJOR_MAX_BATCH`, `z` is
+    class-major `[classes, batch]` and `axis` is 0; otherwise `z` is
+    `[batch, classes]` and `axis` is 1. Reduce over `axis`.
+  """
+  h = features.astype(jnp.float32)
+  if class_major(h.shape[0]):
+    return state.weight @ h.T + state.bias[:, None], 0
+  return h @ state.weight.T + state.bias, 1
+
+
+# XLA:CPU multiplies `weight [classes, features] @ h^T` into class-major logits
+# 1.2-1.6x faster than `h @ kernel` into `[batch, classes]` at batch 256 with
+# 100 x 342 and 1000 x 2048 heads (measured), and scores fused over the class
+# axis keep the gain. At 4096 x 1000 x
+# 2048 the class-major product is the slower one for MaxLogit, MSP and
+# GradNorm (1.4x against 1.8x PyTorch there), so large batches stay
+# batch-major; so do accelerators, where both layouts are one GEMM.
+_CLASS_MAJOR_MAX_BATCH = 2048
+
+
+def class_major(batch: int) -> bool:
+  """Whether `logits` of a `batch`-row input come class-major (trace time)."""
+  return jax.default_backend() == "cpu" and batch <= _CLASS_MAJOR_MAX_BATCH
 
 
 def logit_scorer(of_logits, doc: str):
-  """A jitted `score(state, features)` that is `of_logits(head logits)`.
+  """A jitted `score(state, features)` that is `of_logits(*logits(...))`.
 
   For the scorers that only read the logits of the head their state holds
-  (MSP, MaxLogit, Energy; DICE's sparsified head); `doc` says what the
+  (MSP, MaxLogit, Energy; DICE's sparsified head); `of_logits(z, axis)`
+  reduces the logits over their class `axis`, and `doc` says what the
   `[batch]` scores are.
   """
 
   @jax.jit
   def score(state, features: jax.Array) -> jax.Array:
-    check_width(features, state.kernel.shape[0])
-    return of_logits(logits(state, features))
+    check_width(features, state.weight.shape[1])
+    return of_logits(*logits(state, features))
 
   score.__doc__ = doc + """
 
@@ -159,10 +200,15 @@ def logit_scorer(of_logits, doc: str):
   return score
 
 
-def energy(logits_: jax.Array) -> jax.Array:
-  """Negative free energy at temperature 1, `logsumexp` over classes.
+def energy(logits_: jax.Array, axis: int = -1) -> jax.Array:
+  """Negative free energy at temperature 1, `logsumexp` over the class `axis`.
 
   Liu, Wang, Owens, Li, "Energy-based Out-of-distribution Detection",
   NeurIPS 2020.
   """
-  return jax.nn.logsumexp(logits_, axis=-1)
+  return jax.nn.logsumexp(logits_, axis=axis)
+
+
+def head_energy(state, features: jax.Array) -> jax.Array:
+  """`[batch]` energies of `features` under the head held by `state`."""
+  return energy(*logits(state, features))

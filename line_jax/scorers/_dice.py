@@ -26,17 +26,15 @@ SPARSITY = 70.0
 
 
 @flax.struct.dataclass
-class DiceState:
-  """A fitted DICE scorer.
+class DiceState(_common.HeadState):
+  """A fitted DICE scorer: the sparsified head.
 
   Attributes:
-    kernel: `[features, classes]` float32 head kernel with the dropped
-      weights set to zero.
+    weight: `[classes, features]` float32 head weight (class-major, as
+      `HeadState`) with the dropped weights set to zero; `kernel` is its
+      `[features, classes]` transpose.
     bias: `[classes]` float32 head bias.
   """
-
-  kernel: jax.Array
-  bias: jax.Array
 
 
 @flax.struct.dataclass
@@ -107,7 +105,7 @@ def _state(acc: MeanSums, kernel, bias, p: float) -> DiceState:
   contrib = mean[:, None] * np.asarray(head.kernel, np.float64)
   # A percentile of features x classes values, once per fit: NumPy on the host.
   keep = contrib > np.percentile(contrib, p)
-  return DiceState(jnp.where(jnp.asarray(keep), head.kernel, 0.0), head.bias)
+  return DiceState(jnp.where(jnp.asarray(keep).T, head.weight, 0.0), head.bias)
 
 
 # Energy under the sparsified head: the same scorer as Energy, over DiceState.

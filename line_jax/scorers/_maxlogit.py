@@ -14,5 +14,4 @@ fit = _common.fit_head
 fit_from_batches = _common.fit_head_from_batches
 
 
-score = _common.logit_scorer(
-    lambda z: jnp.max(z, axis=-1), "`[batch]` largest logits; higher = more ID.")
+score = _common.logit_scorer(jnp.max, "`[batch]` largest logits; higher = more ID.")

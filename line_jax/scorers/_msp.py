@@ -15,9 +15,9 @@ fit = _common.fit_head
 fit_from_batches = _common.fit_head_from_batches
 
 
-def _max_softmax(z: jax.Array) -> jax.Array:
-  # max softmax = exp(max z - logsumexp z): no [batch, classes] division.
-  return jnp.exp(jnp.max(z, axis=-1) - _common.energy(z))
+def _max_softmax(z: jax.Array, axis: int) -> jax.Array:
+  # max softmax = 1 / sum exp(z - max z): no per-logit division.
+  return 1.0 / jnp.sum(jnp.exp(z - jnp.max(z, axis=axis, keepdims=True)), axis=axis)
 
 
 score = _common.logit_scorer(

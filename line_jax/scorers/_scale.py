@@ -49,11 +49,11 @@ def score(state: _shaping.ShapingState, features: jax.Array) -> jax.Array:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
   """
-  _common.check_width(features, state.kernel.shape[0])
+  _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)
   k = _shaping.kept_count(h.shape[1], state.percentile)
   kept = _shaping.top_k_sum(h, k)
   # All-zero row: 0 / 0. Any factor leaves it zero; 1 keeps the score finite.
   ratio = jnp.sum(h, axis=1) / jnp.where(kept == 0, 1.0, kept)
   factor = jnp.exp(jnp.where(kept == 0, 0.0, ratio))
-  return _common.energy((h * factor[:, None]) @ state.kernel + state.bias)
+  return _common.head_energy(state, h * factor[:, None])

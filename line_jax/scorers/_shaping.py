@@ -36,17 +36,16 @@ def check_percentile(percentile, num_features: int) -> float:
 
 
 @flax.struct.dataclass
-class ShapingState:
+class ShapingState(_common.HeadState):
   """A head and a shaping percentile (ASH and SCALE fit nothing else).
 
   Attributes:
-    kernel: `[features, classes]` float32 head kernel.
+    weight: `[classes, features]` float32 head weight (class-major, as
+      `HeadState`; `kernel` is its transpose).
     bias: `[classes]` float32 head bias.
     percentile: static; the share of activations ASH prunes.
   """
 
-  kernel: jax.Array
-  bias: jax.Array
   percentile: float = flax.struct.field(pytree_node=False)
 
 
@@ -54,7 +53,7 @@ def shaping_state(kernel, bias, percentile, num_features: int) -> ShapingState:
   """Checks the percentile and builds the state of a validated head."""
   p = check_percentile(percentile, num_features)
   head = _common.head_state(kernel, bias)
-  return ShapingState(head.kernel, head.bias, p)
+  return ShapingState(head.weight, head.bias, p)
 
 
 def top_k_sum(x: jax.Array, k: int) -> jax.Array:
