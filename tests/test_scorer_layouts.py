@@ -6,6 +6,7 @@ batches, and accelerators, from `[batch, classes]`. Both paths must agree
 with each other and with NumPy, chunk boundaries included.
 """
 
+from conftest import random_problem
 import jax
 import numpy as np
 import pytest
@@ -22,12 +23,8 @@ N, M, C, B = 200, 24, 7, 150
 
 
 def _problem():
-  rng = np.random.default_rng(3)
-  train = np.abs(rng.normal(size=(N, M))).astype(np.float32)
-  labels = np.arange(N) % C
-  kernel = rng.normal(size=(M, C)).astype(np.float32)
-  bias = rng.normal(size=(C,)).astype(np.float32)
-  test = np.abs(rng.normal(size=(B, M))).astype(np.float32) * 1.5
+  train, labels, kernel, bias = random_problem(C, M, N, seed=3)
+  test = np.abs(np.random.default_rng(4).normal(size=(B, M))).astype(np.float32) * 1.5
   return train, labels, kernel, bias, test
 
 
@@ -74,7 +71,8 @@ def class_major_scores():
 
 @pytest.mark.parametrize("name", HEAD_SCORERS)
 def test_batch_major_scores_equal_class_major_scores(name, class_major_scores, batch_major):
-  z, axis = _common.logits(_common.head_state(*_problem()[2:4]), _problem()[4])
+  _, _, kernel, bias, test = _problem()
+  z, axis = _common.logits(_common.head_state(kernel, bias), test)
   assert (z.shape, axis) == ((B, C), 1)
   np.testing.assert_allclose(_scores(name), class_major_scores[name], rtol=1e-5, atol=1e-6)
 

@@ -18,17 +18,8 @@ import jax.numpy as jnp
 from line_jax import _validation
 
 
-class _Head:
-  """`kernel`, the Flax-layout view of a state's class-major `weight`."""
-
-  @property
-  def kernel(self) -> jax.Array:
-    """`[features, classes]` head kernel (Flax layout), `weight` transposed."""
-    return self.weight.T
-
-
 @flax.struct.dataclass
-class HeadState(_Head):
+class HeadState:
   """The state of a scorer that fits nothing: only the classification head.
 
   The head is stored class-major (PyTorch layout), the operand with which
@@ -41,6 +32,11 @@ class HeadState(_Head):
 
   weight: jax.Array
   bias: jax.Array
+
+  @property
+  def kernel(self) -> jax.Array:
+    """`[features, classes]` head kernel (Flax layout), `weight` transposed."""
+    return self.weight.T
 
 
 def head_state(kernel, bias) -> HeadState:
