@@ -257,3 +257,21 @@ def write(directory: str, result: dict) -> str:
     f.write(markdown(result))
   chart(result, os.path.join(folder, "chart.png"))
   return folder
+
+
+def write_table(directory: str, stem: str, payload: dict, *, title: str, command: str,
+                footer: str, table: str) -> str:
+  """Writes `<stem>.json` (`payload`) and `<stem>.md` into `directory/<device-slug>/`.
+
+  For the side benchmarks (`scorer_throughput`, `kernel_variants`): `payload`
+  holds an "environment" entry; the markdown is `# title`, the command and
+  `footer` on one line, then `table`. Returns the folder.
+  """
+  folder = os.path.join(directory, device_slug(payload["environment"]))
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, f"{stem}.json"), "w") as f:
+    json.dump(payload, f, indent=1)
+    f.write("\n")
+  with open(os.path.join(folder, f"{stem}.md"), "w") as f:
+    f.write(f"# {title}\n\n`{command}`; {footer}.\n\n{table}\n")
+  return folder

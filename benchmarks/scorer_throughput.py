@@ -5,14 +5,17 @@ random training features through the registry (default hyperparameters,
 except KNN: its bank is the small training set, so k = 50, the paper's
 CIFAR value). The PyTorch version of the same method
 (`benchmarks.torch_baselines`, eval mode, `no_grad`) is built from the same
-fitted state, and both score the same batch: after a warm-up call
-(compilation), each implementation runs `rounds` blocks of `repeats` calls,
-blocks alternating between the two (`timing.interleaved_blocks`), every
-call waited for (`block_until_ready`); the median call time gives samples/s. JAX runs with
-synchronous CPU dispatch here, as PyTorch does (see `run`). Each round also
-gives a ratio of its own (line_jax's median call time over PyTorch's in the
-two adjacent blocks); the lowest of them shows how far a slow phase of a
-shared machine moves the figure.
+fitted state, and both score the same batch. After a warm-up call
+(compilation) of every implementation of every cell (method and shape),
+`rounds` rounds each run one block of `repeats` calls of each, cell after
+cell, line_jax's block next to PyTorch's (`timing.interleaved_blocks`); every
+call is waited for (`block_until_ready`), and a cell's median call time gives
+its samples/s. A round visits all cells, so a spell of a few seconds in which
+a shared machine runs slow falls into one round of many cells rather than into
+every round of one. JAX runs with synchronous CPU dispatch here, as PyTorch
+does (see `run`). Each round also gives a ratio of its own (line_jax's median
+call time over PyTorch's in the two adjacent blocks); the lowest of them
+shows how far such a spell moves the figure.
 
 On a shared CPU run it while nothing else does: PyTorch's OpenMP barriers
 slow down far more than XLA under foreign load.
@@ -28,7 +31,6 @@ Run from the repository root (about 2 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -92,7 +94,7 @@ def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 7,
 
 
 def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict]:
-  records = []
+  cells, fns = [], []  # cells: (method, classes, features, implementations)
   for num_classes, num_features in shapes:
     features, labels, kernel, bias, test = _problem(
         num_classes, num_features, max(train, num_classes), batch, seed)
@@ -105,31 +107,38 @@ def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict
       state = scorer.fit(features, labels, kernel, bias, **hparams)
       module = torch_baselines.from_state(name, state).to(device)
 
-      def jax_call(state=state, scorer=scorer):
+      def jax_call(state=state, scorer=scorer, test_jax=test_jax):
         scorer.score(state, test_jax).block_until_ready()
 
-      def torch_call(module=module):
+      def torch_call(module=module, test_torch=test_torch, device=device):
         with torch.no_grad():
           module(test_torch)
         if device == "cuda":
           torch.cuda.synchronize()
 
-      fns, implementations = [jax_call, torch_call], ["line_jax", "torch"]
+      implementations = [("line_jax", jax_call), ("torch", torch_call)]
       try:
         torch_call()
       except RuntimeError as error:  # a baseline that is not device-clean
         print(f"torch {name} failed on {device}: {error}", file=sys.stderr)
-        fns, implementations = fns[:1], implementations[:1]
-      times = timing.interleaved_blocks(fns, repeats=repeats, rounds=rounds)
-      for implementation, blocks in zip(implementations, times):
-        records.append({
-            "what": "scorer", "method": name, "classes": num_classes,
-            "features": num_features, "batch": batch, "implementation": implementation,
-            "samples_per_s": batch / statistics.median(t for b in blocks for t in b),
-        })
-      if len(times) == 2:
-        records[-2]["round_ratios"] = [
-            statistics.median(pt) / statistics.median(jx) for jx, pt in zip(*times)]
+        implementations = implementations[:1]
+      cells.append((name, num_classes, num_features, [i for i, _ in implementations]))
+      fns += [fn for _, fn in implementations]
+  # One round visits every cell, so a slow spell of the machine lasting a
+  # few seconds lands in one round of many cells, not in every round of one.
+  times = iter(timing.interleaved_blocks(fns, repeats=repeats, rounds=rounds))
+  records = []
+  for name, num_classes, num_features, implementations in cells:
+    blocks_of = {implementation: next(times) for implementation in implementations}
+    for implementation, blocks in blocks_of.items():
+      records.append({
+          "what": "scorer", "method": name, "classes": num_classes,
+          "features": num_features, "batch": batch, "implementation": implementation,
+          "samples_per_s": batch / statistics.median(t for b in blocks for t in b),
+      })
+      if implementation == "line_jax" and "torch" in blocks_of:
+        records[-1]["round_ratios"] = [statistics.median(pt) / statistics.median(jx)
+                                       for jx, pt in zip(blocks, blocks_of["torch"])]
   return records
 
 
@@ -166,17 +175,14 @@ def main(argv=None) -> None:
             f"{time.perf_counter() - start:.0f} s")
   print(markdown + "\n\n" + footer)
   if args.out:
-    folder = pathlib.Path(args.out) / report.device_slug(env)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "scorers.json").write_text(json.dumps(
+    folder = report.write_table(
+        args.out, "scorers",
         {"environment": env, "settings": {"rounds": args.rounds, "repeats": args.repeats},
-         "records": records}, indent=1) + "\n")
-    (folder / "scorers.md").write_text(
-        "# Every scorer, line_jax vs PyTorch, batch 256 (samples/s)\n\n"
-        f"`python -m benchmarks.scorer_throughput --out {args.out}`; {footer}.\n\n"
-        + markdown + "\n")
+         "records": records},
+        title="Every scorer, line_jax vs PyTorch, batch 256 (samples/s)",
+        command=f"python -m benchmarks.scorer_throughput --out {args.out}",
+        footer=footer, table=markdown)
     print(f"wrote {folder}/scorers.json and scorers.md")
-
 
 if __name__ == "__main__":
   main()

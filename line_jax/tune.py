@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from line_jax import _matmul
 from line_jax import line
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
@@ -148,14 +149,14 @@ def _ash_k(state: ShapingK, features: jax.Array, variant: str) -> jax.Array:
     shaped = jnp.where(mask, h, 0.0)
     if variant == "s":
       shaped = shaped * jnp.exp(before / jnp.sum(shaped, axis=1, keepdims=True))
-  return _common.energy(shaped @ state.kernel + state.bias)
+  return _common.energy(_matmul.dot(shaped, state.kernel) + state.bias)
 
 
 def _scale_k(state: ShapingK, features: jax.Array) -> jax.Array:
   h = features.astype(jnp.float32)
   top = jnp.cumsum(-jnp.sort(-h, axis=1), axis=1)[:, state.k - 1]
   factor = jnp.exp(jnp.sum(h, axis=1) / top)
-  return _common.energy((h * factor[:, None]) @ state.kernel + state.bias)
+  return _common.energy(_matmul.dot(h * factor[:, None], state.kernel) + state.bias)
 
 
 def _knn_k(state: KnnK, features: jax.Array) -> jax.Array:

@@ -8,6 +8,7 @@ import pytest
 
 from line_jax import line
 from line_jax import scorers
+from line_jax.scorers import _knn
 from line_jax.scorers import _quantile
 from line_jax.scorers import _select
 from line_jax.scorers import _shaping
@@ -165,8 +166,14 @@ def test_knn_matches_numpy():
   normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
   bank, z = normalise(train.astype(np.float64)), normalise(test.astype(np.float64))
   distances = np.linalg.norm(z[:, None] - bank[None], axis=2)
-  scores, _ = _fit_score("knn", k=7)
-  np.testing.assert_allclose(scores, -np.sort(distances, axis=1)[:, 6], atol=2e-6)
+  want = -np.sort(distances, axis=1)[:, 6]
+  scores, state = _fit_score("knn", k=7)
+  np.testing.assert_allclose(scores, want, atol=2e-6)
+  # The one-block bank's two selections (radix on CPU, lax.top_k elsewhere).
+  z32 = jnp.asarray(z, jnp.float32)
+  for radix in (True, False):
+    kth = np.asarray(_knn._kth_one_block(state, z32, radix=radix), np.float64)
+    np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - kth, 0.0)), want, atol=2e-6)
 
 
 def test_vim_matches_numpy_as_the_official_code_computes_it():
@@ -250,15 +257,20 @@ def test_ash_s_and_scale_at_percentile_0_scale_every_activation_by_e():
 TIES = [[3.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [-1.0, 2.0, -1.0, 5.0, -3.0]]
 
 
-def test_top_k_mask_breaks_ties_by_lowest_index():
+# The CPU's rolled passes and the GPU's unrolled ones give the same, with
+# and without the branch that skips the tie-breaking cumsum.
+@pytest.mark.parametrize("branch,unroll", [(True, None), (True, True), (False, None)])
+def test_top_k_mask_breaks_ties_by_lowest_index(branch, unroll):
   x = jnp.array(TIES)
-  mask = np.asarray(_shaping.top_k_mask(x, 3))
+  mask = np.asarray(_shaping.top_k_mask(x, 3, branch=branch, unroll=unroll))
   np.testing.assert_array_equal(mask, _top_k_mask(np.asarray(x), 3))
   np.testing.assert_array_equal(mask.sum(axis=1), [3, 3, 3])
 
 
-def test_top_k_sum_counts_ties_up_to_k():
-  np.testing.assert_array_equal(np.asarray(_shaping.top_k_sum(jnp.array(TIES), 3)), [5.0, 6.0, 6.0])
+@pytest.mark.parametrize("unroll", [None, True])
+def test_top_k_sum_counts_ties_up_to_k(unroll):
+  np.testing.assert_array_equal(
+      np.asarray(_shaping.top_k_sum(jnp.array(TIES), 3, unroll=unroll)), [5.0, 6.0, 6.0])
 
 
 def test_ash_on_sparse_features_keeps_exactly_k_with_zero_ties():
@@ -284,6 +296,8 @@ def test_kth_largest_matches_numpy_on_signed_values_and_ties():
   for k in (1, 7, 10, 11, 50):
     want = -np.sort(-x, axis=1)[:, k - 1]
     np.testing.assert_array_equal(np.asarray(_select.kth_largest(jnp.asarray(x), k)), want)
+    np.testing.assert_array_equal(
+        np.asarray(_select.kth_largest(jnp.asarray(x), k, unroll=True)), want)
 
 
 @pytest.mark.parametrize("p", [0.0, 12.5, 50.0, 90.0, 99.9, 100.0])

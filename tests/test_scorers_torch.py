@@ -40,12 +40,13 @@ def test_unknown_baseline_is_an_error():
 def test_throughput_benchmark_reports_every_scorer_in_both_implementations():
   throughput = pytest.importorskip("benchmarks.scorer_throughput")
   async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
-  records = throughput.run(shapes=((3, 8),), batch=4, repeats=1, rounds=2, train=16, knn_k=2)
-  assert len(records) == 2 * len(scorers.names())
-  assert {(r["method"], r["implementation"]) for r in records} == {
-      (name, impl) for name in scorers.names() for impl in ("line_jax", "torch")}
+  records = throughput.run(shapes=((3, 8), (4, 6)), batch=4, repeats=1, rounds=2, train=16,
+                           knn_k=2)
+  assert len(records) == 2 * 2 * len(scorers.names())
+  assert {(r["method"], r["classes"], r["implementation"]) for r in records} == {
+      (name, c, impl) for name in scorers.names() for c in (3, 4) for impl in ("line_jax", "torch")}
   for r in records:
-    assert (r["what"], r["classes"], r["features"], r["batch"]) == ("scorer", 3, 8, 4)
+    assert (r["what"], r["features"], r["batch"]) == ("scorer", {3: 8, 4: 6}[r["classes"]], 4)
     assert np.isfinite(r["samples_per_s"]) and r["samples_per_s"] > 0
     if r["implementation"] == "line_jax":
       assert len(r["round_ratios"]) == 2 and all(x > 0 for x in r["round_ratios"])
@@ -56,3 +57,17 @@ def test_throughput_benchmark_reports_every_scorer_in_both_implementations():
   assert any(line.startswith("| energy | 3 x 8 |") and line.endswith(f"| {low} |")
              for line in throughput.table(records).splitlines())
   assert jax.config.read("jax_cpu_enable_async_dispatch") == async_dispatch  # restored
+
+
+def test_kernel_variants_records_each_variants_difference_from_the_first():
+  variants_lib = pytest.importorskip("benchmarks.kernel_variants")
+  want, off = np.arange(4.0), np.arange(4.0) + np.array([0.0, 0.5, 0.0, -0.25])
+  variants = {"first": (lambda: None, lambda: want), "same": (lambda: None, lambda: want.copy()),
+              "off": (lambda: None, lambda: off)}
+  records = variants_lib._time_group("toy", variants, 8, repeats=1, rounds=2)
+  assert [r["variant"] for r in records] == ["first", "same", "off"]
+  assert [r["max_abs_difference"] for r in records] == [0.0, 0.0, 0.5]
+  assert all(r["group"] == "toy" and r["samples_per_s"] > 0 for r in records)
+  rows = variants_lib.table(records).splitlines()[2:]
+  assert rows[0].startswith("| toy | first |") and "| 1.00x | 0 |" in rows[0]
+  assert rows[2].endswith("| 0.5 |")

@@ -27,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from line_jax import _matmul
 from line_jax import _validation
 from line_jax.line._fit import LineState
 
@@ -66,7 +67,7 @@ def _grouped_logits(state: LineState, kept: jax.Array, pred: jax.Array) -> jax.A
     head = jax.lax.cond(c == head_cls, lambda: head, lambda: _masked_head(state, c))
     block = jax.lax.dynamic_slice_in_dim(rows, start, tile)
     # Rows of later classes in this tile get overwritten when their turn comes.
-    out = jax.lax.dynamic_update_slice_in_dim(out, block @ head, start, 0)
+    out = jax.lax.dynamic_update_slice_in_dim(out, _matmul.dot(block, head), start, 0)
     mine = jax.lax.dynamic_slice_in_dim(cls, start, tile) == c
     return start + jnp.sum(mine), c, head, out
 
@@ -101,7 +102,7 @@ def score(state: LineState, features: jax.Array, *, strategy: str = "auto") -> j
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
   clipped = jnp.minimum(features.astype(jnp.float32), state.clip)
-  pred = jnp.argmax(clipped @ state.kernel + state.bias, axis=-1)
+  pred = jnp.argmax(_matmul.dot(clipped, state.kernel) + state.bias, axis=-1)
   kept = jnp.where(state.neuron_mask[pred], clipped, 0.0)
   if _choose(strategy) == "grouped":
     logits = _grouped_logits(state, kept, pred)

@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from line_jax import _matmul
 from line_jax import _validation
 
 
@@ -154,8 +155,8 @@ def logits(state, features: jax.Array) -> tuple[jax.Array, int]:
   """
   h = features.astype(jnp.float32)
   if class_major(h.shape[0]):
-    return state.weight @ h.T + state.bias[:, None], 0
-  return h @ state.weight.T + state.bias, 1
+    return _matmul.dot(state.weight, h.T) + state.bias[:, None], 0
+  return _matmul.dot(h, state.weight.T) + state.bias, 1
 
 
 # On XLA:CPU, scores fused over class-major logits `weight @ h^T` run faster

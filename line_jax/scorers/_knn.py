@@ -21,8 +21,8 @@ are `[batch, block_rows + k]` floats whatever the bank size. Work is
 `2 x batch x bank x features` flops for the products plus one top-k per
 block: with the full ImageNet bank (1,281,167 x 2048, 40 blocks) and k = 1000
 a batch of 1,024 took 0.16 s on an H200 (0.046 s for 256); with a 1 % bank
-and k = 10, 2.2 ms. A bank of one block skips the merge and selects the k-th
-value by radix selection, faster than XLA's sort-based `top_k` on CPU.
+and k = 10, 2.2 ms. A bank of one block skips the merge; on CPU it selects the
+k-th value by radix selection, faster than XLA's sort-based `top_k` there.
 
 The bank subsample is seeded and counter-based: sample i of the training
 stream is kept iff `uniform(fold_in(key(seed), i)) < bank_fraction`, so the
@@ -154,11 +154,20 @@ def _affinity(z: jax.Array, block: jax.Array, sq_norms: jax.Array) -> jax.Array:
   return 2.0 * jnp.matmul(z, block.T, precision=_PRECISION) - sq_norms
 
 
-def _kth_one_block(state: KnnState, z: jax.Array) -> jax.Array:
-  # Bank-major `[rows, batch]`, the layout the radix selection reduces fastest.
+def _kth_one_block(state: KnnState, z: jax.Array, *, radix: bool | None = None) -> jax.Array:
+  """`[batch]` k-th largest affinity to a one-block bank.
+
+  `radix` (default: on CPU) selects by radix selection down the bank-major
+  `[rows, batch]` affinities, the layout it reduces fastest; otherwise by
+  `lax.top_k` along `[batch, rows]`, which an H200 ran 1.6x faster than the
+  (unrolled) radix selection at 1024 x 2048, k = 50 (288 vs 459 us;
+  benchmarks/kernel_variants.py).
+  """
   bank, sq_norms = state.bank[0], state.sq_norms[0]
-  affinity = 2.0 * jnp.matmul(bank, z.T, precision=_PRECISION) - sq_norms[:, None]
-  return _select.kth_largest_per_column(affinity, state.k)
+  if jax.default_backend() == "cpu" if radix is None else radix:
+    affinity = 2.0 * jnp.matmul(bank, z.T, precision=_PRECISION) - sq_norms[:, None]
+    return _select.kth_largest_per_column(affinity, state.k)
+  return jax.lax.top_k(_affinity(z, bank, sq_norms), state.k)[0][:, -1]
 
 
 def _kth_blocks(state: KnnState, z: jax.Array) -> jax.Array:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from line_jax import _matmul
 from line_jax.scorers import _common
 
 DIM = 512
@@ -88,13 +89,13 @@ def _origin(kernel, bias) -> jax.Array:
 def _scatter(features, origin, kernel, bias):
   h = features.astype(jnp.float32)
   centred = (h - origin).astype(jnp.float64)
-  max_logits = jnp.max(h @ kernel + bias, axis=-1).astype(jnp.float64)
+  max_logits = jnp.max(_matmul.dot(h, kernel) + bias, axis=-1).astype(jnp.float64)
   return centred.T @ centred, jnp.sum(max_logits)
 
 
 @jax.jit
 def _residual_norms(features, origin, residual):
-  return jnp.linalg.norm((features.astype(jnp.float32) - origin) @ residual, axis=-1)
+  return jnp.linalg.norm(_matmul.dot(features.astype(jnp.float32) - origin, residual), axis=-1)
 
 
 def fit(features, labels, kernel, bias, *, dim=DIM) -> VimState:
@@ -166,7 +167,7 @@ def score(state: VimState, features: jax.Array) -> jax.Array:
     features: `[batch, features]` penultimate activations.
   """
   _common.check_width(features, state.projection.shape[0])
-  z = features.astype(jnp.float32) @ state.projection
+  z = _matmul.dot(features.astype(jnp.float32), state.projection)
   num_classes = state.bias.shape[0]
   logits = z[:, :num_classes] + state.bias
   norms = jnp.linalg.norm(z[:, num_classes:] - state.residual_offset, axis=-1)
