@@ -164,7 +164,9 @@ def _kth_one_block(state: KnnState, z: jax.Array, *, radix: bool | None = None) 
   benchmarks/kernel_variants.py).
   """
   bank, sq_norms = state.bank[0], state.sq_norms[0]
-  if jax.default_backend() == "cpu" if radix is None else radix:
+  if radix is None:
+    radix = jax.default_backend() == "cpu"
+  if radix:
     affinity = 2.0 * jnp.matmul(bank, z.T, precision=_PRECISION) - sq_norms[:, None]
     return _select.kth_largest_per_column(affinity, state.k)
   return jax.lax.top_k(_affinity(z, bank, sq_norms), state.k)[0][:, -1]
