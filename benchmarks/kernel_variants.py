@@ -249,5 +249,6 @@ def main(argv=None) -> None:
         footer=footer, table=markdown)
     print(f"wrote {folder}/variants.json and variants.md")
 
+
 if __name__ == "__main__":
   main()

@@ -184,5 +184,6 @@ def main(argv=None) -> None:
         footer=footer, table=markdown)
     print(f"wrote {folder}/scorers.json and scorers.md")
 
+
 if __name__ == "__main__":
   main()

@@ -2,12 +2,15 @@
 
 JAX's default precision runs float32 products on NVIDIA GPUs in TF32 (10-bit
 mantissa): on an H200 a MaxLogit head's scores then differed from PyTorch's
-float32 `linear` by up to 5e-4 relative, enough to change LINe's predicted
-class at near ties. Scores must not depend on the device, so line_jax's
-products ask for full float32 (`Precision.HIGHEST`), as PyTorch's default
-does. On CPU this changes nothing. A user who chose a default precision
-(`jax.default_matmul_precision(...)` or the `jax_default_matmul_precision`
-option) gets that one instead: the choice of TF32 speed is theirs to make.
+float32 `linear` by up to 9.4e-4 (4.7e-4 relative), enough to change LINe's
+predicted class at near ties. Scores must not depend on the device, so
+line_jax's head products ask for full float32 (`Precision.HIGHEST`), as
+PyTorch's default does. On CPU this changes nothing. A user who chose a
+default precision (`jax.default_matmul_precision(...)` or the
+`jax_default_matmul_precision` option) gets that one instead: the choice of
+TF32 speed is theirs to make. KNN and Mahalanobis keep `HIGHEST` whatever the
+default: their products are near-cancelling quadratic forms that TF32 would
+ruin, not logits it would only blur.
 """
 
 from __future__ import annotations

@@ -34,10 +34,11 @@ def from_key(key: jax.Array) -> jax.Array:
 def unrolled() -> bool:
   """Whether the 32 passes are unrolled (trace time): off CPU, yes.
 
-  Measured with `benchmarks/kernel_variants.py` at batch 1024: on an H200
-  the unrolled passes ran 3.5-4.6x faster than the rolled loop (208 vs 727
-  us at 2048 features, 155 vs 715 us at 342); on CPU XLA re-reads the
-  transposed input in every unrolled pass, 18x slower at 2048 features.
+  Measured with `benchmarks/kernel_variants.py` at batch 1024
+  (`benchmarks/results/<device>/variants.md`): on an H200 the unrolled passes
+  ran 3.5-4.6x faster than the rolled loop (208 vs 727 us at 2048 features,
+  155 vs 715 us at 342); on this project's 2-core CPU they ran 21x slower at
+  2048 features and 3.9x at 342.
   """
   return jax.default_backend() != "cpu"
 

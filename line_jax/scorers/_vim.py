@@ -153,7 +153,7 @@ def fit_from_batches(batches, kernel, bias, *, dim=DIM) -> VimState:
       projection=jnp.concatenate([head.kernel, residual], axis=1),
       bias=head.bias,
       origin=origin,
-      residual_offset=origin @ residual,
+      residual_offset=_matmul.dot(origin, residual),
       alpha=jnp.asarray(alpha, jnp.float32),
   )
 
