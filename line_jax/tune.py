@@ -46,6 +46,7 @@ from line_jax import line
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
 from line_jax.scorers import _common
+from line_jax.scorers import _knn
 from line_jax.scorers import _shaping
 
 CHUNK = 512  # validation samples per vmapped step: bounds [grid, chunk, m, C]
@@ -160,11 +161,9 @@ def _scale_k(state: ShapingK, features: jax.Array) -> jax.Array:
 
 
 def _knn_k(state: KnnK, features: jax.Array) -> jax.Array:
-  h = features.astype(jnp.float32)
-  z = h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-10)
-  affinity = 2.0 * jnp.matmul(z, state.bank.T, precision=jax.lax.Precision.HIGHEST)
+  z = _knn._normalise(features)
   # Independent of k: under vmap over k this top-k runs once, not per k.
-  best = jax.lax.top_k(affinity - state.sq_norms, state.k_max)[0]
+  best = jax.lax.top_k(_knn._affinity(z, state.bank, state.sq_norms), state.k_max)[0]
   kth = jnp.take(best, state.k - 1, axis=1)
   return -jnp.sqrt(jnp.maximum(jnp.sum(z * z, axis=1) - kth, 0.0))
 
@@ -237,8 +236,7 @@ def vmapped_grid(method: str, points: Sequence[Mapping[str, Any]], train_feature
     return fn, states, 0
   if method == "knn":
     ks = [int(p["k"]) for p in points]
-    h = jnp.asarray(train_features, jnp.float32)
-    bank = h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-10)
+    bank = _knn._normalise(jnp.asarray(train_features))
     states = KnnK(bank, jnp.sum(bank * bank, axis=-1), jnp.asarray(ks, jnp.int32), max(ks))
     return _knn_k, states, KnnK(None, None, 0, max(ks))
   return None
