@@ -36,7 +36,7 @@ _CALLEES = re.compile(
     r"|branch_computations=\{([^}]*)\}|\bcall\(.*calls=%?([\w.\-]+)")
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+def computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
   """Computation name -> instruction lines, and the entry computation's name."""
   bodies: dict[str, list[str]] = {}
   entry, current = "", None
@@ -72,7 +72,7 @@ def count_kernels(hlo_text: str) -> dict:
   Returns:
     `{kind: count, ..., "total": count}`.
   """
-  bodies, entry = _computations(hlo_text)
+  bodies, entry = computations(hlo_text)
   counts: dict[str, int] = {}
   seen, todo = set(), [entry]
   while todo:

@@ -41,6 +41,7 @@ import torch
 if __package__ in (None, ""):  # `python benchmarks/kernel_variants.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks import compiled_stats  # pylint: disable=wrong-import-position
 from benchmarks import report  # pylint: disable=wrong-import-position
 from benchmarks import timing  # pylint: disable=wrong-import-position
 from line_jax import _matmul  # pylint: disable=wrong-import-position
@@ -154,9 +155,8 @@ def masks(repeats: int, rounds: int) -> list[dict]:
 
 def _hlo_summary(fn, *args) -> list[str]:
   """The optimised entry computation's instructions, one line each, shortened."""
-  text = jax.jit(fn).lower(*args).compile().as_text()
-  entry = text[text.index("ENTRY"):].splitlines()[1:]
-  return [line.strip().split(", metadata=")[0][:200] for line in entry if "=" in line]
+  bodies, entry = compiled_stats.computations(jax.jit(fn).lower(*args).compile().as_text())
+  return [line.strip().split(", metadata=")[0][:200] for line in bodies[entry] if "=" in line]
 
 
 def heads(repeats: int, rounds: int) -> tuple[list[dict], dict]:
