@@ -27,13 +27,33 @@ papers' ImageNet settings) are listed per benchmark, each with its source:
     for the narrower CIFAR / Fashion-MNIST features we take half the width,
     rounded down to a power of two.
 
-The embedded Fashion-MNIST OOD sets are built at 2,000 images each (see
-`line_jax.data._embedded_ood`). The paper's CIFAR OOD sets: SVHN (TFDS
-`svhn_cropped` test, 26,032), LSUN-C, LSUN-R, iSUN (curated folders), DTD
-textures (the curated 5,640 images, resized to 32 and center-cropped), and
-Places365 (TFDS `places365_small` validation, the first 10,000, resized to
-32). ImageNet: iNaturalist, SUN, Places, Textures (curated folders, 224 crops
-of 256 resizes).
+Normalisation: the CIFAR protocols use `MEAN_STD["cifar_line"]`, mean
+(0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010): the constants of the
+official LINe and DICE `ood_eval.py` / `precompute.py`, with which the DICE
+DenseNet-BC-100 checkpoints were trained and evaluated.
+
+OOD sets. The embedded Fashion-MNIST ones are built at 2,000 images each (see
+`line_jax.data._embedded_ood`). The paper's CIFAR OOD sets, each used where
+it is present under `--data-dir`:
+
+* SVHN: the official selection of `select_svhn_data.py` (LINe / DICE): the
+  first 1,000 test images of each label, in the order of torchvision's
+  `test_32x32.mat`, 10,000 in all. Read from `<data-dir>/svhn/test_32x32.mat`
+  (torchvision's `SVHN(root="<data-dir>/svhn")` file). TFDS's `svhn_cropped`
+  is not used: it stores the test split shuffled, so "the first 1,000" there
+  would be other images.
+* LSUN-C, LSUN-R, iSUN: ODIN's curated folders.
+* Textures: DTD, the 5,640 images, resized to 32 and center-cropped.
+* Places365: DIFFERENT from the paper. The official code reads a 10,000-image
+  Places365 subset whose file list was never published; here it is TFDS's
+  `places365_small` validation split, its first 10,000, resized to 32. Its
+  numbers are therefore not comparable image for image.
+
+Where none of a CIFAR protocol's paper sets is present, the offline sets
+stand in (`offline_ood`): the embedded sets built at 32x32 RGB plus
+Fashion-MNIST; see `line_jax.data._embedded_ood` for each. ImageNet: iNaturalist, SUN,
+Places, Textures (curated folders, 224 crops of 256 resizes); it has no
+offline stand-in.
 """
 
 from __future__ import annotations
@@ -66,10 +86,14 @@ class OodSource:
 
   Attributes:
     name: column name in the results.
-    kind: "tfds" (a TFDS dataset) or "curated" (`line_jax.data.load_curated`).
-    dataset: TFDS name or curated key.
-    split: TFDS split (ignored for curated sets).
+    kind: "tfds" (a TFDS dataset), "curated" (`line_jax.data.load_curated`)
+      or "svhn_mat" (torchvision's SVHN `.mat` files).
+    dataset: TFDS name, curated key, or folder under the data dir
+      ("svhn_mat": it holds `<split>_32x32.mat`).
+    split: TFDS or SVHN split (ignored for curated sets).
     max_images: keep only the first this many (None: all).
+    per_label: keep only the first this many images of each label, in file
+      order (None: all); SVHN's official selection.
   """
 
   name: str
@@ -77,6 +101,27 @@ class OodSource:
   dataset: str
   split: str | None = None
   max_images: int | None = None
+  per_label: int | None = None
+
+  def path(self, data_dir: str) -> str:
+    """Where this set lives under `data_dir` (TFDS: the dataset's folder)."""
+    if self.kind == "svhn_mat":
+      return os.path.join(data_dir, self.dataset, f"{self.split}_32x32.mat")
+    if self.kind == "curated":
+      from line_jax.data import CURATED_OOD  # Light: no TFDS import.
+
+      return os.path.join(data_dir, CURATED_OOD[self.dataset].folder)
+    return os.path.join(data_dir, self.dataset)
+
+  def present(self, data_dir: str | None) -> bool:
+    """Whether the set can be read from `data_dir` (nothing is loaded)."""
+    if not data_dir:
+      return False
+    if self.kind == "tfds":
+      return _tfds_prepared(self.dataset, data_dir)
+    if self.kind == "svhn_mat":
+      return os.path.isfile(self.path(data_dir))
+    return os.path.isdir(self.path(data_dir))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +138,8 @@ class Protocol:
     image_size: side of the network input; resize_size: shorter side before
       the center crop (ImageNet: 256 -> 224); channels: of the input.
     ood: the paper's OOD sets (empty: the embedded sets).
+    offline_ood: `line_jax.data._embedded_ood` set names that stand in where
+      none of `ood` is present (built at `image_size` x `channels`).
     hparams: scorer name -> hyperparameters overriding the registry defaults;
       a `TrainPercentile` value is resolved on the training features.
   """
@@ -107,10 +154,11 @@ class Protocol:
   channels: int
   ood: tuple[OodSource, ...]
   hparams: Mapping[str, Mapping[str, Any]]
+  offline_ood: tuple[str, ...] = ()
 
 
 _CIFAR_OOD = (
-    OodSource("svhn", "tfds", "svhn_cropped", "test"),
+    OodSource("svhn", "svhn_mat", "svhn", "test", per_label=1000),
     OodSource("lsun_c", "curated", "lsun_c"),
     OodSource("lsun_r", "curated", "lsun_r"),
     OodSource("isun", "curated", "isun"),
@@ -123,6 +171,9 @@ _IMAGENET_OOD = (
     OodSource("places", "curated", "places"),
     OodSource("textures", "curated", "textures"),
 )
+_EMBEDDED = ("letters", "digits", "textures", "photos", "faces", "gaussian", "uniform")
+# Fashion-MNIST is an OOD set only where it is not the ID data.
+_CIFAR_OFFLINE = (*_EMBEDDED[:5], "fashion_mnist", *_EMBEDDED[5:])
 _CIFAR_COMMON = {
     "react": {"percentile": 90.0},
     "dice": {"p": 90.0},
@@ -138,22 +189,22 @@ PROTOCOLS: dict[str, Protocol] = {
     # alike: the default of the embedded benchmark.
     "fashion_mnist": Protocol(
         "fashion_mnist", "", "resnet_small", 10, "fashion_mnist", 28, 28, 1, (),
-        {"react": {"percentile": 80.0}, "dice": {"p": 10.0}, "ash_p": {"percentile": 50.0},
+        offline_ood=_EMBEDDED, hparams={"react": {"percentile": 80.0}, "dice": {"p": 10.0}, "ash_p": {"percentile": 50.0},
          "ash_b": {"percentile": 50.0}, "ash_s": {"percentile": 50.0},
          "scale": {"percentile": 80.0}, "knn": {"k": 1}, "vim": {"dim": 32},
          "line": {"p_w": 10.0, "p_a": 10.0, "clip": TrainPercentile(80.0)}}),
     # The CIFAR settings carried over unchanged, for comparison.
     "fashion_mnist_cifar_settings": Protocol(
         "fashion_mnist_cifar_settings", "", "resnet_small", 10, "fashion_mnist", 28, 28, 1, (),
-        {**_CIFAR_COMMON, "vim": {"dim": 64},
+        offline_ood=_EMBEDDED, hparams={**_CIFAR_COMMON, "vim": {"dim": 64},
          "line": {"p_w": 90.0, "p_a": 90.0, "clip": TrainPercentile(90.0)}}),
     "cifar10": Protocol(
-        "cifar10", "cifar10", "densenet100", 10, "cifar_oe", 32, 32, 3, _CIFAR_OOD,
-        {**_CIFAR_COMMON, "vim": {"dim": 256},
+        "cifar10", "cifar10", "densenet100", 10, "cifar_line", 32, 32, 3, _CIFAR_OOD,
+        offline_ood=_CIFAR_OFFLINE, hparams={**_CIFAR_COMMON, "vim": {"dim": 256},
          "line": {"p_w": 90.0, "p_a": 90.0, "clip": 1.0}}),
     "cifar100": Protocol(
-        "cifar100", "cifar100", "densenet100", 100, "cifar_oe", 32, 32, 3, _CIFAR_OOD,
-        {**_CIFAR_COMMON, "vim": {"dim": 256},
+        "cifar100", "cifar100", "densenet100", 100, "cifar_line", 32, 32, 3, _CIFAR_OOD,
+        offline_ood=_CIFAR_OFFLINE, hparams={**_CIFAR_COMMON, "vim": {"dim": 256},
          "line": {"p_w": 90.0, "p_a": 10.0, "clip": 1.0}}),
     "imagenet": Protocol(
         "imagenet", "imagenet2012", "resnet50", 1000, "imagenet2012", 224, 256, 3,
@@ -190,11 +241,15 @@ def hparams_for(protocol: Protocol, method: str, defaults: Mapping[str, Any],
 
 
 def missing_inputs(protocol: Protocol, data_dir: str | None,
-                   torch_checkpoint: str | None) -> list[str]:
+                   torch_checkpoint: str | None, id_folder: str | None = None
+                   ) -> list[str]:
   """What a paper benchmark needs and cannot find, one line each.
 
-  Looks without loading: the PyTorch checkpoint file, each TFDS dataset
-  prepared under `data_dir`, each curated folder under `data_dir`.
+  Looks without loading: the PyTorch checkpoint file and the ID data, either
+  an ImageFolder-layout `id_folder` (with `train/` and `test/`) or the TFDS
+  dataset prepared under `data_dir`. OOD sets are not required where the
+  protocol has offline stand-ins (`paper_ood`); otherwise each missing one is
+  listed.
   """
   missing = []
   if not torch_checkpoint:
@@ -202,25 +257,62 @@ def missing_inputs(protocol: Protocol, data_dir: str | None,
                    f"trained on {protocol.id_dataset}")
   elif not os.path.isfile(torch_checkpoint):
     missing.append(f"--torch-checkpoint {torch_checkpoint}: no such file")
-  if not data_dir:
-    missing.append("--data-dir: the folder holding the TFDS datasets and the "
-                   "unpacked curated OOD folders")
-    return missing
-  from line_jax.data import CURATED_OOD  # Light: no TFDS import.
-
-  tfds_names = {protocol.id_dataset} | {
-      s.dataset for s in protocol.ood if s.kind == "tfds"}
-  for name in sorted(tfds_names):
-    if not _tfds_prepared(name, data_dir):
-      missing.append(f"TFDS dataset {name!r} is not prepared under {data_dir} "
-                     "(prepare it with tfds, e.g. on a machine with TensorFlow)")
-  for source in protocol.ood:
-    if source.kind == "curated":
-      folder = os.path.join(data_dir, CURATED_OOD[source.dataset].folder)
-      if not os.path.isdir(folder):
-        missing.append(f"curated OOD set {source.dataset!r}: folder {folder} "
-                       "not found (line_jax.data.download_curated)")
+  if id_folder:
+    for split in ("train", "test"):
+      if not os.path.isdir(os.path.join(id_folder, split)):
+        missing.append(f"--id-folder {id_folder}: no {split}/ folder (ImageFolder "
+                       "layout: <folder>/{train,test}/<class>/<image>)")
+  elif not data_dir:
+    missing.append(f"--id-folder or --data-dir: the {protocol.id_dataset} images "
+                   "(an ImageFolder-layout folder, or the folder of TFDS datasets)")
+  elif not _tfds_prepared(protocol.id_dataset, data_dir):
+    missing.append(f"TFDS dataset {protocol.id_dataset!r} is not prepared under "
+                   f"{data_dir} (prepare it with tfds, or pass --id-folder)")
+  if not protocol.offline_ood:
+    missing.extend(paper_ood(protocol, data_dir)[1])
   return missing
+
+
+def paper_ood(protocol: Protocol, data_dir: str | None
+              ) -> tuple[tuple[OodSource, ...], list[str]]:
+  """The paper OOD sets present under `data_dir`, and a line per absent one."""
+  present, absent = [], []
+  for source in protocol.ood:
+    if source.present(data_dir):
+      present.append(source)
+    elif not data_dir:
+      absent.append(f"OOD set {source.name!r}: no --data-dir")
+    elif source.kind == "tfds":
+      absent.append(f"OOD set {source.name!r}: TFDS dataset {source.dataset!r} is not "
+                    f"prepared under {data_dir}")
+    elif source.kind == "svhn_mat":
+      absent.append(f"OOD set {source.name!r}: {source.path(data_dir)} not found "
+                    "(torchvision.datasets.SVHN(root, split='test') writes it)")
+    else:
+      absent.append(f"OOD set {source.name!r}: folder {source.path(data_dir)} not "
+                    "found (line_jax.data.download_curated)")
+  return tuple(present), absent
+
+
+def first_per_label(labels: np.ndarray, per_label: int) -> np.ndarray:
+  """Indices of the first `per_label` samples of each label, in file order.
+
+  The rule of LINe's / DICE's `select_svhn_data.py`: walk the test set in
+  order and keep a sample while its label has fewer than `per_label` kept.
+
+  Args:
+    labels: `[n]` integer labels.
+    per_label: how many to keep of each label.
+
+  Returns:
+    `[k]` int64 indices into `labels`, increasing.
+  """
+  labels = np.asarray(labels).reshape(-1)
+  order = np.argsort(labels, kind="stable")  # Stable: file order within a label.
+  sorted_labels = labels[order]
+  starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+  rank = np.arange(labels.size) - starts  # Position of each sample within its label.
+  return np.sort(order[rank < per_label]).astype(np.int64)
 
 
 def _tfds_prepared(name: str, data_dir: str) -> bool:
