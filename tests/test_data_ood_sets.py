@@ -74,3 +74,54 @@ def test_bad_arguments():
     ood_set("mnist")
   with pytest.raises(ValueError, match="size"):
     ood_set("uniform", 0)
+
+
+# --- The same sets at another size and channel count (the CIFAR benchmarks). ---
+
+from line_jax.data import _embedded_ood  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rgb_sets():
+  try:
+    return _embedded_ood.ood_sets(_embedded_ood.ALL_SET_NAMES, size=60, side=32, channels=3)
+  except FileNotFoundError as e:  # Debian's dataset-fashion-mnist.
+    pytest.skip(str(e))
+
+
+def test_rgb_32_shapes_and_every_set(rgb_sets):
+  assert tuple(rgb_sets) == _embedded_ood.ALL_SET_NAMES
+  assert "fashion_mnist" not in OOD_SET_NAMES  # It is the ID data of the default benchmark.
+  for name, images in rgb_sets.items():
+    assert images.shape == (60, 32, 32, 3) and images.dtype == np.uint8, name
+    assert len({row.tobytes() for row in images}) > 0.9 * 60, name
+
+
+def test_gray_sources_repeat_their_level_and_colour_ones_keep_colour(rgb_sets):
+  for name in ("letters", "digits", "textures", "faces", "fashion_mnist"):
+    images = rgb_sets[name]
+    assert np.array_equal(images[..., 0], images[..., 1]), name
+    assert np.array_equal(images[..., 0], images[..., 2]), name
+  for name in ("photos", "gaussian", "uniform"):
+    images = rgb_sets[name].astype(int)
+    assert np.abs(images[..., 0] - images[..., 2]).mean() > 5, name
+
+
+def test_gray_of_a_gray_source_at_32_equals_its_rgb_channel(rgb_sets):
+  # The channel count changes only the channels, not which crops are drawn.
+  gray = _embedded_ood.ood_set("faces", 60, side=32, channels=1)
+  assert np.array_equal(gray[..., 0], rgb_sets["faces"][..., 0])
+
+
+def test_digits_keep_the_mnist_frame_at_32(rgb_sets):
+  digits = rgb_sets["digits"][..., 0]
+  # A 23x23 digit centred in 32x32 with a shift of at most 2 px: the outer
+  # 2-pixel ring is black.
+  assert digits[:, :2].max() == 0 and digits[:, -2:].max() == 0
+
+
+def test_bad_shape_arguments():
+  with pytest.raises(ValueError, match="channels"):
+    ood_set("uniform", 5, channels=2)
+  with pytest.raises(ValueError, match="side"):
+    ood_set("uniform", 5, side=8)

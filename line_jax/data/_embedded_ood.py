@@ -1,39 +1,49 @@
-"""The embedded OOD sets of the default Fashion-MNIST benchmark.
+"""Offline OOD sets: real images already on this machine, no network.
 
-Real images already on this machine, no network: each set is built
-deterministically as uint8 `[size, 28, 28, 1]` (`size` = 2,000 by default).
-Letters and digits are white on black like Fashion-MNIST; the photographic
-sets keep their own gray levels. Building all seven at the default size takes
+Each set is built deterministically as uint8 `[size, side, side, channels]`.
+The default Fashion-MNIST benchmark uses the first seven at 28x28 gray
+(`OOD_SET_NAMES`, 2,000 images each); the CIFAR benchmarks, where the paper's
+sets are absent, use all eight at 32x32 RGB (`fashion_mnist` included). Sets
+whose source is gray (letters, digits, textures, faces, fashion_mnist) repeat
+their gray level in every channel; `photos` keeps the colour of its colour
+sources and the noise sets draw each channel independently. Letters and
+digits are white on black like Fashion-MNIST; the photographic sets keep
+their own levels. Building the seven 28x28 sets at the default size takes
 about 2 s on one CPU core.
 
-| Set        | Source (package)                     | Source size       | How one image is made                          |
-|------------|--------------------------------------|-------------------|------------------------------------------------|
-| `letters`  | fonts in /usr/share/fonts, Pillow    | A-J x ~80 faces   | notMNIST-style white letter on black, random   |
-|            | (Debian font packages, see _glyphs)  |                   | face, size 18-32 px, shift -3..3 px            |
-| `digits`   | `sklearn.datasets.load_digits`       | 1,797 8x8 digits  | 0-16 scaled to 0-255, bilinear to 20x20, put   |
-|            | (scikit-learn)                       |                   | in the 28x28 centre (MNIST layout) -2..2 px    |
-| `textures` | `skimage.data` brick, grass, gravel  | 3 x 512x512       | random square crop of 28-160 px, bilinear      |
-|            | (scikit-image)                       |                   | (antialiased) down to 28x28                    |
-| `photos`   | `skimage.data` photos (1)            | 7 photos          | luma (ITU-R 601) gray, random square crop of   |
-|            | (scikit-image)                       |                   | >= 48 px, bilinear down to 28x28               |
-| `faces`    | `skimage.data.lfw_subset()[:100]`    | 100 25x25 faces   | random 21-25 px crop, mirrored half the time,  |
-|            | (scikit-image; [100:] are non-faces) |                   | bilinear up to 28x28                           |
-| `gaussian` | NumPy                                | -                 | i.i.d. N(127.5, 64^2) per pixel, rounded and   |
-|            |                                      |                   | clipped to [0, 255]                            |
-| `uniform`  | NumPy                                | -                 | i.i.d. uniform integers in [0, 255]            |
+| Set             | Source (package)                     | Source size       | How one image is made (side S)                  |
+|-----------------|--------------------------------------|-------------------|-------------------------------------------------|
+| `letters`       | fonts in /usr/share/fonts, Pillow    | A-J x ~80 faces   | notMNIST-style white letter on black, random    |
+|                 | (Debian font packages, see _glyphs)  |                   | face, size 18-32 px, shift -3..3 px             |
+| `digits`        | `sklearn.datasets.load_digits`       | 1,797 8x8 digits  | 0-16 scaled to 0-255, bilinear to 20/28 S, put  |
+|                 | (scikit-learn)                       |                   | in the centre (MNIST layout), shift -2..2 px    |
+| `textures`      | `skimage.data` brick, grass, gravel  | 3 x 512x512 gray  | random square crop of S-160 px, bilinear        |
+|                 | (scikit-image)                       |                   | (antialiased) down to S x S                     |
+| `photos`        | `skimage.data` photos (1)            | 7 photos          | RGB (gray: luma, ITU-R 601), random square crop |
+|                 | (scikit-image)                       |                   | of >= 48 px, bilinear down to S x S             |
+| `faces`         | `skimage.data.lfw_subset()[:100]`    | 100 25x25 faces   | random 21-25 px crop, mirrored half the time,   |
+|                 | (scikit-image; [100:] are non-faces) |                   | bilinear up to S x S                            |
+| `fashion_mnist` | Debian's dataset-fashion-mnist, test | 10,000 28x28      | one test image (each once before repeats),      |
+|                 | IDX files (not in `OOD_SET_NAMES`)   |                   | bilinear to S x S                               |
+| `gaussian`      | NumPy                                | -                 | i.i.d. N(127.5, 64^2) per pixel, rounded and    |
+|                 |                                      |                   | clipped to [0, 255]                             |
+| `uniform`       | NumPy                                | -                 | i.i.d. uniform integers in [0, 255]             |
 
-(1) camera, astronaut, coffee, chelsea, rocket, coins, stereo_motorcycle[0].
+(1) camera, astronaut, coffee, chelsea, rocket, coins, stereo_motorcycle[0];
+    camera and coins are gray.
 
 Seed: set `name` draws all its randomness from
 `np.random.default_rng([seed, zlib.crc32(name.encode())])` (`seed` = 0 by
-default), so a set depends only on `seed`, its name and `size`, never on which
-other sets are built with it. The bytes are identical across runs given the
-same NumPy, Pillow and scikit-learn / scikit-image data and, for `letters`,
-the same font files.
+default), so a set depends only on `seed`, its name, `size`, `side` and
+`channels`, never on which other sets are built with it; at 28x28 gray the
+bytes are those this module built before it took a size and channel count.
+The bytes are identical across runs given the same NumPy, Pillow and
+scikit-learn / scikit-image data and, for `letters`, the same font files.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import Callable, Iterable
 
@@ -41,29 +51,33 @@ import numpy as np
 import PIL.Image
 
 from line_jax.data import _glyphs
+from line_jax.data import _idx
 
 SIDE = 28
+# Where Debian's dataset-fashion-mnist puts the IDX files (as in
+# _fashion_mnist_local, which this module does not import: it loads TFDS).
+FASHION_MNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
 
-def _resize(image: np.ndarray, side: int = SIDE) -> np.ndarray:
-  """uint8 `[H, W]` -> uint8 `[side, side]`, antialiased bilinear (Pillow)."""
+def _resize(image: np.ndarray, side: int) -> np.ndarray:
+  """uint8 `[H, W]` or `[H, W, 3]` -> `[side, side(, 3)]`, antialiased bilinear."""
   return np.asarray(PIL.Image.fromarray(image).resize((side, side), PIL.Image.BILINEAR))
 
 
 def _random_crops(
-    sources: list[np.ndarray], n: int, rng: np.random.Generator, min_side: int,
-    max_side: int,
+    sources: list[np.ndarray], n: int, rng: np.random.Generator, side: int,
+    min_side: int, max_side: int,
 ) -> np.ndarray:
-  """`n` square crops from grayscale `sources`, each resized to 28x28."""
-  out = np.empty((n, SIDE, SIDE), np.uint8)
+  """`n` square crops from `sources` (`[H, W]` or `[H, W, 3]`), each resized to side."""
+  out = np.empty((n, side, side, *sources[0].shape[2:]), np.uint8)
   which = rng.integers(0, len(sources), n)
   for i in range(n):
     src = sources[which[i]]
-    h, w = src.shape
-    side = int(rng.integers(min_side, min(max_side, h, w) + 1))
-    top = int(rng.integers(0, h - side + 1))
-    left = int(rng.integers(0, w - side + 1))
-    out[i] = _resize(src[top:top + side, left:left + side])
+    h, w = src.shape[:2]
+    crop = int(rng.integers(min_side, min(max_side, h, w) + 1))
+    top = int(rng.integers(0, h - crop + 1))
+    left = int(rng.integers(0, w - crop + 1))
+    out[i] = _resize(np.ascontiguousarray(src[top:top + crop, left:left + crop]), side)
   return out
 
 
@@ -80,113 +94,159 @@ def _gray(image: np.ndarray) -> np.ndarray:
   return np.asarray(PIL.Image.fromarray(image[..., :3]).convert("L"))
 
 
-def _letters(n: int, rng: np.random.Generator) -> np.ndarray:
-  return _glyphs.letter_glyphs(n, rng, SIDE)
+def _rgb(image: np.ndarray) -> np.ndarray:
+  image = np.asarray(image)
+  if image.ndim == 2:
+    return np.repeat(image.astype(np.uint8)[..., None], 3, axis=-1)
+  return np.ascontiguousarray(image[..., :3]).astype(np.uint8)
 
 
-def _digits(n: int, rng: np.random.Generator) -> np.ndarray:
+# Each builder returns uint8 `[n, side, side]` (gray: channels are repeated
+# after) or `[n, side, side, channels]` (it handles colour itself).
+def _letters(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+  del channels  # Gray glyphs.
+  return _glyphs.letter_glyphs(n, rng, side)
+
+
+def _digits(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+  del channels
   from sklearn.datasets import load_digits  # Heavy import, only when asked.
 
   images = load_digits().images  # float64 [1797, 8, 8] in [0, 16].
   which = _draw_indices(len(images), n, rng)
   shifts = rng.integers(-2, 3, (n, 2))
-  out = np.zeros((n, SIDE, SIDE), np.uint8)
+  inner = round(side * 20 / 28)  # MNIST: a 20x20 digit in a 28x28 frame.
+  margin = (side - inner) // 2
+  out = np.zeros((n, side, side), np.uint8)
   for i in range(n):
     digit = np.round(images[which[i]] * (255 / 16)).astype(np.uint8)
-    top, left = 4 + shifts[i, 0], 4 + shifts[i, 1]
-    out[i, top:top + 20, left:left + 20] = _resize(digit, 20)
+    top, left = margin + shifts[i, 0], margin + shifts[i, 1]
+    out[i, top:top + inner, left:left + inner] = _resize(digit, inner)
   return out
 
 
-def _textures(n: int, rng: np.random.Generator) -> np.ndarray:
+def _textures(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+  del channels  # scikit-image's textures are gray.
   from skimage import data
 
   sources = [data.brick(), data.grass(), data.gravel()]
-  return _random_crops(sources, n, rng, min_side=28, max_side=160)
+  return _random_crops(sources, n, rng, side, min_side=side, max_side=160)
 
 
-def _photos(n: int, rng: np.random.Generator) -> np.ndarray:
+def _photos(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
   from skimage import data
 
-  sources = [_gray(f()) for f in (
-      data.camera, data.astronaut, data.coffee, data.chelsea, data.rocket,
-      data.coins)]
-  sources.append(_gray(data.stereo_motorcycle()[0]))
-  return _random_crops(sources, n, rng, min_side=48, max_side=512)
+  sources = [f() for f in (data.camera, data.astronaut, data.coffee, data.chelsea,
+                           data.rocket, data.coins)]
+  sources.append(data.stereo_motorcycle()[0])
+  convert = _gray if channels == 1 else _rgb
+  return _random_crops([convert(s) for s in sources], n, rng, side, min_side=48,
+                       max_side=512)
 
 
-def _faces(n: int, rng: np.random.Generator) -> np.ndarray:
+def _faces(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+  del channels
   from skimage import data
 
   faces = data.lfw_subset()[:100]  # The last 100 are non-faces.
   if faces.dtype != np.uint8:  # scikit-image 0.26 gives floats in [0, 1].
     faces = np.round(np.clip(faces, 0, 1) * 255).astype(np.uint8)
   which = _draw_indices(len(faces), n, rng)
-  out = np.empty((n, SIDE, SIDE), np.uint8)
+  out = np.empty((n, side, side), np.uint8)
   for i in range(n):
-    side = int(rng.integers(21, 26))
-    top, left = rng.integers(0, 26 - side, 2)
-    crop = faces[which[i], top:top + side, left:left + side]
+    crop = int(rng.integers(21, 26))
+    top, left = rng.integers(0, 26 - crop, 2)
+    image = faces[which[i], top:top + crop, left:left + crop]
     if rng.random() < 0.5:
-      crop = crop[:, ::-1]
-    out[i] = _resize(np.ascontiguousarray(crop))
+      image = image[:, ::-1]
+    out[i] = _resize(np.ascontiguousarray(image), side)
   return out
 
 
-def _gaussian(n: int, rng: np.random.Generator) -> np.ndarray:
-  noise = rng.normal(127.5, 64.0, (n, SIDE, SIDE))
-  return np.clip(np.round(noise), 0, 255).astype(np.uint8)
+def _fashion_mnist(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+  del channels
+  if not os.path.isfile(FASHION_MNIST_TEST):
+    raise FileNotFoundError(
+        f"{FASHION_MNIST_TEST} not found: install Debian's dataset-fashion-mnist "
+        "(apt-get install -y dataset-fashion-mnist)")
+  images = _idx.read_idx(FASHION_MNIST_TEST)  # uint8 [10000, 28, 28].
+  which = _draw_indices(len(images), n, rng)
+  if side == images.shape[1]:
+    return images[which]
+  return np.stack([_resize(images[i], side) for i in which])
 
 
-def _uniform(n: int, rng: np.random.Generator) -> np.ndarray:
-  return rng.integers(0, 256, (n, SIDE, SIDE), dtype=np.uint8)
+def _gaussian(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+  shape = (n, side, side) if channels == 1 else (n, side, side, channels)
+  return np.clip(np.round(rng.normal(127.5, 64.0, shape)), 0, 255).astype(np.uint8)
 
 
-_BUILDERS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
+def _uniform(n: int, rng: np.random.Generator, side: int, channels: int) -> np.ndarray:
+  shape = (n, side, side) if channels == 1 else (n, side, side, channels)
+  return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+_BUILDERS: dict[str, Callable[[int, np.random.Generator, int, int], np.ndarray]] = {
     "letters": _letters,
     "digits": _digits,
     "textures": _textures,
     "photos": _photos,
     "faces": _faces,
+    "fashion_mnist": _fashion_mnist,
     "gaussian": _gaussian,
     "uniform": _uniform,
 }
 
-OOD_SET_NAMES = tuple(_BUILDERS)
+# The default Fashion-MNIST benchmark's sets (Fashion-MNIST is its ID data).
+OOD_SET_NAMES = tuple(name for name in _BUILDERS if name != "fashion_mnist")
+# Every set this module builds.
+ALL_SET_NAMES = tuple(_BUILDERS)
 
 
-def ood_set(name: str, size: int = 2000, seed: int = 0) -> np.ndarray:
-  """Builds one embedded OOD set (see the module docstring for each).
+def ood_set(name: str, size: int = 2000, seed: int = 0, *, side: int = SIDE,
+            channels: int = 1) -> np.ndarray:
+  """Builds one offline OOD set (see the module docstring for each).
 
   Args:
-    name: one of `OOD_SET_NAMES`.
+    name: one of `ALL_SET_NAMES`.
     size: number of images.
     seed: base seed; the set's stream is `default_rng([seed, crc32(name)])`.
+    side: image side in pixels (28 for Fashion-MNIST, 32 for CIFAR).
+    channels: 1 (gray) or 3 (RGB).
 
   Returns:
-    uint8 `[size, 28, 28, 1]`.
+    uint8 `[size, side, side, channels]`.
   """
   if name not in _BUILDERS:
     raise ValueError(
-        f"unknown embedded OOD set {name!r}; known: {', '.join(OOD_SET_NAMES)}")
+        f"unknown embedded OOD set {name!r}; known: {', '.join(ALL_SET_NAMES)}")
   if size < 1:
     raise ValueError(f"size must be >= 1, got {size}")
+  if channels not in (1, 3):
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
+  if side < 16:  # The digit frame and glyph sizes need room.
+    raise ValueError(f"side must be >= 16, got {side}")
   rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-  return _BUILDERS[name](size, rng)[..., None]
+  images = _BUILDERS[name](size, rng, side, channels)
+  if images.ndim == 3:
+    images = np.repeat(images[..., None], channels, axis=-1)
+  return images
 
 
 def ood_sets(
-    names: Iterable[str] | None = None, size: int = 2000, seed: int = 0
+    names: Iterable[str] | None = None, size: int = 2000, seed: int = 0, *,
+    side: int = SIDE, channels: int = 1,
 ) -> dict[str, np.ndarray]:
-  """Builds several embedded OOD sets; all of them by default.
+  """Builds several offline OOD sets; `OOD_SET_NAMES` by default.
 
   Args:
-    names: subset of `OOD_SET_NAMES`; None means all, in that order.
+    names: subset of `ALL_SET_NAMES`; None means `OOD_SET_NAMES`, in order.
     size: number of images per set.
     seed: base seed (each set derives its own stream from it and its name).
+    side, channels: image shape, as in `ood_set`.
 
   Returns:
-    `{name: uint8 [size, 28, 28, 1]}`.
+    `{name: uint8 [size, side, side, channels]}`.
   """
   names = OOD_SET_NAMES if names is None else tuple(names)
-  return {name: ood_set(name, size, seed) for name in names}
+  return {name: ood_set(name, size, seed, side=side, channels=channels) for name in names}
