@@ -91,10 +91,8 @@ def test_tuning_grids_ask_for_float32_products(problem, method):
 
 def test_vim_fitting_products_ask_for_float32(problem):
   features, labels, kernel, bias, _ = problem
-  origin = _vim._origin(kernel, bias)
-  residual = np.linalg.qr(np.random.default_rng(2).normal(size=(kernel.shape[0], 4)))[0]
-  residual = residual.astype(np.float32)
-  with jax.enable_x64(True):  # as `_vim.fit` runs it: a float32 product, a float64 scatter
-    scatter = _traced(_vim._scatter, features, origin, kernel, bias)
-  norms = _traced(_vim._residual_norms, features, origin, residual)
-  assert scatter == [HIGHEST] and norms == [HIGHEST]
+  acc = _vim.init(kernel, bias, dim=4)
+  with jax.enable_x64(True):  # as `_vim.update` runs them: float32 products, float64 sums
+    first = _traced(_vim._first, acc, features)
+    second = _traced(_vim._second, acc.replace(second=True), features)
+  assert first == [HIGHEST] and second == [HIGHEST]

@@ -30,62 +30,20 @@ PERCENTILE_B = 65.0
 PERCENTILE_S = 90.0
 
 
-def _fit(features, labels, kernel, bias, percentile) -> _shaping.ShapingState:
-  _common.check_train(features, labels, kernel, bias)
-  return _shaping.shaping_state(kernel, bias, percentile, features.shape[1])
+FOLD_P = _shaping.fold(PERCENTILE_P)
+FOLD_B = _shaping.fold(PERCENTILE_B)
+FOLD_S = _shaping.fold(PERCENTILE_S)
 
 
-def _fit_from_batches(batches, kernel, bias, percentile) -> _shaping.ShapingState:
-  del batches  # ASH estimates nothing from data.
-  num_features, _ = _common.check_head(kernel, bias)
-  return _shaping.shaping_state(kernel, bias, percentile, num_features)
+def shape(features: jax.Array, k, variant: str) -> jax.Array:
+  """ASH-`variant` keeping the `k` largest of `[batch, features]` float32 rows.
 
-
-def fit_p(features, labels, kernel, bias, *, percentile=PERCENTILE_P) -> _shaping.ShapingState:
-  """ASH-P: checks the inputs, keeps the head and the percentile.
-
-  Args:
-    features: `[n, features]` training activations (only validated).
-    labels: `[n]` integer labels or None (only validated).
-    kernel: `[features, classes]` head kernel (Flax layout).
-    bias: `[classes]` head bias or None.
-    percentile: in [0, 100]; share of each sample's activations to prune.
+  `k` (from `_shaping.kept_count`) is an int or a traced int32 scalar.
   """
-  return _fit(features, labels, kernel, bias, percentile)
-
-
-def fit_b(features, labels, kernel, bias, *, percentile=PERCENTILE_B) -> _shaping.ShapingState:
-  """ASH-B; arguments as in `fit_p`."""
-  return _fit(features, labels, kernel, bias, percentile)
-
-
-def fit_s(features, labels, kernel, bias, *, percentile=PERCENTILE_S) -> _shaping.ShapingState:
-  """ASH-S; arguments as in `fit_p`."""
-  return _fit(features, labels, kernel, bias, percentile)
-
-
-def fit_p_from_batches(batches, kernel, bias, *, percentile=PERCENTILE_P) -> _shaping.ShapingState:
-  """`fit_p` without data (ASH fits nothing); the batches are not read."""
-  return _fit_from_batches(batches, kernel, bias, percentile)
-
-
-def fit_b_from_batches(batches, kernel, bias, *, percentile=PERCENTILE_B) -> _shaping.ShapingState:
-  """`fit_b` without data; the batches are not read."""
-  return _fit_from_batches(batches, kernel, bias, percentile)
-
-
-def fit_s_from_batches(batches, kernel, bias, *, percentile=PERCENTILE_S) -> _shaping.ShapingState:
-  """`fit_s` without data; the batches are not read."""
-  return _fit_from_batches(batches, kernel, bias, percentile)
-
-
-def shape(features: jax.Array, percentile: float, variant: str) -> jax.Array:
-  """ASH-`variant` applied to `[batch, features]` float32 activations."""
-  k = _shaping.kept_count(features.shape[1], percentile)
   mask = _shaping.top_k_mask(features, k)
   before = jnp.sum(features, axis=1, keepdims=True)
   if variant == "b":
-    return jnp.where(mask, before / k, 0.0)
+    return jnp.where(mask, before / jnp.asarray(k, jnp.float32), 0.0)
   pruned = jnp.where(mask, features, 0.0)
   if variant == "p":
     return pruned
@@ -99,7 +57,7 @@ def shape(features: jax.Array, percentile: float, variant: str) -> jax.Array:
 def _score(state: _shaping.ShapingState, features: jax.Array, *, variant: str) -> jax.Array:
   """`[batch]` energies of the shaped features; higher = more ID."""
   _common.check_width(features, state.weight.shape[1])
-  shaped = shape(features.astype(jnp.float32), state.percentile, variant)
+  shaped = shape(features.astype(jnp.float32), state.kept, variant)
   return _common.head_energy(state, shaped)
 
 

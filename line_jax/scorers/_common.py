@@ -48,22 +48,12 @@ def head_state(kernel, bias) -> HeadState:
   return HeadState(weight=kernel.T, bias=jnp.asarray(bias, jnp.float32))
 
 
-def fit_head(features, labels, kernel, bias) -> HeadState:
-  """`fit` of a scorer that learns nothing: checks the inputs, keeps the head.
+def make_head(kernel, bias) -> HeadState:
+  """Checks a `[features, classes]` kernel and bias (or None); the `HeadState`.
 
-  Args:
-    features: `[n, features]` training activations (only validated).
-    labels: `[n]` integer labels or None (only validated).
-    kernel: `[features, classes]` head kernel (Flax layout).
-    bias: `[classes]` head bias or None.
+  The whole fit of a scorer that learns nothing from data (MSP, MaxLogit,
+  Energy, GradNorm): its accumulator is its state.
   """
-  check_train(features, labels, kernel, bias)
-  return head_state(kernel, bias)
-
-
-def fit_head_from_batches(batches, kernel, bias) -> HeadState:
-  """`fit_from_batches` of a scorer that learns nothing; batches are not read."""
-  del batches  # Nothing to estimate from data.
   check_head(kernel, bias)
   return head_state(kernel, bias)
 

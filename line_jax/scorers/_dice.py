@@ -21,6 +21,7 @@ import numpy as np
 
 from line_jax import _validation
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 
 SPARSITY = 70.0
 
@@ -38,74 +39,62 @@ class DiceState(_common.HeadState):
 
 
 @flax.struct.dataclass
-class MeanSums:
-  """Running sum of features (streaming state of the training mean).
+class DiceAcc:
+  """DICE's accumulator: the head and the running sum of features.
 
   Attributes:
-    sums: `[features]` float64.
+    head: the `HeadState` to sparsify.
+    sums: `[features]` float64 sum of the training features.
     count: int64 scalar, samples seen.
+    p: static sparsity percentile.
   """
 
+  head: _common.HeadState
   sums: jax.Array
   count: jax.Array
+  p: float = flax.struct.field(pytree_node=False)
 
 
-def init_sums(num_features: int) -> MeanSums:
+def init(kernel, bias, *, p=SPARSITY) -> DiceAcc:
+  """Starts DICE's fit.
+
+  Args:
+    kernel: `[features, classes]` head kernel (Flax layout).
+    bias: `[classes]` head bias or None.
+    p: sparsity percentile in [0, 100].
+  """
+  num_features, _ = _common.check_head(kernel, bias)
+  p = _validation.percentile("p", p)
   with jax.enable_x64(True):
-    return MeanSums(jnp.zeros((num_features,), jnp.float64), jnp.zeros((), jnp.int64))
+    return DiceAcc(_common.head_state(kernel, bias),
+                   jnp.zeros((num_features,), jnp.float64), jnp.zeros((), jnp.int64), p)
 
 
 @jax.jit
-def _add(acc: MeanSums, features: jax.Array) -> MeanSums:
+def _add(acc: DiceAcc, features: jax.Array) -> DiceAcc:
   total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
-  return MeanSums(acc.sums + total, acc.count + features.shape[0])
+  return acc.replace(sums=acc.sums + total, count=acc.count + features.shape[0])
 
 
-def update_sums(acc: MeanSums, features) -> MeanSums:
-  """Adds a validated `[batch, features]` batch to the running sums."""
+def update(acc: DiceAcc, features, labels) -> DiceAcc:
+  """Adds a `[batch, features]` batch to the running sums."""
+  del labels
   with jax.enable_x64(True):
     return _add(acc, features)
 
 
-def fit(features, labels, kernel, bias, *, p=SPARSITY) -> DiceState:
-  """Fits DICE's weight mask from training features.
-
-  Args:
-    features: `[n, features]` training activations.
-    labels: `[n]` integer labels or None (not used, validated if given).
-    kernel: `[features, classes]` head kernel (Flax layout).
-    bias: `[classes]` head bias or None.
-    p: sparsity percentile in [0, 100].
-
-  Returns:
-    A `DiceState`.
-  """
-  _common.check_train(features, labels, kernel, bias)
-  p = _validation.percentile("p", p)
-  acc = update_sums(init_sums(features.shape[1]), features)
-  return _state(acc, kernel, bias, p)
-
-
-def fit_from_batches(batches, kernel, bias, *, p=SPARSITY) -> DiceState:
-  """`fit` over an iterable of `(features, labels)` batches, one pass."""
-  num_features, num_classes = _common.check_head(kernel, bias)
-  p = _validation.percentile("p", p)
-  acc = init_sums(num_features)
-  for features, labels in _common.batches_of(batches):
-    _common.check_batch(features, labels, num_features, num_classes)
-    acc = update_sums(acc, features)
-  if int(acc.count) == 0:
-    raise _common.no_batches()
-  return _state(acc, kernel, bias, p)
-
-
-def _state(acc: MeanSums, kernel, bias, p: float) -> DiceState:
+def finalize(acc: DiceAcc) -> DiceState:
+  """The sparsified head: keep `kernel[j, c]` iff `mean[j] kernel[j, c]` is
+  above the p-th percentile of all of them."""
   mean = np.asarray(acc.sums) / int(acc.count)
-  head = _common.head_state(kernel, bias)
-  contrib = mean[:, None] * np.asarray(head.kernel, np.float64)
+  contrib = mean[:, None] * np.asarray(acc.head.kernel, np.float64)
   # A percentile of features x classes values, once per fit: NumPy on the host.
-  keep = contrib > np.percentile(contrib, p)
-  return DiceState(jnp.where(jnp.asarray(keep).T, head.weight, 0.0), head.bias)
+  keep = contrib > np.percentile(contrib, acc.p)
+  return DiceState(jnp.where(jnp.asarray(keep).T, acc.head.weight, 0.0), acc.head.bias)
+
+
+FOLD = _protocol.Fold(init=init, update=update, finalize=finalize,
+                      merge=_protocol.add_fields("sums", "count"))
 
 
 # Energy under the sparsified head: the same scorer as Energy, over DiceState.

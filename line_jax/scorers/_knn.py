@@ -38,6 +38,7 @@ import numpy as np
 
 from line_jax import _validation
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 from line_jax.scorers import _select
 
 K = 1000
@@ -90,63 +91,79 @@ def _kept(start: int, count: int, fraction: float, seed: int) -> np.ndarray:
   return np.asarray(u < fraction)
 
 
-def fit(features, labels, kernel, bias, *, k=K, bank_fraction=1.0, seed=0,
-        block_rows=BLOCK_ROWS) -> KnnState:
-  """Builds the bank of normalised training features.
+@flax.struct.dataclass
+class KnnAcc:
+  """KNN's accumulator: the kept normalised training rows so far.
+
+  Attributes:
+    rows: `[kept, features]` float32 normalised rows (host memory).
+    seen: int64 scalar, training samples read (the subsample's counter).
+    k, bank_fraction, seed, block_rows: static hyperparameters.
+  """
+
+  rows: np.ndarray
+  seen: np.ndarray
+  k: int = flax.struct.field(pytree_node=False)
+  bank_fraction: float = flax.struct.field(pytree_node=False)
+  seed: int = flax.struct.field(pytree_node=False)
+  block_rows: int = flax.struct.field(pytree_node=False)
+
+
+def init(kernel, bias, *, k=K, bank_fraction=1.0, seed=0, block_rows=BLOCK_ROWS) -> KnnAcc:
+  """Starts the bank of normalised training features.
 
   Args:
-    features: `[n, features]` training activations.
-    labels: `[n]` integer labels or None (not used, validated if given).
-    kernel: `[features, classes]` head kernel (validated only).
+    kernel: `[features, classes]` head kernel (validated; fixes the width).
     bias: `[classes]` head bias or None (validated only).
     k: neighbour rank, at least 1 and at most the bank size.
     bank_fraction: share of training samples kept in the bank, in (0, 1].
     seed: seed of the subsample.
     block_rows: bank rows per block of a score call (memory vs. speed).
-
-  Returns:
-    A `KnnState`.
   """
-  _common.check_train(features, labels, kernel, bias)
-  hparams = _hparams(k, bank_fraction, seed, block_rows)
-  return fit_from_batches([(features, labels)], kernel, bias, k=hparams[0],
-                          bank_fraction=hparams[1], seed=hparams[2], block_rows=hparams[3])
-
-
-def fit_from_batches(batches, kernel, bias, *, k=K, bank_fraction=1.0, seed=0,
-                     block_rows=BLOCK_ROWS) -> KnnState:
-  """`fit` over an iterable of `(features, labels)` batches, one pass.
-
-  Only the kept (normalised) rows are held, on the host, until the bank is
-  moved to the device in one piece; the full training set never is.
-  """
-  num_features, num_classes = _common.check_head(kernel, bias)
+  num_features, _ = _common.check_head(kernel, bias)
   k, fraction, seed, block_rows = _hparams(k, bank_fraction, seed, block_rows)
-  rows, seen = [], 0
-  for features, labels in _common.batches_of(batches):
-    _common.check_batch(features, labels, num_features, num_classes)
-    keep = _kept(seen, features.shape[0], fraction, seed)
-    seen += features.shape[0]
-    if keep.any():
-      rows.append(np.asarray(_normalise(features))[keep])
-  if not seen:
-    raise _common.no_batches()
-  size = sum(r.shape[0] for r in rows)
-  if size < k:
+  return KnnAcc(np.zeros((0, num_features), np.float32), np.zeros((), np.int64),
+                k, fraction, seed, block_rows)
+
+
+def update(acc: KnnAcc, features, labels) -> KnnAcc:
+  """Keeps the subsampled, normalised rows of a `[batch, features]` batch.
+
+  Only kept rows are held, on the host, until `finalize` moves the bank to
+  the device in one piece; the full training set never is.
+  """
+  del labels
+  n = int(np.shape(features)[0])
+  keep = _kept(int(acc.seen), n, acc.bank_fraction, acc.seed)
+  rows = acc.rows
+  if keep.any():
+    rows = np.concatenate([rows, np.asarray(_normalise(features))[keep]])
+  return acc.replace(rows=rows, seen=np.asarray(int(acc.seen) + n, np.int64))
+
+
+def merge(a: KnnAcc, b: KnnAcc) -> KnnAcc:
+  """`a`'s rows, then `b`'s (the bank of `a`'s samples followed by `b`'s)."""
+  return a.replace(rows=np.concatenate([a.rows, b.rows]),
+                   seen=np.asarray(int(a.seen) + int(b.seen), np.int64))
+
+
+def finalize(acc: KnnAcc) -> KnnState:
+  """The bank on the device, `[blocks, block_rows, features]`."""
+  size, num_features = acc.rows.shape
+  if size < acc.k:
     raise ValueError(
-        f"k = {k} needs at least {k} bank rows, but the bank has {size} "
-        f"({seen} training samples, bank_fraction {fraction})"
+        f"k = {acc.k} needs at least {acc.k} bank rows, but the bank has {size} "
+        f"({int(acc.seen)} training samples, bank_fraction {acc.bank_fraction})"
     )
-  block_rows = min(block_rows, size)
+  block_rows = min(acc.block_rows, size)
   blocks = -(-size // block_rows)
   bank = np.zeros((blocks * block_rows, num_features), np.float32)
-  start = 0
-  while rows:  # Release each piece once copied: peak host memory ~ 2 banks.
-    piece = rows.pop(0)
-    bank[start : start + piece.shape[0]] = piece
-    start += piece.shape[0]
+  bank[:size] = acc.rows
   bank = jnp.asarray(bank.reshape(blocks, block_rows, num_features))
-  return KnnState(bank, jnp.sum(bank * bank, axis=-1), size, k)
+  return KnnState(bank, jnp.sum(bank * bank, axis=-1), size, acc.k)
+
+
+FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge)
 
 
 def _affinity(z: jax.Array, block: jax.Array, sq_norms: jax.Array) -> jax.Array:

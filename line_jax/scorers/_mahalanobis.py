@@ -24,10 +24,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from line_jax import _validation
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 
 # Expanded quadratic forms cancel; TF32 or bf16 passes on accelerators would
 # cost digits that the distances need.
@@ -69,6 +69,12 @@ class MahalanobisState:
   mean_norms: jax.Array
 
 
+def init(kernel, bias) -> ClassMoments:
+  """Empty moments for the head's classes and features (head validated only)."""
+  num_features, num_classes = _common.check_head(kernel, bias)
+  return init_moments(num_classes, num_features)
+
+
 def init_moments(num_classes: int, num_features: int) -> ClassMoments:
   with jax.enable_x64(True):
     return ClassMoments(
@@ -78,59 +84,43 @@ def init_moments(num_classes: int, num_features: int) -> ClassMoments:
     )
 
 
-@jax.jit
-def _merge(acc: ClassMoments, features: jax.Array, labels: jax.Array) -> ClassMoments:
-  num_classes = acc.counts.shape[0]
-  x = features.astype(jnp.float32).astype(jnp.float64)
-  batch_counts = jnp.bincount(labels, length=num_classes).astype(jnp.int64)
-  sums = jax.ops.segment_sum(x, labels, num_classes)
-  safe = jnp.maximum(batch_counts, 1).astype(jnp.float64)[:, None]
-  batch_means = sums / safe
-  centred = x - batch_means[labels]
-  counts = acc.counts + batch_counts
-  total = jnp.maximum(counts, 1).astype(jnp.float64)
+def _chan(acc: ClassMoments, batch_counts, batch_means, batch_scatter) -> ClassMoments:
   # Chan et al.: merging two groups of one class adds, besides each group's
   # own scatter, n_a n_b / n (mean_b - mean_a)(mean_b - mean_a)^T.
+  counts = acc.counts + batch_counts
+  total = jnp.maximum(counts, 1).astype(jnp.float64)
   delta = batch_means - acc.means
   weight = acc.counts.astype(jnp.float64) * batch_counts / total
-  scatter = (acc.scatter + centred.T @ centred + (delta.T * weight) @ delta)
+  scatter = acc.scatter + batch_scatter + (delta.T * weight) @ delta
   means = acc.means + delta * (batch_counts / total)[:, None]
   return ClassMoments(counts=counts, means=means, scatter=scatter)
 
 
-def update_moments(acc: ClassMoments, features, labels) -> ClassMoments:
+@jax.jit
+def _merge_batch(acc: ClassMoments, features: jax.Array, labels: jax.Array) -> ClassMoments:
+  num_classes = acc.counts.shape[0]
+  x = features.astype(jnp.float32).astype(jnp.float64)
+  batch_counts = jnp.bincount(labels, length=num_classes).astype(jnp.int64)
+  sums = jax.ops.segment_sum(x, labels, num_classes)
+  batch_means = sums / jnp.maximum(batch_counts, 1).astype(jnp.float64)[:, None]
+  centred = x - batch_means[labels]
+  return _chan(acc, batch_counts, batch_means, centred.T @ centred)
+
+
+def update(acc: ClassMoments, features, labels) -> ClassMoments:
   """Adds a validated batch (`[batch, features]`, `[batch]` labels)."""
   with jax.enable_x64(True):
-    return _merge(acc, features, labels)
+    return _merge_batch(acc, features, labels)
 
 
-def fit(features, labels, kernel, bias) -> MahalanobisState:
-  """Fits class means and the tied covariance on training features.
-
-  Args:
-    features: `[n, features]` training activations.
-    labels: `[n]` integer labels in `[0, classes)`; every class needs a sample.
-    kernel: `[features, classes]` head kernel (validated; fixes the classes).
-    bias: `[classes]` head bias or None (validated only).
-
-  Returns:
-    A `MahalanobisState`.
-  """
-  num_classes = _common.check_train(features, labels, kernel, bias, needs_labels=True)
-  acc = update_moments(init_moments(num_classes, features.shape[1]), features, labels)
-  return from_moments(acc)
+update_moments = update
+_merge_moments = jax.jit(_chan)
 
 
-def fit_from_batches(batches, kernel, bias) -> MahalanobisState:
-  """`fit` over an iterable of `(features, labels)` batches, one pass."""
-  num_features, num_classes = _common.check_head(kernel, bias)
-  acc = init_moments(num_classes, num_features)
-  for features, labels in _common.batches_of(batches):
-    _common.check_batch(features, labels, num_features, num_classes, needs_labels=True)
-    acc = update_moments(acc, features, labels)
-  if not np.asarray(acc.counts).any():
-    raise _common.no_batches()
-  return from_moments(acc)
+def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
+  """The moments of the union of the samples `a` and `b` saw (Chan et al.)."""
+  with jax.enable_x64(True):
+    return _merge_moments(a, b.counts, b.means, b.scatter)
 
 
 def from_moments(acc: ClassMoments) -> MahalanobisState:
@@ -148,6 +138,10 @@ def from_moments(acc: ClassMoments) -> MahalanobisState:
       precision=precision.astype(jnp.float32),
       mean_norms=norms.astype(jnp.float32),
   )
+
+
+FOLD = _protocol.Fold(init=init, update=update, finalize=from_moments, merge=merge,
+                      needs_labels=True)
 
 
 @jax.jit

@@ -9,9 +9,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 
-fit = _common.fit_head
-fit_from_batches = _common.fit_head_from_batches
+FOLD = _protocol.head_fold(_common.make_head)
 
 
 score = _common.logit_scorer(jnp.max, "`[batch]` largest logits; higher = more ID.")

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 
-fit = _common.fit_head
-fit_from_batches = _common.fit_head_from_batches
+FOLD = _protocol.head_fold(_common.make_head)
 
 
 def _max_softmax(z: jax.Array, axis: int) -> jax.Array:

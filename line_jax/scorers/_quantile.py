@@ -11,12 +11,15 @@ once. Each float32 maps to a 32-bit key with the same order, so:
 The two histograms pin both order statistics down exactly, and NumPy's own
 float64 interpolation between them gives `np.percentile(all_values, p)` with
 no approximation. Memory is two histograms; work is two passes over the data.
+The histograms are an accumulator (`init`, `update`, `next_pass`, `merge`,
+`value`), so a scorer's fold carries them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,25 +36,102 @@ def _from_key(key: int) -> float:
   return float(_select.from_key(jnp.uint32(key)))
 
 
-@jax.jit
-def _high_counts(x: jax.Array) -> jax.Array:
-  high = (_select.to_key(x).ravel() >> _BITS).astype(jnp.int32)
-  return jnp.bincount(high, length=_BINS)
-
-
-@jax.jit
-def _low_counts(x: jax.Array, high: jax.Array) -> jax.Array:
-  keys = _select.to_key(x).ravel()
-  low = jnp.where(keys >> _BITS == high, keys & _LOW, _BINS).astype(jnp.int32)
-  # Keys outside the bin land in an extra bin that is dropped.
-  return jnp.bincount(low, length=_BINS + 1)[:_BINS]
-
-
 def _locate(counts: np.ndarray, rank: int) -> tuple[int, int]:
   """Bin holding the `rank`-th smallest value (0-based), and its rank inside."""
   cumulative = np.cumsum(counts)
   index = int(np.searchsorted(cumulative, rank, side="right"))
   return index, rank - (int(cumulative[index - 1]) if index else 0)
+
+
+@flax.struct.dataclass
+class Histograms:
+  """Streaming state of an exact percentile (an accumulator).
+
+  Attributes:
+    high: `[65536]` int64 counts of the values' keys by their top 16 bits.
+    low: `[2, 65536]` int64 counts by the low 16 bits, inside `bins` only
+      (second pass).
+    bins: `[2]` int32, the top-16-bit bins holding the two order statistics
+      NumPy interpolates between; -1 during the first pass.
+    percentile: static, in [0, 100].
+  """
+
+  high: jax.Array
+  low: jax.Array
+  bins: jax.Array
+  percentile: float = flax.struct.field(pytree_node=False)
+
+
+def init(percentile: float) -> Histograms:
+  """Empty histograms for the `percentile` (already validated) of a stream."""
+  with jax.enable_x64(True):
+    return Histograms(high=jnp.zeros((_BINS,), jnp.int64),
+                      low=jnp.zeros((2, _BINS), jnp.int64),
+                      bins=jnp.full((2,), -1, jnp.int32), percentile=percentile)
+
+
+@jax.jit
+def _add(acc: Histograms, x: jax.Array) -> Histograms:
+  keys = _select.to_key(x.astype(jnp.float32)).ravel()
+  high = (keys >> _BITS).astype(jnp.int32)
+  first_pass = acc.bins[0] < 0
+
+  def add_high(acc):
+    return acc.replace(high=acc.high + jnp.bincount(high, length=_BINS).astype(jnp.int64))
+
+  def add_low(acc):
+    def one(b):
+      # Keys outside bin b land in an extra bin that is dropped.
+      low = jnp.where(high == b, keys & _LOW, _BINS).astype(jnp.int32)
+      return jnp.bincount(low, length=_BINS + 1)[:_BINS].astype(jnp.int64)
+    return acc.replace(low=acc.low + jax.vmap(one)(acc.bins))
+
+  return jax.lax.cond(first_pass, add_high, add_low, acc)
+
+
+def update(acc: Histograms, x) -> Histograms:
+  """Counts the float values of `x` (any shape, read as float32)."""
+  with jax.enable_x64(True):
+    return _add(acc, jnp.asarray(x))
+
+
+def _ranks(acc: Histograms) -> tuple[int, int, float]:
+  total = int(np.asarray(acc.high).sum())
+  if total == 0:
+    raise ValueError("batches is empty: no value to take a percentile of")
+  return _percentile.numpy_position(total, acc.percentile)
+
+
+def next_pass(acc: Histograms) -> Histograms:
+  """After the first pass: which bins the second pass must resolve."""
+  previous, following, _ = _ranks(acc)
+  high = np.asarray(acc.high)
+  bins = [_locate(high, rank)[0] for rank in (previous, following)]
+  return acc.replace(bins=jnp.asarray(bins, jnp.int32))
+
+
+def merge(a: Histograms, b: Histograms) -> Histograms:
+  """Histograms of two disjoint parts of a pass, each started from the same
+  accumulator: the current pass's counts add, the earlier pass's are `a`'s."""
+  if int(np.asarray(a.bins)[0]) < 0:
+    return a.replace(high=a.high + b.high)
+  return a.replace(low=a.low + b.low)
+
+
+def value(acc: Histograms) -> float:
+  """The float64 percentile, after both passes: NumPy's `np.percentile`."""
+  previous, following, gamma = _ranks(acc)
+  high, low = np.asarray(acc.high), np.asarray(acc.low)
+  total_low = [int(low[i].sum()) for i in range(2)]
+  if int(np.asarray(acc.bins)[0]) < 0 or not any(total_low):
+    raise ValueError("the second pass over the batches saw no value")
+
+  def stat(rank: int, row: int) -> float:
+    b, inside = _locate(high, rank)
+    key_low, _ = _locate(low[row], inside)
+    return _from_key((b << _BITS) | key_low)
+
+  return float(_percentile.numpy_lerp(stat(previous, 0), stat(following, 1), gamma))
 
 
 def percentile_from_batches(
@@ -72,31 +152,18 @@ def percentile_from_batches(
   Raises:
     ValueError: if there is no value, or the second pass differs in size.
   """
-  high = np.zeros(_BINS, np.int64)
+  acc = init(p)
   for x in batches():
-    high += np.asarray(_high_counts(x), np.int64)
-  total = int(high.sum())
-  if total == 0:
-    raise ValueError("batches is empty: no value to take a percentile of")
-  previous, following, gamma = _percentile.numpy_position(total, p)
-
-  wanted = {rank: _locate(high, rank) for rank in (previous, following)}
-  bins = sorted({b for b, _ in wanted.values()})
-  low = {b: np.zeros(_BINS, np.int64) for b in bins}
+    acc = update(acc, x)
+  acc = next_pass(acc)
+  first = int(np.asarray(acc.high).sum())
   seen = 0
   for x in batches():
-    seen += int(np.prod(x.shape))
-    for b in bins:
-      low[b] += np.asarray(_low_counts(x, jnp.uint32(b)), np.int64)
-  if seen != total:
+    seen += int(np.prod(np.shape(x)))
+    acc = update(acc, x)
+  if seen != first:
     raise ValueError(
         f"the second pass over the batches saw {seen} values, the first "
-        f"{total}: batches must yield the same data each time"
+        f"{first}: batches must yield the same data each time"
     )
-
-  def value(rank: int) -> float:
-    b, inside = wanted[rank]
-    key_low, _ = _locate(low[b], inside)
-    return _from_key((b << _BITS) | key_low)
-
-  return float(_percentile.numpy_lerp(value(previous), value(following), gamma))
+  return value(acc)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from line_jax import _validation
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 from line_jax.scorers import _quantile
 
 PERCENTILE = 90.0
@@ -34,57 +35,47 @@ class ReactState(_common.HeadState):
   threshold: jax.Array
 
 
-def fit(features, labels, kernel, bias, *, percentile=PERCENTILE) -> ReactState:
-  """Fits the clipping threshold on training features (exact percentile).
+@flax.struct.dataclass
+class ReactAcc:
+  """ReAct's accumulator: the head and the histograms of every activation."""
+
+  head: _common.HeadState
+  histograms: _quantile.Histograms
+
+
+def init(kernel, bias, *, percentile=PERCENTILE) -> ReactAcc:
+  """Starts the fit of the clipping threshold.
 
   Args:
-    features: `[n, features]` training activations.
-    labels: `[n]` integer labels or None (not used, validated if given).
     kernel: `[features, classes]` head kernel (Flax layout).
     bias: `[classes]` head bias or None.
     percentile: in [0, 100]; 100 clips at the largest activation (Energy).
-
-  Returns:
-    A `ReactState`.
   """
-  _common.check_train(features, labels, kernel, bias)
+  _common.check_head(kernel, bias)
   p = _validation.percentile("percentile", percentile)
-  return _state(kernel, bias, _quantile.percentile_from_batches(lambda: [features], p))
+  return ReactAcc(_common.head_state(kernel, bias), _quantile.init(p))
 
 
-def fit_from_batches(batches, kernel, bias, *, percentile=PERCENTILE) -> ReactState:
-  """`fit` over `(features, labels)` batches, in two passes, still exact.
-
-  The threshold is the exact `np.percentile` of every training activation,
-  found with two 65,536-bin histograms of float32 bit patterns (see
-  `_quantile`): memory stays O(1) in the number of samples, and the batches
-  are read twice, so they must be a re-iterable (a list, a dataset object),
-  not a generator.
-  """
-  num_features, num_classes = _common.check_head(kernel, bias)
-  p = _validation.percentile("percentile", percentile)
-  batches = _common.batches_of(batches, passes=2)
-  checked = []
-
-  def features_only():
-    for i, (features, labels) in enumerate(batches):
-      if i == len(checked):  # Validate on the first pass only.
-        _common.check_batch(features, labels, num_features, num_classes)
-        checked.append(True)
-      yield features
-
-  try:
-    threshold = _quantile.percentile_from_batches(features_only, p)
-  except ValueError as e:
-    if not checked:
-      raise _common.no_batches() from e
-    raise
-  return _state(kernel, bias, threshold)
+def update(acc: ReactAcc, features, labels) -> ReactAcc:
+  """Counts every activation of a `[batch, features]` batch."""
+  del labels
+  return acc.replace(histograms=_quantile.update(acc.histograms, features))
 
 
-def _state(kernel, bias, threshold: float) -> ReactState:
-  head = _common.head_state(kernel, bias)
-  return ReactState(head.weight, head.bias, jnp.asarray(threshold, jnp.float32))
+def finalize(acc: ReactAcc) -> ReactState:
+  """The state, with the exact `np.percentile` of all training activations."""
+  threshold = _quantile.value(acc.histograms)
+  return ReactState(acc.head.weight, acc.head.bias, jnp.asarray(threshold, jnp.float32))
+
+
+# Two passes: the threshold is the exact percentile of every training
+# activation, found with two 65,536-bin histograms of float32 bit patterns
+# (see `_quantile`); memory stays O(1) in the number of samples.
+FOLD = _protocol.Fold(
+    init=init, update=update, finalize=finalize,
+    merge=lambda a, b: a.replace(histograms=_quantile.merge(a.histograms, b.histograms)),
+    passes=2,
+    next_pass=lambda acc: acc.replace(histograms=_quantile.next_pass(acc.histograms)))
 
 
 @jax.jit

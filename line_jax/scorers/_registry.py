@@ -1,19 +1,21 @@
 """The registry: canonical scorer names -> `Scorer` (fit, score, defaults).
 
-A plain dict, filled once at import. Hyperparameters are keyword arguments
-whose names and defaults are read from each method's `fit`; a misspelt one is
-an error that lists the valid ones, never silently ignored.
+A plain dict, filled once at import. Each method's module declares its `Fold`
+(`_protocol`) and its jitted `score`; `fit` and `fit_from_batches` are the one
+fold (`_protocol.run`) over one batch and over a stream. Hyperparameters are
+the keyword-only parameters of the fold's `init`; a misspelt one is an error
+that lists the valid ones, never silently ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-import functools
 import inspect
 import types
 from typing import Any, NamedTuple
 
 from line_jax.scorers import _ash
+from line_jax.scorers import _common
 from line_jax.scorers import _dice
 from line_jax.scorers import _energy
 from line_jax.scorers import _gradnorm
@@ -22,6 +24,7 @@ from line_jax.scorers import _line
 from line_jax.scorers import _mahalanobis
 from line_jax.scorers import _maxlogit
 from line_jax.scorers import _msp
+from line_jax.scorers import _protocol
 from line_jax.scorers import _react
 from line_jax.scorers import _scale
 from line_jax.scorers import _vim
@@ -32,21 +35,50 @@ class Scorer(NamedTuple):
 
   Attributes:
     name: canonical name in the registry.
-    fit: `fit(features, labels, kernel, bias, **hparams) -> state` with
-      `features: [n, features]`, `labels: [n]` (or None where unused),
-      `kernel: [features, classes]`, `bias: [classes]` (or None).
+    fold: its `Fold` (init / update / finalize, passes): how it fits.
     score: jitted `score(state, features) -> [batch]`.
-    fit_from_batches: `fit_from_batches(batches, kernel, bias, **hparams)`,
-      `batches` an iterable of `(features, labels)`: the same state as `fit`
-      on their concatenation, in memory independent of the sample count.
-    defaults: the hyperparameters and their defaults.
+    defaults: the hyperparameters and their defaults (`fold.init`'s
+      keyword-only parameters).
   """
 
   name: str
-  fit: Callable[..., Any]
+  fold: _protocol.Fold
   score: Callable[[Any, Any], Any]
-  fit_from_batches: Callable[..., Any]
   defaults: Mapping[str, Any]
+
+  def fit(self, features, labels, kernel, bias, **hparams) -> Any:
+    """The fold over one in-memory batch.
+
+    Args:
+      features: `[n, features]` training activations.
+      labels: `[n]` integer labels (or None where the scorer uses none).
+      kernel: `[features, classes]` head kernel (Flax layout).
+      bias: `[classes]` head bias (or None).
+      **hparams: the scorer's hyperparameters (see `defaults`).
+    """
+    self._check(hparams)
+    _common.check_train(features, labels, kernel, bias,
+                        needs_labels=self.fold.needs_labels)
+    return _protocol.run(self.fold, [(features, labels)], kernel, bias,
+                         validate=False, **hparams)
+
+  def fit_from_batches(self, batches, kernel, bias, **hparams) -> Any:
+    """The fold over an iterable of `(features, labels)` batches.
+
+    The same state as `fit` on their concatenation, in memory independent of
+    the sample count; a re-iterable (not a generator) where `fold.passes > 1`.
+    """
+    self._check(hparams)
+    return _protocol.run(self.fold, batches, kernel, bias, **hparams)
+
+  def _check(self, hparams: Mapping[str, Any]) -> None:
+    unknown = sorted(set(hparams) - set(self.defaults))
+    if unknown:
+      valid = ", ".join(self.defaults) if self.defaults else "none"
+      raise ValueError(
+          f"unknown hyperparameter(s) {', '.join(unknown)} for scorer "
+          f"{self.name!r}; valid: {valid}"
+      )
 
 
 def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -54,51 +86,28 @@ def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
   return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _checked(name: str, fn: Callable[..., Any], defaults: Mapping[str, Any]):
-  @functools.wraps(fn)
-  def wrapped(*args, **hparams):
-    unknown = sorted(set(hparams) - set(defaults))
-    if unknown:
-      valid = ", ".join(defaults) if defaults else "none"
-      raise ValueError(
-          f"unknown hyperparameter(s) {', '.join(unknown)} for scorer "
-          f"{name!r}; valid: {valid}"
-      )
-    return fn(*args, **hparams)
-  return wrapped
-
-
-def _scorer(name: str, fit, score, fit_from_batches) -> Scorer:
-  defaults = _defaults(fit)
-  if _defaults(fit_from_batches) != defaults:
-    raise AssertionError(f"{name}: fit and fit_from_batches disagree on hyperparameters")
-  return Scorer(
-      name=name,
-      fit=_checked(name, fit, defaults),
-      score=score,
-      fit_from_batches=_checked(name, fit_from_batches, defaults),
-      defaults=types.MappingProxyType(defaults),
-  )
+def _scorer(name: str, fold: _protocol.Fold, score) -> Scorer:
+  return Scorer(name=name, fold=fold, score=score,
+                defaults=types.MappingProxyType(_defaults(fold.init)))
 
 
 _REGISTRY: dict[str, Scorer] = {
     s.name: s
     for s in (
-        _scorer("msp", _msp.fit, _msp.score, _msp.fit_from_batches),
-        _scorer("maxlogit", _maxlogit.fit, _maxlogit.score, _maxlogit.fit_from_batches),
-        _scorer("energy", _energy.fit, _energy.score, _energy.fit_from_batches),
-        _scorer("react", _react.fit, _react.score, _react.fit_from_batches),
-        _scorer("dice", _dice.fit, _dice.score, _dice.fit_from_batches),
-        _scorer("ash_p", _ash.fit_p, _ash.score_p, _ash.fit_p_from_batches),
-        _scorer("ash_b", _ash.fit_b, _ash.score_b, _ash.fit_b_from_batches),
-        _scorer("ash_s", _ash.fit_s, _ash.score_s, _ash.fit_s_from_batches),
-        _scorer("scale", _scale.fit, _scale.score, _scale.fit_from_batches),
-        _scorer("mahalanobis", _mahalanobis.fit, _mahalanobis.score,
-                _mahalanobis.fit_from_batches),
-        _scorer("knn", _knn.fit, _knn.score, _knn.fit_from_batches),
-        _scorer("vim", _vim.fit, _vim.score, _vim.fit_from_batches),
-        _scorer("gradnorm", _gradnorm.fit, _gradnorm.score, _gradnorm.fit_from_batches),
-        _scorer("line", _line.fit, _line.score, _line.fit_from_batches),
+        _scorer("msp", _msp.FOLD, _msp.score),
+        _scorer("maxlogit", _maxlogit.FOLD, _maxlogit.score),
+        _scorer("energy", _energy.FOLD, _energy.score),
+        _scorer("react", _react.FOLD, _react.score),
+        _scorer("dice", _dice.FOLD, _dice.score),
+        _scorer("ash_p", _ash.FOLD_P, _ash.score_p),
+        _scorer("ash_b", _ash.FOLD_B, _ash.score_b),
+        _scorer("ash_s", _ash.FOLD_S, _ash.score_s),
+        _scorer("scale", _scale.FOLD, _scale.score),
+        _scorer("mahalanobis", _mahalanobis.FOLD, _mahalanobis.score),
+        _scorer("knn", _knn.FOLD, _knn.score),
+        _scorer("vim", _vim.FOLD, _vim.score),
+        _scorer("gradnorm", _gradnorm.FOLD, _gradnorm.score),
+        _scorer("line", _line.FOLD, _line.score),
     )
 }
 

@@ -19,26 +19,7 @@ from line_jax.scorers import _shaping
 PERCENTILE = 85.0
 
 
-def fit(features, labels, kernel, bias, *, percentile=PERCENTILE) -> _shaping.ShapingState:
-  """Checks the inputs, keeps the head and the percentile (SCALE fits nothing).
-
-  Args:
-    features: `[n, features]` training activations (only validated).
-    labels: `[n]` integer labels or None (only validated).
-    kernel: `[features, classes]` head kernel (Flax layout).
-    bias: `[classes]` head bias or None.
-    percentile: in [0, 100]; the k largest activations that set the scale are
-      the top `100 - percentile` %.
-  """
-  _common.check_train(features, labels, kernel, bias)
-  return _shaping.shaping_state(kernel, bias, percentile, features.shape[1])
-
-
-def fit_from_batches(batches, kernel, bias, *, percentile=PERCENTILE) -> _shaping.ShapingState:
-  """`fit` without data (SCALE fits nothing); the batches are not read."""
-  del batches
-  num_features, _ = _common.check_head(kernel, bias)
-  return _shaping.shaping_state(kernel, bias, percentile, num_features)
+FOLD = _shaping.fold(PERCENTILE)
 
 
 @jax.jit
@@ -51,8 +32,7 @@ def score(state: _shaping.ShapingState, features: jax.Array) -> jax.Array:
   """
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)
-  k = _shaping.kept_count(h.shape[1], state.percentile)
-  kept = _shaping.top_k_sum(h, k)
+  kept = _shaping.top_k_sum(h, state.kept)
   # All-zero row: 0 / 0. Any factor leaves it zero; 1 keeps the score finite.
   ratio = jnp.sum(h, axis=1) / jnp.where(kept == 0, 1.0, kept)
   factor = jnp.exp(jnp.where(kept == 0, 0.0, ratio))

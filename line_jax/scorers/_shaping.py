@@ -17,6 +17,7 @@ import numpy as np
 
 from line_jax import _validation
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 from line_jax.scorers import _select
 
 def kept_count(num_features: int, percentile: float) -> int:
@@ -39,25 +40,43 @@ def check_percentile(percentile, num_features: int) -> float:
 class ShapingState(_common.HeadState):
   """A head and a shaping percentile (ASH and SCALE fit nothing else).
 
+  The percentile and the kept count it gives are data (pytree leaves), not
+  static fields, so states at several percentiles stack under `vmap`.
+
   Attributes:
     weight: `[classes, features]` float32 head weight (class-major, as
       `HeadState`; `kernel` is its transpose).
     bias: `[classes]` float32 head bias.
-    percentile: static; the share of activations ASH prunes.
+    percentile: float32 scalar, the share of activations ASH prunes.
+    kept: int32 scalar, `kept_count(features, percentile)`.
   """
 
-  percentile: float = flax.struct.field(pytree_node=False)
+  percentile: jax.Array
+  kept: jax.Array
 
 
-def shaping_state(kernel, bias, percentile, num_features: int) -> ShapingState:
-  """Checks the percentile and builds the state of a validated head."""
+def shaping_state(kernel, bias, *, percentile) -> ShapingState:
+  """Checks the head and the percentile; the state of ASH or SCALE."""
+  num_features, _ = _common.check_head(kernel, bias)
   p = check_percentile(percentile, num_features)
   head = _common.head_state(kernel, bias)
-  return ShapingState(head.weight, head.bias, p)
+  return ShapingState(head.weight, head.bias, jnp.asarray(p, jnp.float32),
+                      jnp.asarray(kept_count(num_features, p), jnp.int32))
 
 
-def top_k_sum(x: jax.Array, k: int, *, unroll: bool | None = None) -> jax.Array:
+def fold(default_percentile: float) -> _protocol.Fold:
+  """The `Fold` of ASH or SCALE at `default_percentile`: nothing from data."""
+
+  def init(kernel, bias, *, percentile=default_percentile) -> ShapingState:
+    return shaping_state(kernel, bias, percentile=percentile)
+
+  return _protocol.head_fold(init)
+
+
+def top_k_sum(x: jax.Array, k, *, unroll: bool | None = None) -> jax.Array:
   """`[batch]` sums of the k largest entries of each row of float32 `x`.
+
+  `k` is an int or a traced int32 scalar.
 
   No mask needed: with t the k-th largest value, the k largest are every
   entry above t plus as many copies of t as it takes to make k. `unroll` is
@@ -69,7 +88,7 @@ def top_k_sum(x: jax.Array, k: int, *, unroll: bool | None = None) -> jax.Array:
   return (jnp.sum(jnp.where(above, x, 0.0), axis=1, keepdims=True) + (k - count) * t)[:, 0]
 
 
-def top_k_mask(x: jax.Array, k: int, *, branch: bool = True,
+def top_k_mask(x: jax.Array, k, *, branch: bool = True,
                unroll: bool | None = None) -> jax.Array:
   """`[batch, n]` bool: the k largest entries of each row of float32 `x`.
 

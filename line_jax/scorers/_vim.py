@@ -30,10 +30,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from line_jax import _matmul
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 
 DIM = 512
 
@@ -85,77 +85,112 @@ def _origin(kernel, bias) -> jax.Array:
   return o.astype(jnp.float32)
 
 
-@jax.jit
-def _scatter(features, origin, kernel, bias):
-  h = features.astype(jnp.float32)
-  centred = (h - origin).astype(jnp.float64)
-  max_logits = jnp.max(_matmul.dot(h, kernel) + bias, axis=-1).astype(jnp.float64)
-  return centred.T @ centred, jnp.sum(max_logits)
+@flax.struct.dataclass
+class VimAcc:
+  """ViM's accumulator over its two passes.
+
+  Attributes:
+    head: the `HeadState`.
+    origin: `[features]` float32, `-(W^T)^+ b`.
+    scatter: `[features, features]` float64 sum of `(h - o)^T (h - o)`.
+    max_logit_sum: float64 scalar; count: int64 scalar (first pass).
+    residual: `[features, features - D]` float32 basis of the residual
+      space (set between the passes; zeros before).
+    norm_sum: float64 scalar, sum of residual norms (second pass).
+    dim: static principal dimension D.
+    second: static; whether the second pass has begun.
+  """
+
+  head: _common.HeadState
+  origin: jax.Array
+  scatter: jax.Array
+  max_logit_sum: jax.Array
+  count: jax.Array
+  residual: jax.Array
+  norm_sum: jax.Array
+  dim: int = flax.struct.field(pytree_node=False)
+  second: bool = flax.struct.field(pytree_node=False, default=False)
 
 
-@jax.jit
-def _residual_norms(features, origin, residual):
-  return jnp.linalg.norm(_matmul.dot(features.astype(jnp.float32) - origin, residual), axis=-1)
-
-
-def fit(features, labels, kernel, bias, *, dim=DIM) -> VimState:
-  """Fits the principal space and alpha on training features.
+def init(kernel, bias, *, dim=DIM) -> VimAcc:
+  """Starts ViM's fit.
 
   Args:
-    features: `[n, features]` training activations.
-    labels: `[n]` integer labels or None (not used, validated if given).
     kernel: `[features, classes]` head kernel (Flax layout).
     bias: `[classes]` head bias or None (then the origin is 0).
     dim: principal space dimension D (capped at `features - 1`).
-
-  Returns:
-    A `VimState`.
   """
-  _common.check_train(features, labels, kernel, bias)
-  _dim(dim, features.shape[1])
-  return fit_from_batches([(features, labels)], kernel, bias, dim=dim)
-
-
-def fit_from_batches(batches, kernel, bias, *, dim=DIM) -> VimState:
-  """`fit` over a re-iterable of `(features, labels)` batches, two passes."""
-  num_features, num_classes = _common.check_head(kernel, bias)
+  num_features, _ = _common.check_head(kernel, bias)
   dim = _dim(dim, num_features)
-  batches = _common.batches_of(batches, passes=2)
-  head = _common.head_state(kernel, bias)
-  origin = _origin(kernel, bias)
-
-  count, max_logit_sum = 0, 0.0
   with jax.enable_x64(True):
-    scatter = jnp.zeros((num_features, num_features), jnp.float64)
-    for features, labels in batches:
-      _common.check_batch(features, labels, num_features, num_classes)
-      s, m = _scatter(features, origin, head.kernel, head.bias)
-      scatter, max_logit_sum = scatter + s, max_logit_sum + float(m)
-      count += features.shape[0]
-    if count == 0:
-      raise _common.no_batches()
-    # eigh sorts eigenvalues ascending: the first features - D span the residual.
-    _, vectors = jnp.linalg.eigh(scatter / count)
-  residual = vectors[:, : num_features - dim].astype(jnp.float32)
+    zero = jnp.zeros((), jnp.float64)
+    return VimAcc(
+        head=_common.head_state(kernel, bias), origin=_origin(kernel, bias),
+        scatter=jnp.zeros((num_features, num_features), jnp.float64),
+        max_logit_sum=zero, count=jnp.zeros((), jnp.int64),
+        residual=jnp.zeros((num_features, num_features - dim), jnp.float32),
+        norm_sum=zero, dim=dim)
 
-  norm_sum, seen = 0.0, 0
-  for features, _ in batches:
-    norms = _residual_norms(features, origin, residual)
-    norm_sum += float(np.sum(np.asarray(norms, np.float64)))
-    seen += features.shape[0]
-  if seen != count:
-    raise ValueError(
-        f"the second pass over the batches saw {seen} samples, the first "
-        f"{count}: batches must yield the same data each time"
-    )
-  alpha = (max_logit_sum / count) / (norm_sum / count)
+
+@jax.jit
+def _first(acc: VimAcc, features: jax.Array) -> VimAcc:
+  h = features.astype(jnp.float32)
+  centred = (h - acc.origin).astype(jnp.float64)
+  max_logits = jnp.max(_matmul.dot(h, acc.head.kernel) + acc.head.bias, axis=-1)
+  return acc.replace(scatter=acc.scatter + centred.T @ centred,
+                     max_logit_sum=acc.max_logit_sum + jnp.sum(max_logits.astype(jnp.float64)),
+                     count=acc.count + h.shape[0])
+
+
+@jax.jit
+def _second(acc: VimAcc, features: jax.Array) -> VimAcc:
+  norms = jnp.linalg.norm(
+      _matmul.dot(features.astype(jnp.float32) - acc.origin, acc.residual), axis=-1)
+  return acc.replace(norm_sum=acc.norm_sum + jnp.sum(norms.astype(jnp.float64)))
+
+
+def update(acc: VimAcc, features, labels) -> VimAcc:
+  """Pass 1: the scatter around the origin and the max logits; pass 2: the
+  residual norms."""
+  del labels
+  with jax.enable_x64(True):
+    return (_second if acc.second else _first)(acc, features)
+
+
+def next_pass(acc: VimAcc) -> VimAcc:
+  """The residual basis: eigenvectors of the `features - D` smallest
+  eigenvalues of the covariance around the origin (float64)."""
+  num_features = acc.scatter.shape[0]
+  with jax.enable_x64(True):
+    # eigh sorts eigenvalues ascending: the first features - D span the residual.
+    _, vectors = jnp.linalg.eigh(acc.scatter / acc.count.astype(jnp.float64))
+  residual = vectors[:, : num_features - acc.dim].astype(jnp.float32)
+  return acc.replace(residual=residual, second=True)
+
+
+def merge(a: VimAcc, b: VimAcc) -> VimAcc:
+  """Two disjoint parts of a pass, each started from the same accumulator:
+  the current pass's sums add."""
+  if a.second:
+    return a.replace(norm_sum=a.norm_sum + b.norm_sum)
+  return a.replace(scatter=a.scatter + b.scatter, max_logit_sum=a.max_logit_sum + b.max_logit_sum,
+                   count=a.count + b.count)
+
+
+def finalize(acc: VimAcc) -> VimState:
+  """`alpha = mean(max logit) / mean(residual norm)` and the state."""
+  alpha = float(acc.max_logit_sum) / float(acc.norm_sum)
   return VimState(
-      projection=jnp.concatenate([head.kernel, residual], axis=1),
-      bias=head.bias,
-      origin=origin,
-      residual_offset=_matmul.dot(origin, residual),
+      projection=jnp.concatenate([acc.head.kernel, acc.residual], axis=1),
+      bias=acc.head.bias,
+      origin=acc.origin,
+      residual_offset=_matmul.dot(acc.origin, acc.residual),
       alpha=jnp.asarray(alpha, jnp.float32),
   )
+
+
+FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge,
+                      passes=2, next_pass=next_pass)
 
 
 @jax.jit

@@ -1,0 +1,181 @@
+"""The accumulator protocol every scorer fits by, and the one fold over it.
+
+In the manner of optax's `(init, update)` pairs, a scorer's fit is a `Fold`:
+
+    acc = fold.init(kernel, bias, **hparams)       # validates; no data yet
+    for each pass (fold.passes: 1, or 2 where a pass needs the one before):
+      for features, labels in batches:
+        acc = fold.update(acc, features, labels)   # pure; jitted inside
+      acc = fold.next_pass(acc)                    # between passes, host side
+    state = fold.finalize(acc)                     # host side: percentiles, eigh
+
+An accumulator is a pytree (sums, counts, Chan-merged moments, histograms,
+bank rows) that holds everything `finalize` needs, the head and the
+hyperparameters included, so a fold can be stopped, saved with orbax and
+resumed anywhere. `merge(a, b)` combines the accumulators of two disjoint
+parts of the data: the cross-device and cross-process reduction lives in the
+fold (`line_jax.fold`), not in each scorer.
+
+`run` is the fold over one stream; the registry's `fit` and
+`fit_from_batches` are `run` over one batch and over a stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from line_jax.scorers import _common
+
+
+def _identity(acc):
+  return acc
+
+
+class Fold(NamedTuple):
+  """How one scorer fits: pure functions over an accumulator pytree.
+
+  Attributes:
+    init: `init(kernel, bias, **hparams) -> acc`; checks the head
+      (`[features, classes]` kernel, `[classes]` bias or None) and the
+      hyperparameters, and starts an empty accumulator. Its keyword-only
+      parameters and their defaults are the scorer's hyperparameters.
+    update: `update(acc, features, labels) -> acc` for one validated batch,
+      `features: [batch, features]`, `labels: [batch]` or None; pure.
+    finalize: `finalize(acc) -> state`, on the host, once all passes are done.
+    merge: `merge(a, b) -> acc` for two disjoint parts of one pass over the
+      data, each folded from the same accumulator (`init`'s, or
+      `next_pass`'s): the accumulator of both parts, `a`'s data first.
+    passes: how many times the batches are read.
+    next_pass: `next_pass(acc) -> acc` between passes (host side).
+    needs_labels: whether None labels are an error.
+    reads_data: False for scorers that fit nothing from data: the fold does
+      not read the batches at all.
+  """
+
+  init: Callable[..., Any]
+  update: Callable[[Any, Any, Any], Any]
+  finalize: Callable[[Any], Any]
+  merge: Callable[[Any, Any], Any]
+  passes: int = 1
+  next_pass: Callable[[Any], Any] = _identity
+  needs_labels: bool = False
+  reads_data: bool = True
+
+
+def add_fields(*names: str) -> Callable[[Any, Any], Any]:
+  """A `merge` that adds the named fields (pytrees) and keeps the rest of `a`."""
+
+  def merge(a, b):
+    return dataclasses.replace(a, **{
+        n: jax.tree.map(jnp.add, getattr(a, n), getattr(b, n)) for n in names})
+  return merge
+
+
+def keep_first(a, b):
+  """`merge` of accumulators that hold no data (head-only scorers)."""
+  del b
+  return a
+
+
+def head_fold(make_state: Callable[..., Any]) -> Fold:
+  """The `Fold` of a scorer that learns nothing from data.
+
+  Args:
+    make_state: `make_state(kernel, bias, **hparams) -> state`, checking the
+      head and the hyperparameters; its keyword-only parameters are the
+      scorer's hyperparameters. The state is the accumulator.
+  """
+  return Fold(init=make_state, update=lambda acc, features, labels: acc,
+              finalize=_identity, merge=keep_first, reads_data=False)
+
+
+def run(fold: Fold, batches: Iterable, kernel, bias, *, validate: bool = True,
+        **hparams) -> Any:
+  """The fold over a stream: `fold.finalize` of every batch, every pass.
+
+  Args:
+    fold: the scorer's `Fold`.
+    batches: iterable of `(features, labels)`, `features: [batch, features]`,
+      `labels: [batch]` or None; re-iterable (not a generator) when
+      `fold.passes > 1`.
+    kernel: `[features, classes]` head kernel (Flax layout).
+    bias: `[classes]` head bias or None.
+    validate: check each batch on the first pass (False where the caller
+      already checked the data).
+    **hparams: the scorer's hyperparameters.
+
+  Returns:
+    The fitted state.
+
+  Raises:
+    ValueError: on an empty stream, a bad batch, or a later pass that sees a
+      different number of samples than the first.
+  """
+  acc = fold.init(kernel, bias, **hparams)
+  if not fold.reads_data:
+    return fold.finalize(acc)
+  num_features, num_classes = _common.check_head(kernel, bias)
+  batches = _common.batches_of(batches, passes=fold.passes)
+  first = None
+  for index in range(fold.passes):
+    seen = 0
+    for features, labels in batches:
+      if validate and index == 0:
+        _common.check_batch(features, labels, num_features, num_classes,
+                            needs_labels=fold.needs_labels)
+      acc = fold.update(acc, features, labels)
+      seen += int(np.shape(features)[0])
+    if first is None:
+      if seen == 0:
+        raise _common.no_batches()
+      first = seen
+    elif seen != first:
+      raise ValueError(
+          f"pass {index + 1} over the batches saw {seen} samples, the first "
+          f"{first}: batches must yield the same data each time")
+    if index + 1 < fold.passes:
+      acc = fold.next_pass(acc)
+  return fold.finalize(acc)
+
+
+def run_parts(fold: Fold, parts: Sequence[Iterable], kernel, bias, **hparams) -> Any:
+  """The fold over several disjoint streams, merged after each pass.
+
+  What a data-parallel fit computes: each part (a process's own batches) is
+  folded from the same accumulator, and the parts' accumulators are merged
+  in order before the next pass. Equals `run` over the parts one after the
+  other, up to the order of floating-point sums.
+
+  Args:
+    fold: the scorer's `Fold`.
+    parts: re-iterables of `(features, labels)` batches (empty ones allowed).
+    kernel, bias, **hparams: as `run`.
+  """
+  acc = fold.init(kernel, bias, **hparams)
+  if not fold.reads_data:
+    return fold.finalize(acc)
+  num_features, num_classes = _common.check_head(kernel, bias)
+  for index in range(fold.passes):
+    accs, seen = [], 0
+    for part in parts:
+      part_acc = acc
+      for features, labels in part:
+        if index == 0:
+          _common.check_batch(features, labels, num_features, num_classes,
+                              needs_labels=fold.needs_labels)
+        part_acc = fold.update(part_acc, features, labels)
+        seen += int(np.shape(features)[0])
+      accs.append(part_acc)
+    if not seen:
+      raise _common.no_batches()
+    acc = functools.reduce(fold.merge, accs)
+    if index + 1 < fold.passes:
+      acc = fold.next_pass(acc)
+  return fold.finalize(acc)

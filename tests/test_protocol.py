@@ -1,0 +1,98 @@
+"""The accumulator protocol: every registered scorer is one `Fold`, and the
+fold over disjoint parts merged pass by pass equals the fold over the whole.
+
+The merged fold is what a data-parallel fit computes (each process folds its
+own batches), so it must hold for every scorer, with exact LINe masks.
+"""
+
+import inspect
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from line_jax import scorers
+from line_jax.scorers import _protocol
+
+N, M, C = 150, 10, 4
+SMALL = {"knn": {"k": 9}, "vim": {"dim": 5}}
+
+
+def _problem(seed=0):
+  rng = np.random.default_rng(seed)
+  train = np.abs(rng.normal(size=(N, M))).astype(np.float32)
+  labels = rng.permutation(np.arange(N) % C)
+  train += np.eye(C, M, dtype=np.float32)[labels]
+  kernel = rng.normal(size=(M, C)).astype(np.float32)
+  bias = rng.normal(size=(C,)).astype(np.float32)
+  return train, labels, kernel, bias
+
+
+def _split(train, labels, edges):
+  return [[(train[a:b], labels[a:b])] if b > a else []
+          for a, b in zip(edges[:-1], edges[1:])]
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_every_scorer_is_a_fold(name):
+  scorer = scorers.get(name)
+  assert isinstance(scorer.fold, _protocol.Fold)
+  assert scorer.fold.passes in (1, 2)
+  params = inspect.signature(scorer.fold.init).parameters.values()
+  assert dict(scorer.defaults) == {
+      p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+  if not scorer.fold.reads_data:  # Head-only: the accumulator is the state.
+    _, _, kernel, bias = _problem()
+    state = scorer.fit_from_batches(iter(()), kernel, bias)
+    chex.assert_trees_all_equal(state, scorer.fold.init(kernel, bias))
+
+
+@pytest.mark.parametrize("name", scorers.names())
+@pytest.mark.parametrize("edges", [(0, 70, 150), (0, 1, 64, 64, 150), (0, 0, 150)])
+def test_merged_parts_equal_the_whole(name, edges):
+  train, labels, kernel, bias = _problem()
+  scorer = scorers.get(name)
+  hparams = SMALL.get(name, {})
+  whole = scorer.fit(train, labels, kernel, bias, **hparams)
+  merged = _protocol.run_parts(scorer.fold, _split(train, labels, edges), kernel, bias,
+                               **hparams)
+  if name == "line":  # Masks are exact; the contributions' float64 sums differ in order only.
+    np.testing.assert_array_equal(merged.neuron_mask, whole.neuron_mask)
+    np.testing.assert_array_equal(merged.weight_floor, whole.weight_floor)
+  chex.assert_trees_all_close(merged, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_no_data_in_any_part_is_an_error(name):
+  _, _, kernel, bias = _problem()
+  scorer = scorers.get(name)
+  if not scorer.fold.reads_data:
+    pytest.skip(f"{name} reads no data")
+  with pytest.raises(ValueError, match="empty"):
+    _protocol.run_parts(scorer.fold, [[], []], kernel, bias, **SMALL.get(name, {}))
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_accumulator_survives_an_orbax_round_trip_mid_stream(name, tmp_path):
+  """Stop after the first batches, save, restore, go on: the same state."""
+  train, labels, kernel, bias = _problem(seed=1)
+  fold = scorers.get(name).fold
+  hparams = SMALL.get(name, {})
+  acc = fold.init(kernel, bias, **hparams)
+  if not fold.reads_data:
+    pytest.skip(f"{name} reads no data")
+  acc = fold.update(acc, train[:60], labels[:60])
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "acc", acc)
+  checkpointer.wait_until_finished()
+  restored = checkpointer.restore(tmp_path / "acc", target=jax.tree.map(np.asarray, acc))
+  for a in (acc, restored):
+    a = fold.update(a, train[60:], labels[60:])
+    if fold.passes == 2:
+      a = fold.next_pass(a)
+      a = fold.update(fold.update(a, train[:60], labels[:60]), train[60:], labels[60:])
+    chex.assert_trees_all_close(fold.finalize(a),
+                                scorers.get(name).fit(train, labels, kernel, bias, **hparams),
+                                rtol=1e-6, atol=1e-6)
