@@ -53,20 +53,9 @@ CHUNK = 512  # validation samples per vmapped step: bounds [grid, chunk, m, C]
 VALIDATION_SOURCES = ("moon", "page", "text", "clock", "cell", "microaneurysms",
                       "hubble_deep_field", "immunohistochemistry")
 
-# Percentile grids; LINe's clip and ReAct's threshold are training-activation
-# percentiles (None: no clipping), so the grids carry over between networks.
+# Each method's grid lives next to it (`scorers.get(name).grid`).
 GRIDS: dict[str, dict[str, tuple]] = {
-    "line": {"p_w": (10.0, 50.0, 70.0, 90.0), "p_a": (10.0, 50.0, 70.0, 90.0),
-             "clip": (80.0, 90.0, 95.0, 99.0, None)},
-    "react": {"percentile": (70.0, 80.0, 85.0, 90.0, 95.0, 99.0)},
-    "dice": {"p": (10.0, 30.0, 50.0, 70.0, 90.0)},
-    "ash_p": {"percentile": (50.0, 60.0, 70.0, 80.0, 90.0, 95.0)},
-    "ash_b": {"percentile": (50.0, 60.0, 70.0, 80.0, 90.0, 95.0)},
-    "ash_s": {"percentile": (50.0, 60.0, 70.0, 80.0, 90.0, 95.0)},
-    "scale": {"percentile": (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0)},
-    "knn": {"k": (1, 5, 10, 20, 50, 100, 200)},
-    "vim": {"dim": (16, 32, 64, 96)},
-}
+    name: dict(scorers.get(name).grid) for name in scorers.names() if scorers.get(name).grid}
 
 
 def grid_points(grid: Mapping[str, Sequence]) -> list[dict[str, Any]]:

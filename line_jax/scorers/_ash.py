@@ -28,6 +28,9 @@ from line_jax.scorers import _shaping
 PERCENTILE_P = 60.0
 PERCENTILE_B = 65.0
 PERCENTILE_S = 90.0
+# The tuning grid of every variant (`python -m line_jax.tune`).
+GRID = {"percentile": (50.0, 60.0, 70.0, 80.0, 90.0, 95.0)}
+
 
 
 FOLD_P = _shaping.fold(PERCENTILE_P)

@@ -24,6 +24,9 @@ from line_jax.scorers import _common
 from line_jax.scorers import _protocol
 
 SPARSITY = 70.0
+# The tuning grid (`python -m line_jax.tune`).
+GRID = {"p": (10.0, 30.0, 50.0, 70.0, 90.0)}
+
 
 
 @flax.struct.dataclass

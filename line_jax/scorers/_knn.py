@@ -46,6 +46,9 @@ BLOCK_ROWS = 32768
 _EPS = 1e-10
 # Near neighbours have dot products close to 1; TF32 would blur them.
 _PRECISION = jax.lax.Precision.HIGHEST
+# The tuning grid (`python -m line_jax.tune`).
+GRID = {"k": (1, 5, 10, 20, 50, 100, 200)}
+
 
 
 @flax.struct.dataclass

@@ -22,6 +22,11 @@ from line_jax.scorers import _protocol
 P_W = 10.0
 P_A = 10.0
 CLIP = 0.8
+# The tuning grid (`python -m line_jax.tune`); clip values are percentiles of
+# the training activations (None: no clipping), resolved when tuning.
+GRID = {"p_w": (10.0, 50.0, 70.0, 90.0), "p_a": (10.0, 50.0, 70.0, 90.0),
+        "clip": (80.0, 90.0, 95.0, 99.0, None)}
+
 
 
 @flax.struct.dataclass

@@ -19,6 +19,9 @@ from line_jax.scorers import _protocol
 from line_jax.scorers import _quantile
 
 PERCENTILE = 90.0
+# The tuning grid (`python -m line_jax.tune`).
+GRID = {"percentile": (70.0, 80.0, 85.0, 90.0, 95.0, 99.0)}
+
 
 
 @flax.struct.dataclass

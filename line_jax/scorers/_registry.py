@@ -39,12 +39,15 @@ class Scorer(NamedTuple):
     score: jitted `score(state, features) -> [batch]`.
     defaults: the hyperparameters and their defaults (`fold.init`'s
       keyword-only parameters).
+    grid: `{hyperparameter: values}` that `line_jax.tune` searches, kept
+      next to the method (empty: nothing to tune).
   """
 
   name: str
   fold: _protocol.Fold
   score: Callable[[Any, Any], Any]
   defaults: Mapping[str, Any]
+  grid: Mapping[str, tuple] = types.MappingProxyType({})
 
   def fit(self, features, labels, kernel, bias, **hparams) -> Any:
     """The fold over one in-memory batch.
@@ -86,9 +89,13 @@ def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
   return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _scorer(name: str, fold: _protocol.Fold, score) -> Scorer:
+def _scorer(name: str, fold: _protocol.Fold, score, grid=None) -> Scorer:
+  defaults = _defaults(fold.init)
+  if set(grid or ()) - set(defaults):
+    raise AssertionError(f"{name}: grid names unknown hyperparameters")
   return Scorer(name=name, fold=fold, score=score,
-                defaults=types.MappingProxyType(_defaults(fold.init)))
+                defaults=types.MappingProxyType(defaults),
+                grid=types.MappingProxyType(dict(grid or {})))
 
 
 _REGISTRY: dict[str, Scorer] = {
@@ -97,17 +104,17 @@ _REGISTRY: dict[str, Scorer] = {
         _scorer("msp", _msp.FOLD, _msp.score),
         _scorer("maxlogit", _maxlogit.FOLD, _maxlogit.score),
         _scorer("energy", _energy.FOLD, _energy.score),
-        _scorer("react", _react.FOLD, _react.score),
-        _scorer("dice", _dice.FOLD, _dice.score),
-        _scorer("ash_p", _ash.FOLD_P, _ash.score_p),
-        _scorer("ash_b", _ash.FOLD_B, _ash.score_b),
-        _scorer("ash_s", _ash.FOLD_S, _ash.score_s),
-        _scorer("scale", _scale.FOLD, _scale.score),
+        _scorer("react", _react.FOLD, _react.score, _react.GRID),
+        _scorer("dice", _dice.FOLD, _dice.score, _dice.GRID),
+        _scorer("ash_p", _ash.FOLD_P, _ash.score_p, _ash.GRID),
+        _scorer("ash_b", _ash.FOLD_B, _ash.score_b, _ash.GRID),
+        _scorer("ash_s", _ash.FOLD_S, _ash.score_s, _ash.GRID),
+        _scorer("scale", _scale.FOLD, _scale.score, _scale.GRID),
         _scorer("mahalanobis", _mahalanobis.FOLD, _mahalanobis.score),
-        _scorer("knn", _knn.FOLD, _knn.score),
-        _scorer("vim", _vim.FOLD, _vim.score),
+        _scorer("knn", _knn.FOLD, _knn.score, _knn.GRID),
+        _scorer("vim", _vim.FOLD, _vim.score, _vim.GRID),
         _scorer("gradnorm", _gradnorm.FOLD, _gradnorm.score),
-        _scorer("line", _line.FOLD, _line.score),
+        _scorer("line", _line.FOLD, _line.score, _line.GRID),
     )
 }
 

@@ -17,6 +17,9 @@ from line_jax.scorers import _common
 from line_jax.scorers import _shaping
 
 PERCENTILE = 85.0
+# The tuning grid (`python -m line_jax.tune`).
+GRID = {"percentile": (50.0, 60.0, 70.0, 80.0, 85.0, 90.0, 95.0)}
+
 
 
 FOLD = _shaping.fold(PERCENTILE)

@@ -36,6 +36,9 @@ from line_jax.scorers import _common
 from line_jax.scorers import _protocol
 
 DIM = 512
+# The tuning grid (`python -m line_jax.tune`).
+GRID = {"dim": (16, 32, 64, 96)}
+
 
 
 @flax.struct.dataclass
