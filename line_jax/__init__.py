@@ -8,5 +8,7 @@ from line_jax import metrics
 from line_jax import models
 from line_jax import odin
 from line_jax import scorers
+from line_jax.io import load
+from line_jax.io import save
 
 __version__ = "0.1.0"

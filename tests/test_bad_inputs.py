@@ -41,23 +41,32 @@ def _dataset(tmp_path, images, labels):
 
 @pytest.mark.parametrize("images, labels, message", [
     (np.zeros((4, 28, 28), np.float32), np.zeros(4, np.int64),
-     r"images have dtype float32; the model needs uint8"),
-    (np.zeros((4, 32, 32, 3), np.uint8), np.zeros(4, np.int64),
-     r"images have shape \(4, 32, 32, 3\); the model needs \[N, 28, 28, 1\]"),
-    (np.zeros((4, 28, 27), np.uint8), np.zeros(4, np.int64),
-     r"images have shape \(4, 28, 27\)"),
+     r"images.npy has dtype float32; expected uint8"),
+    (np.zeros((4, 28), np.uint8), np.zeros(4, np.int64),
+     r"images.npy has shape \(4, 28\); expected \[N, H, W\] or \[N, H, W, C\]"),
     (np.zeros((4, 28, 28), np.uint8), np.zeros(3, np.int64),
-     r"labels have shape \(3,\) but there are 4 images"),
+     r"labels.npy has shape \(3,\); expected \[4\]"),
     (np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.float32),
      r"labels must be integers"),
     (np.zeros((4, 28, 28), np.uint8), np.full(4, 10),
-     r"labels must lie in \[0, 10\)"),
+     r"labels of .* must lie in \[0, 10\) for this model, got \[10, 10\]"),
 ])
 def test_images_of_the_wrong_shape_or_dtype(tmp_path, capsys, images, labels, message):
   err = _main(capsys, "--out", str(tmp_path / "out"),
               "--dataset", _dataset(tmp_path, images, labels), "--scorers", "energy")
   assert re.search(message, err), err
   assert not (tmp_path / "out").exists()  # Nothing is claimed for a bad run.
+
+
+def test_images_of_another_size_and_colour_are_converted_for_the_model(tmp_path):
+  """The checkpoint decides size and channels: 40x36 RGB feeds the 28x28 gray model."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (6, 40, 36, 3), dtype=np.uint8)
+  out = tmp_path / "out"
+  fit.main(["--out", str(out), "--dataset", _dataset(tmp_path, images, np.arange(6) % 3),
+            "--scorers", "react", "--batch-size", "4", "--quiet"])
+  assert fit.load_state(out, "react").kernel.shape == (128, 10)
+  assert np.load(out / "features.npy").shape == (6, 128)
 
 
 def test_object_array_dataset_is_refused_without_unpickling(tmp_path, capsys):
@@ -73,7 +82,7 @@ def test_object_array_dataset_is_refused_without_unpickling(tmp_path, capsys):
 
 def test_missing_dataset_folder(tmp_path, capsys):
   err = _main(capsys, "--out", str(tmp_path / "out"), "--dataset", str(tmp_path / "none"))
-  assert "neither 'fashion_mnist' nor a folder" in err
+  assert "is neither 'fashion_mnist', 'tfds:NAME', nor a folder" in err
 
 
 def _copy_committed(tmp_path):
@@ -131,7 +140,7 @@ def test_bad_arguments(tmp_path, capsys, argv, message):
 
 
 def test_bad_hyperparameter_value_gets_the_scorers_own_error(tmp_path, capsys):
-  # Values are checked by the scorer's fit, after the stream (here 8 images).
+  # Values are checked by the scorer's fold before any image is read.
   err = _main(capsys, "--out", str(tmp_path / "out"), "--scorers", "knn",
               "--hparam", "knn.k=0", "--max-examples", "8", "--batch-size", "8")
   assert "k must be at least 1, got 0" in err
@@ -142,14 +151,20 @@ def test_load_state_of_a_corrupt_state(tmp_path):
   fit.main(["--out", str(out), "--scorers", "energy", "--max-examples", "8",
             "--batch-size", "8"])
   assert fit.load_state(out, "energy").kernel.shape == (128, 10)
-  for root, _, names in os.walk(out / "energy"):
+  meta = json.loads((out / "energy" / "state.json").read_text())
+  for root, _, names in os.walk(out / "energy" / "state"):
     for n in names:
       with open(os.path.join(root, n), "r+b") as f:
         f.truncate(0)
   with pytest.raises(ValueError, match="corrupt or truncated state"):
     fit.load_state(out, "energy")
-  (out / "energy.json").write_text(json.dumps({"state": "Evil", "static": {}}))
-  with pytest.raises(ValueError, match="unknown state class 'Evil'"):
+  meta["state"]["class"] = "os:system"
+  (out / "energy" / "state.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="refuses to build 'os:system'"):
+    fit.load_state(out, "energy")
+  meta["state"]["class"] = "line_jax.scorers:Evil"
+  (out / "energy" / "state.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="unknown state class 'line_jax.scorers:Evil'"):
     fit.load_state(out, "energy")
 
 

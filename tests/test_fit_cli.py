@@ -72,7 +72,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_p
       # Mid-stream, with some batches saved.
       lambda: max(_saved_steps(out), default=0) >= 3,
       # After the stream, while the states are being written.
-      lambda: (out / "msp.json").exists(),
+      lambda: (out / "msp" / "state.json").exists(),
   ]
   logs = []
   for i, ready in enumerate(kill_points):
@@ -85,7 +85,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_p
 
   # The second and third runs resumed from a saved batch, not from zero.
   for text in (logs[2], final_log):
-    first = re.search(r"\| *(\d+)/256", text)
+    first = re.search(r"features: (\d+)/256", text)
     assert first and int(first.group(1)) > 0, text[-2000:]
   for name in scorers.names():
     assert state_bytes(fit.load_state(out, name)) == state_bytes(
@@ -100,6 +100,7 @@ def test_states_score_like_a_fresh_in_memory_fit(reference):
   from line_jax.data import read_fashion_mnist
   _, variables, _ = _checkpoint.load_model(config["checkpoint"])
   labels = read_fashion_mnist("train")[1][:256].astype(np.int32)
+  np.testing.assert_array_equal(np.load(reference / "labels.npy"), labels)
   kernel = variables["params"]["fc"]["kernel"]
   bias = variables["params"]["fc"]["bias"]
   for name in ("line", "mahalanobis", "react", "vim"):

@@ -1,0 +1,216 @@
+"""What every `python -m line_jax.X` shares: help, errors, progress, models, data.
+
+* `parser`: usage as `python -m line_jax.X`, defaults and choices in `--help`;
+* `user_errors`: a user's mistake is one `error: ...` line (exit 2), Ctrl-C
+  says how to resume (exit 130), not a traceback;
+* `progress`: a tqdm bar on a terminal, plain periodic lines in a log,
+  nothing with `--quiet`;
+* `open_model`: a checkpoint's model, head and preprocessing, and
+  `Model.batches(dataset, split, ...)`, the one way every CLI reads images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Sequence
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from line_jax import scorers
+
+DEFAULT_CHECKPOINT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "checkpoints", "fashion_mnist_resnet_small")
+DATASET_HELP = ("'fashion_mnist' (Debian's files), 'tfds:NAME' (a prepared TFDS set), or a "
+                "folder: images.npy + labels.npy, train/ and test/ class folders, or one "
+                "ImageFolder")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  pass
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+  """An argparse parser named `prog`, described by the module docstring `doc`."""
+  return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=_Formatter)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+@contextlib.contextmanager
+def user_errors(*, resumable: bool = False) -> Iterator[None]:
+  """Turns user errors into one line and exit code 2, Ctrl-C into a hint."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError, TypeError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from e
+  except KeyboardInterrupt:
+    hint = "; rerun the same command to resume" if resumable else ""
+    print(f"interrupted{hint}", file=sys.stderr)
+    raise SystemExit(130) from None
+
+
+class _Lines:
+  """Plain progress lines every `every` seconds (for logs, not terminals)."""
+
+  def __init__(self, total: int, desc: str, every: float = 10.0):
+    self.total, self.desc, self.every = total, desc, every
+    self.done, self.start, self.last = 0, time.monotonic(), 0.0
+
+  def update(self, n: int) -> None:
+    self.done += n
+    now = time.monotonic()
+    if now - self.last >= self.every or self.done >= self.total:
+      self.last = now
+      rate = self.done / max(now - self.start, 1e-9)
+      eta = (self.total - self.done) / rate if rate else float("inf")
+      print(f"{self.desc}: {self.done}/{self.total} ({rate:.0f}/s, eta {eta:.0f} s)",
+            file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def progress(total: int, desc: str, *, quiet: bool = False):
+  """Yields `on_batch(n)`; a bar on a TTY, periodic lines elsewhere."""
+  if quiet:
+    yield lambda n: None
+    return
+  if sys.stderr.isatty():
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=total, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True)
+  else:
+    bar = _Lines(total, desc)
+  try:
+    yield bar.update
+  finally:
+    bar.close()
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` atomically: a reader sees the old file or the whole new one."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def scorer_names(spec: str) -> list[str]:
+  """`"line,knn"` -> checked, distinct registered names."""
+  names = [n.strip() for n in spec.split(",") if n.strip()]
+  for name in names:
+    scorers.get(name)  # Unknown names fail here, listing the valid ones.
+  if not names or len(set(names)) != len(names):
+    raise ValueError(f"--scorers must list distinct scorers, got {spec!r}")
+  return names
+
+
+def parse_hparams(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+  """`["knn.k=50", "line.p_w=90"]` -> `{"knn": {"k": 50}, "line": {"p_w": 90}}`."""
+  hparams: dict[str, dict] = {}
+  for spec in specs:
+    key, sep, value = spec.partition("=")
+    scorer, dot, name = key.partition(".")
+    if not sep or not dot or scorer not in names:
+      raise ValueError(f"--hparam expects SCORER.NAME=VALUE for a requested "
+                       f"scorer, got {spec!r}")
+    try:
+      parsed = json.loads(value)
+    except json.JSONDecodeError:
+      parsed = value
+    valid = scorers.get(scorer).defaults
+    if name not in valid:
+      raise ValueError(f"unknown hyperparameter {name!r} for scorer {scorer!r}; "
+                       f"valid: {', '.join(valid) or 'none'}")
+    hparams.setdefault(scorer, {})[name] = parsed
+  return hparams
+
+
+class _First(Sequence):
+  """The first `n` records of a source."""
+
+  def __init__(self, source, n: int):
+    self._source, self._n = source, min(n, len(source))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self._n:
+      raise IndexError(index)
+    return self._source[index]
+
+
+@dataclasses.dataclass
+class Model:
+  """A checkpoint's model, its head, and how its inputs are made."""
+
+  module: Any
+  variables: Any
+  config: dict
+
+  @property
+  def kernel(self):
+    return self.variables["params"]["fc"]["kernel"]
+
+  @property
+  def bias(self):
+    return self.variables["params"]["fc"]["bias"]
+
+  def batches(self, dataset: str, split: str, batch_size: int, *, workers: int | None = None,
+              limit: int | None = None):
+    """The grain pipeline over `dataset`'s `split`, preprocessed for this model."""
+    from line_jax import data  # pylint: disable=g-import-not-at-top
+    from line_jax.data import _named  # pylint: disable=g-import-not-at-top
+    source = _named.open_source(dataset, split)
+    if limit is not None:
+      source = _First(source, limit)
+    if len(source) == 0:
+      raise ValueError(f"dataset {dataset!r} ({split}) holds no image")
+    _check_labels(getattr(source, "labels", None), int(self.config["num_classes"]), dataset)
+    height, width, channels = self.config["input_shape"]
+    if height != width:
+      raise ValueError(f"the model takes {height}x{width} inputs; only square crops are made")
+    return data.image_batches(source, data.Preprocess(image_size=height, channels=channels),
+                              batch_size=batch_size, workers=workers)
+
+  def features(self, batches):
+    """A `line_jax.fold.Stream` of this model's features over `batches`."""
+    from line_jax import fold  # pylint: disable=g-import-not-at-top
+    return fold.ImageFeatures(batches, self.module, self.variables,
+                              np.asarray(self.config["mean"], np.float32),
+                              np.asarray(self.config["std"], np.float32))
+
+
+def _check_labels(labels, num_classes: int, dataset: str) -> None:
+  """Labels a source knows up front must fit the model's classes (-1: none)."""
+  if labels is None or len(labels) == 0:
+    return
+  labels = np.asarray(labels)
+  if labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels of {dataset!r} must lie in [0, {num_classes}) for this model, "
+                     f"got [{labels.min()}, {labels.max()}]")
+
+
+def open_model(checkpoint: str) -> Model:
+  """Loads a line_jax checkpoint folder and checks it knows its normalisation."""
+  from line_jax import _checkpoint  # pylint: disable=g-import-not-at-top
+  module, variables, config = _checkpoint.load_model(checkpoint)
+  if "mean" not in config or "std" not in config:
+    raise ValueError(f"{checkpoint}/config.json has no 'mean' and 'std': "
+                     "the normalisation the model was trained with is unknown")
+  return Model(module, variables, config)

@@ -1,0 +1,203 @@
+"""The fold of many scorers over one stream of features, resumable.
+
+Every scorer fits by its `Fold` (`line_jax.scorers._protocol`); this module
+runs the folds of several scorers side by side over one stream of
+`(features, labels)` batches, the way `python -m line_jax.fit` streams a
+training set through a model:
+
+* pass 1 reads the stream once: every scorer that reads data updates its
+  accumulator from the same batch, so the model runs once per image;
+* scorers that need a second pass (`fold.passes == 2`) read the features
+  again from `features.npy` / `labels.npy`, float32 `[n, features]` and
+  int32 `[n]` memory maps written
+  during pass 1 (only when such a scorer is asked for): the model does not
+  run twice, and nothing is held in memory whole;
+* every `save_every` batches the accumulators and the stream's position go
+  to one orbax `CheckpointManager` step (atomic: a step is visible only once
+  whole), after the feature rows before it are flushed. Killed at any moment
+  and run again, the fold restarts from the last step; the batches after it
+  are read again, identically, so the states are bit-identical to those of
+  an uninterrupted run.
+
+No scorer is named here: what a scorer accumulates is its own business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+import functools
+import os
+from typing import Any, Protocol
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from line_jax import features as features_lib
+from line_jax import scorers
+from line_jax.scorers import _common
+
+FEATURES_FILE = "features.npy"
+LABELS_FILE = "labels.npy"
+PROGRESS_DIR = "progress"
+
+
+class Stream(Protocol):
+  """A resumable stream of `(features, labels)` NumPy batches.
+
+  `batches(position)` iterates from `position` (None: the start), yielding
+  `(features [b, m] float32, labels [b] int, position_after)`, where
+  `position_after` is a JSON-able value that resumes after that batch.
+  `num_samples` is the stream's length.
+  """
+
+  num_samples: int
+
+  def batches(self, position: Any | None) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+    ...
+
+
+def _memmap(path: str, shape: tuple[int, ...], dtype, fresh: bool) -> np.memmap:
+  if fresh or not os.path.isfile(path):
+    tmp = path + ".tmp"
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+    os.replace(tmp, path)
+  array = np.lib.format.open_memmap(path, mode="r+")
+  if array.shape != shape or array.dtype != dtype:
+    raise ValueError(f"{path} has {array.dtype} {array.shape}, expected {np.dtype(dtype)} "
+                     f"{shape}: delete it and its progress/ folder to start over")
+  return array
+
+
+class _Rows:
+  """Re-iterable batches of stored feature rows (the second pass)."""
+
+  def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int):
+    self._features, self._labels, self._batch_size = features, labels, batch_size
+
+  def __iter__(self):
+    for start in range(0, self._labels.shape[0], self._batch_size):
+      stop = start + self._batch_size
+      yield np.asarray(self._features[start:stop]), self._labels[start:stop]
+
+
+def fit_stream(
+    hparams: Mapping[str, Mapping[str, Any]],
+    kernel,
+    bias,
+    stream: Stream,
+    out: str,
+    *,
+    save_every: int = 20,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+  """Fits every scorer in `hparams` over `stream`, resumably, in `out`.
+
+  Args:
+    hparams: `{scorer name: {hyperparameter: value}}`; the scorers to fit.
+    kernel: `[features, classes]` head kernel; bias: `[classes]` or None.
+    stream: the training features (see `Stream`).
+    out: folder for `progress/` (orbax steps) and `features.npy`.
+    save_every: batches between progress saves.
+    on_batch: called with the sample count of each batch (progress bars).
+
+  Returns:
+    `{scorer name: fitted state}`.
+  """
+  folds = {name: scorers.get(name).fold for name in hparams}
+  for name, hp in hparams.items():
+    scorers.get(name)._check(hp)  # pylint: disable=protected-access
+  num_features, num_classes = _common.check_head(kernel, bias)
+  accs = {name: folds[name].init(kernel, bias, **hparams[name]) for name in folds}
+  readers = [n for n in folds if folds[n].reads_data]
+  two_pass = [n for n in readers if folds[n].passes > 1]
+  needs_labels = any(folds[n].needs_labels for n in readers)
+
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(out), PROGRESS_DIR),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+  step = manager.latest_step()
+  position, done = None, 0
+  if step is not None:
+    with jax.enable_x64(True):  # float64 / int64 accumulators restore as such.
+      saved = manager.restore(step, args=ocp.args.Composite(
+          accs=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    accs.update({k: flax.serialization.from_state_dict(accs[k], saved.accs[k])
+                 for k in readers})
+    position, done = saved.meta["position"], int(saved.meta["rows"])
+  n = stream.num_samples
+  rows = labels_all = None
+  if two_pass:
+    rows = _memmap(os.path.join(out, FEATURES_FILE), (n, num_features), np.float32,
+                   fresh=step is None)
+    labels_all = _memmap(os.path.join(out, LABELS_FILE), (n,), np.int32, fresh=step is None)
+
+  def save(index: int) -> None:
+    if rows is not None:
+      rows.flush()  # The rows a saved step vouches for are on disk first.
+      labels_all.flush()
+    manager.save(index, args=ocp.args.Composite(
+        accs=ocp.args.StandardSave(
+            {k: flax.serialization.to_state_dict(jax.tree.map(np.asarray, accs[k]))
+             for k in readers}),
+        meta=ocp.args.JsonSave({"position": position, "rows": done})))
+
+  index = step or 0
+  if done and on_batch is not None:
+    on_batch(done)  # Resumed: the progress starts where the saved step ended.
+  if readers and done < n:
+    for features, labels, position in stream.batches(position):
+      _common.check_batch(features, labels, num_features, num_classes,
+                          needs_labels=needs_labels)
+      for name in readers:
+        accs[name] = folds[name].update(accs[name], features, labels)
+      size = features.shape[0]
+      if rows is not None:
+        rows[done:done + size] = features
+        labels_all[done:done + size] = labels
+      done += size
+      index += 1
+      if on_batch is not None:
+        on_batch(size)
+      if index % save_every == 0:
+        save(index)
+    if done != n:
+      raise ValueError(f"the stream held {done} samples, expected {n}")
+    save(index)
+  if readers and n == 0:
+    raise _common.no_batches()
+  manager.wait_until_finished()
+  manager.close()
+
+  for name in two_pass:
+    fold, acc = folds[name], accs[name]
+    batches = _Rows(rows, labels_all, 1024)
+    for _ in range(fold.passes - 1):
+      acc = fold.next_pass(acc)
+      for features, labels in batches:
+        acc = fold.update(acc, features, labels)
+    accs[name] = acc
+  return {name: folds[name].finalize(accs[name]) for name in folds}
+
+
+class ImageFeatures:
+  """A `Stream` of a model's features over an image pipeline.
+
+  Args:
+    batches: a `line_jax.data.ImageBatches` (its position is grain's).
+    model, variables: a line_jax model returning `(logits, features)`.
+    mean, std: the normalisation the model was trained with, per channel.
+  """
+
+  def __init__(self, batches, model, variables, mean, std):
+    self._batches = batches
+    self._extract = functools.partial(features_lib.extract, model, variables, mean=mean,
+                                      std=std, batch_size=batches.batch_size, progress=False)
+    self.num_samples = batches.num_records
+
+  def batches(self, position):
+    iterator = self._batches.iterator(position)
+    for images, labels in iterator:
+      yield (np.asarray(self._extract(images)[1]), np.asarray(labels, np.int32),
+             self._batches.position(iterator))

@@ -1,0 +1,57 @@
+"""`line_jax.save` / `line_jax.load`: every registered scorer's state round-trips."""
+
+import json
+
+import chex
+import numpy as np
+import pytest
+
+import line_jax
+from line_jax import scorers
+from conftest import random_problem
+
+SMALL = {"knn": {"k": 3}, "vim": {"dim": 4}}
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_every_state_round_trips_and_scores_identically(name, tmp_path):
+  features, labels, kernel, bias = random_problem(4, 12, 80, seed=3)
+  scorer = scorers.get(name)
+  state = scorer.fit(features, labels, kernel, bias, **SMALL.get(name, {}))
+  line_jax.save(tmp_path / name, state)
+  loaded = line_jax.load(tmp_path / name)
+  assert type(loaded) is type(state)
+  chex.assert_trees_all_equal(loaded, state)  # Static fields (hyperparameters) included.
+  test = np.abs(np.random.default_rng(1).normal(size=(7, 12))).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(scorer.score(loaded, test)),
+                                np.asarray(scorer.score(state, test)))
+
+
+def test_save_replaces_an_existing_state(tmp_path):
+  features, labels, kernel, bias = random_problem(3, 6, 30)
+  energy = scorers.get("energy").fit(features, labels, kernel, bias)
+  knn = scorers.get("knn").fit(features, labels, kernel, bias, k=2)
+  line_jax.save(tmp_path / "s", energy)
+  line_jax.save(tmp_path / "s", knn)
+  assert line_jax.load(tmp_path / "s").k == 2
+
+
+def test_foreign_missing_and_corrupt_folders_are_named(tmp_path):
+  with pytest.raises(ValueError, match="does not exist"):
+    line_jax.load(tmp_path / "nothing")
+  (tmp_path / "foreign").mkdir()
+  with pytest.raises(ValueError, match="not a saved line_jax state"):
+    line_jax.load(tmp_path / "foreign")
+  features, labels, kernel, bias = random_problem(3, 6, 30)
+  line_jax.save(tmp_path / "s", scorers.get("energy").fit(features, labels, kernel, bias))
+  (tmp_path / "s" / "state.json").write_text("{oops")
+  with pytest.raises(ValueError, match="state.json: corrupt"):
+    line_jax.load(tmp_path / "s")
+  (tmp_path / "s" / "state.json").write_text(json.dumps({"format": "other"}))
+  with pytest.raises(ValueError, match="not a line_jax.state/1 file"):
+    line_jax.load(tmp_path / "s")
+
+
+def test_only_states_can_be_saved(tmp_path):
+  with pytest.raises(TypeError, match="takes a fitted scorer state"):
+    line_jax.save(tmp_path / "x", {"a": np.zeros(2)})
