@@ -10,6 +10,17 @@ included, which run under `jax.enable_x64` wherever their inputs live).
     state = sharding.fit("line", features, labels, kernel, bias, mesh)
     scores = sharding.score(line.score, state, test_features, mesh)
 
+Multi-host contract (tested with two processes in tests/test_multihost.py):
+after `jax.distributed.initialize()`, each process passes only its own data.
+`scorers.get(name).fit_from_batches(local_batches, kernel, bias, **hparams)`,
+with that process's own `(features, labels)` batches of any sizes and count,
+returns on every process the state one process gets from all processes'
+batches (each process folds its own batches, then the accumulators are
+exchanged and merged in process order after every pass: LINe's masks are
+bit-identical, other leaves equal up to float64 summation order).
+`score(score_fn, state, local_features, mesh)` returns the scores of that
+process's own rows. KNN's `bank_fraction < 1` subsample is drawn per process.
+
 Multi-host (TPU pods, multi-node GPU): call `jax.distributed.initialize()` in
 every process before anything else touches JAX (on Cloud TPU and under SLURM
 or Open MPI it finds its peers itself; elsewhere pass `coordinator_address`,
@@ -184,8 +195,12 @@ def score(score_fn: Callable[..., jax.Array], state: Any, features, mesh: Mesh,
     mesh: from `batch_mesh`.
 
   Returns:
-    `[batch]` scores.
+    `[batch]` scores of `features`' rows. On multi-host, each process passes
+    its own rows and gets their scores: they are scored on its own devices
+    (scores need no cross-process sum).
   """
+  if mesh.is_multi_process:
+    mesh = batch_mesh(jax.local_devices())
   n = features.shape[0]
   return sharded_score_fn(score_fn, mesh, **kwargs)(
       replicate(state, mesh), shard_batch(features, mesh))[:n]

@@ -179,3 +179,62 @@ def run_parts(fold: Fold, parts: Sequence[Iterable], kernel, bias, **hparams) ->
     if index + 1 < fold.passes:
       acc = fold.next_pass(acc)
   return fold.finalize(acc)
+
+
+def _gather_accs(acc: Any) -> list[Any]:
+  """Every process's accumulator, in process order (all processes call this).
+
+  Accumulators may differ in shape between processes (KNN's bank rows), so
+  each is sent as msgpack bytes (flax.serialization; no pickle), padded to
+  the longest, through `process_allgather`.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(acc))
+  data = np.frombuffer(flax.serialization.msgpack_serialize(state), np.uint8)
+  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
+  padded = np.zeros((int(np.max(sizes)),), np.uint8)
+  padded[:data.size] = data
+  everyone = multihost_utils.process_allgather(padded)
+  return [flax.serialization.from_state_dict(
+      acc, flax.serialization.msgpack_restore(row[:int(size)].tobytes()))
+          for row, size in zip(everyone, np.ravel(sizes))]
+
+
+def run_processes(fold: Fold, batches: Iterable, kernel, bias, **hparams) -> Any:
+  """`run_parts` across JAX processes: each passes only its own batches.
+
+  After `jax.distributed.initialize`, every process calls this with its own
+  `(features, labels)` batches (any sizes, any count, none at all); after
+  each pass the processes exchange their accumulators and merge them in
+  process order, so every process finishes with the same state, the one
+  `run_parts` gives on the processes' batches in that order.
+  """
+  acc = fold.init(kernel, bias, **hparams)
+  if not fold.reads_data:
+    return fold.finalize(acc)
+  num_features, num_classes = _common.check_head(kernel, bias)
+  batches = _common.batches_of(batches, passes=fold.passes)
+  for index in range(fold.passes):
+    local = acc
+    for features, labels in batches:
+      if index == 0:
+        _common.check_batch(features, labels, num_features, num_classes,
+                            needs_labels=fold.needs_labels)
+      local = fold.update(local, features, labels)
+    parts = _gather_accs(local)
+    if index == 0 and not _any_data(fold, acc, parts):
+      raise _common.no_batches()
+    acc = functools.reduce(fold.merge, parts)
+    if index + 1 < fold.passes:
+      acc = fold.next_pass(acc)
+  return fold.finalize(acc)
+
+
+def _any_data(fold: Fold, empty: Any, parts: Sequence[Any]) -> bool:
+  """Whether any part's accumulator differs from the empty one."""
+  empty_leaves = jax.tree.leaves(empty)
+  return any(
+      any(np.shape(a) != np.shape(b) or not np.array_equal(np.asarray(a), np.asarray(b))
+          for a, b in zip(jax.tree.leaves(part), empty_leaves))
+      for part in parts)

@@ -14,19 +14,30 @@ import inspect
 import types
 from typing import Any, NamedTuple
 
+import jax
+
 from line_jax.scorers import _ash
 from line_jax.scorers import _common
 from line_jax.scorers import _dice
 from line_jax.scorers import _energy
+from line_jax.scorers import _entropy
+from line_jax.scorers import _fdbd
+from line_jax.scorers import _gen
 from line_jax.scorers import _gradnorm
+from line_jax.scorers import _klm
 from line_jax.scorers import _knn
 from line_jax.scorers import _line
 from line_jax.scorers import _mahalanobis
 from line_jax.scorers import _maxlogit
 from line_jax.scorers import _msp
+from line_jax.scorers import _nci
+from line_jax.scorers import _nnguide
 from line_jax.scorers import _protocol
 from line_jax.scorers import _react
+from line_jax.scorers import _react_dice
+from line_jax.scorers import _rmds
 from line_jax.scorers import _scale
+from line_jax.scorers import _she
 from line_jax.scorers import _vim
 
 
@@ -70,8 +81,13 @@ class Scorer(NamedTuple):
 
     The same state as `fit` on their concatenation, in memory independent of
     the sample count; a re-iterable (not a generator) where `fold.passes > 1`.
+    After `jax.distributed.initialize`, each process passes only its own
+    batches and every process gets the state of all processes' batches
+    (`_protocol.run_processes`).
     """
     self._check(hparams)
+    if jax.process_count() > 1:
+      return _protocol.run_processes(self.fold, batches, kernel, bias, **hparams)
     return _protocol.run(self.fold, batches, kernel, bias, **hparams)
 
   def _check(self, hparams: Mapping[str, Any]) -> None:
@@ -115,6 +131,15 @@ _REGISTRY: dict[str, Scorer] = {
         _scorer("vim", _vim.FOLD, _vim.score, _vim.GRID),
         _scorer("gradnorm", _gradnorm.FOLD, _gradnorm.score),
         _scorer("line", _line.FOLD, _line.score, _line.GRID),
+        _scorer("gen", _gen.FOLD, _gen.score, _gen.GRID),
+        _scorer("entropy", _entropy.FOLD, _entropy.score),
+        _scorer("klm", _klm.FOLD, _klm.score),
+        _scorer("rmds", _rmds.FOLD, _rmds.score),
+        _scorer("she", _she.FOLD, _she.score),
+        _scorer("nnguide", _nnguide.FOLD, _nnguide.score, _nnguide.GRID),
+        _scorer("fdbd", _fdbd.FOLD, _fdbd.score, _fdbd.GRID),
+        _scorer("nci", _nci.FOLD, _nci.score, _nci.GRID),
+        _scorer("react_dice", _react_dice.FOLD, _react_dice.score, _react_dice.GRID),
     )
 }
 
