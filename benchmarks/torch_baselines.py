@@ -168,6 +168,109 @@ class LINe(_Head):
     return torch.logsumexp(out + self.fc.bias, dim=1)
 
 
+class GEN(_Head):
+  """Minus the generalized entropy of the top-M softmax, in log space (so
+  `1 - p` of the top class is the other classes' share, not a rounded zero)."""
+
+  def __init__(self, kernel, bias, gamma, m):
+    super().__init__(kernel, bias)
+    self.gamma, self.m = float(gamma), int(m)
+
+  def forward(self, h):
+    z = self.fc(h)
+    log_p = torch.log_softmax(z, dim=1)
+    top = z.argmax(dim=1, keepdim=True)
+    first = torch.zeros_like(z, dtype=torch.bool).scatter_(1, top, True)
+    rest = torch.logsumexp(z.masked_fill(first, float("-inf")), dim=1, keepdim=True)
+    log_rest = torch.where(first, rest - torch.logsumexp(z, dim=1, keepdim=True),
+                           torch.log1p(-log_p.exp()))
+    terms = torch.exp(self.gamma * (log_p + log_rest))
+    index = torch.topk(z, self.m, dim=1).indices
+    return -terms.gather(1, index).sum(dim=1)
+
+
+class Entropy(_Head):
+  def forward(self, h):
+    log_p = torch.log_softmax(self.fc(h), dim=1)
+    return (log_p.exp() * log_p).sum(dim=1)
+
+
+class KLMatching(_Head):
+  """`-min_k KL(p || d_k)` with the templates' logs (and -inf offsets for
+  classes without one), all templates in one product."""
+
+  def __init__(self, kernel, bias, log_templates, offsets):
+    super().__init__(kernel, bias)
+    self.register_buffer("log_templates", _tensor(log_templates))
+    self.register_buffer("offsets", _tensor(offsets))
+
+  def forward(self, h):
+    log_p = torch.log_softmax(self.fc(h), dim=1)
+    p = log_p.exp()
+    cross = p @ self.log_templates.T + self.offsets
+    return cross.amax(dim=1) - (p * log_p).sum(dim=1)
+
+
+class RMDS(Mahalanobis):
+  def __init__(self, means, precision, background_mean, background_precision):
+    super().__init__(means, precision)
+    self.register_buffer("background_mean", _tensor(background_mean))
+    self.register_buffer("background_precision", _tensor(background_precision))
+
+  def forward(self, h):
+    x = h - self.background_mean
+    return super().forward(h) + ((x @ self.background_precision) * x).sum(dim=1)
+
+
+class SHE(_Head):
+  def __init__(self, kernel, bias, patterns):
+    super().__init__(kernel, bias)
+    self.register_buffer("patterns", _tensor(patterns))
+
+  def forward(self, h):
+    return (h * self.patterns[self.fc(h).argmax(dim=1)]).sum(dim=1)
+
+
+class NNGuide(_Head):
+  """Energy times the mean of the k largest similarities to the guidance bank."""
+
+  def __init__(self, kernel, bias, bank, k):
+    super().__init__(kernel, bias)
+    self.register_buffer("bank", _tensor(bank))  # normalised rows times their energy
+    self.k = int(k)
+
+  def forward(self, h):
+    z = torch.nn.functional.normalize(h, dim=1)
+    guidance = torch.topk(z @ self.bank.T, self.k, dim=1).values.mean(dim=1)
+    return torch.logsumexp(self.fc(h), dim=1) * guidance
+
+
+class FDBD(_Head):
+  def __init__(self, kernel, bias, inverse_gaps, center):
+    super().__init__(kernel, bias)
+    self.register_buffer("inverse_gaps", _tensor(inverse_gaps))
+    self.register_buffer("center", _tensor(center))
+
+  def forward(self, h):
+    z = self.fc(h)
+    top, pred = z.max(dim=1, keepdim=True)
+    distance = ((top - z) * self.inverse_gaps[pred[:, 0]]).sum(dim=1)
+    return distance / (h - self.center).norm(dim=1)
+
+
+class NCI(_Head):
+  def __init__(self, kernel, bias, mean, alpha):
+    super().__init__(kernel, bias)
+    self.register_buffer("mean", _tensor(mean))
+    self.alpha = float(alpha)
+
+  def forward(self, h):
+    centred = h - self.mean
+    w = self.fc.weight[self.fc(h).argmax(dim=1)]
+    proximity = (w * centred).sum(dim=1) / centred.norm(dim=1)
+    return proximity + self.alpha * h.abs().sum(dim=1)
+
+
 def from_state(name: str, state) -> nn.Module:
   """The PyTorch module for a fitted line_jax scorer state, in eval mode."""
   a = lambda x: np.asarray(x)
@@ -188,6 +291,19 @@ def from_state(name: str, state) -> nn.Module:
       "knn": lambda: KNN(a(state.bank).reshape(-1, state.bank.shape[2])[: state.size], state.k),
       "vim": lambda: ViM(*head(), a(state.origin), a(state.residual), float(state.alpha)),
       "line": lambda: LINe(*head(), float(state.clip), a(state.weight_floor), a(state.neuron_mask)),
+      "gen": lambda: GEN(*head(), float(state.gamma), int(state.m)),
+      "entropy": lambda: Entropy(*head()),
+      "klm": lambda: KLMatching(*head(), a(state.log_templates), a(state.offsets)),
+      "rmds": lambda: RMDS(a(state.classes.means) + a(state.classes.center),
+                           a(state.classes.precision), a(state.background_mean),
+                           a(state.background_precision)),
+      "she": lambda: SHE(*head(), a(state.patterns)),
+      "nnguide": lambda: NNGuide(*head(), a(state.bank).reshape(-1, state.bank.shape[2])[
+          : state.size], state.k),
+      "fdbd": lambda: FDBD(*head(), a(state.inverse_gaps), a(state.center)),
+      "nci": lambda: NCI(*head(), a(state.mean), float(state.alpha)),
+      # The sparsified head under ReAct's clip.
+      "react_dice": lambda: ReAct(*head(), float(state.threshold)),
   }
   if name not in builders:
     raise ValueError(f"no PyTorch baseline for {name!r}; have: {', '.join(builders)}")

@@ -11,8 +11,9 @@ pytestmark = pytest.mark.filterwarnings("error")
 
 N, M, C = 40, 6, 3
 SMALL = {"knn": {"k": 4}, "vim": {"dim": 3}}
-NEEDS_LABELS = ("mahalanobis", "line")
-DATA_FREE = ("msp", "maxlogit", "energy", "ash_p", "ash_b", "ash_s", "scale", "gradnorm")
+NEEDS_LABELS = ("mahalanobis", "line", "rmds")
+DATA_FREE = ("msp", "maxlogit", "energy", "ash_p", "ash_b", "ash_s", "scale", "gradnorm",
+             "gen", "entropy")
 
 
 def _problem():
