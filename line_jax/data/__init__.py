@@ -1,7 +1,13 @@
-"""Datasets for line_jax: TFDS loaders, curated image folders, embedded OOD sets.
+"""Datasets for line_jax: sources, the grain input pipeline, OOD sets.
+
+Streaming (any size): a random-access source (`ImageFolderSource`,
+`TfdsSource`, `npy_source`, `fashion_mnist_source`, `ArraySource`) and
+`image_batches(source, Preprocess(...), batch_size=...)`, the grain pipeline.
+In memory (small sets): `load_split`, `load_image_folder`, `ood_set`.
 
 The TFDS-backed names (`load_split`, `FashionMnistLocal`, ...) import
-tensorflow-datasets on first use, which registers `fashion_mnist_local`.
+tensorflow-datasets on first use, which registers `fashion_mnist_local`; the
+pipeline names import grain on first use.
 """
 
 from line_jax.data._embedded_ood import OOD_SET_NAMES
@@ -22,32 +28,51 @@ from line_jax.data._preprocess import normalize
 from line_jax.data._preprocess import resize_center_crop
 from line_jax.data._preprocess import resize_center_crop_batch
 from line_jax.data._preprocess import resize_shorter_side
+from line_jax.data._sources import IMG_EXTENSIONS
+from line_jax.data._sources import NO_LABEL
+from line_jax.data._sources import ArraySource
+from line_jax.data._sources import ImageFolderSource
+from line_jax.data._sources import TfdsSource
+from line_jax.data._sources import fashion_mnist_source
+from line_jax.data._sources import npy_source
 
 __all__ = (
+    "ArraySource",
     "CURATED_OOD",
     "CuratedSet",
     "DEBIAN_FASHION_MNIST_DIR",
     "FASHION_MNIST_CLASSES",
     "FashionMnistLocal",
+    "IMG_EXTENSIONS",
+    "ImageBatches",
+    "ImageFolderSource",
     "MEAN_STD",
+    "NO_LABEL",
     "OOD_SET_NAMES",
+    "Preprocess",
     "STOCK_DATASETS",
     "StockDataset",
+    "TfdsSource",
     "center_crop",
     "download_curated",
+    "fashion_mnist_source",
+    "image_batches",
     "load_curated",
     "load_image_folder",
     "load_ood_npy",
     "load_split",
     "normalize",
+    "npy_source",
     "ood_set",
     "ood_sets",
     "parse_extra_ood",
+    "prefetch_to_device",
     "read_fashion_mnist",
     "read_idx",
     "resize_center_crop",
     "resize_center_crop_batch",
     "resize_shorter_side",
+    "shard_dataset",
     "write_idx",
 )
 
@@ -62,6 +87,12 @@ _LAZY = {
     "STOCK_DATASETS": ("line_jax.data._tfds_loader", "STOCK_DATASETS"),
     "StockDataset": ("line_jax.data._tfds_loader", "StockDataset"),
     "load_split": ("line_jax.data._tfds_loader", "load_split"),
+    # grain is imported only by those who stream.
+    "ImageBatches": ("line_jax.data._pipeline", "ImageBatches"),
+    "Preprocess": ("line_jax.data._pipeline", "Preprocess"),
+    "image_batches": ("line_jax.data._pipeline", "image_batches"),
+    "prefetch_to_device": ("line_jax.data._pipeline", "prefetch_to_device"),
+    "shard_dataset": ("line_jax.data._pipeline", "shard_dataset"),
 }
 
 

@@ -1,0 +1,258 @@
+"""Random-access image sources: `len(source)` records, `source[i]` one record.
+
+A record is `(image, label)`:
+
+* `image` is either a file path (`str`, decoded later, in a pipeline worker)
+  or a uint8 array `[H, W]` / `[H, W, C]` (already pixels);
+* `label` is an `int`; -1 where the set has no labels (a flat OOD folder).
+
+Nothing is decoded when a source is made and no source holds the images
+whole: folders keep their sorted file list, `.npy` pairs are memory-mapped,
+TFDS reads array_record files by index. Only `ArraySource` (tests, the
+embedded OOD sets) and Fashion-MNIST (47 MB of uint8 at most) sit in memory.
+Every source is a plain `Sequence`, so `grain.MapDataset.source` takes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+# torchvision's `IMG_EXTENSIONS` (datasets/folder.py) plus GIF; compared to
+# the lower-cased file name, as torchvision does.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
+                  ".tiff", ".webp", ".gif")
+NO_LABEL = -1
+
+Record = tuple[Any, int]
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _images_under(folder: str) -> list[str]:
+  # torchvision's order: directories as `os.walk` yields them, sorted, then
+  # file names sorted within each.
+  return [os.path.join(root, name)
+          for root, _, names in sorted(os.walk(folder, followlinks=True))
+          for name in sorted(names) if _is_image(name)]
+
+
+class ImageFolderSource(Sequence):
+  """Image files in torchvision's `ImageFolder` layout, or a flat folder.
+
+  With class subfolders (`root/<class>/**/<image>`), the sorted subfolder
+  names are the classes and their positions the labels, exactly as
+  torchvision's `ImageFolder` (files directly in `root` are ignored, as
+  there). A folder with no subfolder is a flat, unlabelled set (an OOD set):
+  its images, sorted, with label -1.
+
+  Attributes:
+    root: the folder.
+    classes: the class names, sorted; `()` for a flat folder.
+    paths: `[N]` image paths in record order.
+    labels: int32 `[N]`.
+  """
+
+  def __init__(self, root: str | os.PathLike, *, flat: bool | None = None):
+    """Lists the files (no image is opened).
+
+    Args:
+      root: the folder.
+      flat: True reads every image under `root` (recursively) as unlabelled;
+        False requires class subfolders; None (default) decides by whether
+        `root` has subfolders.
+
+    Raises:
+      FileNotFoundError: if `root` is not a folder.
+      ValueError: if it holds no image, or a class folder holds none.
+    """
+    self.root = os.fspath(root)
+    if not os.path.isdir(self.root):
+      raise FileNotFoundError(f"image folder {self.root} does not exist")
+    subfolders = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+    if flat is None:
+      flat = not subfolders
+    if flat:
+      self.classes = ()
+      self.paths = _images_under(self.root)
+      self.labels = np.full(len(self.paths), NO_LABEL, np.int32)
+    else:
+      if not subfolders:
+        raise ValueError(f"{self.root} has no class subfolder")
+      self.classes = tuple(subfolders)
+      per_class = [_images_under(os.path.join(self.root, c)) for c in subfolders]
+      empty = [c for c, files in zip(subfolders, per_class) if not files]
+      if empty:
+        raise ValueError(
+            f"class folder(s) {empty} under {self.root} hold no image file "
+            f"({', '.join(IMG_EXTENSIONS)})")
+      self.paths = [p for files in per_class for p in files]
+      self.labels = np.repeat(np.arange(len(subfolders), dtype=np.int32),
+                              [len(files) for files in per_class])
+    if not self.paths:
+      raise ValueError(
+          f"no image file ({', '.join(IMG_EXTENSIONS)}) under {self.root}")
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> Record:
+    return self.paths[index], int(self.labels[index])
+
+  def __repr__(self) -> str:
+    return (f"ImageFolderSource({self.root!r}, {len(self)} images, "
+            f"{len(self.classes)} classes)")
+
+
+class ArraySource(Sequence):
+  """Images already in memory (tests, the embedded OOD sets).
+
+  Attributes:
+    images: uint8 `[N, H, W]` or `[N, H, W, C]`.
+    labels: int32 `[N]`; -1 everywhere when none were given.
+  """
+
+  def __init__(self, images, labels=None, *, name: str = "images"):
+    """Checks dtypes and lengths; `name` is how errors call the array."""
+    images = np.asarray(images) if not isinstance(images, np.ndarray) else images
+    if images.dtype != np.uint8:
+      raise ValueError(
+          f"{name} has dtype {images.dtype}; expected uint8 pixels in "
+          "[0, 255] (convert with np.clip(x, 0, 255).astype(np.uint8))")
+    if images.ndim not in (3, 4):
+      raise ValueError(f"{name} has shape {images.shape}; expected [N, H, W] "
+                       "or [N, H, W, C]")
+    if images.shape[0] == 0:
+      raise ValueError(f"{name} holds no image (shape {images.shape})")
+    if labels is None:
+      labels = np.full(images.shape[0], NO_LABEL, np.int32)
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != images.shape[:1]:
+      raise ValueError(
+          f"labels must be integers of shape [{images.shape[0]}], got "
+          f"{labels.dtype} {labels.shape}")
+    self.images = images
+    self.labels = labels.astype(np.int32)
+
+  def __len__(self) -> int:
+    return self.images.shape[0]
+
+  def __getitem__(self, index: int) -> Record:
+    # A memmap row is read here, in the worker thread, not up front.
+    return np.asarray(self.images[index]), int(self.labels[index])
+
+
+def npy_source(folder: str | os.PathLike) -> ArraySource:
+  """`folder/images.npy` (uint8) and `folder/labels.npy`, memory-mapped.
+
+  `labels.npy` is optional (an unlabelled OOD set). Files are read without
+  pickle (`allow_pickle=False`) and mapped (`mmap_mode='r'`), so opening a
+  set of any size costs no memory; pixels are read as records are.
+
+  Raises:
+    FileNotFoundError: if the folder or `images.npy` is missing.
+    ValueError: naming the file: not a plain array, wrong dtype or shape,
+      or image and label counts that differ.
+  """
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"npy folder {folder} does not exist")
+  images_path, labels_path = folder / "images.npy", folder / "labels.npy"
+  if not images_path.is_file():
+    raise FileNotFoundError(f"{images_path} not found")
+  images = _load_npy(images_path)
+  labels = _load_npy(labels_path) if labels_path.is_file() else None
+  if labels is not None and labels.shape != images.shape[:1]:
+    raise ValueError(f"{labels_path} has shape {labels.shape}; expected "
+                     f"[{images.shape[0]}], one label per image of {images_path}")
+  return ArraySource(images, labels, name=str(images_path))
+
+
+def _load_npy(path: pathlib.Path) -> np.ndarray:
+  try:
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+  except ValueError as e:  # Object arrays and non-.npy files land here.
+    raise ValueError(f"{path} is not a plain .npy array readable without "
+                     f"pickle ({e})") from e
+
+
+def fashion_mnist_source(split: str = "train", source_dir: str | os.PathLike | None = None
+                         ) -> ArraySource:
+  """Fashion-MNIST from Debian's IDX files (`dataset-fashion-mnist`).
+
+  The gzipped files are read whole (47 MB for the training images): they
+  cannot be memory-mapped compressed, and that is small.
+
+  Args:
+    split: "train" (60,000) or "test" (10,000).
+    source_dir: the folder of the four IDX files; None is Debian's.
+
+  Returns:
+    An `ArraySource` of uint8 `[N, 28, 28]` images, labels in `[0, 10)`.
+
+  Raises:
+    FileNotFoundError: naming a missing file and the Debian package.
+  """
+  # The reader sits beside the TFDS builder (importing it imports TFDS, but
+  # uses no TensorFlow); one reader, so the checks cannot drift apart.
+  from line_jax.data import _fashion_mnist_local  # pylint: disable=g-import-not-at-top
+  images, labels = _fashion_mnist_local.read_fashion_mnist(
+      split, source_dir or _fashion_mnist_local.DEBIAN_FASHION_MNIST_DIR)
+  return ArraySource(images, labels, name=f"Fashion-MNIST {split}")
+
+
+class TfdsSource(Sequence):
+  """A prepared TFDS split through `tfds.data_source` (array_record, no TF).
+
+  Each record is read and its image decoded by TFDS when indexed, in a
+  pipeline worker.
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None = None,
+               *, image_key: str = "image", label_key: str | None = "label",
+               download: bool = False, builder_kwargs: dict | None = None):
+    """Opens the split.
+
+    Args:
+      name: a TFDS name, e.g. "fashion_mnist_local" or "imagenet2012".
+      split: any TFDS split string ("train", "test[:1000]").
+      data_dir: TFDS data folder; None is TFDS's default.
+      image_key, label_key: the features holding the image and the label;
+        `label_key=None` gives label -1.
+      download: prepare the dataset when it is not in `data_dir` yet.
+      builder_kwargs: passed to the builder (array_record is forced).
+
+    Raises:
+      ValueError: if the split is empty.
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    from line_jax.data import _fashion_mnist_local  # noqa: F401  Registers it.
+    self.name, self.split = name, split
+    self.image_key, self.label_key = image_key, label_key
+    self._source = tfds.data_source(
+        name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
+        download=download,
+        builder_kwargs={"file_format": "array_record", **(builder_kwargs or {})})
+    if len(self._source) == 0:
+      raise ValueError(f"TFDS {name} split {split!r} is empty")
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> Record:
+    # TFDS sources (and its mocks) do not all raise IndexError past the end,
+    # which `Sequence.__iter__` needs to stop.
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} records")
+    example = self._source[index]
+    label = NO_LABEL if self.label_key is None else int(example[self.label_key])
+    return np.asarray(example[self.image_key]), label
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({self.name!r}, {self.split!r}, {len(self)} records)"
