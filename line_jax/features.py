@@ -18,12 +18,14 @@ uint8 images in fixed-size batches:
 `iter_extract` yields the batches instead of stacking them, and
 `FeatureBatches` wraps it as the re-iterable `(features, labels)` stream that
 `Scorer.fit_from_batches` takes, for training sets whose features do not fit
-in memory.
+in memory. `iter_extract_batches` and `PipelineFeatures` do the same over a
+stream of batches, such as `line_jax.data.image_batches` decoding images from
+disk, for sets whose images do not fit in memory either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 import dataclasses
 import functools
 from typing import Any
@@ -56,14 +58,14 @@ def _with_dtype(model: nn.Module, dtype) -> nn.Module:
   return model.clone(dtype=dtype)
 
 
-def _check_images(images, mean) -> tuple[int, int]:
+def _check_images(images, channels: int) -> tuple[int, int]:
   shape = tuple(getattr(images, "shape", ()))
   if len(shape) != 4:
     raise ValueError(f"images must be [N, H, W, C], got shape {shape}")
   if np.asarray(images[:0]).dtype != np.uint8:
     raise ValueError(f"images must be uint8 pixels, got {np.asarray(images[:0]).dtype}")
-  if len(mean) != shape[3]:
-    raise ValueError(f"images have {shape[3]} channels but mean/std have {len(mean)}")
+  if channels != shape[3]:
+    raise ValueError(f"images have {shape[3]} channels but mean/std have {channels}")
   return shape[0], shape[3]
 
 
@@ -107,46 +109,105 @@ def iter_extract(
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if mesh is not None and BATCH_AXIS not in mesh.shape:
-    raise ValueError(f"mesh needs a {BATCH_AXIS!r} axis, got axes {tuple(mesh.shape)}")
-  n, _ = _check_images(images, mean)
+  _check_mesh(mesh)
+  n, _ = _check_images(images, len(mean))
   if n == 0:
     return
-  model = _with_dtype(model, dtype)
   size = _batch_size(n, batch_size, mesh)
+  slices = ((images[start:start + size],) for start in range(0, n, size))
+  yield from _stream(model, variables, slices, mean=mean, std=std, size=size, mesh=mesh,
+                     dtype=dtype, progress=progress, total=n)
+
+
+def iter_extract_batches(
+    model: nn.Module,
+    variables: Any,
+    batches: Iterable[tuple[Any, ...]],
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mesh: Mesh | None = None,
+    dtype=None,
+    progress: bool | str = True,
+    total: int | None = None,
+) -> Iterator[tuple[Any, ...]]:
+  """Runs the model over a stream of batches, e.g. `line_jax.data.image_batches`.
+
+  Every batch is padded to the size of the first (rounded up to the mesh's
+  'batch' axis), so a stream whose last batch is partial compiles once; the
+  next batch is dispatched before the previous one is copied back, while
+  the pipeline's threads decode the ones after it.
+
+  Args:
+    model, variables, mean, std, mesh, dtype: as in `iter_extract`.
+    batches: tuples `(images, *rest)`: uint8 `[b, H, W, C]` images (NumPy)
+      followed by anything, e.g. `(images, labels)` from the pipeline, or
+      `(images, labels, position)` to know where a resumed stream stands.
+    progress: a tqdm bar; a string is its label.
+    total: images in the stream, for the bar's ETA; None shows only the rate.
+
+  Yields:
+    `(logits, features, *rest)` per batch, in order: float32 NumPy
+    `[b, classes]` and `[b, features]`, then `rest` unchanged.
+
+  Raises:
+    ValueError: if a batch is not uint8 `[b, H, W, C]` with as many channels
+      as `mean`, or is larger than the first.
+  """
+  _check_mesh(mesh)
+  yield from _stream(model, variables, batches, mean=mean, std=std, size=None, mesh=mesh,
+                     dtype=dtype, progress=progress, total=total)
+
+
+def _check_mesh(mesh: Mesh | None) -> None:
+  if mesh is not None and BATCH_AXIS not in mesh.shape:
+    raise ValueError(f"mesh needs a {BATCH_AXIS!r} axis, got axes {tuple(mesh.shape)}")
+
+
+def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress, total):
+  """The shared loop: pad, dispatch, fetch one behind; see `iter_extract_batches`."""
+  model = _with_dtype(model, dtype)
+  channels = len(mean)
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
+  devices = 1
   if mesh is None:
     put = jax.device_put
   else:
+    devices = mesh.shape[BATCH_AXIS]
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
     mean, std = (jax.device_put(a, NamedSharding(mesh, P())) for a in (mean, std))
-    batch_sharding = NamedSharding(mesh, P(BATCH_AXIS))
-    put = functools.partial(jax.device_put, device=batch_sharding)
+    put = functools.partial(jax.device_put, device=NamedSharding(mesh, P(BATCH_AXIS)))
 
   label = progress if isinstance(progress, str) else "features"
-  bar = tqdm(total=n, desc=label, unit="img", disable=not progress, leave=False)
+  bar = tqdm(total=total, desc=label, unit="img", disable=not progress, leave=False)
   pending = None
   try:
-    for start in range(0, n, size):
-      batch = np.asarray(images[start:start + size])
-      valid = batch.shape[0]
+    for item in batches:
+      batch, rest = np.asarray(item[0]), tuple(item[1:])
+      valid, _ = _check_images(batch, channels)
+      if size is None:  # The first batch fixes the one compiled shape.
+        size = -(-max(valid, 1) // devices) * devices
+      if valid > size:
+        raise ValueError(f"a batch of {valid} images follows batches of {size}: a stream's "
+                         "first batch must be its largest")
       if valid < size:  # Pad so every batch has one shape: one compilation.
         batch = np.concatenate(
             [batch, np.zeros((size - valid, *batch.shape[1:]), np.uint8)])
       out = _apply(model, variables, put(batch), mean, std)
       if pending is not None:
         yield _fetch(*pending, bar)
-      pending = (out, valid)
-    yield _fetch(*pending, bar)
+      pending = (out, valid, rest)
+    if pending is not None:
+      yield _fetch(*pending, bar)
   finally:
     bar.close()
 
 
-def _fetch(out, valid: int, bar) -> tuple[np.ndarray, np.ndarray]:
+def _fetch(out, valid: int, rest: tuple, bar) -> tuple[Any, ...]:
   logits, features = (np.asarray(a)[:valid] for a in out)
   bar.update(valid)
-  return logits, features
+  return (logits, features, *rest)
 
 
 def extract(model: nn.Module, variables: Any, images, *, mean: Sequence[float],
@@ -196,3 +257,36 @@ class FeatureBatches:
       labels = None if self.labels is None else np.asarray(self.labels[start:stop])
       start = stop
       yield features, labels
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineFeatures:
+  """Re-iterable `(features, labels)` over an image pipeline.
+
+  What `Scorer.fit_from_batches` takes, streamed from images on disk: each
+  pass starts a fresh pass of `batches` (decoding the images again) and runs
+  the model, so memory is a few batches whatever the set's size.
+
+      batches = data.image_batches(data.ImageFolderSource(root),
+                                   data.Preprocess(28, 28, 1), batch_size=256)
+      stream = PipelineFeatures(model, variables, batches, mean, std)
+      state = scorers.get("react").fit_from_batches(stream, kernel, bias)
+
+  Attributes:
+    model, variables, mean, std: as in `iter_extract`.
+    batches: re-iterable `(images, labels)` batches, e.g. an `ImageBatches`.
+    kwargs: further `iter_extract_batches` arguments (mesh, dtype, progress).
+  """
+
+  model: nn.Module
+  variables: Any
+  batches: Iterable[tuple[Any, Any]]
+  mean: Sequence[float]
+  std: Sequence[float]
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+  def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    kwargs = {"total": getattr(self.batches, "num_records", None), **self.kwargs}
+    for _, features, labels in iter_extract_batches(
+        self.model, self.variables, self.batches, mean=self.mean, std=self.std, **kwargs):
+      yield features, np.asarray(labels)

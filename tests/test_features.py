@@ -81,3 +81,90 @@ def test_bad_inputs(tiny):
     features.extract(model, variables, images, mean=MEAN, std=STD, mesh=mesh)
   with pytest.raises(ValueError, match="empty"):
     features.extract(model, variables, images[:0], mean=MEAN, std=STD)
+
+
+def _pipeline(images, labels, batch_size, **kwargs):
+  from line_jax import data  # pylint: disable=g-import-not-at-top
+  return data.image_batches(data.ArraySource(images, labels), data.Preprocess(channels=1),
+                            batch_size=batch_size, **kwargs)
+
+
+def test_iter_extract_batches_over_the_pipeline_pads_and_compiles_once(tiny):
+  model, variables, images, logits, feats = tiny
+  labels = np.arange(37) % 10
+  batches = _pipeline(images, labels, 16, workers=2)
+  before = features._apply._cache_size()  # pylint: disable=protected-access
+  out = list(features.iter_extract_batches(model, variables, batches, mean=MEAN, std=STD,
+                                           progress=False, total=37))
+  # One new shape at most (the first batch's): the last one, of 5, is padded.
+  assert features._apply._cache_size() - before <= 1  # pylint: disable=protected-access
+  assert [o[1].shape[0] for o in out] == [16, 16, 5]
+  np.testing.assert_allclose(np.concatenate([o[0] for o in out]), logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.concatenate([o[1] for o in out]), feats, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.concatenate([o[2] for o in out]), labels)
+
+
+def test_iter_extract_batches_passes_positions_through_for_resuming(tiny):
+  model, variables, images, _, feats = tiny
+  batches = _pipeline(images, None, 8)
+  iterator = batches.iterator()
+
+  def with_positions():
+    for batch_images, batch_labels in iterator:
+      # Taken as the batch is read, before the stream reads ahead.
+      yield batch_images, batch_labels, batches.position(iterator)
+
+  out = list(features.iter_extract_batches(model, variables, with_positions(), mean=MEAN,
+                                           std=STD, progress=False))
+  assert [o[3]["grain"]["next_index"] for o in out] == [8, 16, 24, 32, 37]
+  # Resuming after the second batch gives the rest of the features.
+  rest = list(features.iter_extract_batches(model, variables, batches.iterator(out[1][3]),
+                                            mean=MEAN, std=STD, progress=False))
+  np.testing.assert_allclose(np.concatenate([o[1] for o in rest]), feats[16:],
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_pipeline_features_from_a_jpeg_folder_feed_fit_from_batches(tiny, tmp_path):
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  from line_jax import data  # pylint: disable=g-import-not-at-top
+  model, variables, _, _, _ = tiny
+  rng = np.random.default_rng(5)
+  for c in range(3):
+    (tmp_path / f"class{c}").mkdir()
+    for i in range(7):
+      pixels = rng.integers(0, 256, (40, 31, 3), dtype=np.uint8)
+      PIL.Image.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.jpg")
+  batches = data.image_batches(data.ImageFolderSource(tmp_path), data.Preprocess(28, 30, 1),
+                               batch_size=8, workers=2)
+  stream = features.PipelineFeatures(model, variables, batches, MEAN, STD,
+                                     {"progress": False})
+  # The same images decoded whole by the old loader, then extracted at once.
+  images = data.load_image_folder(tmp_path, 28, resize_size=30, grayscale=True)
+  _, direct = features.extract(model, variables, images, mean=MEAN, std=STD, progress=False)
+  streamed = list(stream)
+  np.testing.assert_allclose(np.concatenate([f for f, _ in streamed]), direct,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.concatenate([l for _, l in streamed]),
+                                np.repeat(np.arange(3), 7))
+  kernel = variables["params"]["fc"]["kernel"]
+  bias = variables["params"]["fc"]["bias"]
+  react = scorers.get("react")  # Reads the stream twice.
+  fitted = react.fit_from_batches(stream, kernel, bias)
+  expected = react.fit(direct, np.repeat(np.arange(3), 7), kernel, bias)
+  np.testing.assert_allclose(fitted.threshold, expected.threshold, rtol=1e-5)
+
+
+def test_iter_extract_batches_errors(tiny):
+  model, variables, images, _, _ = tiny
+  grow = [(images[:4],), (images[:8],)]
+  with pytest.raises(ValueError, match="first batch must be its largest"):
+    list(features.iter_extract_batches(model, variables, grow, mean=MEAN, std=STD,
+                                       progress=False))
+  with pytest.raises(ValueError, match="uint8"):
+    list(features.iter_extract_batches(model, variables, [(images[:4].astype(np.int32),)],
+                                       mean=MEAN, std=STD, progress=False))
+  with pytest.raises(ValueError, match="channels"):
+    list(features.iter_extract_batches(model, variables, [(images[:4],)], mean=(0.1, 0.2),
+                                       std=(1.0, 1.0), progress=False))
+  assert list(features.iter_extract_batches(model, variables, [], mean=MEAN, std=STD,
+                                            progress=False)) == []
