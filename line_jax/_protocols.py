@@ -13,6 +13,12 @@ papers' ImageNet settings) are listed per benchmark, each with its source:
 | scale       | p 80                      | p 85                           | p 85                         | p 85 (SCALE)          |
 | knn         | k 1                       | k 50 (KNN's CIFAR)             | k 50 (KNN)                   | k 1000 (KNN)          |
 | vim         | D 32                      | D 64 (2)                       | D 256 (2)                    | D 1000 (ViM's code)   |
+| react_dice  | default (15, 90)          | p 90, percentile 90            | p 90 (DICE), 90 (ReAct)      | p 15, percentile 90   |
+
+Every other scorer runs at its registry default everywhere: its paper's
+setting, which for some (GEN's M = 100 capped at the class count, NNGuide's
+12,811-row bank, NCI's alpha) is the ImageNet one, there being no CIFAR
+setting in the paper or official code.
 
 (0) Chosen by `python -m line_jax.tune` on a validation split of the training
     set and a validation OOD set disjoint from every test OOD set, for every
@@ -181,6 +187,9 @@ _CIFAR_COMMON = {
     "ash_b": {"percentile": 95.0},
     "ash_s": {"percentile": 95.0},
     "knn": {"k": 50},
+    # DICE's CIFAR sparsity (p = 90) with ReAct's percentile (90); the
+    # registry default (p = 15) is DICE's ImageNet demo.
+    "react_dice": {"p": 90.0, "percentile": 90.0},
 }
 
 PROTOCOLS: dict[str, Protocol] = {

@@ -20,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 METHODS = ("energy", "react", "ash_s", "knn", "line")
 
 
-def _inputs():
+def _arrays():
   rng = np.random.default_rng(0)
   model = get_model("resnet_small", 10, num_filters=4)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
@@ -28,9 +28,14 @@ def _inputs():
   def images(n, high=256):
     return rng.integers(0, high, (n, 28, 28, 1), dtype=np.uint8)
 
-  return evaluate.Inputs(
-      model, variables, MEAN, STD, images(120), np.arange(120) % 10, images(50),
-      np.arange(50) % 10, {"dark": images(30, 60), "noise": images(20)})
+  return dict(model=model, variables=variables, mean=MEAN, std=STD, train_images=images(120),
+              train_labels=np.arange(120) % 10, test_images=images(50),
+              test_labels=np.arange(50) % 10,
+              ood={"dark": images(30, 60), "noise": images(20)})
+
+
+def _inputs():
+  return evaluate.Inputs.from_arrays(**_arrays())
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +43,11 @@ def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("eval")
   extra = np.random.default_rng(1).integers(0, 256, (25, 28, 28), dtype=np.uint8)
   np.save(out / "mine.npy", extra)
-  inputs = _inputs()
-  result = evaluate.run_evaluation(out, inputs=inputs, extra_ood=[f"mine={out / 'mine.npy'}"],
+  arrays = _arrays()
+  result = evaluate.run_evaluation(out, inputs=evaluate.Inputs.from_arrays(**arrays),
+                                   extra_ood=[f"mine={out / 'mine.npy'}"],
                                    methods=METHODS, batch_size=32, progress=False)
-  return out, result, inputs, extra
+  return out, result, arrays, extra
 
 
 def test_metrics_json_schema(run):
@@ -62,21 +68,22 @@ def test_metrics_json_schema(run):
 
 
 def test_metrics_equal_metrics_evaluate_on_the_scores(run):
-  _, result, inputs, extra = run
+  _, result, arrays, extra = run
   kw = dict(mean=MEAN, std=STD, batch_size=32, progress=False)
-  train = features.extract(inputs.model, inputs.variables, inputs.train_images, **kw)[1]
-  logits, test = features.extract(inputs.model, inputs.variables, inputs.test_images, **kw)
-  mine = features.extract(inputs.model, inputs.variables, extra[..., None], **kw)[1]
-  head = inputs.variables["params"]["fc"]
+  model, variables = arrays["model"], arrays["variables"]
+  train = features.extract(model, variables, arrays["train_images"], **kw)[1]
+  logits, test = features.extract(model, variables, arrays["test_images"], **kw)
+  mine = features.extract(model, variables, extra[..., None], **kw)[1]
+  head = variables["params"]["fc"]
   protocol = _protocols.get("fashion_mnist")
   for method in ("energy", "line", "knn"):
     scorer = scorers.get(method)
     hp = _protocols.hparams_for(protocol, method, scorer.defaults, train)
-    state = scorer.fit(train, inputs.train_labels, head["kernel"], head["bias"], **hp)
+    state = scorer.fit(train, arrays["train_labels"], head["kernel"], head["bias"], **hp)
     expected = metrics.evaluate(scorer.score(state, test), scorer.score(state, mine))
     for key, value in expected.items():
       assert result["methods"][method]["mine"][key] == pytest.approx(value, abs=1e-6)
-  assert result["id_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == inputs.test_labels))
+  assert result["id_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == arrays["test_labels"]))
 
 
 def test_line_uses_the_protocol_clip(run):
@@ -138,10 +145,85 @@ def test_paper_benchmark_names_what_is_missing(tmp_path):
     evaluate.run_evaluation(None, benchmark="cifar10", data_dir=str(tmp_path), progress=False)
   message = str(e.value)
   assert "--torch-checkpoint" in message
-  assert "'cifar10' is not prepared" in message and "svhn_cropped" in message
-  assert "lsun_c" in message and "places365_small" in message
+  assert "'cifar10' is not prepared" in message and "--id-folder" in message
+  # CIFAR's OOD sets are optional (offline stand-ins); ImageNet's are not.
+  assert "lsun_c" not in message
+  with pytest.raises(FileNotFoundError) as e:
+    evaluate.run_evaluation(None, benchmark="imagenet", data_dir=str(tmp_path), progress=False)
+  assert "inaturalist" in str(e.value)
+  with pytest.raises(FileNotFoundError, match="no test/ folder"):
+    (tmp_path / "id" / "train").mkdir(parents=True)
+    evaluate.run_evaluation(None, benchmark="cifar10", id_folder=str(tmp_path / "id"),
+                            torch_checkpoint=__file__, progress=False)
 
 
 def test_unknown_method():
   with pytest.raises(ValueError, match="unknown scorer"):
     evaluate.run_evaluation(None, inputs=_inputs(), methods=["nope"], progress=False)
+
+
+def test_timings_and_cache_reuse(tmp_path):
+  arrays = _arrays()
+  kw = dict(inputs=evaluate.Inputs.from_arrays(**arrays), methods=["energy"], batch_size=32,
+            cache_dir=tmp_path / "cache", make_plots=False, progress=False)
+  first = evaluate.run_evaluation(tmp_path / "a", **kw)
+  with open(tmp_path / "a" / "timings.json") as f:
+    timing = json.load(f)
+  assert set(timing["extraction"]["sets"]) == {"train", "id", "dark", "noise"}
+  assert timing["extraction"]["images"] == 120 + 50 + 30 + 20
+  assert timing["extraction"]["images_per_s"] > 0
+  assert sorted(p.name for p in (tmp_path / "cache").glob("train.*")) == [
+      "train.features.npy", "train.json", "train.labels.npy", "train.logits.npy"]
+  # A second run reads the memmaps back: same result, nothing extracted.
+  second = evaluate.run_evaluation(tmp_path / "b", **kw)
+  assert second == first
+  with open(tmp_path / "b" / "timings.json") as f:
+    assert json.load(f)["extraction"]["images"] == 0
+  # Other pixels, another key: extracted again.
+  arrays["ood"]["dark"] = arrays["ood"]["dark"] + 1
+  kw["inputs"] = evaluate.Inputs.from_arrays(**arrays)
+  evaluate.run_evaluation(tmp_path / "c", **kw)
+  with open(tmp_path / "c" / "timings.json") as f:
+    assert json.load(f)["extraction"]["images"] == 30
+
+
+def test_ablation_variants_and_the_energy_equivalence(tmp_path):
+  result = evaluate.run_evaluation(tmp_path, inputs=_inputs(), methods=["energy", "line"],
+                                   batch_size=32, ablation=True, progress=False)
+  with open(tmp_path / "ablation.json") as f:
+    table = json.load(f)
+  names = list(table["variants"])
+  assert names[0] == "energy (none)" and names[-1] == "LINe (all)" and len(names) == 8
+  # All parts off is Energy; all on is the evaluated LINe.
+  for key, method in (("energy (none)", "energy"), ("LINe (all)", "line")):
+    for ood in ("dark", "noise"):
+      for m in evaluate.METRICS:
+        assert table["variants"][key]["metrics"][ood][m] == pytest.approx(
+            result["methods"][method][ood][m], abs=1e-6), (key, ood, m)
+  md = (tmp_path / "ablation.md").read_text()
+  assert "| clip | x |  |  |" in md
+  with open(tmp_path / "ablation.png", "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+
+
+def test_svhn_mat_official_selection_and_paper_sets_replace_offline_ones(tmp_path):
+  from scipy import io
+
+  from line_jax.evaluation import load_svhn_mat
+  from line_jax.evaluation import protocol_sets
+
+  rng = np.random.default_rng(0)
+  n = 60
+  labels = rng.integers(1, 11, n)  # The .mat's labels: 1..10, 10 is the digit 0.
+  pixels = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+  (tmp_path / "svhn").mkdir()
+  io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": pixels, "y": labels[:, None]})
+  images, got = load_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", per_label=3)
+  keep = _protocols.first_per_label(labels, 3)
+  assert np.array_equal(images, np.moveaxis(pixels, 3, 0)[keep])
+  assert np.array_equal(got, labels[keep] % 10) and got.max() <= 9
+  assert np.all(np.bincount(got, minlength=10) <= 3)
+  sets = protocol_sets(_protocols.get("cifar10"), str(tmp_path))
+  assert list(sets) == ["svhn"] and len(sets["svhn"]) == n  # < 1,000 of each label: all.
+  assert list(protocol_sets(_protocols.get("cifar10"), None, size=5)) == list(
+      _protocols.get("cifar10").offline_ood)

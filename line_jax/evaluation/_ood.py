@@ -1,0 +1,104 @@
+"""The OOD sets of a benchmark as sources: the paper's, offline, or a user's.
+
+The paper's sets are read from `--data-dir` where present (see
+`line_jax._protocols`): SVHN from torchvision's `test_32x32.mat` with the
+official per-label selection, curated folders as image-folder sources,
+Places365 from TFDS. Where a protocol has none of them, its offline sets
+(`line_jax.data._embedded_ood`, built at the network's input shape) stand in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import os
+
+import numpy as np
+
+from line_jax import _protocols
+
+
+def load_svhn_mat(path: str | os.PathLike, per_label: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """SVHN's cropped-digit `.mat` file, as torchvision reads it.
+
+  Args:
+    path: `test_32x32.mat` (or train / extra) of the SVHN format 2 release.
+    per_label: keep the first this many images of each label in file order
+      (`select_svhn_data.py`: 1,000); None keeps all.
+
+  Returns:
+    `(images, labels)`: uint8 `[n, 32, 32, 3]`, int32 `[n]` in `[0, 10)`
+    (the file's label 10, digit 0, becomes 0 as in torchvision).
+  """
+  from scipy import io  # MATLAB v5 reader: plain arrays, nothing executed.
+
+  mat = io.loadmat(os.fspath(path))
+  images = np.transpose(mat["X"], (3, 0, 1, 2))  # [32, 32, 3, n] -> [n, 32, 32, 3].
+  labels = mat["y"].reshape(-1).astype(np.int32)
+  if per_label is not None:
+    # On the file's own labels (1..10), as the official loop; 10 -> 0 after.
+    keep = _protocols.first_per_label(labels, per_label)
+    images, labels = images[keep], labels[keep]
+  return np.ascontiguousarray(images, dtype=np.uint8), labels % 10
+
+
+def paper_set(source: _protocols.OodSource, data_dir: str) -> Sequence:
+  """One of the paper's OOD sets under `data_dir`, as a record source."""
+  from line_jax import data
+
+  if source.kind == "svhn_mat":
+    images, labels = load_svhn_mat(source.path(data_dir), source.per_label)
+    return data.ArraySource(images[:source.max_images], labels[:source.max_images],
+                            name=source.name)
+  if source.kind == "curated":
+    folder = data.ImageFolderSource(source.path(data_dir), flat=True)
+    return folder if source.max_images is None else _first(folder, source.max_images)
+  split = source.split if source.max_images is None else f"{source.split}[:{source.max_images}]"
+  return data.TfdsSource(source.dataset, split, data_dir, label_key=None)
+
+
+def _first(source: Sequence, count: int) -> Sequence:
+  from line_jax.evaluation._inputs import Subset
+
+  return Subset(source, np.arange(min(count, len(source))))
+
+
+def offline_sets(protocol: _protocols.Protocol, size: int = 2000, seed: int = 0
+                 ) -> dict[str, Sequence]:
+  """The protocol's offline OOD sets, built at its input shape, in memory."""
+  from line_jax import data
+  from line_jax.data import _embedded_ood
+
+  return {name: data.ArraySource(
+      _embedded_ood.ood_set(name, size, seed, side=protocol.image_size,
+                            channels=protocol.channels), name=name)
+          for name in protocol.offline_ood}
+
+
+def protocol_sets(protocol: _protocols.Protocol, data_dir: str | None, size: int = 2000
+                  ) -> dict[str, Sequence]:
+  """The paper's sets present under `data_dir`; the offline ones if none is.
+
+  Raises:
+    FileNotFoundError: when neither is available, listing what is missing.
+  """
+  present, absent = _protocols.paper_ood(protocol, data_dir)
+  if present:
+    return {s.name: paper_set(s, data_dir) for s in present}
+  if protocol.offline_ood:
+    return offline_sets(protocol, size)
+  raise FileNotFoundError("no OOD set found:\n  - " + "\n  - ".join(absent))
+
+
+def extra_sets(specs: Sequence[str | tuple[str, str]], image_shape: tuple[int, int, int],
+               taken: Sequence[str]) -> dict[str, Sequence]:
+  """Reads `--extra-ood NAME=PATH.npy` sets; errors name the file and problem."""
+  from line_jax import data
+
+  out = {}
+  for spec in specs:
+    name, path = data.parse_extra_ood(spec) if isinstance(spec, str) else spec
+    if name in out or name in taken or name == "average":
+      raise ValueError(f"--extra-ood name {name!r} is already taken; choose another")
+    out[name] = data.ArraySource(data.load_ood_npy(path, image_shape), name=name)
+  return out

@@ -1,0 +1,86 @@
+"""What an evaluation writes: metrics.json, table.md, hparams, timings, plots."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import os
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from line_jax import plots
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+  """Markdown table: methods as rows, OOD sets (then average) as columns.
+
+  Each cell is `FPR95 / AUROC` in percent (lower / higher is better).
+  """
+  methods = result["methods"]
+  sets = list(next(iter(methods.values())))
+  header = "| method | " + " | ".join(sets) + " |"
+  lines = [
+      f"ID accuracy: {100 * result['id_accuracy']:.2f} %. "
+      "Cells: FPR95 / AUROC in % (FPR95 lower is better, AUROC higher).",
+      "",
+      header,
+      "|---|" + "---|" * len(sets),
+  ]
+  for method, rows in methods.items():
+    cells = [f"{100 * rows[s]['fpr95']:.2f} / {100 * rows[s]['auroc']:.2f}" for s in sets]
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def timings(cached: Mapping[str, Any], fit_seconds: Mapping[str, float],
+            total_seconds: float) -> dict[str, Any]:
+  """Feature extraction per set (images, seconds, images/s), fits, total.
+
+  Sets read back from the cache have 0 seconds and are left out of the
+  overall images/s.
+  """
+  sets = {name: {"images": len(c), "seconds": c.seconds,
+                 "images_per_s": len(c) / c.seconds if c.seconds else None}
+          for name, c in cached.items()}
+  extracted = [s for s in sets.values() if s["seconds"]]
+  images = sum(s["images"] for s in extracted)
+  seconds = sum(s["seconds"] for s in extracted)
+  return {
+      "device": f"{jax.devices()[0].platform} x {jax.device_count()}, {os.cpu_count()} CPU cores",
+      "total_s": total_seconds,
+      "extraction": {"images": images, "seconds": seconds,
+                     "images_per_s": images / seconds if seconds else None, "sets": sets},
+      "fit_and_score_s": dict(fit_seconds),
+  }
+
+
+def write_outputs(out_dir, result, scores, used, timing=None, *, ablation=None,
+                  make_plots=True, progress=True) -> None:
+  """Writes metrics.json, hparams.json, table.md, timings.json, the ablation
+  (ablation.json, .md, .png) and (optionally) the PNGs into `out_dir`."""
+  from line_jax import ablation as ablation_lib
+
+  out_dir = os.fspath(out_dir)
+  os.makedirs(out_dir, exist_ok=True)
+  files = {"metrics.json": result, "hparams.json": used}
+  if timing is not None:
+    files["timings.json"] = timing
+  if ablation is not None:
+    files["ablation.json"] = ablation
+  for name, value in files.items():
+    with open(os.path.join(out_dir, name), "w") as f:
+      json.dump(value, f, indent=2)
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write(format_table(result))
+  if ablation is not None:
+    with open(os.path.join(out_dir, "ablation.md"), "w") as f:
+      f.write(ablation_lib.format_ablation(ablation))
+  if not make_plots:
+    return
+  plots.plot_roc(scores, os.path.join(out_dir, "roc.png"))
+  if ablation is not None:
+    plots.plot_ablation(ablation, os.path.join(out_dir, "ablation.png"))
+  for method in tqdm(scores, desc="plots", disable=not progress, leave=False):
+    plots.plot_histograms(method, scores[method], os.path.join(out_dir, f"hist_{method}.png"))
