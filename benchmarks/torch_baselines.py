@@ -294,9 +294,8 @@ def from_state(name: str, state) -> nn.Module:
       "gen": lambda: GEN(*head(), float(state.gamma), int(state.m)),
       "entropy": lambda: Entropy(*head()),
       "klm": lambda: KLMatching(*head(), a(state.log_templates), a(state.offsets)),
-      "rmds": lambda: RMDS(a(state.classes.means) + a(state.classes.center),
-                           a(state.classes.precision), a(state.background_mean),
-                           a(state.background_precision)),
+      "rmds": lambda: RMDS(a(state.means) + a(state.center), a(state.precision),
+                           a(state.background_mean), a(state.background_precision)),
       "she": lambda: SHE(*head(), a(state.patterns)),
       "nnguide": lambda: NNGuide(*head(), a(state.bank).reshape(-1, state.bank.shape[2])[
           : state.size], state.k),

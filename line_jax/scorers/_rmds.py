@@ -33,18 +33,19 @@ from line_jax.scorers import _protocol
 # Quadratic forms, as Mahalanobis's: TF32 would cost digits the distances need.
 _PRECISION = jax.lax.Precision.HIGHEST
 
+
 @flax.struct.dataclass
-class RmdsState:
-  """A fitted RMDS scorer.
+class RmdsState(_mahalanobis.MahalanobisState):
+  """A fitted RMDS scorer: Mahalanobis's state plus the background Gaussian.
 
   Attributes:
-    classes: the class-conditional part, a `MahalanobisState`.
+    center, means, precision, mean_norms: the class-conditional part, as
+      `MahalanobisState`.
     background_mean: `[features]` float32 mean of all training features.
     background_precision: `[features, features]` float32 pseudo-inverse of
       their covariance.
   """
 
-  classes: _mahalanobis.MahalanobisState
   background_mean: jax.Array
   background_precision: jax.Array
 
@@ -63,7 +64,8 @@ def finalize(acc: _mahalanobis.ClassMoments) -> RmdsState:
     between = acc.means - mean
     scatter = acc.scatter + (between.T * counts) @ between
     precision = jnp.linalg.pinv(scatter / jnp.sum(counts), hermitian=True)
-  return RmdsState(classes, mean.astype(jnp.float32), precision.astype(jnp.float32))
+  return RmdsState(classes.center, classes.means, classes.precision, classes.mean_norms,
+                   mean.astype(jnp.float32), precision.astype(jnp.float32))
 
 
 FOLD = _protocol.Fold(init=init, update=_mahalanobis.update, finalize=finalize,
@@ -81,4 +83,4 @@ def score(state: RmdsState, features: jax.Array) -> jax.Array:
   _common.check_width(features, state.background_precision.shape[0])
   x = features.astype(jnp.float32) - state.background_mean
   xp = jnp.matmul(x, state.background_precision, precision=_PRECISION)
-  return _mahalanobis.score(state.classes, features) + jnp.sum(xp * x, axis=1)
+  return _mahalanobis.score(state, features) + jnp.sum(xp * x, axis=1)
