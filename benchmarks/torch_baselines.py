@@ -298,7 +298,7 @@ def from_state(name: str, state) -> nn.Module:
                            a(state.background_mean), a(state.background_precision)),
       "she": lambda: SHE(*head(), a(state.patterns)),
       "nnguide": lambda: NNGuide(*head(), a(state.bank).reshape(-1, state.bank.shape[2])[
-          : state.size], state.k),
+          : state.size], int(state.k)),
       "fdbd": lambda: FDBD(*head(), a(state.inverse_gaps), a(state.center)),
       "nci": lambda: NCI(*head(), a(state.mean), float(state.alpha)),
       # The sparsified head under ReAct's clip.

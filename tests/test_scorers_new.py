@@ -70,7 +70,8 @@ def test_registered_with_the_papers_defaults():
     assert isinstance(scorer.score, type(jax.jit(lambda x: x)))
   defaults = {name: dict(scorers.get(name).defaults) for name in NEW}
   assert defaults["gen"] == {"gamma": 0.1, "m": 100}
-  assert defaults["nnguide"] == {"k": 10, "bank_size": 12_811, "seed": 0, "block_rows": 32768}
+  assert defaults["nnguide"] == {"k": 10, "bank_size": 12_811, "seed": 0, "block_rows": 32768,
+                                 "k_max": None}
   assert defaults["fdbd"] == {"centred": True}
   assert defaults["nci"] == {"alpha": 1e-4}
   assert defaults["react_dice"] == {"p": 15.0, "percentile": 90.0}
@@ -255,6 +256,21 @@ def test_nnguide_blocks_give_the_same_scores(block_rows):
   _close(got, _nnguide_reference(train, kernel, bias, test, 20), rtol=2e-5)
 
 
+@pytest.mark.parametrize("block_rows", [None, 32])
+def test_nnguide_states_at_several_k_stack_under_vmap(block_rows):
+  train, labels, kernel, bias, test = _problem()
+  blocks = {} if block_rows is None else {"block_rows": block_rows}
+  ks = (1, 4, 9)
+  states = [scorers.get("nnguide").fit(train, labels, kernel, bias, k=k, k_max=9, **blocks)
+            for k in ks]
+  assert {s.k_max for s in states} == {9}
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *states)
+  got = np.asarray(jax.vmap(scorers.get("nnguide").score, in_axes=(0, None))(stacked, test))
+  for row, k in zip(got, ks):
+    _close(row, _nnguide_reference(train, kernel, bias, test, k), rtol=2e-5)
+  assert scorers.get("nnguide").fit(train, labels, kernel, bias, k=3, k_max=10 * N).k_max == N
+
+
 def test_nnguide_bank_is_the_seeded_hash_subset_however_the_data_arrive():
   train, labels, kernel, bias, test = _problem()
   keys = np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8,
@@ -430,6 +446,7 @@ BAD = [
     ("nnguide", {"bank_size": 0}, ValueError, "bank_size must be at least 1"),
     ("nnguide", {"seed": -1}, ValueError, "seed must be at least 0"),
     ("nnguide", {"block_rows": 1.5}, TypeError, "block_rows must be an integer"),
+    ("nnguide", {"k": 5, "k_max": 4}, ValueError, "k_max must be at least k = 5, got 4"),
     ("fdbd", {"centred": "yes"}, TypeError, "centred must be True or False"),
     ("nci", {"alpha": -1e-3}, ValueError, "alpha must be a non-negative finite number"),
     ("nci", {"alpha": float("nan")}, ValueError, "alpha must be a non-negative finite number"),

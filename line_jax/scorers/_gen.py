@@ -8,7 +8,7 @@ Out-of-Distribution Detection", CVPR 2023. With `p = softmax(logits)` and
 
 the generalized (Tsallis-like) entropy of the top-M probabilities; higher =
 more ID. Defaults gamma = 0.1, M = 100: the official code's (XixiLiu95/GEN,
-`benchmark.py`, `--gamma 0.1`, `--M 100`, the paper's ImageNet setting), M
+`benchmark.py`, `--gamma 0.1`, `--M 100`, its ImageNet benchmark), M
 capped at the class count (the code's `sort(p)[:, -M:]` takes every class
 when M exceeds it). Paper and code agree.
 

@@ -1,8 +1,8 @@
 """KL matching: distance of the softmax to the closest class template.
 
 Hendrycks, Basart, Mazeika, Zou, Kwon, Mostajabi, Steinhardt, Song,
-"Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022
-(Sec. 4, "KL matching"). For each class k the template `d_k` is the mean
+"Scaling Out-of-Distribution Detection for Real-World Settings", ICML 2022,
+its KL matching detector. For each class k the template `d_k` is the mean
 softmax of the fitting samples the model predicts as k (labels are not used),
 and
 

@@ -27,8 +27,8 @@ merged or re-ordered fit keeps the same rows. The accumulator holds at most
 `bank_size` rows plus one batch (host memory); the fitted bank `bank_size x
 features` float32 on the device (105 MB at 2048 features); a score call
 walks it in blocks of `block_rows` with a running top-k, so its temporaries
-are `[batch, block_rows + k]` whatever the bank. (pytorch-ood's NNGuide keeps
-the whole training set: 34 GiB reported on ImageNet.) A training set smaller
+are `[batch, block_rows + k]` whatever the bank. (A bank of the whole training set,
+as pytorch-ood's NNGuide keeps, was reported at 34 GiB on ImageNet.) A training set smaller
 than `bank_size` is kept whole.
 """
 
@@ -50,8 +50,10 @@ K = 10
 BANK_SIZE = 12_811
 BLOCK_ROWS = 32768
 _EPS = 1e-12
-# The tuning grid (`python -m line_jax.tune`).
-GRID = {"k": (1, 5, 10, 20, 50, 100)}
+# The tuning grid (`python -m line_jax.tune`). One top-k width for every k, so
+# the grid's states stack and one selection serves them all.
+_GRID_K = (1, 5, 10, 20, 50, 100)
+GRID = {"k": _GRID_K, "k_max": (max(_GRID_K),)}
 
 
 @flax.struct.dataclass
@@ -64,13 +66,17 @@ class NnguideState(_common.HeadState):
     bias: `[classes]` float32 head bias.
     bank: `[blocks, block_rows, features]` float32 guidance rows `z_i E_i`;
       rows past `size` are zero padding.
+    k: int32 scalar, the neighbour count, in `[1, k_max]` (data, so states
+      at several k stack under `vmap`).
     size: static number of real bank rows.
-    k: static neighbour count.
+    k_max: static width of the running top-k of a bank of several blocks,
+      at least k and at most `size`.
   """
 
   bank: jax.Array
+  k: jax.Array
   size: int = flax.struct.field(pytree_node=False)
-  k: int = flax.struct.field(pytree_node=False)
+  k_max: int = flax.struct.field(pytree_node=False)
 
 
 @flax.struct.dataclass
@@ -81,7 +87,7 @@ class NnguideAcc:
     head: the `HeadState`.
     rows: `[kept, features]` float32 guidance rows, ordered by `keys`.
     keys: `[kept]` uint64 hashes of their feature rows (ascending).
-    k, bank_size, seed, block_rows: static hyperparameters.
+    k, bank_size, seed, block_rows, k_max: static hyperparameters.
   """
 
   head: _common.HeadState
@@ -91,10 +97,11 @@ class NnguideAcc:
   bank_size: int = flax.struct.field(pytree_node=False)
   seed: int = flax.struct.field(pytree_node=False)
   block_rows: int = flax.struct.field(pytree_node=False)
+  k_max: int = flax.struct.field(pytree_node=False)
 
 
-def init(kernel, bias, *, k=K, bank_size=BANK_SIZE, seed=0,
-         block_rows=BLOCK_ROWS) -> NnguideAcc:
+def init(kernel, bias, *, k=K, bank_size=BANK_SIZE, seed=0, block_rows=BLOCK_ROWS,
+         k_max=None) -> NnguideAcc:
   """Starts the guidance bank.
 
   Args:
@@ -104,14 +111,20 @@ def init(kernel, bias, *, k=K, bank_size=BANK_SIZE, seed=0,
     bank_size: most training rows the bank keeps (a seeded uniform subset).
     seed: seed of the subset.
     block_rows: bank rows per block of a score call (memory vs. speed).
+    k_max: width of the running top-k over several blocks (None: k), capped
+      at the bank size. Any k_max >= k gives the same scores; states that
+      share it stack under `vmap` whatever their k.
   """
   num_features, _ = _common.check_head(kernel, bias)
   k = _common.integer("k", k)
+  k_max = k if k_max is None else _common.integer("k_max", k_max)
+  if k_max < k:
+    raise ValueError(f"k_max must be at least k = {k}, got {k_max}")
   bank_size = _common.integer("bank_size", bank_size)
   seed = _common.integer("seed", seed, low=0)
   block_rows = _common.integer("block_rows", block_rows)
   return NnguideAcc(_common.head_state(kernel, bias), np.zeros((0, num_features), np.float32),
-                    np.zeros((0,), np.uint64), k, bank_size, seed, block_rows)
+                    np.zeros((0,), np.uint64), k, bank_size, seed, block_rows, k_max)
 
 
 def normalise(features: jax.Array) -> jax.Array:
@@ -170,25 +183,27 @@ def finalize(acc: NnguideAcc) -> NnguideState:
   bank = np.zeros((blocks * block_rows, num_features), np.float32)
   bank[:size] = acc.rows
   return NnguideState(acc.head.weight, acc.head.bias,
-                      jnp.asarray(bank.reshape(blocks, block_rows, num_features)), size, acc.k)
+                      jnp.asarray(bank.reshape(blocks, block_rows, num_features)),
+                      jnp.asarray(acc.k, jnp.int32), size, min(acc.k_max, size))
 
 
 FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge)
 
 
 def _top_k_sum_blocks(state: NnguideState, z: jax.Array) -> jax.Array:
-  """`[batch]` sums of the k largest `z . b` over a bank of several blocks."""
+  """`[batch]` sums of the k largest `z . b` over a bank of several blocks:
+  a running top-`k_max`, of which the first k count."""
   blocks, block_rows, _ = state.bank.shape
   rows = jnp.arange(block_rows)
 
   def step(best, inputs):
     block, start = inputs
     sims = jnp.where(start + rows < state.size, _matmul.dot(z, block.T), -jnp.inf)
-    return jax.lax.top_k(jnp.concatenate([best, sims], axis=1), state.k)[0], None
+    return jax.lax.top_k(jnp.concatenate([best, sims], axis=1), state.k_max)[0], None
 
-  best = jnp.full((z.shape[0], state.k), -jnp.inf, jnp.float32)
+  best = jnp.full((z.shape[0], state.k_max), -jnp.inf, jnp.float32)
   best, _ = jax.lax.scan(step, best, (state.bank, jnp.arange(blocks) * block_rows))
-  return jnp.sum(best, axis=1)
+  return jnp.sum(jnp.where(jnp.arange(state.k_max) < state.k, best, 0.0), axis=1)
 
 
 @jax.jit
@@ -207,4 +222,4 @@ def score(state: NnguideState, features: jax.Array) -> jax.Array:
     top = _shaping.top_k_sum(_matmul.dot(z, state.bank[0].T), state.k)
   else:
     top = _top_k_sum_blocks(state, z)
-  return _common.head_energy(state, h) * (top / state.k)
+  return _common.head_energy(state, h) * (top / state.k.astype(jnp.float32))

@@ -1,7 +1,7 @@
 """RMDS: relative Mahalanobis distance.
 
 Ren, Fort, Liu, Roy, Padhy, Lakshminarayanan, "A Simple Fix to Mahalanobis
-Distance for Improving Near-OOD Detection", arXiv:2106.09022 (2021), Sec. 3:
+Distance for Improving Near-OOD Detection", arXiv:2106.09022 (2021):
 besides the class-conditional Gaussians of `mahalanobis` (class means `mu_k`,
 one shared covariance `Sigma`), one background Gaussian `N(mu_0, Sigma_0)` of
 all training features, labels ignored, and
