@@ -12,16 +12,20 @@ Data (never the test sets of `line_jax.evaluate`):
   hubble_deep_field, immunohistochemistry; gray), half Gaussian-blurred
   uniform noise (smooth blobs; the test noise sets are i.i.d. pixels).
 
-Every scorer's hyperparameter becomes a traced value, so a method's whole
-grid is scored by one jitted `jax.vmap(score, in_axes=(0, None))` over a
-stacked state (fitted states are pytrees of arrays; masks and thresholds are
-data): LINe over (p_w, p_a, clip), ReAct over its clipping threshold, DICE
-over its masked head, ASH-P/B/S and SCALE over the kept count k (a traced
-re-implementation, checked against the registry scorer), KNN over k (one
-top-k_max per query, then a gather). The same grid is also scored by a
-Python loop of the registry's `fit` / `score`; the two must agree (asserted)
-and both times are reported. ViM's D fixes array shapes, so it is tuned by
-the loop alone. Best = highest AUROC, ties broken by lower FPR95.
+Every registered scorer with a grid (`scorers.get(name).grid`, declared next
+to the method) is tuned the same way. The registry fits a state at each grid
+point (folding the data once where the points share its statistics), the
+states stack into one pytree with a leading grid axis (hyperparameters that
+change no shape are leaves), and one jitted `jax.vmap(scorer.score,
+in_axes=(0, None))` scores the whole grid: the registry's own `score`, no
+copy of it. States that do not stack (ViM's D sizes its arrays) are scored by
+a Python loop of the registry's `fit` / `score`. With `check`, that loop also
+runs for stacked grids and must agree (asserted); both times are reported.
+Best = highest AUROC, ties broken by lower FPR95.
+
+Reported hyperparameters paste into `fit` unchanged: a grid of percentiles
+of the training activations (LINe's clip) is resolved to the threshold
+itself, and the percentile it came from is reported as `clip_percentile`.
 """
 
 from __future__ import annotations
@@ -36,18 +40,13 @@ import time
 import zlib
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from line_jax import _matmul
-from line_jax import line
+from line_jax import _protocols
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
-from line_jax.scorers import _common
-from line_jax.scorers import _knn
-from line_jax.scorers import _shaping
 
 CHUNK = 512  # validation samples per vmapped step: bounds [grid, chunk, m, C]
 VALIDATION_SOURCES = ("moon", "page", "text", "clock", "cell", "microaneurysms",
@@ -56,6 +55,14 @@ VALIDATION_SOURCES = ("moon", "page", "text", "clock", "cell", "microaneurysms",
 # Each method's grid lives next to it (`scorers.get(name).grid`).
 GRIDS: dict[str, dict[str, tuple]] = {
     name: dict(scorers.get(name).grid) for name in scorers.names() if scorers.get(name).grid}
+
+# Grids whose plain numbers are percentiles of all training activations, as
+# `scorers/_line.py` declares its clip grid. A grid of `TrainPercentile`
+# values needs no entry here.
+_PERCENTILE_GRIDS: dict[str, tuple[str, ...]] = {"line": ("clip",)}
+
+# Training rows of the probe batch that `_fold_once` folds per point.
+_PROBE_ROWS = 64
 
 
 def grid_points(grid: Mapping[str, Sequence]) -> list[dict[str, Any]]:
@@ -74,7 +81,8 @@ def validation_ood(size: int = 2000, seed: int = 0) -> np.ndarray:
 
   rng = np.random.default_rng([seed, zlib.crc32(b"tune-validation")])
   sources = [_embedded_ood._gray(getattr(data, name)()) for name in VALIDATION_SOURCES]
-  crops = _embedded_ood._random_crops(sources, size // 2, rng, min_side=28, max_side=256)
+  crops = _embedded_ood._random_crops(sources, size // 2, rng, 28, min_side=28,
+                                      max_side=256)
   noise = rng.uniform(0, 255, (size - size // 2, 28, 28)).astype(np.float32)
   blurred = _blur(noise, sigma=rng.uniform(1.0, 3.0, size - size // 2))
   return np.concatenate([crops, blurred])[..., None]
@@ -92,75 +100,171 @@ def _blur(images: np.ndarray, sigma: np.ndarray) -> np.ndarray:
   return out
 
 
-# ---- Traced-hyperparameter scorers ----------------------------------------
+# ---- Grids of fitted states ------------------------------------------------
 
 
-@flax.struct.dataclass
-class ShapingK:
-  """ASH / SCALE with the kept count k as data instead of a static field.
+def resolve(method: str, points: Sequence[Mapping[str, Any]], train_features
+            ) -> list[tuple[dict[str, Any], dict[str, float]]]:
+  """Grid points -> `(hyperparameters, percentiles)` of each.
 
-  Attributes:
-    kernel: `[features, classes]`; bias: `[classes]`; k: int32 scalar.
+  The hyperparameters paste into `scorers.get(method).fit` unchanged: a grid
+  value that is a percentile of the training activations (a
+  `TrainPercentile`, or a name in `_PERCENTILE_GRIDS`) becomes that
+  threshold, in feature units, and the percentile it came from is kept
+  under `"<name>_percentile"` in the second dict. Each percentile is computed
+  once for the whole grid.
   """
+  names = _PERCENTILE_GRIDS.get(method, ())
 
-  kernel: jax.Array
-  bias: jax.Array
-  k: jax.Array
+  def percentile_of(name, value):
+    if isinstance(value, _protocols.TrainPercentile):
+      return float(value.percentile)
+    return float(value) if name in names and value is not None else None
+
+  wanted = sorted({p for point in points for name, value in point.items()
+                   if (p := percentile_of(name, value)) is not None})
+  values = {}
+  if wanted:
+    flat = np.asarray(train_features, np.float64).reshape(-1)
+    values = dict(zip(wanted, (float(v) for v in np.percentile(flat, wanted))))
+  out = []
+  for point in points:
+    hparams, percentiles = {}, {}
+    for name, value in point.items():
+      p = percentile_of(name, value)
+      if p is not None:
+        value, percentiles[f"{name}_percentile"] = values[p], p
+      hparams[name] = value
+    out.append((hparams, percentiles))
+  return out
 
 
-@flax.struct.dataclass
-class KnnK:
-  """KNN with the neighbour rank k as data.
+def _equal(a, b) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)
 
-  Attributes:
-    bank: `[bank, features]` normalised training features; sq_norms: `[bank]`.
-    k: int32 scalar; k_max: static, the largest k of the grid.
+
+def _graft(folded: list, empty: list, own: list) -> list | None:
+  """A point's folded leaves: `folded` where its empty accumulator's leaves
+  (`own`) equal the first point's (`empty`), its own (hyperparameters) elsewhere."""
+  if len(own) != len(empty):
+    return None
+  return [f if _equal(e, o) else o for f, e, o in zip(folded, empty, own)]
+
+
+def _fold_once(scorer: scorers.Scorer, hparams: Sequence[Mapping[str, Any]], features,
+               labels, kernel, bias) -> list | None:
+  """Each point's state from one fold over the data, or None where it cannot be.
+
+  Possible when the fold reads the data in one pass and `update` neither
+  reads nor changes what sets the points apart (static fields, or leaves
+  that differ between their empty accumulators), checked on a probe batch:
+  each point's `update` of it equals the first point's with that point's own
+  hyperparameters put back. Then the data is folded once, and each point's
+  accumulator is that one with its own hyperparameters.
   """
-
-  bank: jax.Array
-  sq_norms: jax.Array
-  k: jax.Array
-  k_max: int = flax.struct.field(pytree_node=False)
-
-
-def _ranks(h: jax.Array) -> jax.Array:
-  """Rank of each entry in its row, largest first, ties by lower index first."""
-  order = jnp.argsort(-h, axis=1, stable=True)
-  return jnp.argsort(order, axis=1)
-
-
-def _ash_k(state: ShapingK, features: jax.Array, variant: str) -> jax.Array:
-  h = features.astype(jnp.float32)
-  mask = _ranks(h) < state.k
-  before = jnp.sum(h, axis=1, keepdims=True)
-  if variant == "b":
-    shaped = jnp.where(mask, before / state.k.astype(jnp.float32), 0.0)
-  else:
-    shaped = jnp.where(mask, h, 0.0)
-    if variant == "s":
-      shaped = shaped * jnp.exp(before / jnp.sum(shaped, axis=1, keepdims=True))
-  return _common.energy(_matmul.dot(shaped, state.kernel) + state.bias)
+  fold = scorer.fold
+  if not fold.reads_data or fold.passes != 1 or len(hparams) < 2:
+    return None
+  try:
+    inits = [jax.tree.flatten(fold.init(kernel, bias, **h)) for h in hparams]
+    empty = inits[0][0]
+    probe = (features[:_PROBE_ROWS], None if labels is None else labels[:_PROBE_ROWS])
+    probed = jax.tree.leaves(fold.update(jax.tree.unflatten(inits[0][1], empty), *probe))
+    for own, treedef in inits[1:]:
+      want = _graft(probed, empty, own)
+      got = jax.tree.leaves(fold.update(jax.tree.unflatten(treedef, own), *probe))
+      if want is None or len(got) != len(want) or not all(map(_equal, got, want)):
+        return None
+  except (ValueError, TypeError):  # bad settings or data: `fit` names the problem
+    return None
+  # The registry's own fit, stopped before `finalize`: the folded accumulator.
+  folding = scorer._replace(fold=fold._replace(finalize=lambda acc: acc))
+  folded = jax.tree.leaves(folding.fit(features, labels, kernel, bias, **hparams[0]))
+  return [fold.finalize(jax.tree.unflatten(treedef, _graft(folded, empty, own)))
+          for own, treedef in inits]
 
 
-def _scale_k(state: ShapingK, features: jax.Array) -> jax.Array:
-  h = features.astype(jnp.float32)
-  top = jnp.cumsum(-jnp.sort(-h, axis=1), axis=1)[:, state.k - 1]
-  factor = jnp.exp(jnp.sum(h, axis=1) / top)
-  return _common.energy(_matmul.dot(h * factor[:, None], state.kernel) + state.bias)
+def fit_grid(method: str, hparams: Sequence[Mapping[str, Any]], train_features,
+             train_labels, kernel, bias) -> list:
+  """The registry's fitted state at each grid point.
+
+  Points that share the data's statistics (LINe's class-mean contributions,
+  DICE's mean, KNN's bank) are folded once and finalized each (`_fold_once`);
+  the others are `scorers.get(method).fit` one by one.
+
+  Args:
+    method: a registered scorer's name.
+    hparams: resolved hyperparameters of each point (`resolve`).
+    train_features: `[n, features]`; train_labels: `[n]`; kernel, bias: head.
+  """
+  scorer = scorers.get(method)
+  unknown = sorted({name for h in hparams for name in h} - set(scorer.defaults))
+  if unknown:
+    raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for scorer "
+                     f"{method!r}; valid: {', '.join(scorer.defaults) or 'none'}")
+  states = _fold_once(scorer, hparams, train_features, train_labels, kernel, bias)
+  if states is None:
+    states = [scorer.fit(train_features, train_labels, kernel, bias, **h) for h in hparams]
+  return states
 
 
-def _knn_k(state: KnnK, features: jax.Array) -> jax.Array:
-  z = _knn._normalise(features)
-  # Independent of k: under vmap over k this top-k runs once, not per k.
-  best = jax.lax.top_k(_knn._affinity(z, state.bank, state.sq_norms), state.k_max)[0]
-  kth = jnp.take(best, state.k - 1, axis=1)
-  return -jnp.sqrt(jnp.maximum(jnp.sum(z * z, axis=1) - kth, 0.0))
+def stack(score_fn: Callable, states: Sequence[Any], features: jax.ShapeDtypeStruct
+          ) -> tuple[Any, Any] | None:
+  """`(stacked, in_axes)` of `states`, or None where they do not stack.
+
+  They stack when their leaves agree in shape and dtype (ViM's D sizes its
+  arrays: it does not) and their static fields agree or change nothing in
+  what `score_fn` computes on `features` (the same lowered program; LINe's
+  states record p_w and p_a, which only describe them). A leaf equal at
+  every point (the head, KNN's bank) is kept once and not mapped.
+
+  Returns:
+    `stacked`: a state whose varying leaves gain a leading grid axis;
+    `in_axes`: the same structure with 0 at those leaves and None at the
+    shared ones, for `grid_scores`.
+  """
+  flat = [jax.tree.flatten(s) for s in states]
+  leaves0, treedef0 = flat[0]
+  for leaves, _ in flat[1:]:
+    if len(leaves) != len(leaves0) or any(
+        np.shape(a) != np.shape(b) or jnp.result_type(a) != jnp.result_type(b)
+        for a, b in zip(leaves, leaves0)):
+      return None
+  distinct = {}
+  for state, (_, treedef) in zip(states, flat):
+    distinct.setdefault(treedef, state)
+  if len(distinct) > 1:
+    lower = getattr(score_fn, "lower", None) or jax.jit(score_fn).lower
+    want = lower(states[0], features).as_text()
+    if any(lower(state, features).as_text() != want for state in list(distinct.values())[1:]):
+      return None
+  columns = list(zip(*(leaves for leaves, _ in flat)))
+  if not columns:
+    return None
+  shared = [all(x is column[0] or _equal(x, column[0]) for x in column[1:])
+            for column in columns]
+  if all(shared):  # equal states (ViM's D capped alike): map the smallest leaf
+    shared[int(np.argmin([np.size(column[0]) for column in columns]))] = False
+  stacked = [column[0] if same else jnp.stack(column) for column, same in zip(columns, shared)]
+  return (jax.tree.unflatten(treedef0, stacked),
+          jax.tree.unflatten(treedef0, [None if same else 0 for same in shared]))
 
 
-_line_dense = functools.partial(line.score, strategy="dense")
-_ash_p_k = functools.partial(_ash_k, variant="p")
-_ash_b_k = functools.partial(_ash_k, variant="b")
-_ash_s_k = functools.partial(_ash_k, variant="s")
+def vmapped_grid(method: str, points: Sequence[Mapping[str, Any]], train_features,
+                 train_labels, kernel, bias) -> tuple[Callable, Any, Any] | None:
+  """`(score_fn, stacked, in_axes)` of `method`'s grid, or None (loop only).
+
+  `score_fn` is the registry's own `score`, and `grid_scores(score_fn,
+  stacked, features, in_axes)` scores every point. Points are resolved
+  (`resolve`) and fitted (`fit_grid`) first.
+  """
+  scorer = scorers.get(method)
+  hparams = [h for h, _ in resolve(method, points, train_features)]
+  states = fit_grid(method, hparams, train_features, train_labels, kernel, bias)
+  probe = jax.ShapeDtypeStruct((CHUNK, np.shape(train_features)[1]), jnp.float32)
+  stacked = stack(scorer.score, states, probe)
+  return None if stacked is None else (scorer.score, *stacked)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -169,10 +273,10 @@ def grid_scores(score_fn: Callable, states: Any, features: jax.Array, in_axes: A
   """`[grid, n]` scores of every grid point: one compiled computation.
 
   Args:
-    score_fn: `score(state, [b, features]) -> [b]`, a module-level function.
-    states: a state pytree whose batched leaves have a leading grid axis.
+    score_fn: a registered scorer's `score(state, [b, features]) -> [b]`.
+    states: its states stacked along a leading grid axis (`stack`).
     features: `[n, features]`, scored in chunks of `CHUNK` under `lax.map`.
-    in_axes: vmap axes of `states` (hashable: 0, or a state of 0 / None).
+    in_axes: vmap axes of `states` (hashable: 0, or `stack`'s in_axes).
   """
   n, m = features.shape
   chunk = min(CHUNK, n)
@@ -185,113 +289,82 @@ def grid_scores(score_fn: Callable, states: Any, features: jax.Array, in_axes: A
   return jnp.moveaxis(per_chunk, 1, 0).reshape(per_chunk.shape[1], padded)[:, :n]
 
 
-def stack(states: Sequence[Any]) -> Any:
-  """One pytree whose leaves gain a leading grid axis."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-
-
-# ---- Per-method grids -----------------------------------------------------
-
-
-def resolve(method: str, point: Mapping[str, Any], train_features: np.ndarray) -> dict:
-  """Grid point -> the scorer's hyperparameters (percentiles -> thresholds)."""
-  point = dict(point)
-  if method == "line" and point["clip"] is not None:
-    point["clip"] = float(np.percentile(train_features.astype(np.float64), point["clip"]))
-  return point
-
-
-def vmapped_grid(method: str, points: Sequence[Mapping[str, Any]], train_features,
-                 train_labels, kernel, bias):
-  """`(score_fn, stacked_state, in_axes)` of `method`'s grid, or None (loop only)."""
-  kernel = jnp.asarray(kernel, jnp.float32)
-  bias = jnp.asarray(bias, jnp.float32)
-  m = train_features.shape[1]
-  if method == "line":
-    contrib = line.contributions(train_features, train_labels, kernel)
-    states = [line.fit_from_contributions(
-        contrib, kernel, bias, **resolve(method, p, train_features)).replace(p_w=None, p_a=None)
-              for p in points]
-    return _line_dense, stack(states), 0
-  if method in ("react", "dice"):
-    scorer = scorers.get(method)
-    states = [scorer.fit(train_features, None, kernel, bias, **p) for p in points]
-    return scorer.score, stack(states), 0
-  if method in ("ash_p", "ash_b", "ash_s", "scale"):
-    ks = [_shaping.kept_count(m, _shaping.check_percentile(p["percentile"], m)) for p in points]
-    states = ShapingK(jnp.broadcast_to(kernel, (len(ks), *kernel.shape)),
-                      jnp.broadcast_to(bias, (len(ks), *bias.shape)), jnp.asarray(ks, jnp.int32))
-    fn = {"ash_p": _ash_p_k, "ash_b": _ash_b_k, "ash_s": _ash_s_k, "scale": _scale_k}[method]
-    return fn, states, 0
-  if method == "knn":
-    ks = [int(p["k"]) for p in points]
-    bank = _knn._normalise(jnp.asarray(train_features))
-    states = KnnK(bank, jnp.sum(bank * bank, axis=-1), jnp.asarray(ks, jnp.int32), max(ks))
-    return _knn_k, states, KnnK(None, None, 0, max(ks))
-  return None
-
-
-def loop_grid(method: str, points, train_features, train_labels, kernel, bias,
-              val_features: np.ndarray) -> np.ndarray:
-  """`[grid, n]` scores by the registry's fit / score, one point at a time."""
+def _score_states(scorer: scorers.Scorer, states: Sequence[Any], val: np.ndarray) -> np.ndarray:
   from line_jax.evaluate import score_all
 
+  return np.stack([score_all(scorer, state, val) for state in states])
+
+
+def loop_grid(method: str, hparams: Sequence[Mapping[str, Any]], train_features,
+              train_labels, kernel, bias, val_features: np.ndarray) -> np.ndarray:
+  """`[grid, n]` scores by the registry's `fit` / `score`, one point at a time.
+
+  `hparams` are resolved (`resolve`): what `fit` takes.
+  """
   scorer = scorers.get(method)
-  out = []
-  for p in points:
-    state = scorer.fit(train_features, train_labels, kernel, bias,
-                       **resolve(method, p, train_features))
-    out.append(score_all(scorer, state, val_features))
-  return np.stack(out)
+  return _score_states(scorer, [
+      scorer.fit(train_features, train_labels, kernel, bias, **h) for h in hparams], val_features)
 
 
 def tune_method(method: str, train_features, train_labels, kernel, bias,
                 val_id: np.ndarray, val_ood: np.ndarray, *,
                 grid: Mapping[str, Sequence] | None = None, check: bool = True,
                 rtol: float = 1e-4) -> dict[str, Any]:
-  """Scores `method`'s grid vmapped and by a loop; picks the best point.
+  """Scores `method`'s grid vmapped (and by a loop); picks the best point.
 
   Args:
     method: scorer name with a grid in `GRIDS` (or pass `grid`).
     train_features: `[n, features]`; train_labels: `[n]`; kernel, bias: head.
     val_id: `[n_id, features]` ID validation; val_ood: `[n_ood, features]`.
     grid: `{hyperparameter: values}`; defaults to `GRIDS[method]`.
-    check: also run the Python loop and assert it agrees with the vmapped grid.
+    check: also run the Python loop of fresh registry fits and assert it
+      agrees with the vmapped grid.
     rtol: relative tolerance of that check (atol = rtol).
 
   Returns:
-    `{"best": point, "metrics": metrics of the best, "grid_size",
-    "vmapped_s", "vmapped_compile_s", "loop_s", "grid": [[point, metrics], ...]}`.
+    `{"best": hyperparameters that paste into fit, "best_percentiles":
+    {"<name>_percentile": p} for each of them resolved from a percentile,
+    "metrics": metrics of the best, "grid_size", "vmapped_s",
+    "vmapped_compile_s" (None: not stackable), "loop_s" (None: not run),
+    "grid": [{"hparams", "percentiles", "metrics"}, ...]}`.
   """
+  scorer = scorers.get(method)
   points = grid_points(GRIDS[method] if grid is None else grid)
+  resolved = resolve(method, points, train_features)
+  hparams = [h for h, _ in resolved]
   val = np.concatenate([val_id, val_ood]).astype(np.float32)
   result: dict[str, Any] = {"grid_size": len(points), "vmapped_s": None,
                             "vmapped_compile_s": None, "loop_s": None}
-  built = vmapped_grid(method, points, train_features, train_labels, kernel, bias)
+  states = fit_grid(method, hparams, train_features, train_labels, kernel, bias)
+  chunk = jax.ShapeDtypeStruct((min(CHUNK, val.shape[0]), val.shape[1]), jnp.float32)
+  stacked = stack(scorer.score, states, chunk)
   scores = None
-  if built is not None:
-    fn, states, in_axes = built
+  if stacked is not None:
     start = time.perf_counter()
-    jax.block_until_ready(grid_scores(fn, states, val, in_axes))
+    jax.block_until_ready(grid_scores(scorer.score, stacked[0], val, stacked[1]))
     result["vmapped_compile_s"] = time.perf_counter() - start
     start = time.perf_counter()  # Second call: the compiled computation alone.
-    scores = np.asarray(jax.block_until_ready(grid_scores(fn, states, val, in_axes)),
-                        np.float64)
+    scores = np.asarray(jax.block_until_ready(
+        grid_scores(scorer.score, stacked[0], val, stacked[1])), np.float64)
     result["vmapped_s"] = time.perf_counter() - start
   if check or scores is None:
     start = time.perf_counter()
-    looped = loop_grid(method, points, train_features, train_labels, kernel, bias, val)
+    if scores is None and not check:
+      looped = _score_states(scorer, states, val)
+    else:
+      looped = loop_grid(method, hparams, train_features, train_labels, kernel, bias, val)
     result["loop_s"] = time.perf_counter() - start
     if scores is not None:
       np.testing.assert_allclose(scores, looped, rtol=rtol, atol=rtol,
-                                 err_msg=f"{method}: vmapped grid != Python loop")
+                                 err_msg=f"{method}: vmapped grid != registry fit / score")
     else:
       scores = looped
   n_id = val_id.shape[0]
   rows = [metrics_lib.evaluate(s[:n_id], s[n_id:]) for s in scores]
   best = max(range(len(points)), key=lambda i: (rows[i]["auroc"], -rows[i]["fpr95"]))
-  result.update(best=points[best], metrics=rows[best],
-                grid=[[p, r] for p, r in zip(points, rows)])
+  result.update(best=hparams[best], best_percentiles=resolved[best][1], metrics=rows[best],
+                grid=[{"hparams": h, "percentiles": pc, "metrics": r}
+                      for (h, pc), r in zip(resolved, rows)])
   return result
 
 
@@ -326,7 +399,9 @@ def run_tuning(methods: Sequence[str] | None = None, *, checkpoint: str | None =
 def _row(method: str, r: Mapping[str, Any]) -> str:
   def secs(x):
     return "-" if x is None else f"{x:.2f}"
-  best = ", ".join(f"{k}={v}" for k, v in r["best"].items())
+  best = ", ".join(f"{k}={v!r}" for k, v in r["best"].items())
+  if r.get("best_percentiles"):
+    best += " (" + ", ".join(f"{k}={v!r}" for k, v in r["best_percentiles"].items()) + ")"
   return (f"| {method} | {best} | {100 * r['metrics']['fpr95']:.2f} | "
           f"{100 * r['metrics']['auroc']:.2f} | {r['grid_size']} | {secs(r['vmapped_s'])} | "
           f"{secs(r['vmapped_compile_s'])} | {secs(r['loop_s'])} |")

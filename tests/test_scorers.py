@@ -176,6 +176,40 @@ def test_knn_matches_numpy():
     np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - kth, 0.0)), want, atol=2e-6)
 
 
+@pytest.mark.parametrize("block_rows", [None, 32])  # one block; four, the last padded
+def test_knn_scores_under_vmap_over_k_as_each_k_alone(block_rows):
+  train, labels, kernel, bias, test = _problem()
+  knn = scorers.get("knn")
+  blocks = {} if block_rows is None else {"block_rows": block_rows}
+  ks = (1, 3, 7)
+  states = [knn.fit(train, labels, kernel, bias, k=k, k_max=max(ks), **blocks) for k in ks]
+  assert {s.k_max for s in states} == {7} and [int(s.k) for s in states] == list(ks)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  z = jnp.asarray(test / (np.linalg.norm(test, axis=1, keepdims=True) + 1e-10), jnp.float32)
+  for k, state in zip(ks, states):
+    alone = knn.fit(train, labels, kernel, bias, k=k, **blocks)  # k_max = k
+    assert alone.k_max == k
+    want = np.asarray(knn.score(alone, test))
+    np.testing.assert_allclose(np.asarray(knn.score(state, test)), want, rtol=1e-6, atol=1e-6)
+    if block_rows is None:  # both one-block selections, traced k
+      for radix in (True, False):
+        kth = jax.vmap(lambda s: _knn._kth_one_block(s, z, radix=radix))(stacked)
+        np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - np.asarray(kth[ks.index(k)]), 0)),
+                                   want, atol=2e-6)
+  vmapped = np.asarray(jax.vmap(knn.score, in_axes=(0, None))(stacked, test))
+  for row, k in zip(vmapped, ks):
+    np.testing.assert_allclose(row, np.asarray(knn.score(knn.fit(
+        train, labels, kernel, bias, k=k, **blocks), test)), rtol=1e-6, atol=1e-6)
+
+
+def test_knn_k_max_is_at_least_k_and_capped_at_the_bank():
+  train, labels, kernel, bias, _ = _problem()
+  knn = scorers.get("knn")
+  with pytest.raises(ValueError, match="k_max must be at least k = 5, got 4"):
+    knn.fit(train, labels, kernel, bias, k=5, k_max=4)
+  assert knn.fit(train, labels, kernel, bias, k=5, k_max=10 * N).k_max == N
+
+
 def test_vim_matches_numpy_as_the_official_code_computes_it():
   train, labels, kernel, bias, test = _problem()
   w = kernel.T.astype(np.float64)  # PyTorch layout

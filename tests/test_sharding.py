@@ -117,13 +117,45 @@ def test_computation_ran_over_eight_devices(report):
   assert report["sums_dtype"] == "float64" and report["sums_devices"] == 8
 
 
-def test_shard_batch_pads_with_fill_on_one_device():
+_PAD_SCRIPT = textwrap.dedent("""
+    import json
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from line_jax import sharding
+
+    mesh = sharding.batch_mesh()
+    out = {"devices": len(jax.devices())}
+    # 5 rows over 4 devices: 3 padding rows; NumPy and JAX inputs, 1-D and 2-D.
+    for name, x, fill in (("numpy", np.arange(5, dtype=np.float32), -1),
+                          ("jax", jnp.arange(10, dtype=jnp.int32).reshape(5, 2), 7),
+                          ("whole", np.arange(8, dtype=np.float32), -1)):
+      y = sharding.shard_batch(x, mesh, fill=fill)
+      out[name] = {"rows": np.asarray(y).tolist(),
+                   "shards": sorted(s.data.shape[0] for s in y.addressable_shards),
+                   "spec": list(y.sharding.spec)}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_shard_batch_pads_with_fill():
+  # One device pads nothing; four do, so the padding rows exist to be checked.
   mesh = sharding.batch_mesh()
   x = sharding.shard_batch(np.arange(5, dtype=np.float32), mesh, fill=-1)
-  d = mesh.devices.size
-  assert x.shape == (sharding.padded_size(5, mesh),) and x.shape[0] % d == 0
+  assert x.shape == (sharding.padded_size(5, mesh),)
   np.testing.assert_array_equal(np.asarray(x)[:5], np.arange(5))
-  assert np.all(np.asarray(x)[5:] == -1)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", _PAD_SCRIPT], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-4000:]
+  out = json.loads([l for l in run.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+  assert out["devices"] == 4
+  assert out["numpy"]["rows"] == [0, 1, 2, 3, 4, -1, -1, -1]
+  assert out["jax"]["rows"] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [7, 7], [7, 7], [7, 7]]
+  assert out["whole"]["rows"] == list(range(8))  # a multiple of 4: no padding
+  for name in ("numpy", "jax", "whole"):
+    assert out[name]["shards"] == [2, 2, 2, 2] and out[name]["spec"] == ["batch"]
 
 
 def test_batches_cut_keeps_every_row_once():

@@ -13,6 +13,11 @@ ImageNet (`bank_fraction=0.01`).
 one with the k-th largest `2 z.b - ||b||^2`: one matrix product per bank block
 and an exact selection (`||b||^2` is 1 except for all-zero features).
 
+The rank k is data (an int32 leaf of the state), so states at several k stack
+under `vmap` (`line_jax.tune`); the static `k_max` (k by default) fixes the
+width of the top-k a score call keeps, and the k-th nearest is entry k - 1 of
+those `k_max` best.
+
 Scale: the bank lives on the device as `[blocks, block_rows, features]`
 float32 (ImageNet: 1.28 M x 2048 = 10.5 GB; 105 MB at `bank_fraction=0.01`).
 A score call walks the blocks with `lax.scan`, merging each block's
@@ -46,8 +51,10 @@ BLOCK_ROWS = 32768
 _EPS = 1e-10
 # Near neighbours have dot products close to 1; TF32 would blur them.
 _PRECISION = jax.lax.Precision.HIGHEST
-# The tuning grid (`python -m line_jax.tune`).
-GRID = {"k": (1, 5, 10, 20, 50, 100, 200)}
+# The tuning grid (`python -m line_jax.tune`). One top-k width for every k, so
+# the grid's states stack and one selection serves them all.
+_GRID_K = (1, 5, 10, 20, 50, 100, 200)
+GRID = {"k": _GRID_K, "k_max": (max(_GRID_K),)}
 
 
 
@@ -59,23 +66,29 @@ class KnnState:
     bank: `[blocks, block_rows, features]` float32 normalised training
       features; rows past `size` are zero padding.
     sq_norms: `[blocks, block_rows]` float32 squared norms of the bank rows.
+    k: int32 scalar, the neighbour rank, in `[1, k_max]`.
     size: static number of real rows in the bank.
-    k: static neighbour rank.
+    k_max: static width of the top-k selection, at least k and at most
+      `size` (fit caps it there).
   """
 
   bank: jax.Array
   sq_norms: jax.Array
+  k: jax.Array
   size: int = flax.struct.field(pytree_node=False)
-  k: int = flax.struct.field(pytree_node=False)
+  k_max: int = flax.struct.field(pytree_node=False)
 
 
-def _hparams(k, bank_fraction, seed, block_rows):
+def _hparams(k, bank_fraction, seed, block_rows, k_max):
   k = _common.integer("k", k)
+  k_max = k if k_max is None else _common.integer("k_max", k_max)
+  if k_max < k:
+    raise ValueError(f"k_max must be at least k = {k}, got {k_max}")
   fraction = _validation.positive("bank_fraction", bank_fraction)
   if fraction > 1.0:
     raise ValueError(f"bank_fraction must lie in (0, 1], got {bank_fraction}")
   seed = _common.integer("seed", seed, low=0)
-  return k, fraction, seed, _common.integer("block_rows", block_rows)
+  return k, fraction, seed, _common.integer("block_rows", block_rows), k_max
 
 
 @jax.jit
@@ -101,7 +114,7 @@ class KnnAcc:
   Attributes:
     rows: `[kept, features]` float32 normalised rows (host memory).
     seen: int64 scalar, training samples read (the subsample's counter).
-    k, bank_fraction, seed, block_rows: static hyperparameters.
+    k, bank_fraction, seed, block_rows, k_max: static hyperparameters.
   """
 
   rows: np.ndarray
@@ -110,9 +123,11 @@ class KnnAcc:
   bank_fraction: float = flax.struct.field(pytree_node=False)
   seed: int = flax.struct.field(pytree_node=False)
   block_rows: int = flax.struct.field(pytree_node=False)
+  k_max: int = flax.struct.field(pytree_node=False)
 
 
-def init(kernel, bias, *, k=K, bank_fraction=1.0, seed=0, block_rows=BLOCK_ROWS) -> KnnAcc:
+def init(kernel, bias, *, k=K, bank_fraction=1.0, seed=0, block_rows=BLOCK_ROWS,
+         k_max=None) -> KnnAcc:
   """Starts the bank of normalised training features.
 
   Args:
@@ -122,11 +137,14 @@ def init(kernel, bias, *, k=K, bank_fraction=1.0, seed=0, block_rows=BLOCK_ROWS)
     bank_fraction: share of training samples kept in the bank, in (0, 1].
     seed: seed of the subsample.
     block_rows: bank rows per block of a score call (memory vs. speed).
+    k_max: width of the top-k selection, at least k (None: k), capped at the
+      bank size. Any k_max >= k gives the same scores; states that share it
+      stack under `vmap` whatever their k.
   """
   num_features, _ = _common.check_head(kernel, bias)
-  k, fraction, seed, block_rows = _hparams(k, bank_fraction, seed, block_rows)
+  k, fraction, seed, block_rows, k_max = _hparams(k, bank_fraction, seed, block_rows, k_max)
   return KnnAcc(np.zeros((0, num_features), np.float32), np.zeros((), np.int64),
-                k, fraction, seed, block_rows)
+                k, fraction, seed, block_rows, k_max)
 
 
 def update(acc: KnnAcc, features, labels) -> KnnAcc:
@@ -163,7 +181,9 @@ def finalize(acc: KnnAcc) -> KnnState:
   bank = np.zeros((blocks * block_rows, num_features), np.float32)
   bank[:size] = acc.rows
   bank = jnp.asarray(bank.reshape(blocks, block_rows, num_features))
-  return KnnState(bank, jnp.sum(bank * bank, axis=-1), size, acc.k)
+  # A top-k as wide as the bank already holds every neighbour.
+  return KnnState(bank, jnp.sum(bank * bank, axis=-1), jnp.asarray(acc.k, jnp.int32),
+                  size, min(acc.k_max, size))
 
 
 FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge)
@@ -174,14 +194,19 @@ def _affinity(z: jax.Array, block: jax.Array, sq_norms: jax.Array) -> jax.Array:
   return 2.0 * jnp.matmul(z, block.T, precision=_PRECISION) - sq_norms
 
 
+def _kth(best: jax.Array, k: jax.Array) -> jax.Array:
+  """`[batch]` entry k - 1 of `[batch, k_max]` values sorted largest first."""
+  return jax.lax.dynamic_index_in_dim(best, k - 1, axis=1, keepdims=False)
+
+
 def _kth_one_block(state: KnnState, z: jax.Array, *, radix: bool | None = None) -> jax.Array:
   """`[batch]` k-th largest affinity to a one-block bank.
 
   `radix` (default: on CPU) selects by radix selection down the bank-major
-  `[rows, batch]` affinities, the layout it reduces fastest; otherwise by
-  `lax.top_k` along `[batch, rows]`, which an H200 ran 1.6x faster than the
-  (unrolled) radix selection at 1024 x 2048, k = 50 (288 vs 459 us;
-  benchmarks/kernel_variants.py).
+  `[rows, batch]` affinities, the layout it reduces fastest, with the traced k
+  itself; otherwise by `lax.top_k` (width `k_max`) along `[batch, rows]`,
+  which an H200 ran 1.6x faster than the (unrolled) radix selection at
+  1024 x 2048, k = 50 (288 vs 459 us; benchmarks/kernel_variants.py).
   """
   bank, sq_norms = state.bank[0], state.sq_norms[0]
   if radix is None:
@@ -189,7 +214,7 @@ def _kth_one_block(state: KnnState, z: jax.Array, *, radix: bool | None = None) 
   if radix:
     affinity = 2.0 * jnp.matmul(bank, z.T, precision=_PRECISION) - sq_norms[:, None]
     return _select.kth_largest_per_column(affinity, state.k)
-  return jax.lax.top_k(_affinity(z, bank, sq_norms), state.k)[0][:, -1]
+  return _kth(jax.lax.top_k(_affinity(z, bank, sq_norms), state.k_max)[0], state.k)
 
 
 def _kth_blocks(state: KnnState, z: jax.Array) -> jax.Array:
@@ -201,12 +226,12 @@ def _kth_blocks(state: KnnState, z: jax.Array) -> jax.Array:
     affinity = _affinity(z, block, sq_norms)
     affinity = jnp.where(start + rows < state.size, affinity, -jnp.inf)
     merged = jnp.concatenate([best, affinity], axis=1)
-    return jax.lax.top_k(merged, state.k)[0], None
+    return jax.lax.top_k(merged, state.k_max)[0], None
 
-  best = jnp.full((z.shape[0], state.k), -jnp.inf, jnp.float32)
+  best = jnp.full((z.shape[0], state.k_max), -jnp.inf, jnp.float32)
   starts = jnp.arange(blocks) * block_rows
   best, _ = jax.lax.scan(merge, best, (state.bank, state.sq_norms, starts))
-  return best[:, -1]
+  return _kth(best, state.k)
 
 
 @jax.jit
