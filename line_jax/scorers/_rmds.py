@@ -55,15 +55,26 @@ def init(kernel, bias) -> _mahalanobis.ClassMoments:
   return _mahalanobis.init(kernel, bias)
 
 
+@jax.jit
+def _background(acc: _mahalanobis.ClassMoments) -> tuple[jax.Array, jax.Array]:
+  """Mean and covariance of all samples, float64 (x64 on), from the class moments.
+
+  Jitted, so a restored accumulator of NumPy arrays runs the same XLA
+  program as a fresh one (NumPy's own `@` would round differently).
+  """
+  counts = acc.counts.astype(jnp.float64)
+  total = jnp.sum(counts)
+  mean = counts @ acc.means / total
+  between = acc.means - mean
+  return mean, (acc.scatter + (between.T * counts) @ between) / total
+
+
 def finalize(acc: _mahalanobis.ClassMoments) -> RmdsState:
   """Both Gaussians from the class moments (float64 pseudo-inverses)."""
   classes = _mahalanobis.from_moments(acc)  # checks that every class has a sample
   with jax.enable_x64(True):
-    counts = acc.counts.astype(jnp.float64)
-    mean = counts @ acc.means / jnp.sum(counts)
-    between = acc.means - mean
-    scatter = acc.scatter + (between.T * counts) @ between
-    precision = jnp.linalg.pinv(scatter / jnp.sum(counts), hermitian=True)
+    mean, covariance = _background(acc)
+    precision = jnp.linalg.pinv(covariance, hermitian=True)
   return RmdsState(classes.center, classes.means, classes.precision, classes.mean_norms,
                    mean.astype(jnp.float32), precision.astype(jnp.float32))
 
