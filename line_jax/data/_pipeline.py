@@ -10,18 +10,21 @@ The stages, in grain's terms:
     MapDataset.source(source)           random access, nothing decoded
       [.shuffle(seed)]                  optional, seeded: same order every run
       [[start:stop] or [index::count]]  this JAX process's shard
-      .map(Preprocess)                  decode, colour, resize, crop
+    MapDataset.source(chunks)           each batch's records cut into chunks
+      .map(decode_chunk)                Preprocess each record, stack
       .to_iter_dataset(ReadOptions(num_threads=workers))
-      .batch(batch_size)                the last, partial batch is kept
+      .batch(chunks_per_batch)          concatenated; the last, partial
+                                        batch is kept
 
-Decoding runs in `workers` threads, one record per task: Pillow releases the
-GIL while it decodes and resizes, so threads scale here where worker
-processes would pay to start interpreters and to copy every image back.
-Batching comes after the threads (not before, as a per-batch map would) so
-that the work is split per image: every thread is busy even on a set of one
-batch, and the read-ahead buffer is counted in images, not in whole batches.
-The output order is the source's (or the seeded shuffle's) whatever the
-number of workers.
+Decoding runs in `workers` threads: Pillow releases the GIL while it decodes
+and resizes, so threads scale here where worker processes would pay to start
+interpreters and to copy every image back. A thread's task is a chunk of up
+to 32 records of one batch, not one record: grain hands each task from thread
+to thread through a future, which costs far more than a small image's
+decoding (measured in `benchmarks/results/`), and a chunk pays it once. A
+batch is still cut into at least `workers` chunks, so every thread is busy
+even on a set of one batch. The output order is the source's (or the seeded
+shuffle's) whatever the number of workers.
 
 An iterator's position is `batches.position(iterator)`: a small JSON-able
 dict that `batches.iterator(position)` resumes from, so the fit CLI can save
@@ -30,8 +33,9 @@ it with orbax next to its accumulators.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -102,7 +106,10 @@ class Preprocess:
           side = self.resize_size or self.image_size
           # Keeps both sides >= `side`, so the shorter side is still resized.
           pil.draft(self.mode, (side, side))
-        pixels = np.asarray(pil.convert(self.mode))
+        # Converting to the mode a file already has is a copy (Pillow's
+        # `convert` returns `self.copy()`): skipping it changes no pixel and
+        # saves about a fifth of a large RGB JPEG's decoding time.
+        pixels = np.asarray(pil if pil.mode == self.mode else pil.convert(self.mode))
     except (OSError, SyntaxError, ValueError) as e:
       # UnidentifiedImageError and truncated files are OSErrors.
       raise ValueError(f"cannot decode image file {os.fspath(path)}: {e}") from e
@@ -191,7 +198,8 @@ def image_batches(
     batch_size: records per batch; the last batch keeps the remainder.
     workers: decoding threads; None is `os.cpu_count()`, 0 decodes in the
       calling thread.
-    prefetch: records decoded ahead of the consumer; None is two batches.
+    prefetch: records decoded ahead of the consumer (rounded up to whole
+      chunks); None is two batches.
     shard: None reads every record. "contiguous" gives process `i` of `n` the
       records `[i * N // n, (i + 1) * N // n)`, a block of the files (better
       disk locality); "strided" gives it records `i, i + n, i + 2n, ...`.
@@ -211,17 +219,70 @@ def image_batches(
   workers = (os.cpu_count() or 1) if workers is None else workers
   if workers < 0:
     raise ValueError(f"workers must be >= 0, got {workers}")
-  prefetch = 2 * batch_size if prefetch is None else prefetch
-  dataset = grain.MapDataset.source(source)
+  records = grain.MapDataset.source(source)
   if seed is not None:
-    dataset = dataset.shuffle(seed)
+    records = records.shuffle(seed)
   if shard is not None:
-    dataset = shard_dataset(dataset, shard, process_index, process_count)
-  num_records = len(dataset)
-  dataset = dataset.map(preprocess).to_iter_dataset(
-      grain.ReadOptions(num_threads=workers, prefetch_buffer_size=prefetch))
-  return ImageBatches(dataset.batch(batch_size, drop_remainder=False),
-                      num_records, batch_size)
+    records = shard_dataset(records, shard, process_index, process_count)
+  per_batch = -(-batch_size // min(MAX_CHUNK, max(1, batch_size // max(workers, 1))))
+  chunks = _Chunks(len(records), batch_size, per_batch)
+  prefetch = 2 * batch_size if prefetch is None else prefetch
+  dataset = grain.MapDataset.source(chunks).map(
+      functools.partial(_decode_chunk, records, preprocess))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=workers,
+      prefetch_buffer_size=-(-max(prefetch, 0) * per_batch // batch_size)))
+  return ImageBatches(dataset.batch(per_batch, batch_fn=_concatenate),
+                      len(records), batch_size)
+
+
+# Records per thread task at most: enough to make grain's hand-off between
+# threads negligible next to decoding even 32x32 JPEGs, few enough that a
+# batch of 256 still feeds 8 threads.
+MAX_CHUNK = 32
+
+
+class _Chunks(Sequence):
+  """Record ranges `(start, stop)`: each batch cut into `per_batch` chunks.
+
+  Batch `b` covers records `[b * batch_size, min((b + 1) * batch_size, n))`;
+  it is cut into `per_batch` near-equal ranges (fewer for a last batch
+  smaller than `per_batch`, so that no range is empty). Grouping the chunks
+  `per_batch` at a time then gives back exactly the batches.
+  """
+
+  def __init__(self, n: int, batch_size: int, per_batch: int):
+    self.n, self.batch_size, self.per_batch = n, batch_size, per_batch
+    self.full, last = divmod(n, batch_size)
+    self.last_chunks = min(per_batch, last)
+
+  def __len__(self) -> int:
+    return self.full * self.per_batch + self.last_chunks
+
+  def __getitem__(self, index: int) -> tuple[int, int]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"chunk {index} out of range for {len(self)}")
+    batch, part = divmod(index, self.per_batch)
+    start = batch * self.batch_size
+    size = min(self.batch_size, self.n - start)
+    parts = self.per_batch if batch < self.full else self.last_chunks
+    return start + part * size // parts, start + (part + 1) * size // parts
+
+
+def _decode_chunk(records, preprocess, bounds: tuple[int, int]):
+  outputs = [preprocess(records[i]) for i in range(*bounds)]
+  return _concatenate([(image[None], np.asarray([label], np.int32))
+                       for image, label in outputs])
+
+
+def _concatenate(parts):
+  try:
+    return (np.concatenate([images for images, _ in parts]),
+            np.concatenate([labels for _, labels in parts]))
+  except ValueError as e:
+    shapes = sorted({images.shape[1:] for images, _ in parts})
+    raise ValueError(f"images of one batch differ in shape {shapes}: give "
+                     "Preprocess an image_size to resize and crop them") from e
 
 
 def shard_dataset(dataset: grain.MapDataset, mode: str, index: int | None = None,
