@@ -116,7 +116,7 @@ def test_iter_extract_batches_passes_positions_through_for_resuming(tiny):
 
   out = list(features.iter_extract_batches(model, variables, with_positions(), mean=MEAN,
                                            std=STD, progress=False))
-  assert [o[3]["grain"]["next_index"] for o in out] == [8, 16, 24, 32, 37]
+  assert [o[3]["next_record"] for o in out] == [8, 16, 24, 32, 37]
   # Resuming after the second batch gives the rest of the features.
   rest = list(features.iter_extract_batches(model, variables, batches.iterator(out[1][3]),
                                             mean=MEAN, std=STD, progress=False))

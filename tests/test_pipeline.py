@@ -177,11 +177,17 @@ def test_order_is_deterministic_for_any_worker_count(jpeg_folder):
     np.testing.assert_array_equal(labels, runs[0][1])
 
 
-def test_last_partial_batch_is_kept():
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 7, 64])
+@pytest.mark.parametrize("workers", [0, 2, 5])
+def test_last_partial_batch_is_kept(batch_size, workers):
+  # Batches are decoded in chunks per thread; whatever the cut, they come
+  # back whole and in order.
   source = data.ArraySource(np.arange(11 * 4, dtype=np.uint8).reshape(11, 2, 2, 1))
-  batches = data.image_batches(source, data.Preprocess(channels=1), batch_size=4)
-  assert len(batches) == 3
-  assert [b[0].shape[0] for b in batches] == [4, 4, 3]
+  batches = data.image_batches(source, data.Preprocess(channels=1), batch_size=batch_size,
+                               workers=workers)
+  sizes = [batch_size] * (11 // batch_size) + ([11 % batch_size] if 11 % batch_size else [])
+  assert len(batches) == len(sizes)
+  assert [b[0].shape[0] for b in batches] == sizes
   np.testing.assert_array_equal(_all(batches)[0], source.images)
 
 
@@ -195,6 +201,7 @@ def test_position_resumes_exactly_the_remaining_batches(tmp_path):
     for _ in range(consumed):
       next(iterator)
     position = json.loads(json.dumps(batches.position(iterator)))  # As saved.
+    assert position["next_record"] == min(3 * consumed, 11)
     rest = list(batches.iterator(position))
     assert len(rest) == len(full) - consumed
     for (gi, gl), (wi, wl) in zip(rest, full[consumed:]):
@@ -203,6 +210,8 @@ def test_position_resumes_exactly_the_remaining_batches(tmp_path):
   other = data.image_batches(data.ImageFolderSource(root), data.Preprocess(5), batch_size=4)
   with pytest.raises(ValueError, match="another stream"):
     other.iterator(position)
+  with pytest.raises(ValueError, match="not between two batches"):
+    batches.iterator({**position, "next_record": 4})
 
 
 @pytest.mark.parametrize("mode", ["contiguous", "strided"])
@@ -383,5 +392,5 @@ def test_workers_default_to_the_cpu_count_and_prefetch_to_two_batches():
                                data.Preprocess(channels=1), batch_size=1)
   options = batches.dataset._parent._read_options  # pylint: disable=protected-access
   assert options.num_threads == os.cpu_count()
-  assert options.prefetch_buffer_size == 2
+  assert options.prefetch_buffer_size == 2 * batches.chunks.per_batch  # Two batches.
   assert _pipeline.SHARD_MODES == ("contiguous", "strided")

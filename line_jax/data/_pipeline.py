@@ -27,7 +27,8 @@ even on a set of one batch. The output order is the source's (or the seeded
 shuffle's) whatever the number of workers.
 
 An iterator's position is `batches.position(iterator)`: a small JSON-able
-dict that `batches.iterator(position)` resumes from, so the fit CLI can save
+dict of ints (the next batch's first record, the stream's length and batch
+size) that `batches.iterator(position)` resumes from, so the fit CLI can save
 it with orbax next to its accumulators.
 """
 
@@ -138,11 +139,13 @@ class ImageBatches:
     dataset: the grain `IterDataset`.
     num_records: records in this process's shard.
     batch_size: records per batch (the last batch may hold fewer).
+    chunks: how batches are cut into thread tasks (grain counts those).
   """
 
   dataset: grain.IterDataset
   num_records: int
   batch_size: int
+  chunks: _Chunks
 
   def __len__(self) -> int:
     """Number of batches, the last partial one included."""
@@ -156,7 +159,7 @@ class ImageBatches:
 
     Raises:
       ValueError: if `position` was saved from a stream of another length or
-        batch size.
+        batch size, or is not between two batches.
     """
     iterator = iter(self.dataset)
     if position is not None:
@@ -165,17 +168,26 @@ class ImageBatches:
         raise ValueError(
             f"position {position} was saved from another stream: this one has "
             f"{self.num_records} records in batches of {self.batch_size}")
-      iterator.set_state(position["grain"])
+      record = position["next_record"]
+      if not (0 <= record <= self.num_records and (
+          record % self.batch_size == 0 or record == self.num_records)):
+        raise ValueError(f"position {position} is not between two batches")
+      batch = -(-record // self.batch_size)
+      # grain's own state: the index of the next chunk (thread task).
+      iterator.set_state({"next_index": min(batch * self.chunks.per_batch,
+                                            len(self.chunks))})
     return iterator
 
-  def position(self, iterator: grain.DatasetIterator) -> dict[str, Any]:
+  def position(self, iterator: grain.DatasetIterator) -> dict[str, int]:
     """Where `iterator` is, as a JSON-able dict of ints.
 
-    Taken between batches, it resumes at the batch after the last one
-    `iterator` returned.
+    `next_record` is the first record of the next batch (`num_records` at
+    the end); `iterator(position)` resumes there.
     """
-    return {"grain": iterator.get_state(), "num_records": self.num_records,
-            "batch_size": self.batch_size}
+    chunk = iterator.get_state()["next_index"]
+    batch = -(-chunk // self.chunks.per_batch)
+    return {"next_record": min(batch * self.batch_size, self.num_records),
+            "num_records": self.num_records, "batch_size": self.batch_size}
 
 
 def image_batches(
@@ -233,7 +245,7 @@ def image_batches(
       num_threads=workers,
       prefetch_buffer_size=-(-max(prefetch, 0) * per_batch // batch_size)))
   return ImageBatches(dataset.batch(per_batch, batch_fn=_concatenate),
-                      len(records), batch_size)
+                      len(records), batch_size, chunks)
 
 
 # Records per thread task at most: enough to make grain's hand-off between
