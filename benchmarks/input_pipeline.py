@@ -18,7 +18,9 @@ On the same folder of JPEGs, in the same run, images/s of:
 
 Each setting is timed over the whole folder (worker start-up included, as an
 epoch pays it), `rounds` times, the implementations taking turns, and the
-median rate is reported. Files are in the page cache (just written, or read
+median rate is reported, with the median CPU time per image (all threads and
+worker processes), which a busy neighbour on a shared machine moves far less
+than the wall clock. Files are in the page cache (just written, or read
 by a warm-up pass), so this measures decoding, not the disk.
 
 The default folder is made here: 3,000 500x375 (and some 375x500) JPEGs,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import resource
 import statistics
 import sys
 import tempfile
@@ -205,6 +208,14 @@ def run_features_in_memory(images: np.ndarray, *, batch_size: int, net) -> int:
                           batch_size=batch_size, progress=False)[1].shape[0]
 
 
+def _cpu_seconds() -> float:
+  # This process's threads and its reaped children (DataLoader workers are
+  # joined at the end of each pass, so their time is counted too).
+  own, children = (resource.getrusage(who) for who in
+                   (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def measure(cases: list[dict], rounds: int) -> list[dict]:
   """Times every case `rounds` times, case after case in each round.
 
@@ -214,19 +225,25 @@ def measure(cases: list[dict], rounds: int) -> list[dict]:
     rounds: passes of each case.
 
   Returns:
-    One record per case: its fields, `images`, `images_per_s` (median) and
-    `rates` (every round's).
+    One record per case: its fields, `images`, `images_per_s` (median of
+    wall-clock rates), `rates` (every round's) and `cpu_ms_per_image`
+    (median CPU time, all threads and worker processes): on a shared
+    machine the wall clock depends on the neighbours' load, CPU time much
+    less.
   """
   rates = [[] for _ in cases]
+  cpu = [[] for _ in cases]
   counts = [0] * len(cases)
   for _ in range(rounds):
     for i, case in enumerate(cases):
-      start = time.perf_counter()
+      cpu_start, start = _cpu_seconds(), time.perf_counter()
       counts[i] = case["run"]()
       rates[i].append(counts[i] / (time.perf_counter() - start))
+      cpu[i].append(1e3 * (_cpu_seconds() - cpu_start) / counts[i])
   return [{**{k: v for k, v in case.items() if k != "run"}, "images": n,
-           "images_per_s": statistics.median(r), "rates": r}
-          for case, n, r in zip(cases, counts, rates)]
+           "images_per_s": statistics.median(r), "rates": r,
+           "cpu_ms_per_image": statistics.median(c)}
+          for case, n, r, c in zip(cases, counts, rates, cpu)]
 
 
 def pipeline_cases(source, folder_name: str, settings: dict, workers_list, batch_size: int,
@@ -288,14 +305,15 @@ def table(records: list[dict]) -> str:
   torch_rate = {(r["folder"], r["setting"], r["workers"]): r["images_per_s"]
                 for r in records if r["path"] == "torch DataLoader"}
   lines = ["| folder | setting | path | workers | images | images/s | rounds (images/s) "
-           "| vs torch, same workers |", "|---|---|---|---|---|---|---|---|"]
+           "| vs torch, same workers | CPU ms/image |", "|---|---|---|---|---|---|---|---|---|"]
   for r in records:
     ref = torch_rate.get((r["folder"], r["setting"], r["workers"]))
     ratio = "-" if ref is None or r["path"] == "torch DataLoader" else (
         f"{r['images_per_s'] / ref:.2f}x")
     rounds = ", ".join(f"{x:,.0f}" for x in r["rates"])
     lines.append(f"| {r['folder']} | {r['setting']} | {r['path']} | {r['workers']} | "
-                 f"{r['images']:,} | {r['images_per_s']:,.0f} | {rounds} | {ratio} |")
+                 f"{r['images']:,} | {r['images_per_s']:,.0f} | {rounds} | {ratio} | "
+                 f"{r['cpu_ms_per_image']:.2f} |")
   return "\n".join(lines)
 
 

@@ -58,5 +58,6 @@ def test_measure_table_and_chart(folder, tmp_path):
   json.dumps(records)  # What the result file holds.
   text = bench.table(records)
   assert text.count("\n") == 3 and "x |" in text.splitlines()[2]
+  assert all(r["cpu_ms_per_image"] >= 0 for r in records)
   bench.chart(records, str(tmp_path / "c.png"), "title")
   assert (tmp_path / "c.png").stat().st_size > 0
