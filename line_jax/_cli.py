@@ -46,6 +46,41 @@ def add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
+def add_distributed(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("multi-host (run the same command in every process)")
+  g.add_argument("--coordinator", default=None,
+                 help="HOST:PORT of process 0; 'auto' lets JAX find its peers (Cloud TPU, "
+                      "SLURM, Open MPI)")
+  g.add_argument("--num-processes", type=int, default=None, help="processes in all")
+  g.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """`jax.distributed.initialize` from the flags, before anything touches JAX."""
+  if args.coordinator is None:
+    if args.num_processes is not None or args.process_id is not None:
+      raise ValueError("--num-processes and --process-id need --coordinator")
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if args.coordinator == "auto":
+    jax.distributed.initialize()
+    return
+  if args.num_processes is None or args.process_id is None:
+    raise ValueError("--coordinator HOST:PORT needs --num-processes and --process-id")
+  if not 0 <= args.process_id < args.num_processes:
+    raise ValueError(f"--process-id {args.process_id} is not in [0, {args.num_processes})")
+  jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
+                             process_id=args.process_id, initialization_timeout=120)
+
+
+def barrier(name: str) -> None:
+  """All processes wait here (no-op on one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 @contextlib.contextmanager
 def user_errors(*, resumable: bool = False) -> Iterator[None]:
   """Turns user errors into one line and exit code 2, Ctrl-C into a hint."""
@@ -140,11 +175,14 @@ def parse_hparams(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict]
   return hparams
 
 
-class _First(Sequence):
-  """The first `n` records of a source."""
+class _Range(Sequence):
+  """Records `[start, stop)` of a source."""
 
-  def __init__(self, source, n: int):
-    self._source, self._n = source, min(n, len(source))
+  def __init__(self, source, start: int, stop: int):
+    self._source, self._start = source, start
+    self._n = max(0, min(stop, len(source)) - start)
+    self.labels = (None if getattr(source, "labels", None) is None
+                   else np.asarray(source.labels)[start:start + self._n])
 
   def __len__(self) -> int:
     return self._n
@@ -152,7 +190,20 @@ class _First(Sequence):
   def __getitem__(self, index: int):
     if not 0 <= index < self._n:
       raise IndexError(index)
-    return self._source[index]
+    return self._source[self._start + index]
+
+
+def batch_shard(num_records: int, batch_size: int, index: int, count: int) -> tuple[int, int]:
+  """Process `index` of `count`'s records `[start, stop)`, whole batches each.
+
+  Shard boundaries fall on multiples of `batch_size`, so every process's
+  batches are exactly the batches one process would read (the same rows
+  together, so the model computes the same bits), and only the last shard
+  ends with a partial batch.
+  """
+  batches = -(-num_records // batch_size)
+  first, last = index * batches // count, (index + 1) * batches // count
+  return min(first * batch_size, num_records), min(last * batch_size, num_records)
 
 
 @dataclasses.dataclass
@@ -173,15 +224,23 @@ class Model:
 
   def batches(self, dataset: str, split: str, batch_size: int, *, workers: int | None = None,
               limit: int | None = None):
-    """The grain pipeline over `dataset`'s `split`, preprocessed for this model."""
+    """The grain pipeline over `dataset`'s `split`, preprocessed for this model.
+
+    On multi-host each process reads its own contiguous shard of whole
+    batches (`batch_shard`).
+    """
+    import jax  # pylint: disable=g-import-not-at-top
     from line_jax import data  # pylint: disable=g-import-not-at-top
     from line_jax.data import _named  # pylint: disable=g-import-not-at-top
     source = _named.open_source(dataset, split)
     if limit is not None:
-      source = _First(source, limit)
+      source = _Range(source, 0, limit)
     if len(source) == 0:
       raise ValueError(f"dataset {dataset!r} ({split}) holds no image")
     _check_labels(getattr(source, "labels", None), int(self.config["num_classes"]), dataset)
+    if jax.process_count() > 1:
+      source = _Range(source, *batch_shard(len(source), batch_size, jax.process_index(),
+                                           jax.process_count()))
     height, width, channels = self.config["input_shape"]
     if height != width:
       raise ValueError(f"the model takes {height}x{width} inputs; only square crops are made")

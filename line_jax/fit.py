@@ -10,6 +10,14 @@ scorer folds over the one stream (`line_jax.fold`); `DIR/<scorer>` holds
 each fitted state (`line_jax.load`). Killed at any moment and run again with
 the same arguments, the run resumes from its last saved batch to
 bit-identical states; other arguments on a resume are refused.
+
+Multi-host: run the same command in every process with `--coordinator
+HOST:PORT --num-processes N --process-id I` (or `--coordinator auto` on Cloud
+TPU, SLURM, Open MPI). Each process reads its own contiguous shard of the
+dataset into the shared `--out` (`features.pI.npy`); each progress save is
+one orbax step holding every process's accumulators and position (process 0
+writes it); the accumulators are merged across processes at the end of each
+pass, and process 0 writes args.json and the states.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--max-examples", type=int, default=None, help="only the first N images")
   p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding threads")
   _cli.add_common(p)
+  _cli.add_distributed(p)
   return p
 
 
@@ -56,15 +65,26 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     if value is not None and value < 1:
       raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
   dataset = args.dataset if not os.path.isdir(args.dataset) else os.path.abspath(args.dataset)
-  return dict(checkpoint=os.path.abspath(args.checkpoint), dataset=dataset, scorers=names,
-              hparams=_cli.parse_hparams(args.hparam, names), batch_size=args.batch_size,
-              save_every=args.save_every, max_examples=args.max_examples)
+  config = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=dataset, scorers=names,
+                hparams=_cli.parse_hparams(args.hparam, names), batch_size=args.batch_size,
+                save_every=args.save_every, max_examples=args.max_examples)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:  # A resume must keep the process count (the shards).
+    config["num_processes"] = jax.process_count()
+  return config
 
 
 def _claim(out: str, config: dict[str, Any]) -> None:
-  """Writes args.json, or checks that a resumed run has the same arguments."""
+  """Writes args.json (process 0), or checks that a resumed run has the same arguments."""
+  import jax  # pylint: disable=g-import-not-at-top
   path = os.path.join(out, ARGS_FILE)
-  if os.path.exists(path):
+  resumed = os.path.exists(path)
+  _cli.barrier("line_jax.fit:claim")  # Everyone has looked before process 0 writes.
+  if jax.process_index() == 0 and not resumed:
+    os.makedirs(out, exist_ok=True)
+    _cli.write_json(path, config)
+  _cli.barrier("line_jax.fit:claimed")
+  if resumed:
     with open(path) as f:
       stored = json.load(f)
     if stored != config:
@@ -73,9 +93,6 @@ def _claim(out: str, config: dict[str, Any]) -> None:
       raise ValueError(
           f"{out} holds a run started with other arguments ({'; '.join(diff)}); "
           "run again with the same arguments to resume, or choose another --out")
-    return
-  os.makedirs(out, exist_ok=True)
-  _cli.write_json(path, config)
 
 
 def run(config: dict[str, Any], out: str, *, workers: int | None = None,
@@ -107,6 +124,7 @@ def load_state(out: str | os.PathLike, name: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> None:
   args = _parser().parse_args(argv)
   with _cli.user_errors(resumable=True):
+    _cli.init_distributed(args)
     config = _resolve(args)
     run(config, args.out, workers=args.workers, quiet=args.quiet)
   print(f"wrote {', '.join(config['scorers'])} to {os.path.abspath(args.out)}", file=sys.stderr)

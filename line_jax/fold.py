@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 import functools
+import json
 import os
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ import orbax.checkpoint as ocp
 from line_jax import features as features_lib
 from line_jax import scorers
 from line_jax.scorers import _common
+from line_jax.scorers import _protocol
 
 FEATURES_FILE = "features.npy"
 LABELS_FILE = "labels.npy"
@@ -49,10 +51,12 @@ class Stream(Protocol):
   `batches(position)` iterates from `position` (None: the start), yielding
   `(features [b, m] float32, labels [b] int, position_after)`, where
   `position_after` is a JSON-able value that resumes after that batch.
-  `num_samples` is the stream's length.
+  `num_samples` and `num_batches` are the stream's length in samples and
+  in batches.
   """
 
   num_samples: int
+  num_batches: int
 
   def batches(self, position: Any | None) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
     ...
@@ -114,71 +118,110 @@ def fit_stream(
   two_pass = [n for n in readers if folds[n].passes > 1]
   needs_labels = any(folds[n].needs_labels for n in readers)
 
+  pid = jax.process_index()
+  suffix = f".p{pid}" if jax.process_count() > 1 else ""
   manager = ocp.CheckpointManager(
       os.path.join(os.path.abspath(out), PROGRESS_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
   step = manager.latest_step()
   position, done = None, 0
   if step is not None:
-    with jax.enable_x64(True):  # float64 / int64 accumulators restore as such.
-      saved = manager.restore(step, args=ocp.args.Composite(
-          accs=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    accs.update({k: flax.serialization.from_state_dict(accs[k], saved.accs[k])
+    saved = manager.restore(step, args=ocp.args.StandardRestore())
+    mine = flax.serialization.msgpack_restore(np.asarray(saved[f"p{pid}"]).tobytes())
+    accs.update({k: flax.serialization.from_state_dict(accs[k], mine["accs"][k])
                  for k in readers})
-    position, done = saved.meta["position"], int(saved.meta["rows"])
+    position, done = json.loads(mine["position"]), int(mine["rows"])
   n = stream.num_samples
   rows = labels_all = None
   if two_pass:
-    rows = _memmap(os.path.join(out, FEATURES_FILE), (n, num_features), np.float32,
-                   fresh=step is None)
-    labels_all = _memmap(os.path.join(out, LABELS_FILE), (n,), np.int32, fresh=step is None)
+    rows = _memmap(os.path.join(out, FEATURES_FILE.replace(".npy", suffix + ".npy")),
+                   (n, num_features), np.float32, fresh=step is None)
+    labels_all = _memmap(os.path.join(out, LABELS_FILE.replace(".npy", suffix + ".npy")), (n,),
+                         np.int32, fresh=step is None)
+  # A save is collective: every process's accumulators and position go into
+  # one orbax step (process 0 writes it). So saves fall on batch indices that
+  # every process reaches, up to the shortest shard's count, and at the end.
+  common = _smallest(stream.num_batches)
 
   def save(index: int) -> None:
     if rows is not None:
       rows.flush()  # The rows a saved step vouches for are on disk first.
       labels_all.flush()
-    manager.save(index, args=ocp.args.Composite(
-        accs=ocp.args.StandardSave(
-            {k: flax.serialization.to_state_dict(jax.tree.map(np.asarray, accs[k]))
-             for k in readers}),
-        meta=ocp.args.JsonSave({"position": position, "rows": done})))
+    mine = flax.serialization.msgpack_serialize({
+        "accs": {k: flax.serialization.to_state_dict(jax.tree.map(np.asarray, accs[k]))
+                 for k in readers},
+        "position": json.dumps(position), "rows": done})
+    parts = _protocol.gather_bytes(mine)
+    manager.save(index, args=ocp.args.StandardSave(
+        {f"p{i}": np.frombuffer(part, np.uint8) for i, part in enumerate(parts)}))
 
   index = step or 0
   if done and on_batch is not None:
     on_batch(done)  # Resumed: the progress starts where the saved step ended.
-  if readers and done < n:
-    for features, labels, position in stream.batches(position):
-      _common.check_batch(features, labels, num_features, num_classes,
-                          needs_labels=needs_labels)
-      for name in readers:
-        accs[name] = folds[name].update(accs[name], features, labels)
-      size = features.shape[0]
-      if rows is not None:
-        rows[done:done + size] = features
-        labels_all[done:done + size] = labels
-      done += size
-      index += 1
-      if on_batch is not None:
-        on_batch(size)
-      if index % save_every == 0:
-        save(index)
-    if done != n:
-      raise ValueError(f"the stream held {done} samples, expected {n}")
-    save(index)
-  if readers and n == 0:
-    raise _common.no_batches()
+  final = _largest(stream.num_batches)  # The last save's step, the same everywhere.
+  if readers:
+    if done < n:
+      for features, labels, position in stream.batches(position):
+        _common.check_batch(features, labels, num_features, num_classes,
+                            needs_labels=needs_labels)
+        for name in readers:
+          accs[name] = folds[name].update(accs[name], features, labels)
+        size = features.shape[0]
+        if rows is not None:
+          rows[done:done + size] = features
+          labels_all[done:done + size] = labels
+        done += size
+        index += 1
+        if on_batch is not None:
+          on_batch(size)
+        if index % save_every == 0 and index <= common and index < final:
+          save(index)
+      if done != n:
+        raise ValueError(f"the stream held {done} samples, expected {n}")
+    if step != final:
+      save(final)
   manager.wait_until_finished()
   manager.close()
+  if readers and _samples(n) == 0:
+    raise _common.no_batches()
 
-  for name in two_pass:
-    fold, acc = folds[name], accs[name]
-    batches = _Rows(rows, labels_all, 1024)
+  for name in readers:
+    fold, acc = folds[name], _merged(folds[name], accs[name])
     for _ in range(fold.passes - 1):
       acc = fold.next_pass(acc)
-      for features, labels in batches:
+      for features, labels in _Rows(rows, labels_all, 1024):
         acc = fold.update(acc, features, labels)
+      acc = _merged(fold, acc)
     accs[name] = acc
   return {name: folds[name].finalize(accs[name]) for name in folds}
+
+
+def _every(count: int) -> np.ndarray:
+  """Every process's `count`, in process order."""
+  if jax.process_count() == 1:
+    return np.asarray([count])
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.ravel(multihost_utils.process_allgather(np.asarray([count], np.int64)))
+
+
+def _smallest(count: int) -> int:
+  return int(np.min(_every(count)))
+
+
+def _largest(count: int) -> int:
+  return int(np.max(_every(count)))
+
+
+def _samples(n: int) -> int:
+  """The sample count of all processes' streams together."""
+  return int(np.sum(_every(n)))
+
+
+def _merged(fold, acc):
+  """Every process's accumulator merged in process order (itself on one process)."""
+  if jax.process_count() == 1:
+    return acc
+  return _protocol.merge_all(fold, _protocol.gather(acc))
 
 
 class ImageFeatures:
@@ -195,6 +238,7 @@ class ImageFeatures:
     self._extract = functools.partial(features_lib.extract, model, variables, mean=mean,
                                       std=std, batch_size=batches.batch_size, progress=False)
     self.num_samples = batches.num_records
+    self.num_batches = len(batches)
 
   def batches(self, position):
     iterator = self._batches.iterator(position)

@@ -106,16 +106,29 @@ def save(path: str | os.PathLike, state: Any) -> None:
   except TypeError as e:
     raise TypeError(f"a static field of {type(state).__name__} is not a JSON value: {e}") from e
   tmp = path + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+  # On multi-host every process calls `save` with the same state; process 0
+  # alone touches the files, orbax's save is collective.
+  primary = jax.process_index() == 0
+  if primary:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  _sync("line_jax.save:" + path)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(tmp, _ARRAYS), leaves)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  with open(os.path.join(tmp, _META), "w") as f:
-    f.write(text + "\n")
-  shutil.rmtree(path, ignore_errors=True)
-  os.replace(tmp, path)  # A reader sees no folder or a whole one.
+  if primary:
+    with open(os.path.join(tmp, _META), "w") as f:
+      f.write(text + "\n")
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)  # A reader sees no folder or a whole one.
+  _sync("line_jax.saved:" + path)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
 
 
 def load(path: str | os.PathLike) -> Any:

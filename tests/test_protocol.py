@@ -96,3 +96,23 @@ def test_accumulator_survives_an_orbax_round_trip_mid_stream(name, tmp_path):
     chex.assert_trees_all_close(fold.finalize(a),
                                 scorers.get(name).fit(train, labels, kernel, bias, **hparams),
                                 rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_merging_numpy_accumulators_keeps_float64(name):
+  """Accumulators back from other processes are NumPy: merging them is exact."""
+  train, labels, kernel, bias = _problem(seed=2)
+  scorer = scorers.get(name)
+  fold = scorer.fold
+  if not fold.reads_data:
+    pytest.skip(f"{name} reads no data")
+  hparams = SMALL.get(name, {})
+  parts = []
+  for a, b in ((0, 70), (70, 150)):
+    acc = fold.update(fold.init(kernel, bias, **hparams), train[a:b], labels[a:b])
+    parts.append(jax.tree.map(np.asarray, acc))  # As `_protocol.gather` returns them.
+  merged = fold.finalize(_protocol.merge_all(fold, parts)) if fold.passes == 1 else None
+  if merged is not None:
+    direct = _protocol.run_parts(fold, _split(train, labels, (0, 70, 150)), kernel, bias,
+                                 **hparams)
+    chex.assert_trees_all_equal(merged, direct)

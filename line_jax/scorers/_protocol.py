@@ -78,6 +78,16 @@ def add_fields(*names: str) -> Callable[[Any, Any], Any]:
   return merge
 
 
+def merge_all(fold: Fold, parts: Sequence[Any]) -> Any:
+  """`fold.merge` over `parts` in order, float64 kept float64.
+
+  Accumulators that crossed processes come back as NumPy arrays; outside
+  `enable_x64` JAX would add float64 NumPy leaves in float32.
+  """
+  with jax.enable_x64(True):
+    return functools.reduce(fold.merge, parts)
+
+
 def keep_first(a, b):
   """`merge` of accumulators that hold no data (head-only scorers)."""
   del b
@@ -175,30 +185,39 @@ def run_parts(fold: Fold, parts: Sequence[Iterable], kernel, bias, **hparams) ->
       accs.append(part_acc)
     if not seen:
       raise _common.no_batches()
-    acc = functools.reduce(fold.merge, accs)
+    acc = merge_all(fold, accs)
     if index + 1 < fold.passes:
       acc = fold.next_pass(acc)
   return fold.finalize(acc)
 
 
-def _gather_accs(acc: Any) -> list[Any]:
-  """Every process's accumulator, in process order (all processes call this).
+def gather_bytes(data: bytes) -> list[bytes]:
+  """Every process's `data`, in process order (every process must call this).
+
+  Sent padded to the longest through `process_allgather`; on one process,
+  `[data]`.
+  """
+  if jax.process_count() == 1:
+    return [data]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  array = np.frombuffer(data, np.uint8)
+  sizes = np.ravel(multihost_utils.process_allgather(np.asarray([array.size], np.int64)))
+  padded = np.zeros((int(np.max(sizes)),), np.uint8)
+  padded[:array.size] = array
+  everyone = multihost_utils.process_allgather(padded)
+  return [row[:int(size)].tobytes() for row, size in zip(everyone, sizes)]
+
+
+def gather(acc: Any) -> list[Any]:
+  """Every process's accumulator, in process order (every process calls this).
 
   Accumulators may differ in shape between processes (KNN's bank rows), so
-  each is sent as msgpack bytes (flax.serialization; no pickle), padded to
-  the longest, through `process_allgather`.
+  each travels as msgpack bytes (flax.serialization; no pickle).
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import flax.serialization  # pylint: disable=g-import-not-at-top
   state = jax.tree.map(np.asarray, flax.serialization.to_state_dict(acc))
-  data = np.frombuffer(flax.serialization.msgpack_serialize(state), np.uint8)
-  sizes = multihost_utils.process_allgather(np.asarray([data.size], np.int64))
-  padded = np.zeros((int(np.max(sizes)),), np.uint8)
-  padded[:data.size] = data
-  everyone = multihost_utils.process_allgather(padded)
-  return [flax.serialization.from_state_dict(
-      acc, flax.serialization.msgpack_restore(row[:int(size)].tobytes()))
-          for row, size in zip(everyone, np.ravel(sizes))]
+  return [flax.serialization.from_state_dict(acc, flax.serialization.msgpack_restore(part))
+          for part in gather_bytes(flax.serialization.msgpack_serialize(state))]
 
 
 def run_processes(fold: Fold, batches: Iterable, kernel, bias, **hparams) -> Any:
@@ -222,10 +241,10 @@ def run_processes(fold: Fold, batches: Iterable, kernel, bias, **hparams) -> Any
         _common.check_batch(features, labels, num_features, num_classes,
                             needs_labels=fold.needs_labels)
       local = fold.update(local, features, labels)
-    parts = _gather_accs(local)
+    parts = gather(local)
     if index == 0 and not _any_data(fold, acc, parts):
       raise _common.no_batches()
-    acc = functools.reduce(fold.merge, parts)
+    acc = merge_all(fold, parts)
     if index + 1 < fold.passes:
       acc = fold.next_pass(acc)
   return fold.finalize(acc)
