@@ -289,6 +289,20 @@ def feature_cases(source, folder_name: str, workers: int, batch_size: int) -> li
   ]
 
 
+NOTES = """\
+`workers` are decoding threads for line_jax and worker processes for PyTorch
+(plus, for both, the main thread or process that batches). `CPU ms/image` is
+the CPU time of every thread and worker process per image: with a load
+average above the CPU count (other jobs on a shared machine) the wall-clock
+rates say more about the neighbours than about the loaders, and this column
+says what each loader costs. `line_jax fast_decode` trades torchvision's
+exact pixels for speed (`Preprocess(fast_decode=True)`, opt-in). `model
+alone` runs the same network on the same images already decoded in memory:
+the bound on `line_jax features`, where decoding and the network share the
+CPUs.\
+"""
+
+
 def cpu_name() -> str:
   try:
     with open("/proc/cpuinfo") as f:
@@ -322,6 +336,7 @@ def chart(records: list[dict], path: str, title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   labels = [f"{r['folder']}, {r['setting']}: {r['path']} ({r['workers']}w)" for r in records]
   rates = [r["images_per_s"] for r in records]
   colours = ["tab:red" if r["path"].startswith("torch") else
@@ -332,6 +347,8 @@ def chart(records: list[dict], path: str, title: str) -> None:
   ax.set_yticks(range(len(records)), labels, fontsize=7)
   ax.invert_yaxis()
   ax.set_xscale("log")
+  ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   ax.set_xlabel("images/s (log scale)")
   ax.set_title(title, fontsize=9)
   for i, rate in enumerate(rates):
@@ -355,7 +372,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   workers = sorted({(os.cpu_count() or 1) if w == "cpu" else int(w)
                     for w in args.workers.split(",")})
-  start = time.perf_counter()
+  start, load_before = time.perf_counter(), os.getloadavg()
   with tempfile.TemporaryDirectory() as tmp:
     folder = args.folder or make_jpeg_folder(tmp, args.images)
     source = data.ImageFolderSource(folder)
@@ -373,9 +390,12 @@ def main(argv=None) -> int:
     records += measure(feature_cases(source, name, max(workers), args.batch_size), args.rounds)
   env = timing.environment()
   env["cpu"] = cpu_name()
+  # Other people's jobs on a shared machine slow every wall-clock figure.
+  load = [round(max(a, b), 1) for a, b in zip(load_before, os.getloadavg())]
   payload = {"environment": env, "records": records,
              "settings": {"batch_size": args.batch_size, "rounds": args.rounds,
                           "workers": workers, "images": len(source)},
+             "load_average_1_5_15_min": load,
              "seconds": time.perf_counter() - start}
   command = "python -m benchmarks.input_pipeline"
   title = "Input pipeline: JPEG files to uint8 batches and to features"
@@ -383,8 +403,9 @@ def main(argv=None) -> int:
       args.out, "input_pipeline", payload, title=title, command=command,
       footer=(f"{env['cpu']} ({env['threads']['cpu_count']} CPUs, {env['backend']} backend), "
               f"batch {args.batch_size}, median of {args.rounds} passes over every file, "
-              f"{payload['seconds']:.0f} s"),
-      table=table(records))
+              f"{payload['seconds']:.0f} s, load average up to {load[0]} "
+              f"(1 min) / {load[1]} (5 min) on {env['threads']['cpu_count']} CPUs"),
+      table=table(records) + "\n\n" + NOTES)
   chart(records, os.path.join(out, "input_pipeline.png"), f"{title}\n{env['cpu']}")
   print(table(records))
   return 0

@@ -20,8 +20,8 @@ Decoding runs in `workers` threads: Pillow releases the GIL while it decodes
 and resizes, so threads scale here where worker processes would pay to start
 interpreters and to copy every image back. A thread's task is a chunk of up
 to 32 records of one batch, not one record: grain hands each task from thread
-to thread through a future, which costs far more than a small image's
-decoding (measured in `benchmarks/results/`), and a chunk pays it once. A
+to thread through a future, which on a busy CPU can cost more than decoding
+a 32x32 JPEG, and a chunk pays it once for many records. A
 batch is still cut into at least `workers` chunks, so every thread is busy
 even on a set of one batch. The output order is the source's (or the seeded
 shuffle's) whatever the number of workers.
