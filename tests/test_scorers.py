@@ -19,6 +19,7 @@ N, M, C, B = 120, 12, 5, 16
 EXPECTED = (
     "msp", "maxlogit", "energy", "react", "dice", "ash_p", "ash_b", "ash_s",
     "scale", "mahalanobis", "knn", "vim", "gradnorm", "line",
+    "gen", "entropy", "klm", "rmds", "she", "nnguide", "fdbd", "nci", "react_dice",
 )
 SMALL = {"knn": {"k": 7}, "vim": {"dim": 6}}
 

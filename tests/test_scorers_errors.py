@@ -104,7 +104,7 @@ def test_unknown_scorer_lists_the_registered_names():
 @pytest.mark.parametrize("name, wrong, valid", [
     ("react", "p", "percentile"),
     ("dice", "percentile", "p"),
-    ("knn", "K", "k, bank_fraction, seed, block_rows"),
+    ("knn", "K", "k, bank_fraction, seed, block_rows, k_max"),
     ("line", "pw", "p_w, p_a, clip"),
     ("energy", "temperature", "none"),
 ])
