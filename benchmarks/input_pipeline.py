@@ -56,7 +56,7 @@ from benchmarks import timing  # pylint: disable=wrong-import-position
 from line_jax import data  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CHECKPOINT = ROOT / "checkpoints" / "fashion_mnist_resnet_small"
+CHECKPOINT = ROOT / "line_jax" / "checkpoints" / "fashion_mnist_resnet_small"
 CIFAR_JPEGS = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "test"
 # (label, Preprocess): the embedded checkpoint's input, and ImageNet's.
 SETTINGS = {

@@ -26,7 +26,7 @@ import numpy as np
 from line_jax import scorers
 
 DEFAULT_CHECKPOINT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.abspath(__file__)),
     "checkpoints", "fashion_mnist_resnet_small")
 DATASET_HELP = ("'fashion_mnist' (Debian's files), 'tfds:NAME' (a prepared TFDS set), or a "
                 "folder: images.npy + labels.npy, train/ and test/ class folders, or one "

@@ -8,7 +8,7 @@ from line_jax import _checkpoint
 from line_jax import train
 from line_jax.data import read_fashion_mnist
 
-CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "fashion_mnist_resnet_small"
+CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "line_jax" / "checkpoints" / "fashion_mnist_resnet_small"
 
 
 def test_committed_checkpoint_reaches_92_percent_on_the_real_test_set():

@@ -19,7 +19,7 @@ import numpy as np
 from line_jax import _protocols
 
 DEFAULT_CHECKPOINT = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     "checkpoints", "fashion_mnist_resnet_small")
 
 
