@@ -39,6 +39,17 @@ def roc_curve(score_id, score_ood) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
 
 
+def _style(index: int, method: str) -> dict:
+  """Ten colours, then the next line style: twenty-odd methods stay distinct.
+
+  LINe, the method this library is about, is drawn thick and black.
+  """
+  if method == "line":
+    return {"color": "black", "lw": 2.0, "ls": "-", "zorder": 5}
+  return {"color": plt.get_cmap("tab10")(index % 10), "lw": 1.1,
+          "ls": ("-", "--", ":")[(index // 10) % 3]}
+
+
 def _grid(count: int) -> tuple[int, int]:
   cols = min(count, 4)
   return math.ceil(count / cols), cols
@@ -60,11 +71,10 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], path: str | os.Path
   sets = [k for k in scores[methods[0]] if k != id_key]
   rows, cols = _grid(len(sets))
   fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-  colors = plt.get_cmap("tab20")
   for ax, name in zip(axes.flat, sets):
     for i, method in enumerate(methods):
       fpr, tpr = roc_curve(scores[method][id_key], scores[method][name])
-      ax.plot(fpr, tpr, color=colors(i % 20), lw=1.2, label=method)
+      ax.plot(fpr, tpr, label=method, **_style(i, method))
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
     ax.axhline(0.95, color="0.6", lw=0.6, ls="--")  # FPR95 is read here.
     ax.set(title=name, xlabel="FPR (OOD)", ylabel="TPR (ID)", xlim=(0, 1), ylim=(0, 1.01))

@@ -170,7 +170,7 @@ def test_timings_and_cache_reuse(tmp_path):
   with open(tmp_path / "a" / "timings.json") as f:
     timing = json.load(f)
   assert set(timing["extraction"]["sets"]) == {"train", "id", "dark", "noise"}
-  assert timing["extraction"]["images"] == 120 + 50 + 30 + 20
+  assert timing["extraction"]["images"] == timing["extraction"]["extracted_now"] == 220
   assert timing["extraction"]["images_per_s"] > 0
   assert sorted(p.name for p in (tmp_path / "cache").glob("train.*")) == [
       "train.features.npy", "train.json", "train.labels.npy", "train.logits.npy"]
@@ -178,13 +178,17 @@ def test_timings_and_cache_reuse(tmp_path):
   second = evaluate.run_evaluation(tmp_path / "b", **kw)
   assert second == first
   with open(tmp_path / "b" / "timings.json") as f:
-    assert json.load(f)["extraction"]["images"] == 0
+    again = json.load(f)["extraction"]
+  assert again["extracted_now"] == 0 and all(s["cached"] for s in again["sets"].values())
+  # A cached set reports the extraction time of the run that wrote it.
+  assert again["sets"]["train"]["seconds"] == pytest.approx(
+      timing["extraction"]["sets"]["train"]["seconds"])
   # Other pixels, another key: extracted again.
   arrays["ood"]["dark"] = arrays["ood"]["dark"] + 1
   kw["inputs"] = evaluate.Inputs.from_arrays(**arrays)
   evaluate.run_evaluation(tmp_path / "c", **kw)
   with open(tmp_path / "c" / "timings.json") as f:
-    assert json.load(f)["extraction"]["images"] == 30
+    assert json.load(f)["extraction"]["extracted_now"] == 30
 
 
 def test_ablation_variants_and_the_energy_equivalence(tmp_path):

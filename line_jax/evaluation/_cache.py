@@ -35,13 +35,15 @@ class CachedSet:
     logits: float32 `[n, classes]`.
     features: float32 `[n, features]`.
     labels: int32 `[n]` (-1 where the set has none).
-    seconds: wall time of the extraction (0 when read from the cache).
+    seconds: wall time of the extraction, whenever it ran.
+    cached: read back from an earlier run's files.
   """
 
   logits: np.ndarray
   features: np.ndarray
   labels: np.ndarray
   seconds: float = 0.0
+  cached: bool = False
 
   def __len__(self) -> int:
     return self.features.shape[0]
@@ -92,13 +94,14 @@ def _paths(folder: str, name: str) -> dict[str, str]:
 def _read(paths: dict[str, str], key: str) -> CachedSet | None:
   try:
     with open(paths["meta"]) as f:
-      if json.load(f).get("key") != key:
-        return None
+      meta = json.load(f)
+    if meta.get("key") != key:
+      return None
     arrays = {k: np.load(paths[k], mmap_mode="r", allow_pickle=False)
               for k in ("logits", "features", "labels")}
   except (OSError, ValueError):
     return None
-  return CachedSet(**arrays)
+  return CachedSet(**arrays, seconds=float(meta.get("seconds", 0.0)), cached=True)
 
 
 def extract_to_cache(
@@ -164,8 +167,7 @@ def extract_to_cache(
   seconds = time.perf_counter() - start
   with open(paths["meta"], "w") as f:
     json.dump({"key": key, "images": num_images, "seconds": seconds}, f)
-  cached = _read(paths, key)
-  return dataclasses.replace(cached, seconds=seconds)
+  return dataclasses.replace(_read(paths, key), cached=False)
 
 
 def _open(path: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
