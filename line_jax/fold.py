@@ -115,7 +115,8 @@ def fit_stream(
   num_features, num_classes = _common.check_head(kernel, bias)
   accs = {name: folds[name].init(kernel, bias, **hparams[name]) for name in folds}
   readers = [n for n in folds if folds[n].reads_data]
-  two_pass = [n for n in readers if folds[n].passes > 1]
+  passes = {n: _protocol.passes_of(folds[n], accs[n]) for n in readers}
+  two_pass = [n for n in readers if passes[n] > 1]
   needs_labels = any(folds[n].needs_labels for n in readers)
 
   pid = jax.process_index()
@@ -187,7 +188,7 @@ def fit_stream(
 
   for name in readers:
     fold, acc = folds[name], _merged(folds[name], accs[name])
-    for _ in range(fold.passes - 1):
+    for _ in range(passes[name] - 1):
       acc = fold.next_pass(acc)
       for features, labels in _Rows(rows, labels_all, 1024):
         acc = fold.update(acc, features, labels)

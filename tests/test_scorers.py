@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import random_problem
 from line_jax import line
 from line_jax import scorers
 from line_jax.scorers import _knn
@@ -81,7 +82,9 @@ def test_registry_defaults_follow_the_papers():
   assert defaults["scale"] == {"percentile": 85.0}
   assert defaults["knn"]["k"] == 1000
   assert defaults["vim"] == {"dim": 512}
-  assert defaults["line"] == {"p_w": 10.0, "p_a": 10.0, "clip": 0.8}
+  # The paper's clip (0.8 on ResNet-50) is in that network's units: the
+  # default is the percentile that holds on any model.
+  assert defaults["line"] == {"p_w": 10.0, "p_a": 10.0, "clip": scorers.TrainPercentile(90.0)}
   for name in ("msp", "maxlogit", "energy", "mahalanobis", "gradnorm"):
     assert defaults[name] == {}
 
@@ -343,3 +346,21 @@ def test_streamed_percentile_is_numpy_percentile_exactly(p):
   values[2][0] = np.float32(1e-30)
   want = np.percentile(np.concatenate(values).ravel().astype(np.float64), p)
   assert _quantile.percentile_from_batches(lambda: values, p) == want
+
+
+@pytest.mark.parametrize("p", [12.5, 37.5, 90.0, 100.0])
+def test_line_clip_as_a_training_percentile_is_resolved_exactly(p):
+  features, labels, kernel, bias = random_problem(5, 16, 300, seed=4)
+  line_scorer = scorers.get("line")
+  batches = [(features[i:i + 64], labels[i:i + 64]) for i in range(0, 300, 64)]
+  by_percentile = line_scorer.fit_from_batches(batches, kernel, bias, p_w=90, p_a=90,
+                                               clip=scorers.TrainPercentile(p))
+  value = float(np.percentile(features.astype(np.float64), p))
+  assert float(by_percentile.clip) == np.float32(value)
+  by_value = line_scorer.fit(features, labels, kernel, bias, p_w=90, p_a=90, clip=value)
+  chex.assert_trees_all_equal(by_percentile, by_value)
+
+
+def test_train_percentile_is_checked():
+  with pytest.raises(ValueError, match="percentile"):
+    scorers.TrainPercentile(101)

@@ -21,6 +21,7 @@ from line_jax.scorers._nci import NciState
 from line_jax.scorers._nnguide import NnguideState
 from line_jax.scorers._react import ReactState
 from line_jax.scorers._react_dice import ReactDiceState
+from line_jax.scorers._quantile import TrainPercentile
 from line_jax.scorers._registry import Scorer
 from line_jax.scorers._registry import get
 from line_jax.scorers._registry import names
@@ -43,6 +44,7 @@ __all__ = (
     "ReactState",
     "RmdsState",
     "Scorer",
+    "TrainPercentile",
     "ShapingState",
     "SheState",
     "VimState",

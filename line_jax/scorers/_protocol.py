@@ -52,7 +52,9 @@ class Fold(NamedTuple):
     merge: `merge(a, b) -> acc` for two disjoint parts of one pass over the
       data, each folded from the same accumulator (`init`'s, or
       `next_pass`'s): the accumulator of both parts, `a`'s data first.
-    passes: how many times the batches are read.
+    passes: how many times the batches are read: an int, or
+      `passes(acc) -> int` of `init`'s accumulator where the hyperparameters
+      decide (LINe reads twice only to resolve a percentile clip).
     next_pass: `next_pass(acc) -> acc` between passes (host side).
     needs_labels: whether None labels are an error.
     reads_data: False for scorers that fit nothing from data: the fold does
@@ -63,10 +65,15 @@ class Fold(NamedTuple):
   update: Callable[[Any, Any, Any], Any]
   finalize: Callable[[Any], Any]
   merge: Callable[[Any, Any], Any]
-  passes: int = 1
+  passes: int | Callable[[Any], int] = 1
   next_pass: Callable[[Any], Any] = _identity
   needs_labels: bool = False
   reads_data: bool = True
+
+
+def passes_of(fold: Fold, acc: Any) -> int:
+  """How many passes `fold` makes from `init`'s accumulator `acc`."""
+  return fold.passes(acc) if callable(fold.passes) else fold.passes
 
 
 def add_fields(*names: str) -> Callable[[Any, Any], Any]:
@@ -131,10 +138,11 @@ def run(fold: Fold, batches: Iterable, kernel, bias, *, validate: bool = True,
   acc = fold.init(kernel, bias, **hparams)
   if not fold.reads_data:
     return fold.finalize(acc)
+  passes = passes_of(fold, acc)
   num_features, num_classes = _common.check_head(kernel, bias)
-  batches = _common.batches_of(batches, passes=fold.passes)
+  batches = _common.batches_of(batches, passes=passes)
   first = None
-  for index in range(fold.passes):
+  for index in range(passes):
     seen = 0
     for features, labels in batches:
       if validate and index == 0:
@@ -150,7 +158,7 @@ def run(fold: Fold, batches: Iterable, kernel, bias, *, validate: bool = True,
       raise ValueError(
           f"pass {index + 1} over the batches saw {seen} samples, the first "
           f"{first}: batches must yield the same data each time")
-    if index + 1 < fold.passes:
+    if index + 1 < passes:
       acc = fold.next_pass(acc)
   return fold.finalize(acc)
 
@@ -171,8 +179,9 @@ def run_parts(fold: Fold, parts: Sequence[Iterable], kernel, bias, **hparams) ->
   acc = fold.init(kernel, bias, **hparams)
   if not fold.reads_data:
     return fold.finalize(acc)
+  passes = passes_of(fold, acc)
   num_features, num_classes = _common.check_head(kernel, bias)
-  for index in range(fold.passes):
+  for index in range(passes):
     accs, seen = [], 0
     for part in parts:
       part_acc = acc
@@ -186,7 +195,7 @@ def run_parts(fold: Fold, parts: Sequence[Iterable], kernel, bias, **hparams) ->
     if not seen:
       raise _common.no_batches()
     acc = merge_all(fold, accs)
-    if index + 1 < fold.passes:
+    if index + 1 < passes:
       acc = fold.next_pass(acc)
   return fold.finalize(acc)
 
@@ -232,9 +241,10 @@ def run_processes(fold: Fold, batches: Iterable, kernel, bias, **hparams) -> Any
   acc = fold.init(kernel, bias, **hparams)
   if not fold.reads_data:
     return fold.finalize(acc)
+  passes = passes_of(fold, acc)
   num_features, num_classes = _common.check_head(kernel, bias)
-  batches = _common.batches_of(batches, passes=fold.passes)
-  for index in range(fold.passes):
+  batches = _common.batches_of(batches, passes=passes)
+  for index in range(passes):
     local = acc
     for features, labels in batches:
       if index == 0:
@@ -245,7 +255,7 @@ def run_processes(fold: Fold, batches: Iterable, kernel, bias, **hparams) -> Any
     if index == 0 and not _any_data(fold, acc, parts):
       raise _common.no_batches()
     acc = merge_all(fold, parts)
-    if index + 1 < fold.passes:
+    if index + 1 < passes:
       acc = fold.next_pass(acc)
   return fold.finalize(acc)
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,32 @@ def _locate(counts: np.ndarray, rank: int) -> tuple[int, int]:
   cumulative = np.cumsum(counts)
   index = int(np.searchsorted(cumulative, rank, side="right"))
   return index, rank - (int(cumulative[index - 1]) if index else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPercentile:
+  """A threshold given as a percentile of all training activations.
+
+  Where a paper's threshold is in feature units (LINe's clip of 1.0 for
+  DenseNet-BC on CIFAR, 0.8 for ResNet-50 on ImageNet), the same number
+  means something else on another network; a percentile does not. A fold
+  resolves it exactly (NumPy's `np.percentile` over every training sample
+  and unit, by these histograms) and the fitted state holds the value.
+
+  Attributes:
+    percentile: in [0, 100].
+  """
+
+  percentile: float
+
+  def __post_init__(self):
+    from line_jax import _validation  # pylint: disable=g-import-not-at-top
+    object.__setattr__(self, "percentile", _validation.percentile("percentile",
+                                                                  self.percentile))
+
+  def resolve(self, train_features) -> float:
+    """The threshold over in-memory `[n, features]` training activations."""
+    return float(np.percentile(np.asarray(train_features, np.float64), self.percentile))
 
 
 @flax.struct.dataclass
