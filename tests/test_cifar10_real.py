@@ -28,8 +28,8 @@ WEIGHTS = {10: SHARED / "weights" / "dice_densenet100_cifar10.pth.tar",
 MAX_TRAIN, MAX_TEST, OOD_SIZE, BATCH = 300, 200, 20, 20
 # Measured on this subset: 0.825 (165 / 200); on the whole test set 0.823,
 # and PyTorch's official forward gives 0.836 on 1,000 evenly spaced test
-# images. The JPEG copy costs about 12 points against the checkpoint's
-# 94.5 % on the original files. The band is about 3 binomial standard
+# images. The JPEG copy costs about 12 points against DenseNet-BC-100's
+# ~95 % on the original files. The band is about 3 binomial standard
 # deviations (2.7 points at n = 200) either side: it catches a broken import,
 # decoder or label order, not small float differences. (The normalisation
 # constants are pinned in test_protocols.py: accuracy alone barely moves
