@@ -74,19 +74,13 @@ from typing import Any
 
 import numpy as np
 
+from line_jax import scorers
 
-@dataclasses.dataclass(frozen=True)
-class TrainPercentile:
-  """A hyperparameter set to a percentile of all training activations.
 
-  Attributes:
-    percentile: in [0, 100], NumPy's default ("linear") interpolation.
-  """
-
-  percentile: float
-
-  def resolve(self, train_features: np.ndarray) -> float:
-    return float(np.percentile(np.asarray(train_features, np.float64), self.percentile))
+# One class for "a percentile of the training activations", whether a
+# protocol or a scorer's default sets it: `hparams_for` resolves it here, a
+# fold resolves it where it is passed through unresolved.
+TrainPercentile = scorers.TrainPercentile
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+import dataclasses
 import json
 import os
 from typing import Any
@@ -59,6 +60,14 @@ def timings(cached: Mapping[str, Any], fit_seconds: Mapping[str, float],
   }
 
 
+def _jsonable(value: Any) -> Any:
+  # A hyperparameter left for the fold to resolve (e.g. a TrainPercentile
+  # default) is written as its fields under its class name.
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {type(value).__name__: dataclasses.asdict(value)}
+  return repr(value)
+
+
 def write_outputs(out_dir, result, scores, used, timing=None, *, ablation=None,
                   make_plots=True, progress=True) -> None:
   """Writes metrics.json, hparams.json, table.md, timings.json, the ablation
@@ -74,7 +83,7 @@ def write_outputs(out_dir, result, scores, used, timing=None, *, ablation=None,
     files["ablation.json"] = ablation
   for name, value in files.items():
     with open(os.path.join(out_dir, name), "w") as f:
-      json.dump(value, f, indent=2)
+      json.dump(value, f, indent=2, default=_jsonable)
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(format_table(result))
   if ablation is not None:
