@@ -67,7 +67,7 @@ def test_registered_with_the_papers_defaults():
   for name in NEW:
     scorer = scorers.get(name)
     assert scorer.name == name and name in scorers.names()
-    assert isinstance(scorer.score, type(jax.jit(lambda x: x)))
+    assert isinstance(scorer.score_fn, type(jax.jit(lambda x: x)))
   defaults = {name: dict(scorers.get(name).defaults) for name in NEW}
   assert defaults["gen"] == {"gamma": 0.1, "m": 100}
   assert defaults["nnguide"] == {"k": 10, "bank_size": 12_811, "seed": 0, "block_rows": 32768,

@@ -27,6 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from line_jax import _buckets
 from line_jax import _matmul
 from line_jax import _validation
 from line_jax.line._fit import LineState
@@ -85,7 +86,7 @@ def _dense_logits(state: LineState, kept: jax.Array, pred: jax.Array) -> jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("strategy",))
-def score(state: LineState, features: jax.Array, *, strategy: str = "auto") -> jax.Array:
+def _score(state: LineState, features: jax.Array, *, strategy: str = "auto") -> jax.Array:
   """LINe scores; higher = more in-distribution.
 
   Args:
@@ -109,3 +110,8 @@ def score(state: LineState, features: jax.Array, *, strategy: str = "auto") -> j
   else:
     logits = _dense_logits(state, kept, pred)
   return jax.nn.logsumexp(logits + state.bias, axis=-1)
+
+
+# Padded to a bucket of rows (`line_jax._buckets`): O(log batch) compilations
+# for a stream of batch sizes; `score.__wrapped__` is the jitted function.
+score = _buckets.bucketed(_score)

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from line_jax import _buckets
 from line_jax.scorers import _ash
 from line_jax.scorers import _common
 from line_jax.scorers import _dice
@@ -47,7 +48,9 @@ class Scorer(NamedTuple):
   Attributes:
     name: canonical name in the registry.
     fold: its `Fold` (init / update / finalize, passes): how it fits.
-    score: jitted `score(state, features) -> [batch]`.
+    score: `score(state, features) -> [batch]`, the method's jitted score
+      behind bucketed padding (`line_jax._buckets`): a stream of batch sizes
+      compiles once per bucket, O(log batch) times, not once per size.
     defaults: the hyperparameters and their defaults (`fold.init`'s
       keyword-only parameters).
     grid: `{hyperparameter: values}` that `line_jax.tune` searches, kept
@@ -59,6 +62,11 @@ class Scorer(NamedTuple):
   score: Callable[[Any, Any], Any]
   defaults: Mapping[str, Any]
   grid: Mapping[str, tuple] = types.MappingProxyType({})
+
+  @property
+  def score_fn(self) -> Callable[[Any, Any], Any]:
+    """The jitted `score` itself, unpadded (`score` calls it when traced)."""
+    return self.score.__wrapped__
 
   def fit(self, features, labels, kernel, bias, **hparams) -> Any:
     """The fold over one in-memory batch.
@@ -109,7 +117,7 @@ def _scorer(name: str, fold: _protocol.Fold, score, grid=None) -> Scorer:
   defaults = _defaults(fold.init)
   if set(grid or ()) - set(defaults):
     raise AssertionError(f"{name}: grid names unknown hyperparameters")
-  return Scorer(name=name, fold=fold, score=score,
+  return Scorer(name=name, fold=fold, score=_buckets.bucketed(score),
                 defaults=types.MappingProxyType(defaults),
                 grid=types.MappingProxyType(dict(grid or {})))
 
