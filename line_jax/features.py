@@ -1,8 +1,23 @@
 """Pooled penultimate features of a whole image set, batch by batch.
 
-Every model of `line_jax.models` returns `(logits, features)`; the scorers
-need those for tens of thousands of images. `extract` runs the model over
-uint8 images in fixed-size batches:
+The scorers need `(logits, features)` for tens of thousands of images. Any of
+these models gives them (`line_jax.models.feature_apply`):
+
+* a Flax Linen module returning `(logits, features)`, as every model of
+  `line_jax.models` does: `extract(model, variables, images, ...)`;
+* any other Linen module, with `head=` naming its final Dense layer: that
+  layer's input `[batch, features]` becomes the features and its output the
+  logits: `extract(model, variables, images, head="head/fc", ...)`, and
+  `line_jax.models.head_params(variables, head="head/fc")` is the
+  `(kernel, bias)` the scorers take;
+* a Flax NNX module (in eval mode), returning `(logits, features)` or with
+  `head=` naming its final `nnx.Linear` ("fc", "layers/3"); it holds its own
+  variables, so pass `variables=None`: `extract(model, None, images, ...)`;
+* a function `apply(variables, x) -> (logits, features)`, e.g. a wrapper
+  around a module that returns a dict.
+
+A model that returns anything else is an error that names what it returned.
+`extract` runs the model over uint8 images in fixed-size batches:
 
 * normalisation runs on the device inside the jitted apply, so only uint8
   pixels cross to it (4x less than float32);
@@ -25,7 +40,7 @@ disk, for sets whose images do not fit in memory either.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
 import functools
 from typing import Any
@@ -37,21 +52,24 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from line_jax.models import _head
+
 BATCH_AXIS = "batch"
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(model: nn.Module, variables: Any, images: jax.Array, mean: jax.Array,
-           std: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _apply(forward: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]], variables: Any,
+           images: jax.Array, mean: jax.Array, std: jax.Array) -> tuple[jax.Array, jax.Array]:
+  # `forward` is hashable (`models.feature_apply`): one compilation per model and shape.
   x = (images.astype(jnp.float32) / 255.0 - mean) / std
-  logits, features = model.apply(variables, x)
+  logits, features = forward(variables, x)
   return logits.astype(jnp.float32), features.astype(jnp.float32)
 
 
-def _with_dtype(model: nn.Module, dtype) -> nn.Module:
+def _with_dtype(model: Any, dtype) -> Any:
   if dtype is None:
     return model
-  if not hasattr(model, "dtype"):
+  if not isinstance(model, nn.Module) or not hasattr(model, "dtype"):
     raise ValueError(f"{type(model).__name__} has no dtype attribute to set")
   # Parameters stay float32; the model computes in `dtype` and returns float32
   # features and logits.
@@ -77,7 +95,7 @@ def _batch_size(n: int, batch_size: int, mesh: Mesh | None) -> int:
 
 
 def iter_extract(
-    model: nn.Module,
+    model: Any,
     variables: Any,
     images,
     *,
@@ -87,12 +105,17 @@ def iter_extract(
     mesh: Mesh | None = None,
     dtype=None,
     progress: bool | str = True,
+    head: str | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Yields `(logits, features)` per batch, in order, as float32 NumPy.
 
   Args:
-    model: a `line_jax.models` module (returns `(logits, features)`).
-    variables: its variables (`{"params": ..., "batch_stats": ...}`).
+    model: a Linen module returning `(logits, features)` (every
+      `line_jax.models` network), any Linen or NNX module with `head`, an NNX
+      module returning `(logits, features)`, or a function
+      `apply(variables, x) -> (logits, features)`; see the module docstring.
+    variables: its variables (`{"params": ..., "batch_stats": ...}`); None
+      for an NNX module.
     images: uint8 `[N, H, W, C]` (any array with slicing, e.g. a memmap).
     mean: `[C]` per-channel mean in [0, 1] pixel units.
     std: `[C]` per-channel standard deviation.
@@ -103,9 +126,17 @@ def iter_extract(
     dtype: compute dtype (e.g. `jnp.bfloat16`), set on the model; None keeps
       the model's own.
     progress: show a tqdm bar (rate and ETA); a string is its label.
+    head: path of the model's final Dense layer ("fc", "head/fc"), whose input
+      becomes the features and output the logits; None: the model returns
+      `(logits, features)` itself.
 
   Yields:
     `([b, classes], [b, features])`; the last batch holds the remainder.
+
+  Raises:
+    ValueError: bad images, mesh or batch size; a `head` that is no Dense
+      layer of the model (the message lists those there are); a model that
+      returns something other than `(logits, features)` without `head`.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -116,11 +147,11 @@ def iter_extract(
   size = _batch_size(n, batch_size, mesh)
   slices = ((images[start:start + size],) for start in range(0, n, size))
   yield from _stream(model, variables, slices, mean=mean, std=std, size=size, mesh=mesh,
-                     dtype=dtype, progress=progress, total=n)
+                     dtype=dtype, progress=progress, total=n, head=head)
 
 
 def iter_extract_batches(
-    model: nn.Module,
+    model: Any,
     variables: Any,
     batches: Iterable[tuple[Any, ...]],
     *,
@@ -130,6 +161,7 @@ def iter_extract_batches(
     dtype=None,
     progress: bool | str = True,
     total: int | None = None,
+    head: str | None = None,
 ) -> Iterator[tuple[Any, ...]]:
   """Runs the model over a stream of batches, e.g. `line_jax.data.image_batches`.
 
@@ -139,7 +171,7 @@ def iter_extract_batches(
   the pipeline's threads decode the ones after it.
 
   Args:
-    model, variables, mean, std, mesh, dtype: as in `iter_extract`.
+    model, variables, mean, std, mesh, dtype, head: as in `iter_extract`.
     batches: tuples `(images, *rest)`: uint8 `[b, H, W, C]` images (NumPy)
       followed by anything, e.g. `(images, labels)` from the pipeline, or
       `(images, labels, position)` to know where a resumed stream stands.
@@ -156,7 +188,7 @@ def iter_extract_batches(
   """
   _check_mesh(mesh)
   yield from _stream(model, variables, batches, mean=mean, std=std, size=None, mesh=mesh,
-                     dtype=dtype, progress=progress, total=total)
+                     dtype=dtype, progress=progress, total=total, head=head)
 
 
 def _check_mesh(mesh: Mesh | None) -> None:
@@ -164,9 +196,10 @@ def _check_mesh(mesh: Mesh | None) -> None:
     raise ValueError(f"mesh needs a {BATCH_AXIS!r} axis, got axes {tuple(mesh.shape)}")
 
 
-def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress, total):
+def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress, total,
+            head):
   """The shared loop: pad, dispatch, fetch one behind; see `iter_extract_batches`."""
-  model = _with_dtype(model, dtype)
+  forward, variables = _head.feature_apply(_with_dtype(model, dtype), variables, head=head)
   channels = len(mean)
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
@@ -194,7 +227,7 @@ def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress
       if valid < size:  # Pad so every batch has one shape: one compilation.
         batch = np.concatenate(
             [batch, np.zeros((size - valid, *batch.shape[1:]), np.uint8)])
-      out = _apply(model, variables, put(batch), mean, std)
+      out = _apply(forward, variables, put(batch), mean, std)
       if pending is not None:
         yield _fetch(*pending, bar)
       pending = (out, valid, rest)
@@ -210,17 +243,22 @@ def _fetch(out, valid: int, rest: tuple, bar) -> tuple[Any, ...]:
   return (logits, features, *rest)
 
 
-def extract(model: nn.Module, variables: Any, images, *, mean: Sequence[float],
+def extract(model: Any, variables: Any, images, *, mean: Sequence[float],
             std: Sequence[float], batch_size: int = 512, mesh: Mesh | None = None,
-            dtype=None, progress: bool | str = True) -> tuple[np.ndarray, np.ndarray]:
+            dtype=None, progress: bool | str = True,
+            head: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Logits and pooled features of every image; arguments as `iter_extract`.
+
+      logits, feats = extract(model, variables, images, mean=(0.286,),
+                              std=(0.353,), head="Dense_1")
+      kernel, bias = line_jax.models.head_params(variables, head="Dense_1")
 
   Returns:
     `(logits, features)`: float32 NumPy `[N, classes]` and `[N, features]`.
   """
   parts = list(iter_extract(model, variables, images, mean=mean, std=std,
                             batch_size=batch_size, mesh=mesh, dtype=dtype,
-                            progress=progress))
+                            progress=progress, head=head))
   if not parts:
     raise ValueError("images is empty: no image to extract features from")
   return (np.concatenate([p[0] for p in parts]),
@@ -239,20 +277,24 @@ class FeatureBatches:
     model, variables, images, mean, std: as in `iter_extract`.
     labels: `[N]` integer labels, or None for scorers that use none.
     kwargs: further `iter_extract` arguments (batch_size, mesh, dtype, ...).
+    head: as in `iter_extract`: the final Dense layer of a model that does not
+      return `(logits, features)` itself.
   """
 
-  model: nn.Module
+  model: Any
   variables: Any
   images: Any
   mean: Sequence[float]
   std: Sequence[float]
   labels: Any = None
   kwargs: dict = dataclasses.field(default_factory=dict)
+  head: str | None = None
 
   def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     start = 0
     for _, features in iter_extract(self.model, self.variables, self.images,
-                                    mean=self.mean, std=self.std, **self.kwargs):
+                                    mean=self.mean, std=self.std,
+                                    **{"head": self.head, **self.kwargs}):
       stop = start + features.shape[0]
       labels = None if self.labels is None else np.asarray(self.labels[start:stop])
       start = stop
@@ -273,20 +315,22 @@ class PipelineFeatures:
       state = scorers.get("react").fit_from_batches(stream, kernel, bias)
 
   Attributes:
-    model, variables, mean, std: as in `iter_extract`.
+    model, variables, mean, std, head: as in `iter_extract`.
     batches: re-iterable `(images, labels)` batches, e.g. an `ImageBatches`.
     kwargs: further `iter_extract_batches` arguments (mesh, dtype, progress).
   """
 
-  model: nn.Module
+  model: Any
   variables: Any
   batches: Iterable[tuple[Any, Any]]
   mean: Sequence[float]
   std: Sequence[float]
   kwargs: dict = dataclasses.field(default_factory=dict)
+  head: str | None = None
 
   def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    kwargs = {"total": getattr(self.batches, "num_records", None), **self.kwargs}
+    kwargs = {"total": getattr(self.batches, "num_records", None), "head": self.head,
+              **self.kwargs}
     for _, features, labels in iter_extract_batches(
         self.model, self.variables, self.batches, mean=self.mean, std=self.std, **kwargs):
       yield features, np.asarray(labels)

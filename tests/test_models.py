@@ -131,3 +131,60 @@ def test_importing_models_does_not_import_torch():
   code = ("import sys, line_jax.models; "
           "assert 'torch' not in sys.modules, 'torch imported'")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_head_params_of_every_registered_model_is_its_fc():
+  for name in sorted(models.registry):
+    model = models.get_model(name, num_classes=7)
+    shapes = _shapes(model, _input(name, batch=1))
+    kernel, bias = models.head_params(shapes, head="fc")
+    assert kernel.shape == (model.num_features, 7) and bias.shape == (7,)
+    assert models.dense_layers(shapes) == {"fc": (model.num_features, 7)}
+
+
+def test_head_params_nested_names_no_bias_and_bare_params():
+  params = {"backbone": {"Conv_0": {"kernel": np.zeros((3, 3, 1, 4))}},
+            "head": {"fc": {"kernel": np.ones((4, 2)), "bias": np.zeros(2)},
+                     "proj": {"kernel": np.ones((4, 4))}}}
+  kernel, bias = models.head_params({"params": params}, head="head/fc")
+  assert kernel.shape == (4, 2) and bias.shape == (2,)
+  kernel, bias = models.head_params(params, head="head/proj")  # params alone; no bias
+  assert kernel.shape == (4, 4) and bias is None
+  assert models.head_params(params, head=("head", "fc"))[0].shape == (4, 2)
+  assert models.dense_layers(params) == {"head/fc": (4, 2), "head/proj": (4, 4)}
+
+
+@pytest.mark.parametrize("head", ["fc", "head", "backbone/Conv_0", "head/fc/kernel", "x/y"])
+def test_head_params_wrong_name_lists_the_dense_layers(head):
+  params = {"backbone": {"Conv_0": {"kernel": np.zeros((3, 3, 1, 4))}},
+            "head": {"fc": {"kernel": np.ones((4, 2)), "bias": np.zeros(2)}}}
+  with pytest.raises(ValueError, match=rf"no Dense layer '{head}' in the variables; its "
+                     r"Dense-like submodules \(kernel features x classes\): 'head/fc' 4x2$"):
+    models.head_params({"params": params}, head=head)
+
+
+def test_head_params_bad_arguments():
+  with pytest.raises(ValueError, match="no Dense-like submodule"):
+    models.head_params({"params": {}}, head="fc")
+  with pytest.raises(ValueError, match="head must name a submodule"):
+    models.head_params({"params": {}}, head="")
+  with pytest.raises(TypeError, match="variables dict .* got list"):
+    models.head_params([1, 2], head="fc")
+
+
+def test_head_params_of_an_nnx_module():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.body = nnx.Linear(3, 4, rngs=rngs)
+      self.head = nnx.Dict(fc=nnx.Linear(4, 2, use_bias=False, rngs=rngs))
+
+  net = Net(nnx.Rngs(0))
+  kernel, bias = models.head_params(net, head="head/fc")
+  assert kernel.shape == (4, 2) and bias is None
+  np.testing.assert_array_equal(kernel, net.head["fc"].kernel[...])
+  with pytest.raises(ValueError, match=r"no Dense layer 'fc' in Net; .*'body' 3x4, "
+                     r"'head/fc' 4x2"):
+    models.head_params(net, head="fc")

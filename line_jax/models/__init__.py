@@ -1,12 +1,18 @@
-"""Flax image classifiers that return `(logits, features)`.
+"""Flax image classifiers that return `(logits, features)`, and any other's head.
 
 `features` are the pooled pre-logits `[batch, num_features]` (the input of the
 final Dense layer `fc`, non-negative after ReLU): what line_jax's scorers take,
-with the head `(params["fc"]["kernel"], params["fc"]["bias"])`.
+with the head `head_params(variables, head="fc")`. Any other Flax Linen or NNX
+network gives the same through its final Dense layer's name
+(`feature_apply`, `head_params`); `load_torch_checkpoint` imports PyTorch
+`state_dict`s (torchvision's ResNets among them) into these models.
 """
 
 from line_jax.models._densenet import DenseNet
 from line_jax.models._densenet import DenseNetBC100
+from line_jax.models._head import dense_layers
+from line_jax.models._head import feature_apply
+from line_jax.models._head import head_params
 from line_jax.models._registry import get_model
 from line_jax.models._registry import input_shapes
 from line_jax.models._registry import registry
@@ -25,6 +31,9 @@ __all__ = (
     "BottleneckBlock",
     "DenseNet",
     "DenseNetBC100",
+    "dense_layers",
+    "feature_apply",
+    "head_params",
     "ResNet",
     "ResNet18Cifar",
     "ResNet50",
