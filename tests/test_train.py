@@ -184,23 +184,128 @@ def test_config_that_does_not_match_the_weights(saved, tmp_path, change):
   assert str(path) in str(e.value)
 
 
-def test_main_trains_and_saves(tmp_path, monkeypatch):
-  images, labels = tiny_data(48)
-  monkeypatch.setattr(train_lib, "load_dataset",
-                      lambda name: (images, labels, images[:8], labels[:8]))
-  # The flags do not set the width; narrow the model to keep this fast.
+# --- python -m line_jax.train ----------------------------------------------
+
+@pytest.fixture
+def narrow(monkeypatch):
+  """The CLI's config narrowed to 4 filters (the flags do not set the width)."""
+
   @dataclasses.dataclass(frozen=True)
   class Narrow(train_lib.TrainConfig):
-    model_kwargs: dict = dataclasses.field(
-        default_factory=lambda: {"num_filters": 4})
+    model_kwargs: dict = dataclasses.field(default_factory=lambda: {"num_filters": 4})
 
   monkeypatch.setattr(train_lib, "TrainConfig", Narrow)
+  return Narrow
+
+
+def image_folder(root, images, labels):
+  """PNGs in torchvision's ImageFolder layout, `root/<label>/<index>.png`."""
+  import PIL.Image
+  for i, (image, label) in enumerate(zip(images, labels)):
+    os.makedirs(root / str(label), exist_ok=True)
+    PIL.Image.fromarray(image).save(root / str(label) / f"{i:03d}.png")
+
+
+def test_main_on_an_image_folder_equals_train_on_its_arrays(tmp_path, narrow, capsys):
+  images, labels = tiny_data(60)
+  image_folder(tmp_path / "data" / "train", images[:48], labels[:48])
+  image_folder(tmp_path / "data" / "test", images[48:], labels[48:])
   out = tmp_path / "run"
-  train_lib.main(["--out", str(out), "--epochs", "1", "--batch-size", "16",
-                  "--seed", "3"])
+  train_lib.main(["--out", str(out), "--dataset", str(tmp_path / "data"), "--epochs", "1",
+                  "--batch-size", "16", "--seed", "3", "--workers", "0", "--quiet"])
+  assert capsys.readouterr().err == ""  # --quiet: no progress
   model, variables, config = _checkpoint.load_model(out)
-  assert config["num_classes"] == 3 and config["seed"] == 3
-  assert config["dataset"] == "fashion_mnist_local" and config["steps"] == 3
+  # ImageFolder order: classes sorted, files sorted within each.
+  order = np.lexsort((np.arange(48), labels[:48]))
+  x, y = images[:48][order][..., None], labels[:48][order]
+  mean, std = train_lib.mean_std(str(tmp_path / "data"), x)
+  assert mean == (round(x.mean() / 255, 4),) and std == (round(x.std() / 255, 4),)
+  want, metrics = train_lib.train(
+      narrow(num_classes=3, dataset=str(tmp_path / "data"), epochs=1, batch_size=16, seed=3,
+             mean=mean, std=std), x, y, images[48:], labels[48:], progress=False)
+  assert_trees_equal(want, jax.device_get(variables))
+  assert config["dataset"] == str(tmp_path / "data") and config["num_classes"] == 3
+  assert config["steps"] == 3 and config["test_accuracy"] == metrics["test_accuracy"]
   assert model.num_classes == 3
-  with pytest.raises(SystemExit):  # An existing --out fails before training.
-    train_lib.main(["--out", str(out)])
+
+
+def test_main_on_fashion_mnist_reads_debians_files_never_tfds(tmp_path, narrow, monkeypatch,
+                                                              capsys):
+  from line_jax.data import DEBIAN_FASHION_MNIST_DIR
+  if not os.path.isdir(DEBIAN_FASHION_MNIST_DIR):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  import tensorflow_datasets as tfds
+
+  def no_tfds(*args, **kwargs):
+    raise AssertionError("TFDS was asked for a data set")
+
+  for name in ("load", "data_source", "builder"):
+    monkeypatch.setattr(tfds, name, no_tfds)
+  out = tmp_path / "run"
+  train_lib.main(["--out", str(out), "--max-examples", "32", "--epochs", "1",
+                  "--batch-size", "16"])  # --dataset fashion_mnist: the default
+  _, err = capsys.readouterr()
+  # Not a terminal: plain progress lines, no carriage-return frames.
+  assert "\r" not in err and err.splitlines()[-1].startswith("train: 32/32")
+  _, _, config = _checkpoint.load_model(out)
+  assert config["dataset"] == "fashion_mnist" and config["num_classes"] == 10
+  assert config["mean"] == [0.2860] and config["std"] == [0.3530]
+  assert "test_accuracy" in config and config["input_shape"] == [28, 28, 1]
+
+
+def test_main_on_an_npy_folder_has_no_test_split(tmp_path, narrow):
+  images, labels = tiny_data(32)
+  (tmp_path / "data").mkdir()
+  np.save(tmp_path / "data" / "images.npy", images)
+  np.save(tmp_path / "data" / "labels.npy", labels)
+  train_lib.main(["--out", str(tmp_path / "run"), "--dataset", str(tmp_path / "data"),
+                  "--epochs", "1", "--batch-size", "16", "--quiet"])
+  _, _, config = _checkpoint.load_model(tmp_path / "run")
+  assert "test_accuracy" not in config and config["steps"] == 2
+
+
+def _one_line_error(capsys, argv, match):
+  with pytest.raises(SystemExit) as e:
+    train_lib.main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
+  out = str(tmp_path / "run")
+  _one_line_error(capsys, ["--out", out, "--dataset", "nowhere"], "'nowhere' is neither")
+  _one_line_error(capsys, ["--out", str(tmp_path)], "already exists")  # before any training
+  _one_line_error(capsys, ["--out", out, "--epochs", "0"], "--epochs must be at least 1")
+  import PIL.Image
+  mixed = tmp_path / "mixed"
+  for i, size in enumerate((20, 24)):
+    os.makedirs(mixed / str(i))
+    PIL.Image.new("L", (size, size)).save(mixed / str(i) / "a.png")
+  _one_line_error(capsys, ["--out", out, "--dataset", str(mixed), "--workers", "0"],
+                  "--image-size")
+  flat = tmp_path / "flat"
+  flat.mkdir()
+  PIL.Image.new("L", (8, 8)).save(flat / "a.png")
+  _one_line_error(capsys, ["--out", out, "--dataset", str(flat)], "has no labels")
+  assert not os.path.exists(out)
+
+
+def test_help_shows_the_module_and_the_defaults(capsys):
+  with pytest.raises(SystemExit):
+    train_lib.main(["--help"])
+  text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+  assert text.startswith("usage: python -m line_jax.train")
+  assert "(default: fashion_mnist)" in text and "(default: 5)" in text
+  assert "(default: resnet_small)" in text and "--quiet" in text
+
+
+def test_read_images_resizes_and_converts(tmp_path):
+  images, labels = tiny_data(5)
+  image_folder(tmp_path / "f", images, labels)
+  from line_jax.data import _named
+  x, y = train_lib.read_images(_named.open_source(str(tmp_path / "f")), image_size=14,
+                               channels=3, workers=0)
+  assert x.shape == (5, 14, 14, 3) and x.dtype == np.uint8
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])  # gray as RGB
+  assert sorted(y.tolist()) == sorted(labels.tolist())
