@@ -239,7 +239,9 @@ def hparams_for(protocol: Protocol, method: str, defaults: Mapping[str, Any],
   out = dict(defaults)
   out.update(protocol.hparams.get(method, {}))
   for key, value in out.items():
-    if isinstance(value, TrainPercentile):
+    # A scorer whose default is a TrainPercentile resolves it itself, exactly
+    # and across processes, while it fits; others get the value.
+    if isinstance(value, TrainPercentile) and not isinstance(defaults.get(key), TrainPercentile):
       if train_features is None:
         raise ValueError(f"{method}.{key} needs the training features")
       out[key] = value.resolve(train_features)

@@ -6,16 +6,21 @@
         --id-folder cifar10-jpeg --torch-checkpoint dice_densenet100_cifar10.pth.tar
 
 A thin shell over `line_jax.evaluation.run_evaluation` (see there for the
-files it writes); this module only parses flags.
+files it writes); this module only parses flags. Multi-host: the same command
+in every process with `--coordinator HOST:PORT --num-processes N --process-id
+I`: each process extracts and scores its own shard of every set, the fits
+merge across processes, and process 0 writes the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-import sys
 import time
 
+import jax
+
+from line_jax import _cli
 from line_jax import _protocols
 from line_jax.evaluation import DEFAULT_CHECKPOINT
 from line_jax.evaluation import METRICS  # noqa: F401  Re-exported for callers.
@@ -28,7 +33,7 @@ from line_jax.evaluation import score_all  # noqa: F401
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m line_jax.evaluate", description=__doc__.split("\n")[0])
+  p = _cli.parser("python -m line_jax.evaluate", __doc__)
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--benchmark", default="fashion_mnist", choices=list(_protocols.PROTOCOLS))
   p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="line_jax checkpoint folder")
@@ -47,13 +52,16 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores)")
   p.add_argument("--ablation", action="store_true", help="also run LINe's ablation")
   p.add_argument("--no-plots", action="store_true")
+  _cli.add_common(p)
+  _cli.add_distributed(p)
   return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   args = _parser().parse_args(argv)
   start = time.perf_counter()
-  try:
+  with _cli.user_errors():
+    _cli.init_distributed(args)
     result = run_evaluation(
         args.out, benchmark=args.benchmark, checkpoint=args.checkpoint,
         methods=None if args.methods is None else args.methods.split(","),
@@ -61,11 +69,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch_checkpoint=args.torch_checkpoint, id_folder=args.id_folder,
         max_train=args.max_train, max_test=args.max_test, ood_size=args.ood_size,
         cache_dir=args.cache_dir, workers=args.workers, ablation=args.ablation,
-        make_plots=not args.no_plots)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
-  print(format_table(result))
-  print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+        make_plots=not args.no_plots, progress=not args.quiet)
+  if jax.process_index() == 0:
+    print(format_table(result))
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def test_line_uses_the_protocol_clip(run):
     used = json.load(f)
   # The embedded benchmark's validation-selected settings (_protocols.py).
   assert used["line"]["p_w"] == 10.0 and used["line"]["p_a"] == 10.0
-  assert isinstance(used["line"]["clip"], float)
+  assert isinstance(used["line"]["clip"], float)  # The resolved value: pastes into fit.
+  assert used["line"]["clip_percentile"] == 80.0
   assert used["knn"]["k"] == 1 and used["ash_s"]["percentile"] == 50.0
 
 
@@ -137,7 +138,9 @@ def test_extra_ood_errors(tmp_path):
 def test_cli_rejects_a_missing_file_before_loading(tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     evaluate.main(["--out", str(tmp_path), "--extra-ood", f"x={tmp_path / 'none.npy'}"])
-  assert "does not exist" in str(e.value)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "does not exist" in err and len(err.splitlines()) == 1
 
 
 def test_paper_benchmark_names_what_is_missing(tmp_path):

@@ -107,3 +107,34 @@ def test_batch_shards_cover_every_record_in_whole_batches(n, batch, count):
   assert shards[0][0] == 0 and shards[-1][1] == n
   for (_, stop), (start, _) in zip(shards[:-1], shards[1:]):
     assert stop == start and (stop % batch == 0 or stop == n)
+
+
+EVAL_ARGS = ["--max-train", "640", "--max-test", "256", "--ood-size", "128", "--batch-size", "64",
+             "--methods", "energy,react,mahalanobis,knn,vim,line", "--no-plots", "--quiet"]
+
+
+def test_evaluate_as_two_processes_equals_one(tmp_path):
+  import json
+  one = tmp_path / "one"
+  subprocess.run([sys.executable, "-m", "line_jax.evaluate", "--out", str(one), *EVAL_ARGS],
+                 cwd=REPO, env=ENV, check=True, timeout=300, capture_output=True)
+  port = _free_port()
+  procs = [subprocess.Popen(
+      ["timeout", "-s", "KILL", "300", sys.executable, "-m", "line_jax.evaluate", "--out",
+       str(tmp_path / "pair"), *EVAL_ARGS, "--coordinator", f"127.0.0.1:{port}",
+       "--num-processes", "2", "--process-id", str(pid)], cwd=REPO, env=ENV,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in (0, 1)]
+  deadline = time.monotonic() + 300
+  while any(p.poll() is None for p in procs):
+    if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+      _kill(procs)
+    time.sleep(0.2)
+  for p in procs:
+    assert p.returncode == 0, p.stdout.read()[-3000:]
+  want = json.loads((one / "metrics.json").read_text())
+  got = json.loads((tmp_path / "pair" / "metrics.json").read_text())
+  assert got["id_accuracy"] == want["id_accuracy"]
+  for method, rows in want["methods"].items():
+    for ood_set, metrics in rows.items():
+      for name, value in metrics.items():
+        assert abs(got["methods"][method][ood_set][name] - value) <= 1e-6, (method, ood_set, name)

@@ -16,6 +16,7 @@ import tempfile
 import time
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -77,10 +78,48 @@ def fit_and_score(methods: Sequence[str], protocol: _protocols.Protocol,
     scorer = scorers.get(method)
     hp = _protocols.hparams_for(protocol, method, scorer.defaults, train.features)
     state = scorer.fit_from_batches(train.batches(FIT_BATCH), kernel, bias, **hp)
-    scores[method] = {name: score_all(scorer, state, f) for name, f in sets.items()}
-    used[method] = hp
+    scores[method] = {name: _all_processes(score_all(scorer, state, f))
+                      for name, f in sets.items()}
+    used[method] = _resolved(hp, state)
     seconds[method] = time.perf_counter() - start
   return scores, used, seconds
+
+
+def _resolved(hparams: Mapping[str, Any], state: Any) -> dict[str, Any]:
+  """The hyperparameters as they paste into `fit`: a `TrainPercentile` the
+  scorer resolved while fitting becomes the value its state holds, with the
+  percentile beside it under `<name>_percentile`."""
+  out = {}
+  for key, value in hparams.items():
+    if isinstance(value, scorers.TrainPercentile) and hasattr(state, key):
+      out[key] = float(np.asarray(getattr(state, key)))
+      out[key + "_percentile"] = value.percentile
+    else:
+      out[key] = value
+  return out
+
+
+def _all_processes(local: np.ndarray) -> np.ndarray:
+  """Every process's rows, in process order (each scored its own shard)."""
+  if jax.process_count() == 1:
+    return local
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  from line_jax.scorers import _protocol  # pylint: disable=g-import-not-at-top
+  parts = _protocol.gather_bytes(flax.serialization.msgpack_serialize(np.asarray(local)))
+  return np.concatenate([flax.serialization.msgpack_restore(p) for p in parts])
+
+
+def _own_shard(source: Sequence, batch_size: int) -> Sequence:
+  """This process's contiguous shard of whole batches (all of it on one process)."""
+  if jax.process_count() == 1:
+    return source
+  from line_jax import _cli  # pylint: disable=g-import-not-at-top
+  start, stop = _cli.batch_shard(len(source), batch_size, jax.process_index(),
+                                 jax.process_count())
+  if start == stop:
+    raise ValueError(f"a set of {len(source)} images leaves process {jax.process_index()} no "
+                     f"batch of {batch_size}; use a smaller --batch-size or fewer processes")
+  return inputs_lib.Subset(source, np.arange(start, stop))
 
 
 def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict]:
@@ -200,9 +239,18 @@ def run_evaluation(
     else:
       inputs = inputs_lib.paper_inputs(protocol, data_dir, torch_checkpoint, id_folder=id_folder,
                                        max_train=max_train, max_test=max_test, ood_size=ood_size)
-  sources = {"train": inputs.train, "id": inputs.test, **inputs.ood, **extra}
+  if ablation and jax.process_count() > 1:
+    raise ValueError("--ablation runs on one process; run it without --coordinator")
+  # On multi-host each process extracts and scores its own shard of every set;
+  # the fits merge across processes (`fit_from_batches`), the scores are
+  # gathered, and process 0 alone writes.
+  sources = {name: _own_shard(source, batch_size) for name, source in
+             {"train": inputs.train, "id": inputs.test, **inputs.ood, **extra}.items()}
   with tempfile.TemporaryDirectory(prefix="line_jax_features_") as tmp:
-    cached = extract_sets(inputs, sources, os.fspath(cache_dir or tmp), batch_size=batch_size,
+    folder = os.fspath(cache_dir or tmp)
+    if jax.process_count() > 1:
+      folder = os.path.join(folder, f"process_{jax.process_index()}")
+    cached = extract_sets(inputs, sources, folder, batch_size=batch_size,
                           workers=workers, progress=progress)
     train = cached.pop("train")
     head = inputs.variables["params"]["fc"]
@@ -210,7 +258,8 @@ def run_evaluation(
     scores, used, fit_seconds = fit_and_score(methods, protocol, train, head["kernel"],
                                               head["bias"], sets, progress=progress)
     test = cached["id"]
-    accuracy = float(np.mean(np.argmax(test.logits, axis=1) == test.labels))
+    accuracy = float(np.mean(_all_processes(
+        (np.argmax(test.logits, axis=1) == test.labels).astype(np.float64))))
     result = {"id_accuracy": accuracy, "methods": metrics_of(scores)}
     table = None
     if ablation:
@@ -222,7 +271,7 @@ def run_evaluation(
                                          sets, **line_hp)
   timings = _report.timings({"train": train, **cached}, fit_seconds,
                             time.perf_counter() - start)
-  if out_dir is not None:
+  if out_dir is not None and jax.process_index() == 0:
     _report.write_outputs(out_dir, result, scores, used, timings, ablation=table,
                           make_plots=make_plots, progress=progress)
   return result
