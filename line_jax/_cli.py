@@ -33,8 +33,15 @@ DATASET_HELP = ("'fashion_mnist' (Debian's files), 'tfds:NAME' (a prepared TFDS 
                 "ImageFolder")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+  """Shows every option's default and choices, help string or not."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if action.default is not argparse.SUPPRESS and action.option_strings and \
+        "%(default)" not in text and not isinstance(action, argparse._HelpAction):  # pylint: disable=protected-access
+      text += (" " if text else "") + "(default: %(default)s)"
+    return text
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:

@@ -35,12 +35,14 @@ from line_jax.evaluation import score_all  # noqa: F401
 def _parser() -> argparse.ArgumentParser:
   p = _cli.parser("python -m line_jax.evaluate", __doc__)
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--benchmark", default="fashion_mnist", choices=list(_protocols.PROTOCOLS))
+  p.add_argument("--benchmark", default="fashion_mnist", choices=list(_protocols.PROTOCOLS),
+                 help="the protocol: data, model, OOD sets and settings")
   p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="line_jax checkpoint folder")
   p.add_argument("--methods", default=None, help="comma-separated scorer names (default: all)")
-  p.add_argument("--extra-ood", action="append", default=[], metavar="NAME=PATH.npy",
-                 help="add a uint8 [N, H, W(, C)] OOD set; repeatable")
-  p.add_argument("--batch-size", type=int, default=512)
+  p.add_argument("--extra-ood", action="append", default=[], metavar="NAME=PATH",
+                 help="add an OOD set: a uint8 [N, H, W(, C)] .npy or a folder of images; "
+                      "repeatable")
+  p.add_argument("--batch-size", type=int, default=512, help="images per model call")
   p.add_argument("--data-dir", default=None, help="TFDS data and the paper's OOD sets")
   p.add_argument("--id-folder", default=None,
                  help="ID images as <folder>/{train,test}/<class>/<image> (else TFDS)")
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--cache-dir", default=None, help="keep and reuse the feature memmaps here")
   p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores)")
   p.add_argument("--ablation", action="store_true", help="also run LINe's ablation")
-  p.add_argument("--no-plots", action="store_true")
+  p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
   _cli.add_common(p)
   _cli.add_distributed(p)
   return p

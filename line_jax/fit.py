@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--scorers", default=",".join(scorers.names()), help="comma-separated")
   p.add_argument("--hparam", action="append", default=[],
                  help="SCORER.NAME=VALUE (a JSON value), repeatable")
-  p.add_argument("--batch-size", type=int, default=256)
+  p.add_argument("--batch-size", type=int, default=256, help="images per model call")
   p.add_argument("--save-every", type=int, default=20, help="batches between saves")
   p.add_argument("--max-examples", type=int, default=None, help="only the first N images")
   p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding threads")

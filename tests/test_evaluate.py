@@ -234,3 +234,18 @@ def test_svhn_mat_official_selection_and_paper_sets_replace_offline_ones(tmp_pat
   assert list(sets) == ["svhn"] and len(sets["svhn"]) == n  # < 1,000 of each label: all.
   assert list(protocol_sets(_protocols.get("cifar10"), None, size=5)) == list(
       _protocols.get("cifar10").offline_ood)
+
+
+def test_extra_ood_takes_a_folder_of_images(tmp_path):
+  """A folder of PNGs and JPEGs of other sizes and colours is an OOD set."""
+  from PIL import Image
+  folder = tmp_path / "pngs"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(12):
+    pixels = rng.integers(0, 256, (40 + i, 33, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
+  result = evaluate.run_evaluation(
+      tmp_path / "out", methods=["energy"], extra_ood=[f"pngs={folder}"], max_train=256,
+      max_test=64, ood_size=16, batch_size=64, make_plots=False, progress=False)
+  assert 0.0 <= result["methods"]["energy"]["pngs"]["auroc"] <= 1.0

@@ -92,7 +92,10 @@ def protocol_sets(protocol: _protocols.Protocol, data_dir: str | None, size: int
 
 def extra_sets(specs: Sequence[str | tuple[str, str]], image_shape: tuple[int, int, int],
                taken: Sequence[str]) -> dict[str, Sequence]:
-  """Reads `--extra-ood NAME=PATH.npy` sets; errors name the file and problem."""
+  """Reads `--extra-ood NAME=PATH` sets: a `.npy` of uint8 images of the
+  benchmark's shape, or a folder of image files of any size (resized and
+  cropped for the model by the pipeline); errors name the path and problem."""
+  import os  # pylint: disable=g-import-not-at-top
   from line_jax import data
 
   out = {}
@@ -100,5 +103,8 @@ def extra_sets(specs: Sequence[str | tuple[str, str]], image_shape: tuple[int, i
     name, path = data.parse_extra_ood(spec) if isinstance(spec, str) else spec
     if name in out or name in taken or name == "average":
       raise ValueError(f"--extra-ood name {name!r} is already taken; choose another")
-    out[name] = data.ArraySource(data.load_ood_npy(path, image_shape), name=name)
+    if os.path.isdir(path):
+      out[name] = data.ImageFolderSource(path, flat=True)
+    else:
+      out[name] = data.ArraySource(data.load_ood_npy(path, image_shape), name=name)
   return out
