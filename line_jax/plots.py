@@ -55,9 +55,16 @@ def _grid(count: int) -> tuple[int, int]:
   return math.ceil(count / cols), cols
 
 
+def _auroc(score_id, score_ood) -> float:
+  from line_jax import metrics  # pylint: disable=g-import-not-at-top
+  return metrics.evaluate(score_id, score_ood)["auroc"]
+
+
 def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike,
              *, id_key: str = "id") -> str:
-  """One panel per OOD set, one ROC curve per method in each.
+  """One panel per OOD set, one ROC curve per method in each, and a last
+  panel of all OOD sets pooled on a log FPR axis (where FPR95 differences
+  live). The legend gives each method's AUROC averaged over the sets.
 
   Args:
     scores: method -> {"id": `[n_id]`, ood_set: `[n_ood]`, ...}.
@@ -69,26 +76,39 @@ def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], path: str | os.Path
   """
   methods = list(scores)
   sets = [k for k in scores[methods[0]] if k != id_key]
-  rows, cols = _grid(len(sets))
+  rows, cols = _grid(len(sets) + 1)
   fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+  pooled_ax = axes.flat[len(sets)]
+  for i, method in enumerate(methods):
+    by_set = scores[method]
+    average = np.mean([_auroc(by_set[id_key], by_set[name]) for name in sets])
+    label = f"{method} (AUROC {100 * average:.1f})"
+    for ax, name in zip(axes.flat, sets):
+      fpr, tpr = roc_curve(by_set[id_key], by_set[name])
+      ax.plot(fpr, tpr, **_style(i, method))
+    fpr, tpr = roc_curve(by_set[id_key], np.concatenate([by_set[name] for name in sets]))
+    keep = fpr > 0  # The log axis starts at the first false positive.
+    pooled_ax.plot(fpr[keep], tpr[keep], label=label, **_style(i, method))
   for ax, name in zip(axes.flat, sets):
-    for i, method in enumerate(methods):
-      fpr, tpr = roc_curve(scores[method][id_key], scores[method][name])
-      ax.plot(fpr, tpr, label=method, **_style(i, method))
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
     ax.axhline(0.95, color="0.6", lw=0.6, ls="--")  # FPR95 is read here.
     ax.set(title=name, xlabel="FPR (OOD)", ylabel="TPR (ID)", xlim=(0, 1), ylim=(0, 1.01))
-  for ax in axes.flat[len(sets):]:
+  pooled_ax.axhline(0.95, color="0.6", lw=0.6, ls="--")
+  pooled_ax.set_xscale("log")
+  pooled_ax.set(title="all OOD sets, log FPR", xlabel="FPR (OOD, log)", ylabel="TPR (ID)",
+                xlim=(1e-3, 1), ylim=(0, 1.01))
+  for ax in axes.flat[len(sets) + 1:]:
     ax.axis("off")
-  handles, labels = axes.flat[0].get_legend_handles_labels()
+  handles, labels = pooled_ax.get_legend_handles_labels()
   fig.legend(handles, labels, loc="center right", fontsize=8)
-  fig.tight_layout(rect=(0, 0, 0.88, 1))
+  fig.tight_layout(rect=(0, 0, 0.82, 1))
   return _save(fig, path)
 
 
 def plot_histograms(method: str, scores: Mapping[str, np.ndarray],
                     path: str | os.PathLike, *, id_key: str = "id") -> str:
-  """One panel per OOD set: the ID score histogram against that set's.
+  """One panel per OOD set: the ID score histogram against that set's,
+  titled with that set's FPR95 and AUROC.
 
   Args:
     method: title of the figure.
@@ -99,6 +119,7 @@ def plot_histograms(method: str, scores: Mapping[str, np.ndarray],
   Returns:
     `path` as a string.
   """
+  from line_jax import metrics  # pylint: disable=g-import-not-at-top
   sets = [k for k in scores if k != id_key]
   rows, cols = _grid(len(sets))
   fig, axes = plt.subplots(rows, cols, figsize=(3.5 * cols, 2.8 * rows), squeeze=False)
@@ -110,7 +131,10 @@ def plot_histograms(method: str, scores: Mapping[str, np.ndarray],
     bins = np.linspace(low, high if high > low else low + 1.0, 60)
     ax.hist(np.clip(score_id, low, high), bins, density=True, alpha=0.55, label="ID")
     ax.hist(np.clip(score_ood, low, high), bins, density=True, alpha=0.55, label=name)
-    ax.set(title=name, xlabel="score (higher = ID)")
+    m = metrics.evaluate(score_id, score_ood)
+    ax.set(title=f"{name}: FPR95 {100 * m['fpr95']:.1f}, AUROC {100 * m['auroc']:.1f}",
+           xlabel="score (higher = ID)")
+    ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="upper left")
   for ax in axes.flat[len(sets):]:
     ax.axis("off")
