@@ -6,7 +6,11 @@ common CIFAR ResNet-18 (`shortcut` / `linear` names), and DICE's
 DenseNet-BC-100 (a file holding {"state_dict": ...}). Weights are random; BN
 statistics are set from a calibration batch and the affine parameters
 randomised, so eval-mode BN is neither the identity nor input-independent.
+torchvision's ResNet-18/34/50/101/152 are written out below as torchvision
+defines them (torchvision itself is not a dependency).
 """
+
+import copy
 
 import jax
 import numpy as np
@@ -134,3 +138,140 @@ def test_not_a_state_dict(tmp_path):
 def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError):
     models.read_torch_state_dict(tmp_path / "absent.pth")
+
+
+# --- torchvision's ResNets, written out as torchvision.models.resnet defines them ---------------
+
+
+class _TVBasicBlock(torch.nn.Module):
+  expansion = 1
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    nn = torch.nn
+    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.relu = nn.ReLU(inplace=True)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class _TVBottleneck(torch.nn.Module):
+  expansion = 4  # stride on the 3x3 convolution (ResNet v1.5), as torchvision
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    nn = torch.nn
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.relu = nn.ReLU(inplace=True)
+    self.downsample = downsample
+
+  def forward(self, x):
+    identity = x if self.downsample is None else self.downsample(x)
+    out = self.relu(self.bn1(self.conv1(x)))
+    out = self.relu(self.bn2(self.conv2(out)))
+    return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class _TVResNet(torch.nn.Module):
+  """torchvision.models.resnet.ResNet: same modules, names and forward."""
+
+  def __init__(self, block, layers, num_classes=1000):
+    super().__init__()
+    nn = torch.nn
+    self.inplanes = 64
+    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    self.relu = nn.ReLU(inplace=True)
+    self.maxpool = nn.MaxPool2d(3, 2, 1)
+    self.layer1 = self._make_layer(block, 64, layers[0])
+    self.layer2 = self._make_layer(block, 128, layers[1], 2)
+    self.layer3 = self._make_layer(block, 256, layers[2], 2)
+    self.layer4 = self._make_layer(block, 512, layers[3], 2)
+    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    self.fc = nn.Linear(512 * block.expansion, num_classes)
+
+  def _make_layer(self, block, planes, blocks, stride=1):
+    nn = torch.nn
+    downsample = None
+    if stride != 1 or self.inplanes != planes * block.expansion:
+      downsample = nn.Sequential(
+          nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+          nn.BatchNorm2d(planes * block.expansion))
+    layers = [block(self.inplanes, planes, stride, downsample)]
+    self.inplanes = planes * block.expansion
+    layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+  def features(self, x):
+    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return torch.flatten(self.avgpool(x), 1)
+
+  def forward(self, x):
+    return self.fc(self.features(x))
+
+
+_TORCHVISION = {  # name: (block, layers, len(state_dict()), parameters at 1000 classes)
+    "resnet18": (_TVBasicBlock, [2, 2, 2, 2], 122, 11_689_512),
+    "resnet34": (_TVBasicBlock, [3, 4, 6, 3], 218, 21_797_672),
+    "resnet50": (_TVBottleneck, [3, 4, 6, 3], 320, 25_557_032),
+    "resnet101": (_TVBottleneck, [3, 4, 23, 3], 626, 44_549_160),
+    "resnet152": (_TVBottleneck, [3, 8, 36, 3], 932, 60_192_808),
+}
+
+
+def _calibrated(net, size, seed):
+  """Random weights; BN statistics of a calibration batch, random BN affine."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.momentum = None  # cumulative: running stats = the batch's
+        m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen))
+        m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    net.fc.bias.copy_(0.1 * torch.randn(net.fc.bias.shape, generator=gen))
+    net.train()
+    net(torch.randn(8, 3, size, size, generator=gen))
+  return net.eval()
+
+
+@pytest.mark.parametrize("name", sorted(_TORCHVISION))
+def test_torchvision_resnet_state_dict_matches_torch(name, tmp_path):
+  block, layers, num_keys, num_params = _TORCHVISION[name]
+  torch.manual_seed(7)
+  net = _calibrated(_TVResNet(block, layers, num_classes=5), 64, seed=8)
+  state_dict = net.state_dict()
+  assert len(state_dict) == num_keys  # torchvision's own key count
+  assert num_params == sum(p.numel() for p in _TVResNet(block, layers).parameters())
+  path = tmp_path / f"{name}.pth"
+  torch.save(state_dict, path)
+  model, variables = models.load_torch_checkpoint(name, path, num_classes=5)
+  x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+  with torch.no_grad():
+    torch32 = net.features(x).numpy(), net(x).numpy()
+    net64 = copy.deepcopy(net).double()
+    exact = net64.features(x.double()).numpy(), net64(x.double()).numpy()
+  got = jax.jit(model.apply)(variables, x.numpy().transpose(0, 2, 3, 1))[::-1]
+  # Against float64: through 50 random blocks float32 rounding grows to ~1e-3
+  # of the scale in PyTorch itself; JAX's float32 must be as close as that.
+  for g, t32, want in zip(got, torch32, exact):
+    scale = np.abs(want).max()
+    tolerance = max(3 * np.abs(t32 - want).max(), 1e-5 * scale)
+    np.testing.assert_allclose(g, want, rtol=0, atol=tolerance)
+  logits = exact[1]
+  assert np.abs(logits[0] - logits[1]).max() > 1e-2 * np.abs(logits).max()
+  kernel, bias = models.head_params(variables, head="fc")
+  np.testing.assert_array_equal(kernel, state_dict["fc.weight"].numpy().T)
+  np.testing.assert_array_equal(bias, state_dict["fc.bias"].numpy())

@@ -19,8 +19,12 @@ from line_jax.models._registry import registry
 from line_jax.models._resnet import BasicBlock
 from line_jax.models._resnet import BottleneckBlock
 from line_jax.models._resnet import ResNet
+from line_jax.models._resnet import ResNet18
 from line_jax.models._resnet import ResNet18Cifar
+from line_jax.models._resnet import ResNet34
 from line_jax.models._resnet import ResNet50
+from line_jax.models._resnet import ResNet101
+from line_jax.models._resnet import ResNet152
 from line_jax.models._resnet import ResNetSmall
 from line_jax.models._torch_import import load_torch_checkpoint
 from line_jax.models._torch_import import read_torch_state_dict
@@ -35,8 +39,12 @@ __all__ = (
     "feature_apply",
     "head_params",
     "ResNet",
+    "ResNet18",
     "ResNet18Cifar",
+    "ResNet34",
     "ResNet50",
+    "ResNet101",
+    "ResNet152",
     "ResNetSmall",
     "get_model",
     "input_shapes",

@@ -7,14 +7,23 @@ from typing import Callable
 import flax.linen as nn
 
 from line_jax.models._densenet import DenseNetBC100
+from line_jax.models._resnet import ResNet18
 from line_jax.models._resnet import ResNet18Cifar
+from line_jax.models._resnet import ResNet34
 from line_jax.models._resnet import ResNet50
+from line_jax.models._resnet import ResNet101
+from line_jax.models._resnet import ResNet152
 from line_jax.models._resnet import ResNetSmall
 
+# "resnet18" ... "resnet152" load torchvision's `state_dict`s as they are.
 registry: dict[str, Callable[..., nn.Module]] = {
     "resnet18_cifar": ResNet18Cifar,
     "densenet100": DenseNetBC100,
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
     "resnet50": ResNet50,
+    "resnet101": ResNet101,
+    "resnet152": ResNet152,
     "resnet_small": ResNetSmall,
 }
 
@@ -23,7 +32,11 @@ registry: dict[str, Callable[..., nn.Module]] = {
 input_shapes: dict[str, tuple[int, int, int]] = {
     "resnet18_cifar": (32, 32, 3),
     "densenet100": (32, 32, 3),
+    "resnet18": (224, 224, 3),
+    "resnet34": (224, 224, 3),
     "resnet50": (224, 224, 3),
+    "resnet101": (224, 224, 3),
+    "resnet152": (224, 224, 3),
     "resnet_small": (28, 28, 1),
 }
 

@@ -2,7 +2,7 @@
 
 One generic `ResNet`; the variants line_jax uses are one-liners at the bottom.
 Layouts follow the PyTorch models whose checkpoints line_jax imports
-(torchvision's ResNet-50 and the common CIFAR ResNet-18), so padding is written
+(torchvision's ResNet-18/34/50/101/152 and the common CIFAR ResNet-18), so padding is written
 out as PyTorch's: Flax's "SAME" pads a stride-2 convolution on the bottom/right
 only, PyTorch pads both sides, and the two disagree on every even-sized input.
 Module names mirror the PyTorch attribute names (`layer2_0/downsample_1` is
@@ -157,8 +157,13 @@ class ResNet(nn.Module):
 
 ResNet18Cifar = functools.partial(
     ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock, stem_kernel=3)
+# torchvision's ImageNet ResNets (`torchvision.models.resnet18` ... `resnet152`).
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 ResNet50 = functools.partial(
     ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
+ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
 # 28x28 grayscale (Fashion-MNIST): widths 32/64/128, 28 -> 14 -> 7; 0.7M params.
 ResNetSmall = functools.partial(
     ResNet, stage_sizes=(2, 2, 2), block_cls=BasicBlock, num_filters=32,

@@ -157,8 +157,11 @@ def load_torch_checkpoint(
   """Builds registered model `name` and loads a PyTorch checkpoint into it.
 
   Args:
-    name: a `registry` name: "resnet50" (torchvision), "densenet100" (DICE /
-      LINe), "resnet18_cifar", "resnet_small".
+    name: a `registry` name: "resnet18", "resnet34", "resnet50", "resnet101",
+      "resnet152" (torchvision's `state_dict`s, e.g.
+      `torchvision.models.resnet18(weights=...).state_dict()` saved with
+      `torch.save`), "densenet100" (DICE / LINe), "resnet18_cifar",
+      "resnet_small".
     path: the checkpoint file.
     num_classes: classes of the checkpoint's head.
     **model_kwargs: further model attributes, e.g. `dtype=jnp.bfloat16`.
