@@ -1,16 +1,81 @@
 """Host-side input checks shared by every scorer's `fit` and `score`.
 
 Each check runs once, outside jit, and raises an error whose message names the
-argument and the problem. Nothing here is traced.
+argument and the problem. Nothing here is traced. `as_array` comes first: it
+turns what a user may hold (NumPy, JAX, a list, a PyTorch tensor) into an
+array the checks and the scorers take, and names anything else.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+ACCEPTED = "a NumPy or JAX array, a (nested) list or a PyTorch tensor"
+
+
+def _type_name(x: Any) -> str:
+  cls = type(x)
+  if cls.__module__ == "builtins":
+    return cls.__qualname__
+  return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_torch_tensor(x: Any) -> bool:
+  # By module name: line_jax never imports torch for a check.
+  return (type(x).__module__.partition(".")[0] == "torch"
+          and callable(getattr(x, "detach", None)))
+
+
+def _from_torch(x: Any):
+  tensor = x.detach()
+  if tensor.device.type != "cpu":
+    tensor = tensor.cpu()
+  tensor = tensor.resolve_conj().resolve_neg()
+  if str(tensor.dtype) == "torch.bfloat16":  # NumPy has no bfloat16; DLPack keeps it.
+    return jnp.from_dlpack(tensor.contiguous())
+  return tensor.numpy()
+
+
+def as_array(name: str, x: Any, *, allow_none: bool = False):
+  """`x` as a NumPy or JAX array, from any input `fit` and `score` accept.
+
+  NumPy and JAX arrays (tracers included) pass unchanged; a PyTorch tensor is
+  detached and brought to the CPU (`.numpy()`, or DLPack for bfloat16, which
+  NumPy lacks), without importing torch; a (nested) list or tuple of numbers
+  becomes NumPy, float32 for floats.
+
+  Args:
+    name: the argument's name, for error messages.
+    x: the input.
+    allow_none: whether None passes (labels, bias).
+
+  Raises:
+    TypeError: for anything else, naming its type; for a list of non-numbers.
+    ValueError: for a ragged list.
+  """
+  if x is None and allow_none:
+    return None
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return x
+  if _is_torch_tensor(x):
+    return _from_torch(x)
+  if isinstance(x, (list, tuple)):
+    try:
+      array = np.asarray(x)
+    except ValueError as e:
+      raise ValueError(f"{name} is a ragged {type(x).__name__}: its rows differ in "
+                       f"length ({e})") from None
+    if array.dtype.kind not in "biuf":
+      raise TypeError(f"{name} must hold numbers, got a {type(x).__name__} of "
+                      f"{array.dtype} values")
+    return array.astype(np.float32) if array.dtype.kind == "f" else array
+  raise TypeError(f"{name} must be {ACCEPTED}, got {_type_name(x)}")
 
 
 def _shape_of(name: str, x) -> tuple[int, ...]:

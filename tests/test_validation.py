@@ -1,9 +1,12 @@
 """Bad input gets an error that names the problem, before anything is traced."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from line_jax import line
+from line_jax import scorers
 
 
 @pytest.fixture
@@ -72,3 +75,114 @@ def test_score_rejects_wrong_rank_or_width(ok, features, message):
 def test_score_rejects_unknown_strategy(ok):
   with pytest.raises(ValueError, match=r"strategy must be one of"):
     line.score(_fit(ok), ok["features"], strategy="fast")
+
+
+# --- fit and score take NumPy, JAX, lists and PyTorch tensors; anything else names itself -----
+
+
+def _as(kind, array):
+  if kind == "numpy":
+    return array
+  if kind == "jax":
+    return jnp.asarray(array)
+  if kind == "list":
+    return array.tolist()
+  torch = pytest.importorskip("torch")
+  tensor = torch.from_numpy(np.array(array))
+  if kind == "torch_grad" and tensor.is_floating_point():
+    return torch.nn.Parameter(tensor)  # requires grad: .numpy() alone would fail
+  return tensor
+
+
+KINDS = ["numpy", "jax", "list", "torch", "torch_grad"]
+
+
+@pytest.fixture(scope="module")
+def io_problem():
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, "tests")
+  from conftest import random_problem  # pylint: disable=g-import-not-at-top
+  features, labels, kernel, bias = random_problem(3, 6, 30, seed=4)
+  test = np.abs(np.random.default_rng(5).normal(size=(9, 6))).astype(np.float32)
+  return features, labels, kernel, bias, test
+
+
+@pytest.mark.parametrize("name", ["line", "knn", "mahalanobis", "energy"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fit_and_score_take_every_array_kind(io_problem, name, kind):
+  features, labels, kernel, bias, test = io_problem
+  scorer = scorers.get(name)
+  hp = {"knn": {"k": 2}, "line": {"clip": None}}.get(name, {})
+  want_state = scorer.fit(features, labels, kernel, bias, **hp)
+  want = np.asarray(scorer.score(want_state, test))
+  state = scorer.fit(*(_as(kind, a) for a in (features, labels, kernel, bias)), **hp)
+  jax.tree.map(np.testing.assert_array_equal, state, want_state)
+  np.testing.assert_array_equal(np.asarray(scorer.score(state, _as(kind, test))), want)
+  batches = [(_as(kind, features[:20]), _as(kind, labels[:20])),
+             (_as(kind, features[20:]), _as(kind, labels[20:]))]
+  streamed = scorer.fit_from_batches(batches, _as(kind, kernel), _as(kind, bias), **hp)
+  np.testing.assert_allclose(np.asarray(scorer.score(streamed, test)), want, rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_torch_bfloat16_and_float64_tensors():
+  torch = pytest.importorskip("torch")
+  from line_jax import _validation  # pylint: disable=g-import-not-at-top
+  half = _validation.as_array("features", torch.ones(2, 3, dtype=torch.bfloat16))
+  assert half.dtype == jnp.bfloat16 and half.shape == (2, 3)
+  double = _validation.as_array("features", torch.ones(2, 3, dtype=torch.float64))
+  assert isinstance(double, np.ndarray) and double.dtype == np.float64
+  transposed = _validation.as_array("kernel", torch.arange(6.0).reshape(2, 3).T)
+  np.testing.assert_array_equal(transposed, np.arange(6.0).reshape(2, 3).T)
+
+
+def test_streamed_torch_batches_keep_one_shot_and_re_iterable_apart(io_problem):
+  torch = pytest.importorskip("torch")
+  features, labels, kernel, bias, _ = io_problem
+  one_shot = ((torch.from_numpy(features[i:i + 10]), torch.from_numpy(labels[i:i + 10]))
+              for i in range(0, 30, 10))
+  with pytest.raises(TypeError, match="re-iterable"):  # ReAct reads the batches twice
+    scorers.get("react").fit_from_batches(one_shot, kernel, bias)
+  one_shot = ((torch.from_numpy(features[i:i + 10]), None) for i in range(0, 30, 10))
+  state = scorers.get("scale").fit_from_batches(one_shot, kernel, bias)
+  want = scorers.get("scale").fit(features, None, kernel, bias)
+  jax.tree.map(np.testing.assert_array_equal, state, want)
+
+
+class _Frame:  # stands in for a pandas DataFrame or any other container
+  pass
+
+
+@pytest.mark.parametrize("which", ["features", "labels", "kernel", "bias"])
+@pytest.mark.parametrize("value,shown", [
+    ({"a": 1.0}, "got dict"),
+    ("features.npy", "got str"),
+    (3.0, "got float"),
+    (_Frame(), "got test_validation._Frame"),
+    ({1.0, 2.0}, "got set"),
+])
+def test_fit_names_what_it_cannot_take(io_problem, which, value, shown):
+  features, labels, kernel, bias, _ = io_problem
+  args = dict(features=features, labels=labels, kernel=kernel, bias=bias)
+  args[which] = value
+  with pytest.raises(TypeError, match=rf"^{which} must be a NumPy or JAX array, a \(nested\) "
+                     rf"list or a PyTorch tensor, {shown}$"):
+    scorers.get("line").fit(**args)
+  with pytest.raises(TypeError, match=rf"^{which} must be .* {shown}$"):
+    batches = [(args["features"], args["labels"])]
+    scorers.get("mahalanobis").fit_from_batches(batches, args["kernel"], args["bias"])
+
+
+@pytest.mark.parametrize("value,error,message", [
+    ({"a": 1.0}, TypeError, r"^features must be a NumPy or JAX array, .*, got dict$"),
+    (_Frame(), TypeError, r"got test_validation\._Frame$"),
+    ([["a", "b"]], TypeError, r"^features must hold numbers, got a list of <U1 values$"),
+    ([[1.0, 2.0], [1.0]], ValueError, r"^features is a ragged list"),
+    ([[1.0] * 5], ValueError, r"features have 5 features per sample but the fitted head "
+                              r"expects 6"),
+])
+def test_score_names_what_it_cannot_take(io_problem, value, error, message):
+  features, labels, kernel, bias, _ = io_problem
+  state = scorers.get("energy").fit(features, labels, kernel, bias)
+  with pytest.raises(error, match=message):
+    scorers.get("energy").score(state, value)

@@ -8,13 +8,15 @@ check.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 import numbers
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from line_jax import _buckets
 from line_jax import _matmul
 from line_jax import _validation
 
@@ -56,6 +58,65 @@ def make_head(kernel, bias) -> HeadState:
   """
   check_head(kernel, bias)
   return head_state(kernel, bias)
+
+
+# --- inputs: NumPy, JAX, lists, PyTorch tensors -> arrays (`_validation.as_array`) -----------
+
+
+def head_arrays(kernel, bias) -> tuple[Any, Any]:
+  """The head `(kernel, bias)` as arrays; bias may be None."""
+  return (_validation.as_array("kernel", kernel),
+          _validation.as_array("bias", bias, allow_none=True))
+
+
+def train_arrays(features, labels, kernel, bias) -> tuple[Any, Any, Any, Any]:
+  """`fit`'s four inputs as arrays; labels and bias may be None."""
+  return (_validation.as_array("features", features),
+          _validation.as_array("labels", labels, allow_none=True), *head_arrays(kernel, bias))
+
+
+def _batch_arrays(batch) -> tuple[Any, Any]:
+  features, labels = batch
+  return (_validation.as_array("features", features),
+          _validation.as_array("labels", labels, allow_none=True))
+
+
+class _ArrayBatches:
+  """A re-iterable of `(features, labels)` whose batches come back as arrays."""
+
+  def __init__(self, batches: Iterable):
+    self._batches = batches
+
+  def __iter__(self) -> Iterator[tuple[Any, Any]]:
+    return map(_batch_arrays, self._batches)
+
+
+def array_batches(batches: Iterable) -> Iterable:
+  """`(features, labels)` batches converted one by one as they are read.
+
+  One-shot stays one-shot (so `batches_of` still tells a generator from a
+  re-iterable), re-iterable stays re-iterable.
+  """
+  if isinstance(batches, Iterator):
+    return map(_batch_arrays, batches)
+  return _ArrayBatches(batches)
+
+
+class ArrayScore(_buckets.Bucketed):
+  """A bucketed `score(state, features)` whose features may be any `as_array` input.
+
+  `__wrapped__` stays the jitted score itself (`Scorer.score_fn`).
+  """
+
+  def __call__(self, state: Any, features: Any, **kwargs) -> jax.Array:
+    return super().__call__(state, _validation.as_array("features", features), **kwargs)
+
+
+def array_score(score: Callable[..., jax.Array]) -> ArrayScore:
+  """`score` (a jitted function, or one already `Bucketed`) as an `ArrayScore`."""
+  if isinstance(score, _buckets.Bucketed):
+    score = score.__wrapped__
+  return ArrayScore(score)
 
 
 def check_train(features, labels, kernel, bias, *, needs_labels: bool = False) -> int:

@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 
 import jax
 
-from line_jax import _buckets
 from line_jax.scorers import _ash
 from line_jax.scorers import _common
 from line_jax.scorers import _dice
@@ -51,6 +50,7 @@ class Scorer(NamedTuple):
     score: `score(state, features) -> [batch]`, the method's jitted score
       behind bucketed padding (`line_jax._buckets`): a stream of batch sizes
       compiles once per bucket, O(log batch) times, not once per size.
+      Features may be NumPy, JAX, a list or a PyTorch tensor.
     defaults: the hyperparameters and their defaults (`fold.init`'s
       keyword-only parameters).
     grid: `{hyperparameter: values}` that `line_jax.tune` searches, kept
@@ -77,8 +77,12 @@ class Scorer(NamedTuple):
       kernel: `[features, classes]` head kernel (Flax layout).
       bias: `[classes]` head bias (or None).
       **hparams: the scorer's hyperparameters (see `defaults`).
+
+    Each array may be NumPy, JAX, a list or a PyTorch tensor; anything else
+    is a TypeError that names it.
     """
     self._check(hparams)
+    features, labels, kernel, bias = _common.train_arrays(features, labels, kernel, bias)
     _common.check_train(features, labels, kernel, bias,
                         needs_labels=self.fold.needs_labels)
     return _protocol.run(self.fold, [(features, labels)], kernel, bias,
@@ -91,9 +95,11 @@ class Scorer(NamedTuple):
     the sample count; a re-iterable (not a generator) where `fold.passes > 1`.
     After `jax.distributed.initialize`, each process passes only its own
     batches and every process gets the state of all processes' batches
-    (`_protocol.run_processes`).
+    (`_protocol.run_processes`). Arrays as in `fit`.
     """
     self._check(hparams)
+    kernel, bias = _common.head_arrays(kernel, bias)
+    batches = _common.array_batches(batches)
     if jax.process_count() > 1:
       return _protocol.run_processes(self.fold, batches, kernel, bias, **hparams)
     return _protocol.run(self.fold, batches, kernel, bias, **hparams)
@@ -117,7 +123,7 @@ def _scorer(name: str, fold: _protocol.Fold, score, grid=None) -> Scorer:
   defaults = _defaults(fold.init)
   if set(grid or ()) - set(defaults):
     raise AssertionError(f"{name}: grid names unknown hyperparameters")
-  return Scorer(name=name, fold=fold, score=_buckets.bucketed(score),
+  return Scorer(name=name, fold=fold, score=_common.array_score(score),
                 defaults=types.MappingProxyType(defaults),
                 grid=types.MappingProxyType(dict(grid or {})))
 
