@@ -21,12 +21,19 @@ implementation of the same statistics on the same data (torch tensors):
   code's NumPy);
 * LINe: the class means of `h * W[y]` (float32 products, float64 sums) and the
   masks: `contrib[c] > percentile(contrib[c], p_a)` and the official
-  `[C, C, m]` weight mask `|contrib[c, j]| W[k, j] > percentile_c`.
+  `[C, C, m]` weight mask `|contrib[c, j]| W[k, j] > percentile_c`; with a
+  clip given as a percentile of the training activations (the default
+  `TrainPercentile(90)`), that percentile as for ReAct.
 
 A scorer registered without a PyTorch counterpart here is timed alone.
 After one untimed call of each, the two sides take turns call by call for a
 few rounds (`timing.interleaved_blocks`, every cell in every round, so a slow
-spell of a shared machine lands in one round of many cells); the table gives
+spell of a shared machine lands in one round of many cells), each call after
+a pause of `SETTLE_S`: PyTorch's MKL / OpenMP threads and the LAPACK threads
+behind JAX's `eigh` spin for a while after their work, and a call made while
+the other library's threads still spin ran up to 10x slower on 2 cores (both
+`eigh`s at 342 features: 30-140 ms back to back, 7-11 ms after a 0.3 s
+pause). The table gives
 median seconds per fit and the ratio (PyTorch's time over line_jax's: above
 1, line_jax is faster). Each cell also checks that the two sides agree
 (`agreement`): masks and thresholds exactly, float statistics to a stated
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+import os
 import pathlib
 import statistics
 import sys
@@ -66,6 +74,8 @@ FEATURES = 342
 CLASSES = (10, 100)
 # Relative tolerance of the float statistics (the states are float32).
 RTOL = 1e-5
+# Seconds of pause before each timed call (see above).
+SETTLE_S = 0.3
 
 
 def problem(num_samples: int, num_features: int, num_classes: int, seed: int = 0):
@@ -146,7 +156,7 @@ def _torch_vim(x, y, weight, bias, hp):
 
 def _torch_line(x, y, weight, bias, hp):
   del bias
-  p_w, p_a = hp.get("p_w", 10.0), hp.get("p_a", 10.0)
+  p_w, p_a, clip = hp.get("p_w", 10.0), hp.get("p_a", 10.0), hp.get("clip")
   num_classes = weight.shape[0]
   taylor = (x * weight[y]).double()  # float32 products, float64 sums
   sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, taylor)
@@ -154,7 +164,10 @@ def _torch_line(x, y, weight, bias, hp):
   neuron = contrib > torch.quantile(contrib, p_a / 100.0, dim=1, keepdim=True)
   importance = contrib.abs()[:, None, :] * weight.double()[None]  # [C, C, m]
   threshold = torch.quantile(importance.reshape(num_classes, -1), p_w / 100.0, dim=1)
-  return {"neuron_mask": neuron, "weight_mask": importance > threshold[:, None, None]}
+  out = {"neuron_mask": neuron, "weight_mask": importance > threshold[:, None, None]}
+  if hasattr(clip, "percentile"):  # a percentile of every training activation
+    out["clip"] = _torch_percentile(x.reshape(-1), clip.percentile).float()
+  return out
 
 
 TORCH: dict[str, Callable[..., dict]] = {
@@ -217,7 +230,10 @@ def agreement(name: str, state: Any, stats: dict, kernel: np.ndarray, bias: np.n
     out = {"neuron_mask_mismatches": int(np.sum(np.asarray(state.neuron_mask)
                                                 != t["neuron_mask"])),
            "weight_mask_mismatches": int(np.sum(weight_mask != t["weight_mask"]))}
-    out["ok"] = not any(out.values())
+    if "clip" in t:
+      out["clip_equal"] = float(np.asarray(state.clip)) == float(t["clip"])
+    out["ok"] = not out["neuron_mask_mismatches"] and not out["weight_mask_mismatches"] and (
+        out.get("clip_equal", True))
     return out
   if "weight" in t:  # the head, copied
     out = {"weight_equal": bool(np.array_equal(np.asarray(state.weight), t["weight"]))}
@@ -237,7 +253,8 @@ def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
-        rounds: int = 3, names=None, hparams=None, seed: int = 0) -> list[dict]:
+        rounds: int = 3, names=None, hparams=None, seed: int = 0,
+        settle_s: float = SETTLE_S) -> list[dict]:
   """Times every scorer's fit in line_jax and in PyTorch, in turns.
 
   Args:
@@ -247,6 +264,7 @@ def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
     names: scorers (default: every registered one).
     hparams: `{name: {hyperparameter: value}}` overrides (default: defaults).
     seed: seed of the random problem.
+    settle_s: pause before each timed call.
 
   Returns:
     One dict per (scorer, class count): method, classes, features, samples,
@@ -270,7 +288,8 @@ def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
         def jax_call(scorer=scorer, hp=hp, xj=xj, yj=yj, kj=kj, bj=bj):
           return jax.block_until_ready(scorer.fit(xj, yj, kj, bj, **hp))
 
-        def torch_call(fit_t=fit_t, hp=hp, xt=xt, yt=yt, wt=wt, bt=bt):
+        # The PyTorch side sees every hyperparameter, the defaults included.
+        def torch_call(fit_t=fit_t, hp={**scorer.defaults, **hp}, xt=xt, yt=yt, wt=wt, bt=bt):
           with torch.no_grad():
             return fit_t(xt, yt, wt, bt, hp)
 
@@ -284,7 +303,7 @@ def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
                           hparams=hp, checks_s=checks_s, agreement=check,
                           sides=1 if fit_t is None else 2))
         fns += [jax_call] + ([torch_call] if fit_t is not None else [])
-    times = iter(timing.interleaved_blocks(fns, repeats=1, rounds=rounds, settle_s=0.0,
+    times = iter(timing.interleaved_blocks(fns, repeats=1, rounds=rounds, settle_s=settle_s,
                                            wake=False))
     records = []
     for cell in cells:
@@ -341,7 +360,9 @@ def main(argv=None) -> None:
   env = timing.environment()
   footer = (f"{jax.default_backend()} backend ({env['device']}), torch threads "
             f"{torch.get_num_threads()}, {args.samples:,} x {args.features} features, "
-            f"{args.rounds} rounds, {time.perf_counter() - start:.0f} s")
+            f"{args.rounds} rounds, {SETTLE_S} s pause before each call, load average "
+            f"{os.getloadavg()[0]:.1f} at the end (a shared machine), "
+            f"{time.perf_counter() - start:.0f} s")
   print(markdown + "\n\n" + footer)
   if args.out:
     folder = report.write_table(

@@ -22,7 +22,7 @@ _FIELDS = {"method", "classes", "features", "samples", "hparams", "line_jax_s", 
 
 @pytest.fixture(scope="module")
 def records():
-  return fit_throughput.run((3,), samples=90, features=8, rounds=2,
+  return fit_throughput.run((3,), samples=90, features=8, rounds=2, settle_s=0.0,
                             hparams={"knn": {"k": 5}, "vim": {"dim": 4}})
 
 
@@ -73,3 +73,13 @@ def test_table_has_a_row_per_record(records):
   lines = fit_throughput.table(records).splitlines()
   assert len(lines) == 2 + len(records)
   assert lines[0].startswith("| method | classes |")
+
+
+def test_sides_agree_past_one_chunk_and_with_many_classes():
+  # 4,500 rows: two full 2,048-row chunks of the float64 products and a
+  # tail; 40 classes: Mahalanobis centres by gather, not by one-hot.
+  records = fit_throughput.run((40,), samples=4500, features=8, rounds=1, settle_s=0.0,
+                               names=["mahalanobis", "vim", "react", "dice", "line"],
+                               hparams={"vim": {"dim": 3}})
+  for r in records:
+    assert r["agreement"]["ok"] is True, (r["method"], r["agreement"])

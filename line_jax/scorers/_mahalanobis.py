@@ -23,6 +23,8 @@ The float64 products, most of the fit's cost, run in row chunks on CPU
 
 from __future__ import annotations
 
+import contextlib
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,10 @@ def _chan(acc: ClassMoments, batch_counts, batch_means, batch_scatter) -> ClassM
 # 5.6 MB; 4,096-row chunks ran slower, measured at 50,000 x 342).
 _CHUNK_ROWS = 2048
 _MINOR = (((1,), (1,)), ((), ()))  # dot_general contracting the minor axes
+# Up to this many classes a one-hot product picks each row's class mean
+# faster than a gather (at 50,000 x 342 on CPU: 10 classes 105 vs 116 ms for
+# the centred products, 100 classes 124 vs 106 ms; measured).
+_ONE_HOT_CLASSES = 32
 
 
 def _chunk_rows(num_rows: int) -> int:
@@ -121,8 +127,9 @@ def _by_chunks(fn, init, num_rows: int):
   return fn(carry, full * rows, tail) if tail else carry
 
 
-def _columns(x: jax.Array, start, size: int) -> jax.Array:
-  """Rows `[start, start + size)` of `x`, read as float32, as float64 columns
+def _columns(x: jax.Array, start, size: int, offset=None) -> jax.Array:
+  """Rows `[start, start + size)` of `x`, read as float32 (minus the float32
+  `[features]` `offset`, in float32, if given), as float64 columns
   `[features, size]`.
 
   The transposed chunk is its own array (transposed in float32, in cache):
@@ -131,10 +138,12 @@ def _columns(x: jax.Array, start, size: int) -> jax.Array:
   product over the leading axis at 50,000 x 342 (measured).
   """
   chunk = jax.lax.dynamic_slice_in_dim(x, start, size).astype(jnp.float32)
+  if offset is not None:
+    chunk = chunk - offset
   return jax.lax.optimization_barrier(chunk.T).astype(jnp.float64)
 
 
-def scatter(x: jax.Array, shift=None) -> jax.Array:
+def scatter(x: jax.Array, shift=None, offset=None) -> jax.Array:
   """`(x - shift)^T (x - shift)`, float64 `[features, features]` (trace time, x64 on).
 
   Args:
@@ -143,6 +152,8 @@ def scatter(x: jax.Array, shift=None) -> jax.Array:
     shift: None, or `shift(start, size)` giving the float64
       `[features, size]` (transposed) to subtract from rows
       `[start, start + size)` of `x`.
+    offset: None, or a float32 `[features]` subtracted from every row in
+      float32 first, chunk by chunk (no `[rows, features]` copy).
 
   The product is symmetric: its blocks `[a; b]^T [a b]` at half the features
   are three products, `a^T a`, `a^T b`, `b^T b`, 3/4 of the full one's work.
@@ -153,7 +164,7 @@ def scatter(x: jax.Array, shift=None) -> jax.Array:
           jnp.zeros((num_features - h, num_features - h), jnp.float64))
 
   def add(carry, start, size):
-    c = _columns(x, start, size)
+    c = _columns(x, start, size, offset)
     if shift is not None:
       c = c - shift(start, size)
     top, bottom = c[:h], c[h:]
@@ -194,19 +205,23 @@ def _merge_batch(acc: ClassMoments, features: jax.Array, labels: jax.Array) -> C
   sums = class_sums(features, labels, num_classes)
   batch_means = sums / jnp.maximum(batch_counts, 1).astype(jnp.float64)[:, None]
   # Rows are centred at their class mean as the sum of two float32 parts
-  # (48 bits of it), which one one-hot float32 product picks exactly (a
-  # gather of float64 rows took a third of the fit on CPU). Around a point
-  # d_c off the mean a class's scatter gains exactly n_c d_c d_c^T (the cross
-  # terms sum to zero), taken off below. One float32 part alone left 5-25x
-  # the rounding error of exact centring in the products (measured).
+  # (48 bits of it), picked exactly by a one-hot float32 product up to
+  # `_ONE_HOT_CLASSES` classes, by a gather of float32 rows above (gathering
+  # float64 rows took a third of the fit on CPU). Around a point d_c off the
+  # mean a class's scatter gains exactly n_c d_c d_c^T (the cross terms sum
+  # to zero), taken off below. One float32 part alone left 5-25x the
+  # rounding error of exact centring in the products (measured).
   high = batch_means.astype(jnp.float32)
   low = (batch_means - high.astype(jnp.float64)).astype(jnp.float32)
-  parts = jnp.concatenate([high, low], axis=1).T  # [2 features, classes]
+  parts = jnp.concatenate([high, low], axis=1)  # [classes, 2 features]
   num_features = high.shape[1]
 
   def shift_of(start, size):
-    picked = jnp.matmul(parts, _one_hot_t(labels, start, size, num_classes, jnp.float32),
-                        precision=_PRECISION)
+    if num_classes <= _ONE_HOT_CLASSES:
+      picked = jnp.matmul(parts.T, _one_hot_t(labels, start, size, num_classes, jnp.float32),
+                          precision=_PRECISION)
+    else:
+      picked = parts[jax.lax.dynamic_slice_in_dim(labels, start, size)].T
     return (picked[:num_features].astype(jnp.float64)
             + picked[num_features:].astype(jnp.float64))
 
@@ -234,8 +249,31 @@ def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
 def from_moments(acc: ClassMoments) -> MahalanobisState:
   """The scorer from accumulated moments (pseudo-inverse in float64)."""
   _validation.nonempty_classes(acc.counts)
-  with jax.enable_x64(True):
-    return _state(acc)
+  with jax.enable_x64(True), one_blas_thread():
+    return jax.block_until_ready(_state(acc))
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+  """Host LAPACK calls (eigh, pinv, Cholesky) inside run on one BLAS thread.
+
+  On CPU, jaxlib's LAPACK kernels run on scipy's OpenBLAS, whose idle
+  threads spin for a while after each call; on 2 cores that slowed the
+  XLA computation right after it by up to half (ViM's fit at 50,000 x 342:
+  about 200 ms, 125 ms with one OpenBLAS thread, measured), and a 342 x 342
+  factorisation gains little from a second thread. threadpoolctl (a
+  scikit-learn dependency) sets the limit where it is installed; elsewhere,
+  and off the CPU, nothing changes. Block on the results inside.
+  """
+  try:
+    import threadpoolctl  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    threadpoolctl = None
+  if threadpoolctl is None or jax.default_backend() != "cpu":
+    yield
+    return
+  with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+    yield
 
 
 def pinv_covariance(covariance: jax.Array) -> jax.Array:

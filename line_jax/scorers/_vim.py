@@ -84,8 +84,8 @@ def _origin(kernel, bias) -> jax.Array:
   kernel = jnp.asarray(kernel, jnp.float32)
   if bias is None:
     return jnp.zeros((kernel.shape[0],), jnp.float32)
-  with jax.enable_x64(True):
-    return _origin_of(kernel, jnp.asarray(bias, jnp.float32))
+  with jax.enable_x64(True), _mahalanobis.one_blas_thread():
+    return jax.block_until_ready(_origin_of(kernel, jnp.asarray(bias, jnp.float32)))
 
 
 @jax.jit
@@ -149,7 +149,7 @@ def _first(acc: VimAcc, features: jax.Array) -> VimAcc:
   h = features.astype(jnp.float32)
   # `h - o` rounded to float32 as the official code's NumPy computes it,
   # then float64 products (in row chunks on CPU, as Mahalanobis').
-  scatter = _mahalanobis.scatter(h - acc.origin)
+  scatter = _mahalanobis.scatter(h, offset=acc.origin)
   max_logits = jnp.max(_matmul.dot(h, acc.head.kernel) + acc.head.bias, axis=-1)
   return acc.replace(scatter=acc.scatter + scatter,
                      max_logit_sum=acc.max_logit_sum + jnp.sum(max_logits.astype(jnp.float64)),
@@ -174,8 +174,9 @@ def update(acc: VimAcc, features, labels) -> VimAcc:
 def next_pass(acc: VimAcc) -> VimAcc:
   """The residual basis: eigenvectors of the `features - D` smallest
   eigenvalues of the covariance around the origin (float64)."""
-  with jax.enable_x64(True):
-    return acc.replace(residual=_residual(acc.scatter, acc.count, acc.dim), second=True)
+  with jax.enable_x64(True), _mahalanobis.one_blas_thread():
+    residual = jax.block_until_ready(_residual(acc.scatter, acc.count, acc.dim))
+  return acc.replace(residual=residual, second=True)
 
 
 @functools.partial(jax.jit, static_argnums=2)
