@@ -47,6 +47,7 @@ import numpy as np
 from line_jax import _protocols
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
+from line_jax.scorers import _protocol
 
 CHUNK = 512  # validation samples per vmapped step: bounds [grid, chunk, m, C]
 VALIDATION_SOURCES = ("moon", "page", "text", "clock", "cell", "microaneurysms",
@@ -164,7 +165,8 @@ def _fold_once(scorer: scorers.Scorer, hparams: Sequence[Mapping[str, Any]], fea
   accumulator is that one with its own hyperparameters.
   """
   fold = scorer.fold
-  if not fold.reads_data or fold.passes != 1 or len(hparams) < 2:
+  if not fold.reads_data or len(hparams) < 2 or _protocol.passes_of(
+      fold, fold.init(kernel, bias, **hparams[0])) != 1:
     return None
   try:
     inits = [jax.tree.flatten(fold.init(kernel, bias, **h)) for h in hparams]
