@@ -119,6 +119,23 @@ def array_score(score: Callable[..., jax.Array]) -> ArrayScore:
   return ArrayScore(score)
 
 
+@jax.jit
+def _add_feature_sums(acc, features: jax.Array):
+  total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
+  return acc.replace(sums=acc.sums + total, count=acc.count + features.shape[0])
+
+
+def add_feature_sums(acc, features, labels):
+  """The `update` of a training-mean accumulator (DICE, fDBD, NCI).
+
+  `acc` has `sums` (`[features]` float64) and `count` (int64 scalar); the
+  `[batch, features]` batch is added in float64, labels unused.
+  """
+  del labels
+  with jax.enable_x64(True):
+    return _add_feature_sums(acc, features)
+
+
 def check_train(features, labels, kernel, bias, *, needs_labels: bool = False) -> int:
   """Validates in-memory training data and the head; returns the class count.
 

@@ -73,17 +73,8 @@ def init(kernel, bias, *, p=SPARSITY) -> DiceAcc:
                    jnp.zeros((num_features,), jnp.float64), jnp.zeros((), jnp.int64), p)
 
 
-@jax.jit
-def _add(acc: DiceAcc, features: jax.Array) -> DiceAcc:
-  total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
-  return acc.replace(sums=acc.sums + total, count=acc.count + features.shape[0])
-
-
-def update(acc: DiceAcc, features, labels) -> DiceAcc:
-  """Adds a `[batch, features]` batch to the running sums."""
-  del labels
-  with jax.enable_x64(True):
-    return _add(acc, features)
+# Adds a `[batch, features]` batch to the running float64 sums.
+update = _common.add_feature_sums
 
 
 def finalize(acc: DiceAcc) -> DiceState:

@@ -85,17 +85,8 @@ def init(kernel, bias, *, centred=True) -> FdbdAcc:
                    jnp.asarray(float(centred), jnp.float32))
 
 
-@jax.jit
-def _add(acc: FdbdAcc, features: jax.Array) -> FdbdAcc:
-  total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
-  return acc.replace(sums=acc.sums + total, count=acc.count + features.shape[0])
-
-
-def update(acc: FdbdAcc, features, labels) -> FdbdAcc:
-  """Adds a `[batch, features]` batch to the running sum."""
-  del labels
-  with jax.enable_x64(True):
-    return _add(acc, features)
+# Adds a `[batch, features]` batch to the running float64 sums.
+update = _common.add_feature_sums
 
 
 def inverse_gaps(weight) -> np.ndarray:

@@ -88,17 +88,8 @@ def init(kernel, bias, *, alpha=ALPHA) -> NciAcc:
                   jnp.asarray(alpha, jnp.float32))
 
 
-@jax.jit
-def _add(acc: NciAcc, features: jax.Array) -> NciAcc:
-  total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
-  return acc.replace(sums=acc.sums + total, count=acc.count + features.shape[0])
-
-
-def update(acc: NciAcc, features, labels) -> NciAcc:
-  """Adds a `[batch, features]` batch to the running sum."""
-  del labels
-  with jax.enable_x64(True):
-    return _add(acc, features)
+# Adds a `[batch, features]` batch to the running float64 sums.
+update = _common.add_feature_sums
 
 
 def finalize(acc: NciAcc) -> NciState:
