@@ -14,7 +14,9 @@ still O(log batch) shapes. Padding and slicing happen on the host, so they
 compile nothing (an eager `x[:n]` compiles for every `n`); an accelerator
 array whose batch is not a bucket is fetched once, and its scores put back.
 Under a trace (`jax.jit`, `jax.vmap`) the shapes belong to the enclosing
-computation, so the wrapper calls the jitted function unchanged.
+computation, so the wrapper calls the jitted function unchanged. Outside one,
+features may be NumPy, JAX, a list or a PyTorch tensor
+(`_validation.as_array`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from line_jax import _validation
 
 SMALLEST = 8
 # Powers of two up to here; finer steps above, where doubling wastes more.
@@ -65,17 +69,10 @@ class Bucketed:
     fn = self.__wrapped__
     if _traced((state, features)):
       return fn(state, features, **kwargs)
-    if isinstance(features, jax.Array):
-      if len(features.sharding.device_set) > 1:  # Sharded: its layout is the caller's.
-        return fn(state, features, **kwargs)
-    elif not isinstance(features, np.ndarray):
-      try:
-        converted = np.asarray(features)
-      except Exception:  # pylint: disable=broad-except
-        return fn(state, features, **kwargs)  # Its own error for what it cannot take.
-      if converted.dtype == object:
-        return fn(state, features, **kwargs)
-      features = converted
+    # NumPy, JAX, lists and PyTorch tensors; a TypeError names anything else.
+    features = _validation.as_array("features", features)
+    if isinstance(features, jax.Array) and len(features.sharding.device_set) > 1:
+      return fn(state, features, **kwargs)  # Sharded: its layout is the caller's.
     if features.ndim != 2 or bucket(features.shape[0]) == features.shape[0]:
       return fn(state, features, **kwargs)  # Nothing to pad (or its own shape error).
     n = features.shape[0]

@@ -6,7 +6,10 @@
 * `progress`: a tqdm bar on a terminal, plain periodic lines in a log,
   nothing with `--quiet`;
 * `open_model`: a checkpoint's model, head and preprocessing, and
-  `Model.batches(dataset, split, ...)`, the one way every CLI reads images.
+  `Model.source(dataset, split, ...)` / `Model.batches(source, ...)`, the
+  one way every CLI reads images;
+* `add_cache` / `cache_dir`: `--cache-dir` and `--no-cache`, the feature
+  cache `fit`, `tune` and `evaluate` share (`line_jax.feature_cache`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,20 @@ def parser(prog: str, doc: str) -> argparse.ArgumentParser:
 
 def add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def add_cache(p: argparse.ArgumentParser) -> None:
+  from line_jax import feature_cache  # pylint: disable=g-import-not-at-top
+  p.add_argument("--cache-dir", default=feature_cache.default_dir(),
+                 help=f"feature cache shared by fit, tune and evaluate (${feature_cache.ENV} "
+                      "sets the default)")
+  p.add_argument("--no-cache", action="store_true",
+                 help="neither read nor write the feature cache")
+
+
+def cache_dir(args: argparse.Namespace) -> str | None:
+  """The feature cache folder the flags ask for (None: no cache)."""
+  return None if args.no_cache else args.cache_dir
 
 
 def add_distributed(p: argparse.ArgumentParser) -> None:
@@ -182,24 +199,6 @@ def parse_hparams(specs: Sequence[str], names: Sequence[str]) -> dict[str, dict]
   return hparams
 
 
-class _Range(Sequence):
-  """Records `[start, stop)` of a source."""
-
-  def __init__(self, source, start: int, stop: int):
-    self._source, self._start = source, start
-    self._n = max(0, min(stop, len(source)) - start)
-    self.labels = (None if getattr(source, "labels", None) is None
-                   else np.asarray(source.labels)[start:start + self._n])
-
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, index: int):
-    if not 0 <= index < self._n:
-      raise IndexError(index)
-    return self._source[self._start + index]
-
-
 def batch_shard(num_records: int, batch_size: int, index: int, count: int) -> tuple[int, int]:
   """Process `index` of `count`'s records `[start, stop)`, whole batches each.
 
@@ -215,23 +214,40 @@ def batch_shard(num_records: int, batch_size: int, index: int, count: int) -> tu
 
 @dataclasses.dataclass
 class Model:
-  """A checkpoint's model, its head, and how its inputs are made."""
+  """A checkpoint's model, its head, and how its inputs are made.
+
+  The config's "head" (default "fc") names the final Dense layer.
+  """
 
   module: Any
   variables: Any
   config: dict
 
   @property
+  def head(self) -> tuple[Any, Any]:
+    """`(kernel [features, classes], bias [classes] or None)`."""
+    from line_jax import models  # pylint: disable=g-import-not-at-top
+    return models.head_params(self.variables, head=self.config.get("head", "fc"))
+
+  @property
   def kernel(self):
-    return self.variables["params"]["fc"]["kernel"]
+    return self.head[0]
 
   @property
   def bias(self):
-    return self.variables["params"]["fc"]["bias"]
+    return self.head[1]
 
-  def batches(self, dataset: str, split: str, batch_size: int, *, workers: int | None = None,
-              limit: int | None = None):
-    """The grain pipeline over `dataset`'s `split`, preprocessed for this model.
+  @property
+  def preprocess(self):
+    """The `line_jax.data.Preprocess` of this model's input."""
+    from line_jax import data  # pylint: disable=g-import-not-at-top
+    height, width, channels = self.config["input_shape"]
+    if height != width:
+      raise ValueError(f"the model takes {height}x{width} inputs; only square crops are made")
+    return data.Preprocess(image_size=height, channels=channels)
+
+  def source(self, dataset: str, split: str, batch_size: int, *, limit: int | None = None):
+    """The records of `dataset`'s `split` this process reads.
 
     On multi-host each process reads its own contiguous shard of whole
     batches (`batch_shard`).
@@ -241,25 +257,35 @@ class Model:
     from line_jax.data import _named  # pylint: disable=g-import-not-at-top
     source = _named.open_source(dataset, split)
     if limit is not None:
-      source = _Range(source, 0, limit)
+      source = data.Subset.range(source, 0, limit)
     if len(source) == 0:
       raise ValueError(f"dataset {dataset!r} ({split}) holds no image")
     _check_labels(getattr(source, "labels", None), int(self.config["num_classes"]), dataset)
     if jax.process_count() > 1:
-      source = _Range(source, *batch_shard(len(source), batch_size, jax.process_index(),
-                                           jax.process_count()))
-    height, width, channels = self.config["input_shape"]
-    if height != width:
-      raise ValueError(f"the model takes {height}x{width} inputs; only square crops are made")
-    return data.image_batches(source, data.Preprocess(image_size=height, channels=channels),
-                              batch_size=batch_size, workers=workers)
+      source = data.Subset.range(source, *batch_shard(len(source), batch_size,
+                                                      jax.process_index(), jax.process_count()))
+    return source
+
+  def batches(self, source, batch_size: int, *, workers: int | None = None):
+    """The grain pipeline over `source`, preprocessed for this model."""
+    from line_jax import data  # pylint: disable=g-import-not-at-top
+    return data.image_batches(source, self.preprocess, batch_size=batch_size, workers=workers)
+
+  def cache_key(self, source) -> str:
+    """The `line_jax.feature_cache` key of this model's features of `source`."""
+    from line_jax import feature_cache  # pylint: disable=g-import-not-at-top
+    model_key = feature_cache.model_key(self.module, self.variables, mean=self.config["mean"],
+                                        std=self.config["std"], preprocess=self.preprocess,
+                                        head=self.config.get("head"))
+    return feature_cache.fingerprint(model_key, feature_cache.source_key(source))
 
   def features(self, batches):
     """A `line_jax.fold.Stream` of this model's features over `batches`."""
     from line_jax import fold  # pylint: disable=g-import-not-at-top
     return fold.ImageFeatures(batches, self.module, self.variables,
                               np.asarray(self.config["mean"], np.float32),
-                              np.asarray(self.config["std"], np.float32))
+                              np.asarray(self.config["std"], np.float32),
+                              head=self.config.get("head"))
 
 
 def _check_labels(labels, num_classes: int, dataset: str) -> None:

@@ -222,28 +222,44 @@ PROTOCOLS: dict[str, Protocol] = {
 def get(name: str) -> Protocol:
   """The protocol called `name`; ValueError listing the known ones."""
   if name not in PROTOCOLS:
-    raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(PROTOCOLS)}")
+    raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(PROTOCOLS)}, or "
+                     f"{NO_BENCHMARK!r} for the registry defaults")
   return PROTOCOLS[name]
 
 
-def hparams_for(protocol: Protocol, method: str, defaults: Mapping[str, Any],
-                train_features: np.ndarray | None) -> dict[str, Any]:
-  """The hyperparameters `method` runs with under `protocol`, resolved.
+NO_BENCHMARK = "none"  # `--benchmark none`: every scorer at its registry defaults.
+
+
+def hparams_for(protocol: Protocol | str | None, method: str,
+                overrides: Mapping[str, Any] | None = None,
+                train_features: np.ndarray | None = None) -> dict[str, Any]:
+  """The hyperparameters `method` runs with: one rule for fit, tune and evaluate.
+
+  The scorer's registry defaults, then the benchmark's settings, then the
+  user's `overrides` (`--hparam`), each over the last.
 
   Args:
-    protocol: the benchmark.
+    protocol: the benchmark (a `Protocol` or its name); None or "none" for
+      the registry defaults alone.
     method: scorer name.
-    defaults: the scorer's registry defaults.
-    train_features: `[n, features]`, to resolve `TrainPercentile` values.
+    overrides: `{hyperparameter: value}` the user set.
+    train_features: `[n, features]`, to resolve a `TrainPercentile` that the
+      scorer does not resolve itself while fitting (None: only those the
+      scorer resolves are allowed).
   """
+  defaults = scorers.get(method).defaults
+  if isinstance(protocol, str):
+    protocol = None if protocol == NO_BENCHMARK else get(protocol)
   out = dict(defaults)
-  out.update(protocol.hparams.get(method, {}))
+  out.update({} if protocol is None else protocol.hparams.get(method, {}))
+  out.update(overrides or {})
   for key, value in out.items():
     # A scorer whose default is a TrainPercentile resolves it itself, exactly
     # and across processes, while it fits; others get the value.
     if isinstance(value, TrainPercentile) and not isinstance(defaults.get(key), TrainPercentile):
       if train_features is None:
-        raise ValueError(f"{method}.{key} needs the training features")
+        raise ValueError(f"{method}.{key} = {value} needs the training features in memory; "
+                         "give the value itself")
       out[key] = value.resolve(train_features)
   return out
 

@@ -78,6 +78,13 @@ def as_array(name: str, x: Any, *, allow_none: bool = False):
   raise TypeError(f"{name} must be {ACCEPTED}, got {_type_name(x)}")
 
 
+def train_arrays(features, labels, kernel, bias, *, features_name: str = "features"
+                 ) -> tuple[Any, Any, Any, Any]:
+  """A fit's four inputs through `as_array`; labels and bias may be None."""
+  return (as_array(features_name, features), as_array("labels", labels, allow_none=True),
+          as_array("kernel", kernel), as_array("bias", bias, allow_none=True))
+
+
 def _shape_of(name: str, x) -> tuple[int, ...]:
   if not hasattr(x, "shape") or not hasattr(x, "dtype"):
     raise TypeError(f"{name} must be an array, got {type(x).__name__}")

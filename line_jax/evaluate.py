@@ -6,7 +6,9 @@
         --id-folder cifar10-jpeg --torch-checkpoint dice_densenet100_cifar10.pth.tar
 
 A thin shell over `line_jax.evaluation.run_evaluation` (see there for the
-files it writes); this module only parses flags. Multi-host: the same command
+files it writes); this module only parses flags. Features come from the
+feature cache `fit` and `tune` share (`--cache-dir`), and the scorers take
+the benchmark's settings by the rule `fit` follows (`--hparam` over them). Multi-host: the same command
 in every process with `--coordinator HOST:PORT --num-processes N --process-id
 I`: each process extracts and scores its own shard of every set, the fits
 merge across processes, and process 0 writes the outputs.
@@ -22,6 +24,7 @@ import jax
 
 from line_jax import _cli
 from line_jax import _protocols
+from line_jax import scorers as _scorers
 from line_jax.evaluation import DEFAULT_CHECKPOINT
 from line_jax.evaluation import METRICS  # noqa: F401  Re-exported for callers.
 from line_jax.evaluation import Inputs  # noqa: F401
@@ -50,10 +53,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--max-train", type=int, default=None, help="evenly spaced training subset")
   p.add_argument("--max-test", type=int, default=None, help="evenly spaced test subset")
   p.add_argument("--ood-size", type=int, default=2000, help="images per offline OOD set")
-  p.add_argument("--cache-dir", default=None, help="keep and reuse the feature memmaps here")
+  p.add_argument("--hparam", action="append", default=[],
+                 help="SCORER.NAME=VALUE over the benchmark's settings (a JSON value), repeatable")
   p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores)")
   p.add_argument("--ablation", action="store_true", help="also run LINe's ablation")
   p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+  _cli.add_cache(p)
   _cli.add_common(p)
   _cli.add_distributed(p)
   return p
@@ -64,13 +69,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   start = time.perf_counter()
   with _cli.user_errors():
     _cli.init_distributed(args)
+    methods = None if args.methods is None else _cli.scorer_names(args.methods)
     result = run_evaluation(
         args.out, benchmark=args.benchmark, checkpoint=args.checkpoint,
-        methods=None if args.methods is None else args.methods.split(","),
+        methods=methods, hparams=_cli.parse_hparams(args.hparam, methods or _scorers.names()),
         extra_ood=args.extra_ood, batch_size=args.batch_size, data_dir=args.data_dir,
         torch_checkpoint=args.torch_checkpoint, id_folder=args.id_folder,
         max_train=args.max_train, max_test=args.max_test, ood_size=args.ood_size,
-        cache_dir=args.cache_dir, workers=args.workers, ablation=args.ablation,
+        cache_dir=_cli.cache_dir(args), workers=args.workers, ablation=args.ablation,
         make_plots=not args.no_plots, progress=not args.quiet)
   if jax.process_index() == 0:
     print(format_table(result))

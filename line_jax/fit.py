@@ -7,9 +7,18 @@ Images stream through the grain pipeline (`--workers` decoding threads) and a
 checkpoint's model; the checkpoint's config decides the size and channels,
 so a folder of colour JPEGs of any size feeds a 28x28 grayscale model. Every
 scorer folds over the one stream (`line_jax.fold`); `DIR/<scorer>` holds
-each fitted state (`line_jax.load`). Killed at any moment and run again with
-the same arguments, the run resumes from its last saved batch to
-bit-identical states; other arguments on a resume are refused.
+each fitted state (`line_jax.load`) and `DIR/hparams.json` the settings each
+ran with, resolved (they paste into `--hparam` and `Scorer.fit`). The
+settings follow the one rule `evaluate` follows too
+(`_protocols.hparams_for`): registry defaults, then `--benchmark`'s, then
+`--hparam`'s; so `fit --dataset fashion_mnist` and `evaluate` (both
+`--benchmark fashion_mnist` by default) fit the same detectors. Killed at any
+moment and run again with the same arguments, the run resumes from its last
+saved batch to bit-identical states; other arguments on a resume are refused.
+
+Features go to the feature cache `tune` and `evaluate` share
+(`line_jax.feature_cache`, `--cache-dir`): where it already holds this
+checkpoint's features of this dataset, the model does not run at all.
 
 Multi-host: run the same command in every process with `--coordinator
 HOST:PORT --num-processes N --process-id I` (or `--coordinator auto` on Cloud
@@ -24,18 +33,25 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-import json
 import os
 import sys
 from typing import Any
 
+import jax
+
 from line_jax import _cli
+from line_jax import _protocols
+from line_jax import fitting
 from line_jax import fold
-from line_jax import io
 from line_jax import scorers
+# The library side, under the names the CLI's users know.
+from line_jax.fitting import ARGS_FILE
+from line_jax.fitting import CACHED_DIR
+from line_jax.fitting import HPARAMS_FILE
+from line_jax.fitting import fit_checkpoint as run
+from line_jax.fitting import load_state
 
 DEFAULT_CHECKPOINT = _cli.DEFAULT_CHECKPOINT
-ARGS_FILE = "args.json"
 FEATURES_FILE = fold.FEATURES_FILE
 PROGRESS_DIR = fold.PROGRESS_DIR
 
@@ -46,12 +62,17 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="line_jax checkpoint folder")
   p.add_argument("--dataset", default="fashion_mnist", help=_cli.DATASET_HELP)
   p.add_argument("--scorers", default=",".join(scorers.names()), help="comma-separated")
+  p.add_argument("--benchmark", default=None,
+                 choices=[*_protocols.PROTOCOLS, _protocols.NO_BENCHMARK],
+                 help="whose settings the scorers take, as evaluate's --benchmark (default: "
+                      "fashion_mnist for --dataset fashion_mnist, else none: the registry's)")
   p.add_argument("--hparam", action="append", default=[],
                  help="SCORER.NAME=VALUE (a JSON value), repeatable")
   p.add_argument("--batch-size", type=int, default=256, help="images per model call")
   p.add_argument("--save-every", type=int, default=20, help="batches between saves")
   p.add_argument("--max-examples", type=int, default=None, help="only the first N images")
   p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding threads")
+  _cli.add_cache(p)
   _cli.add_common(p)
   _cli.add_distributed(p)
   return p
@@ -65,60 +86,15 @@ def _resolve(args: argparse.Namespace) -> dict[str, Any]:
     if value is not None and value < 1:
       raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
   dataset = args.dataset if not os.path.isdir(args.dataset) else os.path.abspath(args.dataset)
+  benchmark = args.benchmark or (
+      "fashion_mnist" if args.dataset == "fashion_mnist" else _protocols.NO_BENCHMARK)
   config = dict(checkpoint=os.path.abspath(args.checkpoint), dataset=dataset, scorers=names,
+                benchmark=benchmark,
                 hparams=_cli.parse_hparams(args.hparam, names), batch_size=args.batch_size,
                 save_every=args.save_every, max_examples=args.max_examples)
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() > 1:  # A resume must keep the process count (the shards).
     config["num_processes"] = jax.process_count()
   return config
-
-
-def _claim(out: str, config: dict[str, Any]) -> None:
-  """Writes args.json (process 0), or checks that a resumed run has the same arguments."""
-  import jax  # pylint: disable=g-import-not-at-top
-  path = os.path.join(out, ARGS_FILE)
-  resumed = os.path.exists(path)
-  _cli.barrier("line_jax.fit:claim")  # Everyone has looked before process 0 writes.
-  if jax.process_index() == 0 and not resumed:
-    os.makedirs(out, exist_ok=True)
-    _cli.write_json(path, config)
-  _cli.barrier("line_jax.fit:claimed")
-  if resumed:
-    with open(path) as f:
-      stored = json.load(f)
-    if stored != config:
-      diff = [f"{k}: {stored.get(k)!r} -> {config.get(k)!r}"
-              for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
-      raise ValueError(
-          f"{out} holds a run started with other arguments ({'; '.join(diff)}); "
-          "run again with the same arguments to resume, or choose another --out")
-
-
-def run(config: dict[str, Any], out: str, *, workers: int | None = None,
-        quiet: bool = False) -> dict[str, Any]:
-  """Streams the training set, folds every scorer, saves the states in `out`."""
-  out = os.path.abspath(out)
-  model = _cli.open_model(config["checkpoint"])
-  batches = model.batches(config["dataset"], "train", config["batch_size"], workers=workers,
-                          limit=config["max_examples"])
-  _claim(out, config)
-  with _cli.progress(batches.num_records, "features", quiet=quiet) as bar:
-    states = fold.fit_stream({n: config["hparams"].get(n, {}) for n in config["scorers"]},
-                             model.kernel, model.bias, model.features(batches), out,
-                             save_every=config["save_every"], on_batch=bar)
-  for name, state in states.items():
-    io.save(os.path.join(out, name), state)
-  return states
-
-
-def load_state(out: str | os.PathLike, name: str) -> Any:
-  """The state `python -m line_jax.fit --out OUT` wrote for scorer `name`."""
-  path = os.path.join(os.fspath(out), name)
-  if not os.path.isdir(path):
-    raise ValueError(f"{out} holds no fitted state {name!r} (run python -m "
-                     "line_jax.fit to the end first)")
-  return io.load(path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -126,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   with _cli.user_errors(resumable=True):
     _cli.init_distributed(args)
     config = _resolve(args)
-    run(config, args.out, workers=args.workers, quiet=args.quiet)
+    fitting.fit_checkpoint(config, args.out, workers=args.workers, quiet=args.quiet,
+                           cache_dir=_cli.cache_dir(args))
   print(f"wrote {', '.join(config['scorers'])} to {os.path.abspath(args.out)}", file=sys.stderr)
 
 

@@ -9,9 +9,10 @@ training set through a model:
   accumulator from the same batch, so the model runs once per image;
 * scorers that need a second pass (`fold.passes == 2`) read the features
   again from `features.npy` / `labels.npy`, float32 `[n, features]` and
-  int32 `[n]` memory maps written
-  during pass 1 (only when such a scorer is asked for): the model does not
-  run twice, and nothing is held in memory whole;
+  int32 `[n]` memory maps written during pass 1 (when such a scorer is
+  asked for, or `keep_features`, which the feature cache publishes), or from
+  a stream's own stored rows (`CachedFeatures`): the model does not run
+  twice, and nothing is held in memory whole;
 * every `save_every` batches the accumulators and the stream's position go
   to one orbax `CheckpointManager` step (atomic: a step is visible only once
   whole), after the feature rows before it are flushed. Killed at any moment
@@ -52,11 +53,13 @@ class Stream(Protocol):
   `(features [b, m] float32, labels [b] int, position_after)`, where
   `position_after` is a JSON-able value that resumes after that batch.
   `num_samples` and `num_batches` are the stream's length in samples and
-  in batches.
+  in batches. `stored` is None, or `(features, labels)` arrays of the whole
+  stream that later passes read instead of a copy.
   """
 
   num_samples: int
   num_batches: int
+  stored: tuple[np.ndarray, np.ndarray] | None
 
   def batches(self, position: Any | None) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
     ...
@@ -95,6 +98,7 @@ def fit_stream(
     *,
     save_every: int = 20,
     on_batch: Callable[[int], None] | None = None,
+    keep_features: bool = False,
 ) -> dict[str, Any]:
   """Fits every scorer in `hparams` over `stream`, resumably, in `out`.
 
@@ -105,6 +109,8 @@ def fit_stream(
     out: folder for `progress/` (orbax steps) and `features.npy`.
     save_every: batches between progress saves.
     on_batch: called with the sample count of each batch (progress bars).
+    keep_features: write `features.npy` / `labels.npy` even where no scorer
+      reads them again (`features_files` names them).
 
   Returns:
     `{scorer name: fitted state}`.
@@ -120,7 +126,6 @@ def fit_stream(
   needs_labels = any(folds[n].needs_labels for n in readers)
 
   pid = jax.process_index()
-  suffix = f".p{pid}" if jax.process_count() > 1 else ""
   manager = ocp.CheckpointManager(
       os.path.join(os.path.abspath(out), PROGRESS_DIR),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
@@ -134,11 +139,11 @@ def fit_stream(
     position, done = json.loads(mine["position"]), int(mine["rows"])
   n = stream.num_samples
   rows = labels_all = None
-  if two_pass:
-    rows = _memmap(os.path.join(out, FEATURES_FILE.replace(".npy", suffix + ".npy")),
-                   (n, num_features), np.float32, fresh=step is None)
-    labels_all = _memmap(os.path.join(out, LABELS_FILE.replace(".npy", suffix + ".npy")), (n,),
-                         np.int32, fresh=step is None)
+  stored = getattr(stream, "stored", None)
+  if (two_pass and stored is None) or keep_features:
+    features_path, labels_path = features_files(out)
+    rows = _memmap(features_path, (n, num_features), np.float32, fresh=step is None)
+    labels_all = _memmap(labels_path, (n,), np.int32, fresh=step is None)
   # A save is collective: every process's accumulators and position go into
   # one orbax step (process 0 writes it). So saves fall on batch indices that
   # every process reaches, up to the shortest shard's count, and at the end.
@@ -190,11 +195,18 @@ def fit_stream(
     fold, acc = folds[name], _merged(folds[name], accs[name])
     for _ in range(passes[name] - 1):
       acc = fold.next_pass(acc)
-      for features, labels in _Rows(rows, labels_all, 1024):
+      for features, labels in _Rows(*(stored or (rows, labels_all)), 1024):
         acc = fold.update(acc, features, labels)
       acc = _merged(fold, acc)
     accs[name] = acc
   return {name: folds[name].finalize(accs[name]) for name in folds}
+
+
+def features_files(out: str) -> tuple[str, str]:
+  """This process's `(features.npy, labels.npy)` paths in `out`."""
+  suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
+  return (os.path.join(out, FEATURES_FILE.replace(".npy", suffix + ".npy")),
+          os.path.join(out, LABELS_FILE.replace(".npy", suffix + ".npy")))
 
 
 def _every(count: int) -> np.ndarray:
@@ -230,19 +242,48 @@ class ImageFeatures:
 
   Args:
     batches: a `line_jax.data.ImageBatches` (its position is grain's).
-    model, variables: a line_jax model returning `(logits, features)`.
+    model, variables: a model returning `(logits, features)`, or any model
+      with `head` (`line_jax.features.extract`).
     mean, std: the normalisation the model was trained with, per channel.
+    head: the model's final Dense layer, whose input is the features.
   """
 
-  def __init__(self, batches, model, variables, mean, std):
+  def __init__(self, batches, model, variables, mean, std, head: str | None = None):
     self._batches = batches
     self._extract = functools.partial(features_lib.extract, model, variables, mean=mean,
-                                      std=std, batch_size=batches.batch_size, progress=False)
+                                      std=std, batch_size=batches.batch_size, progress=False,
+                                      head=head)
     self.num_samples = batches.num_records
     self.num_batches = len(batches)
+    self.stored = None
 
   def batches(self, position):
     iterator = self._batches.iterator(position)
     for images, labels in iterator:
       yield (np.asarray(self._extract(images)[1]), np.asarray(labels, np.int32),
              self._batches.position(iterator))
+
+
+class CachedFeatures:
+  """A `Stream` over stored features (a `line_jax.feature_cache` entry).
+
+  Its position is the next row; later passes read the stored arrays
+  themselves.
+
+  Args:
+    features: `[n, m]` float32; labels: `[n]` int32 (memmaps are read batch
+      by batch).
+    batch_size: rows per batch.
+  """
+
+  def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int):
+    self.stored = (features, labels)
+    self._batch_size = batch_size
+    self.num_samples = features.shape[0]
+    self.num_batches = -(-self.num_samples // batch_size)
+
+  def batches(self, position):
+    features, labels = self.stored
+    for start in range(position or 0, self.num_samples, self._batch_size):
+      stop = min(start + self._batch_size, self.num_samples)
+      yield (np.asarray(features[start:stop]), np.asarray(labels[start:stop], np.int32), stop)

@@ -302,7 +302,7 @@ def read_images(source, *, image_size: int | None = None, channels: int | None =
     # Pixels already in memory (or memory-mapped), in the right mode.
     return _as_nhwc(np.asarray(images[:n])), np.asarray(source.labels[:n], np.int32)
   if limit is not None:
-    source = _cli._Range(source, 0, n)  # pylint: disable=protected-access
+    source = data.Subset.range(source, 0, n)
   batches = data.image_batches(source, data.Preprocess(image_size=image_size, channels=channels),
                                batch_size=256, workers=workers)
   parts, labels = [], []

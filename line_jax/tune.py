@@ -1,16 +1,20 @@
 """Hyperparameter selection on held-out data, each grid in one vmapped call.
 
     python -m line_jax.tune --out tune.json
+    python -m line_jax.tune --checkpoint CKPT --dataset FOLDER --methods line,knn
 
 Data (never the test sets of `line_jax.evaluate`):
 
-* fit: the first 55,000 Fashion-MNIST training images; ID validation: the
-  last 5,000 training images (the test split is not touched);
+* fit: the training images but the last `--val-size` (5,000: the first
+  55,000 of Fashion-MNIST by default); ID validation: those last images
+  (the test split is not touched). Their features come from the feature
+  cache `fit` and `evaluate` share (`line_jax.feature_cache`);
 * OOD validation (`validation_ood`): a seeded set disjoint from the seven
   embedded test sets: half random square crops of `skimage.data` images no
   test set uses (moon, page, text, clock, cell, microaneurysms,
   hubble_deep_field, immunohistochemistry; gray), half Gaussian-blurred
-  uniform noise (smooth blobs; the test noise sets are i.i.d. pixels).
+  uniform noise (smooth blobs; the test noise sets are i.i.d. pixels),
+  through the model's own preprocessing (resized, channels converted).
 
 Every registered scorer with a grid (`scorers.get(name).grid`, declared next
 to the method) is tuned the same way. The registry fits a state at each grid
@@ -30,12 +34,12 @@ itself, and the percentile it came from is reported as `clip_percentile`.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping, Sequence
+import contextlib
 import functools
 import itertools
 import json
-import sys
+import tempfile
 import time
 import zlib
 from typing import Any
@@ -44,7 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from line_jax import _cli
 from line_jax import _protocols
+from line_jax import data
+from line_jax import feature_cache
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
 from line_jax.scorers import _protocol
@@ -70,6 +77,29 @@ def grid_points(grid: Mapping[str, Sequence]) -> list[dict[str, Any]]:
   """Every combination of a `{name: values}` grid, last name fastest."""
   keys = list(grid)
   return [dict(zip(keys, values)) for values in itertools.product(*grid.values())]
+
+
+def feasible(method: str, points: Sequence[Mapping[str, Any]], kernel, bias
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+  """The grid points `method` accepts on this head, and the others with why.
+
+  A grid is written once for every model; a point that cannot work on this
+  one (ViM's `dim` at or above its feature count) is refused by the fold's
+  `init`, the same check `fit` makes, and is left out, not capped.
+
+  Returns:
+    `(kept, skipped)`: points in grid order, and `{"hparams", "why"}` each.
+  """
+  init = scorers.get(method).fold.init
+  kept, skipped = [], []
+  for point in points:
+    try:
+      init(kernel, bias, **point)
+    except ValueError as e:
+      skipped.append({"hparams": dict(point), "why": str(e)})
+    else:
+      kept.append(dict(point))
+  return kept, skipped
 
 
 # ---- Validation OOD data ---------------------------------------------------
@@ -326,16 +356,20 @@ def tune_method(method: str, train_features, train_labels, kernel, bias,
   Returns:
     `{"best": hyperparameters that paste into fit, "best_percentiles":
     {"<name>_percentile": p} for each of them resolved from a percentile,
-    "metrics": metrics of the best, "grid_size", "vmapped_s",
+    "metrics": metrics of the best, "grid_size" (points tried), "skipped"
+    (points this model cannot take, `feasible`), "vmapped_s",
     "vmapped_compile_s" (None: not stackable), "loop_s" (None: not run),
     "grid": [{"hparams", "percentiles", "metrics"}, ...]}`.
   """
   scorer = scorers.get(method)
-  points = grid_points(GRIDS[method] if grid is None else grid)
+  points, skipped = feasible(method, grid_points(GRIDS[method] if grid is None else grid),
+                             kernel, bias)
+  if not points:
+    raise ValueError(f"no point of {method}'s grid works on this model: {skipped[0]['why']}")
   resolved = resolve(method, points, train_features)
   hparams = [h for h, _ in resolved]
   val = np.concatenate([val_id, val_ood]).astype(np.float32)
-  result: dict[str, Any] = {"grid_size": len(points), "vmapped_s": None,
+  result: dict[str, Any] = {"grid_size": len(points), "skipped": skipped, "vmapped_s": None,
                             "vmapped_compile_s": None, "loop_s": None}
   states = fit_grid(method, hparams, train_features, train_labels, kernel, bias)
   chunk = jax.ShapeDtypeStruct((min(CHUNK, val.shape[0]), val.shape[1]), jnp.float32)
@@ -371,28 +405,45 @@ def tune_method(method: str, train_features, train_labels, kernel, bias,
 
 
 def run_tuning(methods: Sequence[str] | None = None, *, checkpoint: str | None = None,
-               val_size: int = 5000, ood_size: int = 2000, check: bool = True,
-               batch_size: int = 512, progress: bool = True) -> dict[str, dict]:
-  """Extracts features of the fit / validation data and tunes each method."""
-  from line_jax import _checkpoint
-  from line_jax import data
-  from line_jax import evaluate
-  from line_jax import features
+               dataset: str = "fashion_mnist", val_size: int = 5000, ood_size: int = 2000,
+               check: bool = True, batch_size: int = 512, cache_dir: str | None = None,
+               workers: int | None = None, progress: bool = True) -> dict[str, dict]:
+  """Tunes each method on features of `dataset`'s training split.
 
-  model, variables, config = _checkpoint.load_model(checkpoint or evaluate.DEFAULT_CHECKPOINT)
-  images, labels = data.read_fashion_mnist("train")
-  extract = functools.partial(features.extract, model, variables, mean=config["mean"],
-                              std=config["std"], batch_size=batch_size)
-  feats = extract(images[..., None], progress="features: train" if progress else False)[1]
-  val_ood = extract(validation_ood(ood_size), progress=False)[1]
-  head = variables["params"]["fc"]
-  methods = [m for m in (methods or GRIDS)]
-  out = {}
+  The training split's last `val_size` images are the ID validation set, the
+  rest the fit set; `validation_ood` (through the model's preprocessing) the
+  OOD one. The training features come from the feature cache in `cache_dir`
+  that `fit` and `evaluate` share, or are extracted into it (None: a
+  temporary folder).
+  """
+
+  methods = list(methods or GRIDS)
   for method in methods:
     if method not in GRIDS:
       raise ValueError(f"no grid for {method!r}; tunable: {', '.join(GRIDS)}")
-    out[method] = tune_method(method, feats[:-val_size], labels[:-val_size], head["kernel"],
-                              head["bias"], feats[-val_size:], val_ood, check=check)
+  model = _cli.open_model(checkpoint or _cli.DEFAULT_CHECKPOINT)
+  kernel, bias = model.head
+  with contextlib.ExitStack() as stack:
+    folder = cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
+    train_source = model.source(dataset, "train", batch_size)
+    if not 0 < val_size < len(train_source):
+      raise ValueError(f"--val-size must lie in [1, {len(train_source)}), got {val_size}")
+
+    def features_of(source, name):
+      return feature_cache.extract(
+          model.batches(source, min(batch_size, len(source)), workers=workers), len(source),
+          model.module, model.variables, mean=model.config["mean"], std=model.config["std"],
+          folder=folder, key=model.cache_key(source), head=model.config.get("head"),
+          description=f"{name}: {source!r}", progress=f"features: {name}" if progress else False)
+
+    train = features_of(train_source, "train")
+    val_ood = np.asarray(features_of(data.ArraySource(validation_ood(ood_size)),
+                                     "validation OOD").features)
+    feats, labels = np.asarray(train.features), np.asarray(train.labels)
+  out = {}
+  for method in methods:
+    out[method] = tune_method(method, feats[:-val_size], labels[:-val_size], kernel, bias,
+                              feats[-val_size:], val_ood, check=check)
     if progress:
       print(_row(method, out[method]), flush=True)
   return out
@@ -417,17 +468,28 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  p = argparse.ArgumentParser(prog="python -m line_jax.tune", description=__doc__.split("\n")[0])
+  p = _cli.parser("python -m line_jax.tune", __doc__)
   p.add_argument("--out", default=None, help="JSON file for the results")
   p.add_argument("--methods", default=None, help="comma-separated (default: all with a grid)")
-  p.add_argument("--checkpoint", default=None, help="line_jax checkpoint folder")
+  p.add_argument("--checkpoint", default=_cli.DEFAULT_CHECKPOINT,
+                 help="line_jax checkpoint folder")
+  p.add_argument("--dataset", default="fashion_mnist", help=_cli.DATASET_HELP)
+  p.add_argument("--val-size", type=int, default=5000,
+                 help="last training images held out as the ID validation set")
+  p.add_argument("--ood-size", type=int, default=2000, help="validation OOD images")
+  p.add_argument("--batch-size", type=int, default=512, help="images per model call")
+  p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores)")
   p.add_argument("--no-check", action="store_true", help="skip the Python-loop comparison")
+  _cli.add_cache(p)
+  _cli.add_common(p)
   args = p.parse_args(argv)
-  try:
-    results = run_tuning(None if args.methods is None else args.methods.split(","),
-                         checkpoint=args.checkpoint, check=not args.no_check)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  with _cli.user_errors():
+    methods = None if args.methods is None else _cli.scorer_names(args.methods)
+    results = run_tuning(methods, checkpoint=args.checkpoint, dataset=args.dataset,
+                         val_size=args.val_size, ood_size=args.ood_size,
+                         check=not args.no_check, batch_size=args.batch_size,
+                         cache_dir=_cli.cache_dir(args), workers=args.workers,
+                         progress=not args.quiet)
   print(format_table(results))
   if args.out:
     with open(args.out, "w") as f:

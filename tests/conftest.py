@@ -1,5 +1,10 @@
 """Shared fixtures: random LINe problems shaped like real heads."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -18,3 +23,20 @@ def random_problem(num_classes, num_features, num_train, seed=0):
 @pytest.fixture
 def problem():
   return random_problem
+
+
+# Set at import, before any test module copies os.environ for its subprocesses:
+# no test reads or writes the user's feature cache under ~ (`_own_feature_cache`
+# then gives each test a folder of its own).
+os.environ["LINE_JAX_CACHE"] = tempfile.mkdtemp(prefix="line_jax_test_feature_cache_")
+atexit.register(shutil.rmtree, os.environ["LINE_JAX_CACHE"], ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_feature_cache(tmp_path_factory, monkeypatch):
+  """Each test's CLIs (and their subprocesses) get a feature cache of their own.
+
+  The default, `~/.cache/line_jax/features`, is shared across runs: a test
+  must neither read another test's features nor leave any behind.
+  """
+  monkeypatch.setenv("LINE_JAX_CACHE", str(tmp_path_factory.mktemp("feature_cache")))

@@ -134,16 +134,27 @@ def test_checkpoint_for_another_architecture_or_class_count(tmp_path, capsys, ch
     (["--save-every", "-1"], "--save-every must be at least 1"),
     (["--hparam", "knn.kk=3"], "unknown hyperparameter 'kk' for scorer 'knn'; valid: k,"),
     (["--hparam", "knn=3"], "--hparam expects SCORER.NAME=VALUE"),
+    # Nothing is downloaded: an unprepared TFDS name is one line that says what to do.
+    (["--dataset", "tfds:line_jax_no_such_set"],
+     "TFDS dataset 'line_jax_no_such_set' (split 'train') is not prepared under"),
+    (["--benchmark", "nope"], "invalid choice: 'nope'"),
 ])
 def test_bad_arguments(tmp_path, capsys, argv, message):
   assert message in _main(capsys, "--out", str(tmp_path / "out"), *argv)
 
 
-def test_bad_hyperparameter_value_gets_the_scorers_own_error(tmp_path, capsys):
+@pytest.mark.parametrize("hparam, message", [
+    ("knn.k=0", "k must be at least 1, got 0"),
+    # The committed model has 128 features: no residual space is left.
+    ("vim.dim=128", "ViM's dim=128 must be below the feature count 128"),
+])
+def test_bad_hyperparameter_value_gets_the_scorers_own_error(tmp_path, capsys, hparam,
+                                                             message):
   # Values are checked by the scorer's fold before any image is read.
-  err = _main(capsys, "--out", str(tmp_path / "out"), "--scorers", "knn",
-              "--hparam", "knn.k=0", "--max-examples", "8", "--batch-size", "8")
-  assert "k must be at least 1, got 0" in err
+  scorer = hparam.split(".")[0]
+  err = _main(capsys, "--out", str(tmp_path / "out"), "--scorers", scorer,
+              "--hparam", hparam, "--max-examples", "8", "--batch-size", "8")
+  assert message in err
 
 
 def test_load_state_of_a_corrupt_state(tmp_path):

@@ -78,7 +78,7 @@ def test_metrics_equal_metrics_evaluate_on_the_scores(run):
   protocol = _protocols.get("fashion_mnist")
   for method in ("energy", "line", "knn"):
     scorer = scorers.get(method)
-    hp = _protocols.hparams_for(protocol, method, scorer.defaults, train)
+    hp = _protocols.hparams_for(protocol, method, None, train)
     state = scorer.fit(train, arrays["train_labels"], head["kernel"], head["bias"], **hp)
     expected = metrics.evaluate(scorer.score(state, test), scorer.score(state, mine))
     for key, value in expected.items():
@@ -175,8 +175,14 @@ def test_timings_and_cache_reuse(tmp_path):
   assert set(timing["extraction"]["sets"]) == {"train", "id", "dark", "noise"}
   assert timing["extraction"]["images"] == timing["extraction"]["extracted_now"] == 220
   assert timing["extraction"]["images_per_s"] > 0
-  assert sorted(p.name for p in (tmp_path / "cache").glob("train.*")) == [
-      "train.features.npy", "train.json", "train.labels.npy", "train.logits.npy"]
+  # One entry per set, named by its key: features, labels, and the .json written last.
+  entries = sorted((tmp_path / "cache").glob("*.json"))
+  assert len(entries) == 4
+  for entry in entries:
+    key = entry.name[:-len(".json")]
+    assert json.loads(entry.read_text())["key"] == key
+    assert (tmp_path / "cache" / f"{key}.features.npy").is_file()
+    assert (tmp_path / "cache" / f"{key}.labels.npy").is_file()
   # A second run reads the memmaps back: same result, nothing extracted.
   second = evaluate.run_evaluation(tmp_path / "b", **kw)
   assert second == first

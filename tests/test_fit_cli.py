@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from line_jax import _protocols
 from line_jax import fit
 from line_jax import scorers
 
@@ -103,9 +104,11 @@ def test_states_score_like_a_fresh_in_memory_fit(reference):
   np.testing.assert_array_equal(np.load(reference / "labels.npy"), labels)
   kernel = variables["params"]["fc"]["kernel"]
   bias = variables["params"]["fc"]["bias"]
-  for name in ("line", "mahalanobis", "react", "vim"):
+  assert config["benchmark"] == "fashion_mnist"  # --dataset fashion_mnist's own.
+  for name in ("line", "mahalanobis", "react", "vim", "knn"):
     scorer = scorers.get(name)
-    want = scorer.score(scorer.fit(features, labels, kernel, bias), features[:64])
+    hparams = _protocols.hparams_for("fashion_mnist", name, config["hparams"].get(name))
+    want = scorer.score(scorer.fit(features, labels, kernel, bias, **hparams), features[:64])
     got = scorer.score(fit.load_state(reference, name), features[:64])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 

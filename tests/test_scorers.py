@@ -9,6 +9,7 @@ import pytest
 from conftest import random_problem
 from line_jax import line
 from line_jax import scorers
+from line_jax.scorers import _vim
 from line_jax.scorers import _knn
 from line_jax.scorers import _quantile
 from line_jax.scorers import _select
@@ -81,7 +82,7 @@ def test_registry_defaults_follow_the_papers():
   assert defaults["ash_s"] == {"percentile": 90.0}
   assert defaults["scale"] == {"percentile": 85.0}
   assert defaults["knn"]["k"] == 1000
-  assert defaults["vim"] == {"dim": 512}
+  assert defaults["vim"] == {"dim": None}  # The official rule on the head's width.
   # The paper's clip (0.8 on ResNet-50) is in that network's units: the
   # default is the percentile that holds on any model.
   assert defaults["line"] == {"p_w": 10.0, "p_a": 10.0, "clip": scorers.TrainPercentile(90.0)}
@@ -229,9 +230,22 @@ def test_vim_matches_numpy_as_the_official_code_computes_it():
   np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
 
 
-def test_vim_caps_dim_below_the_feature_count():
-  _, state = _fit_score("vim", dim=512)
-  chex.assert_shape(state.residual, (M, 1))
+def test_vim_dim_at_or_above_the_feature_count_is_refused():
+  train, labels, kernel, bias, _ = _problem()
+  for dim in (M, 512):
+    with pytest.raises(ValueError, match=f"dim={dim} must be below the feature count {M}"):
+      scorers.get("vim").fit(train, labels, kernel, bias, dim=dim)
+
+
+@pytest.mark.parametrize("width, want", [(4096, 1000), (2048, 1000), (2047, 512), (768, 512),
+                                         (767, 383), (342, 171), (128, 64), (2, 1)])
+def test_vim_default_dim_follows_the_official_rule(width, want):
+  assert _vim.default_dim(width) == want
+
+
+def test_vim_default_dim_resolves_on_the_head():
+  _, state = _fit_score("vim")  # dim=None
+  chex.assert_shape(state.residual, (M, M - M // 2))
 
 
 def test_gradnorm_matches_numpy_and_the_gradient_of_the_kl():

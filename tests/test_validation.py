@@ -44,7 +44,7 @@ def _fit(ok, **changes):
     (dict(clip=0.0), ValueError, r"clip must be a positive finite number"),
     (dict(clip=float("inf")), ValueError, r"clip must be a positive finite number"),
     (dict(clip=-1.0), ValueError, r"clip must be a positive finite number"),
-    (dict(features=[[1.0] * 5] * 12), TypeError, r"features must be an array"),
+    (dict(features={"rows": 12}), TypeError, r"features must be a NumPy or JAX array"),
 ])
 def test_fit_rejects(ok, change, error, message):
   with pytest.raises(error, match=message):
@@ -186,3 +186,35 @@ def test_score_names_what_it_cannot_take(io_problem, value, error, message):
   state = scorers.get("energy").fit(features, labels, kernel, bias)
   with pytest.raises(error, match=message):
     scorers.get("energy").score(state, value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_line_module_api_takes_every_array_kind(io_problem, kind):
+  """`line.fit` / `fit_from_contributions` / `contributions*` / `score`, not only the registry."""
+  features, labels, kernel, bias, test = io_problem
+  hp = dict(p_w=50, p_a=30, clip=1.2)
+  want_state = line.fit(features, labels, kernel, bias, **hp)
+  want = np.asarray(line.score(want_state, test))
+  state = line.fit(*(_as(kind, a) for a in (features, labels, kernel, bias)), **hp)
+  jax.tree.map(np.testing.assert_array_equal, state, want_state)
+  np.testing.assert_array_equal(np.asarray(line.score(state, _as(kind, test))), want)
+  contrib = line.contributions(_as(kind, features), _as(kind, labels), _as(kind, kernel))
+  streamed = line.contributions_from_batches(
+      [(_as(kind, features[:20]), _as(kind, labels[:20])),
+       (_as(kind, features[20:]), _as(kind, labels[20:]))], _as(kind, kernel))
+  np.testing.assert_allclose(streamed, contrib, rtol=1e-12)
+  from_contrib = line.fit_from_contributions(_as(kind, np.asarray(contrib)), _as(kind, kernel),
+                                             _as(kind, bias), **hp)
+  np.testing.assert_array_equal(np.asarray(line.score(from_contrib, test)), want)
+
+
+@pytest.mark.parametrize("which", ["features", "labels", "kernel", "bias"])
+def test_line_fit_names_what_it_cannot_take(io_problem, which):
+  features, labels, kernel, bias, test = io_problem
+  args = dict(features=features, labels=labels, kernel=kernel, bias=bias)
+  args[which] = {"a": 1.0}
+  with pytest.raises(TypeError, match=rf"^{which} must be a NumPy or JAX array, .*, got dict$"):
+    line.fit(**args, p_w=50, p_a=30, clip=None)
+  state = line.fit(features, labels, kernel, bias, p_w=50, p_a=30, clip=None)
+  with pytest.raises(TypeError, match=r"^features must be .*, got str$"):
+    line.score(state, "features.npy")

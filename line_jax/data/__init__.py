@@ -32,6 +32,7 @@ from line_jax.data._sources import IMG_EXTENSIONS
 from line_jax.data._sources import NO_LABEL
 from line_jax.data._sources import ArraySource
 from line_jax.data._sources import ImageFolderSource
+from line_jax.data._sources import Subset
 from line_jax.data._sources import TfdsSource
 from line_jax.data._sources import fashion_mnist_source
 from line_jax.data._sources import npy_source
@@ -52,6 +53,7 @@ __all__ = (
     "Preprocess",
     "STOCK_DATASETS",
     "StockDataset",
+    "Subset",
     "TfdsSource",
     "center_crop",
     "download_curated",

@@ -148,6 +148,39 @@ class ArraySource(Sequence):
     return np.asarray(self.images[index]), int(self.labels[index])
 
 
+class Subset(Sequence):
+  """The records of `source` at `indices`, in that order (a view, no copy).
+
+  Attributes:
+    source: the source viewed.
+    indices: int64 `[k]` positions in `source`.
+    labels: `[k]` labels where `source` knows its labels up front, else None.
+  """
+
+  def __init__(self, source: Sequence, indices):
+    self.source, self.indices = source, np.asarray(indices, np.int64).reshape(-1)
+    if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(source)):
+      raise IndexError(f"indices outside [0, {len(source)}) for a subset of {source!r}")
+    labels = getattr(source, "labels", None)
+    self.labels = None if labels is None else np.asarray(labels)[self.indices]
+
+  @classmethod
+  def range(cls, source: Sequence, start: int, stop: int) -> "Subset":
+    """Records `[start, stop)` of `source` (clipped to its length)."""
+    return cls(source, np.arange(start, max(start, min(stop, len(source)))))
+
+  def __len__(self) -> int:
+    return self.indices.size
+
+  def __getitem__(self, index: int):
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"index {index} out of range for {len(self)} records")
+    return self.source[int(self.indices[index])]
+
+  def __repr__(self) -> str:
+    return f"Subset({self.source!r}, {len(self)} records)"
+
+
 def npy_source(folder: str | os.PathLike) -> ArraySource:
   """`folder/images.npy` (uint8) and `folder/labels.npy`, memory-mapped.
 
@@ -235,10 +268,18 @@ class TfdsSource(Sequence):
     from line_jax.data import _fashion_mnist_local  # noqa: F401  Registers it.
     self.name, self.split = name, split
     self.image_key, self.label_key = image_key, label_key
-    self._source = tfds.data_source(
-        name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
-        download=download,
-        builder_kwargs={"file_format": "array_record", **(builder_kwargs or {})})
+    self.data_dir = None if data_dir is None else os.fspath(data_dir)
+    try:
+      self._source = tfds.data_source(
+          name, split=split, data_dir=self.data_dir, download=download,
+          builder_kwargs={"file_format": "array_record", **(builder_kwargs or {})})
+    except (KeyError, AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
+      where = self.data_dir or "TFDS's default data folder (~/tensorflow_datasets)"
+      raise ValueError(
+          f"TFDS dataset {name!r} (split {split!r}) is not prepared under {where}; "
+          f"nothing is downloaded here: prepare it first (`tfds build {name} --file_format "
+          f"array_record` with --data_dir), or pass a folder of images "
+          f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from e
     if len(self._source) == 0:
       raise ValueError(f"TFDS {name} split {split!r} is empty")
 

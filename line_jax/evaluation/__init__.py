@@ -4,12 +4,8 @@
                             torch_checkpoint="densenet100_cifar10.pth.tar")
 """
 
-from line_jax.evaluation._cache import CachedSet
-from line_jax.evaluation._cache import MemmapBatches
-from line_jax.evaluation._cache import extract_to_cache
 from line_jax.evaluation._inputs import DEFAULT_CHECKPOINT
 from line_jax.evaluation._inputs import Inputs
-from line_jax.evaluation._inputs import Subset
 from line_jax.evaluation._inputs import evenly_spaced
 from line_jax.evaluation._inputs import fashion_mnist_inputs
 from line_jax.evaluation._inputs import paper_inputs
@@ -25,14 +21,10 @@ from line_jax.evaluation._run import run_evaluation
 from line_jax.evaluation._run import score_all
 
 __all__ = (
-    "CachedSet",
     "DEFAULT_CHECKPOINT",
     "Inputs",
     "METRICS",
-    "MemmapBatches",
-    "Subset",
     "evenly_spaced",
-    "extract_to_cache",
     "fashion_mnist_inputs",
     "fit_and_score",
     "format_table",

@@ -34,6 +34,10 @@ class Inputs:
     ood: OOD set name -> source, in column order.
     image_shape: `(H, W, C)` the network takes.
     resize_size: shorter side before the center crop (None: `H`).
+    head: path of the network's final Dense layer ("fc", "head/fc"), for a
+      network that does not return `(logits, features)` itself: its input
+      is the features (`line_jax.features.extract(head=...)`). None: the
+      network returns `(logits, features)` and its head is "fc".
   """
 
   model: Any
@@ -45,10 +49,18 @@ class Inputs:
   ood: dict[str, Sequence]
   image_shape: tuple[int, int, int]
   resize_size: int | None = None
+  head: str | None = None
+
+  def head_params(self):
+    """`(kernel [features, classes], bias [classes] or None)` of the network."""
+    from line_jax import models
+
+    return models.head_params(self.variables, head=self.head or "fc")
 
   @classmethod
   def from_arrays(cls, model, variables, mean, std, train_images, train_labels,
-                  test_images, test_labels, ood: Mapping[str, np.ndarray]) -> "Inputs":
+                  test_images, test_labels, ood: Mapping[str, np.ndarray], *,
+                  head: str | None = None) -> "Inputs":
     """Inputs from uint8 `[n, H, W, C]` arrays (tests, custom data)."""
     from line_jax import data
 
@@ -56,20 +68,7 @@ class Inputs:
                data.ArraySource(train_images, train_labels, name="train images"),
                data.ArraySource(test_images, test_labels, name="test images"),
                {k: data.ArraySource(v, name=k) for k, v in ood.items()},
-               tuple(np.shape(test_images)[1:]))
-
-
-class Subset(Sequence):
-  """The records of `source` at `indices`, in that order (a view)."""
-
-  def __init__(self, source: Sequence, indices: np.ndarray):
-    self.source, self.indices = source, np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return self.indices.size
-
-  def __getitem__(self, index: int):
-    return self.source[int(self.indices[index])]
+               tuple(np.shape(test_images)[1:]), head=head)
 
 
 def evenly_spaced(source: Sequence, count: int | None) -> Sequence:
@@ -82,7 +81,9 @@ def evenly_spaced(source: Sequence, count: int | None) -> Sequence:
     return source
   if count < 1:
     raise ValueError(f"a subset needs at least one image, got {count}")
-  return Subset(source, np.linspace(0, len(source) - 1, count).round().astype(np.int64))
+  from line_jax import data
+
+  return data.Subset(source, np.linspace(0, len(source) - 1, count).round().astype(np.int64))
 
 
 def fashion_mnist_inputs(checkpoint: str = DEFAULT_CHECKPOINT, *,

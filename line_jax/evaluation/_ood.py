@@ -58,7 +58,7 @@ def paper_set(source: _protocols.OodSource, data_dir: str) -> Sequence:
 
 
 def _first(source: Sequence, count: int) -> Sequence:
-  from line_jax.evaluation._inputs import Subset
+  from line_jax.data import Subset
 
   return Subset(source, np.arange(min(count, len(source))))
 

@@ -3,7 +3,7 @@
     features (cached) ──> fit_from_batches per scorer ──> scores per set ──> metrics
 
 The training, test and OOD sets stream through the input pipeline into
-memmaps (`_cache`), then every registered scorer is fitted from batches of
+memmaps (`line_jax.feature_cache`, shared with `fit` and `tune`), then every registered scorer is fitted from batches of
 the cached training features, with the benchmark's hyperparameters, and
 scores each set in fixed-size chunks.
 """
@@ -21,9 +21,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from line_jax import _protocols
+from line_jax import feature_cache
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
-from line_jax.evaluation import _cache
 from line_jax.evaluation import _inputs as inputs_lib
 from line_jax.evaluation import _ood
 from line_jax.evaluation import _report
@@ -54,17 +54,19 @@ def score_all(scorer: scorers.Scorer, state: Any, feats) -> np.ndarray:
 
 
 def fit_and_score(methods: Sequence[str], protocol: _protocols.Protocol,
-                  train: _cache.CachedSet, kernel, bias, sets: Mapping[str, Any], *,
+                  train: feature_cache.CachedSet, kernel, bias, sets: Mapping[str, Any], *,
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
                   progress: bool = True
                   ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict], dict[str, float]]:
   """Fits each method from batches of the cached training set; scores every set.
 
   Args:
     methods: scorer names.
-    protocol: gives the hyperparameters.
+    protocol: gives the hyperparameters (`_protocols.hparams_for`).
     train: the cached training features and labels.
     kernel: `[features, classes]`; bias: `[classes]`.
     sets: name -> `[n_set, features]` (memmaps), "id" first.
+    overrides: `{method: {hyperparameter: value}}` over the protocol's.
 
   Returns:
     `(scores, hparams, seconds)`: method -> set -> `[n_set]` float64 scores,
@@ -76,27 +78,13 @@ def fit_and_score(methods: Sequence[str], protocol: _protocols.Protocol,
     bar.set_postfix_str(method)
     start = time.perf_counter()
     scorer = scorers.get(method)
-    hp = _protocols.hparams_for(protocol, method, scorer.defaults, train.features)
+    hp = _protocols.hparams_for(protocol, method, (overrides or {}).get(method), train.features)
     state = scorer.fit_from_batches(train.batches(FIT_BATCH), kernel, bias, **hp)
     scores[method] = {name: _all_processes(score_all(scorer, state, f))
                       for name, f in sets.items()}
-    used[method] = _resolved(hp, state)
+    used[method] = scorers.resolved_hparams(hp, state)
     seconds[method] = time.perf_counter() - start
   return scores, used, seconds
-
-
-def _resolved(hparams: Mapping[str, Any], state: Any) -> dict[str, Any]:
-  """The hyperparameters as they paste into `fit`: a `TrainPercentile` the
-  scorer resolved while fitting becomes the value its state holds, with the
-  percentile beside it under `<name>_percentile`."""
-  out = {}
-  for key, value in hparams.items():
-    if isinstance(value, scorers.TrainPercentile) and hasattr(state, key):
-      out[key] = float(np.asarray(getattr(state, key)))
-      out[key + "_percentile"] = value.percentile
-    else:
-      out[key] = value
-  return out
 
 
 def _all_processes(local: np.ndarray) -> np.ndarray:
@@ -119,7 +107,8 @@ def _own_shard(source: Sequence, batch_size: int) -> Sequence:
   if start == stop:
     raise ValueError(f"a set of {len(source)} images leaves process {jax.process_index()} no "
                      f"batch of {batch_size}; use a smaller --batch-size or fewer processes")
-  return inputs_lib.Subset(source, np.arange(start, stop))
+  from line_jax import data  # pylint: disable=g-import-not-at-top
+  return data.Subset.range(source, start, stop)
 
 
 def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict]:
@@ -135,36 +124,34 @@ def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict
 
 def extract_sets(inputs: inputs_lib.Inputs, sets: Mapping[str, Sequence], folder: str, *,
                  batch_size: int, workers: int | None, progress: bool
-                 ) -> dict[str, _cache.CachedSet]:
-  """Streams each source through the pipeline and the network into `folder`."""
+                 ) -> dict[str, feature_cache.CachedSet]:
+  """Each source's features from the cache in `folder`, or streamed through
+  the pipeline and the network into it."""
   from line_jax import data
 
   height, _, channels = inputs.image_shape
   preprocess = data.Preprocess(height, inputs.resize_size or height, channels)
-  model_key = _cache.fingerprint(repr(inputs.model), inputs.variables, list(inputs.mean),
-                                 list(inputs.std), repr(preprocess))
+  model_key = feature_cache.model_key(inputs.model, inputs.variables, mean=inputs.mean,
+                                      std=inputs.std, preprocess=preprocess, head=inputs.head)
   out = {}
   for name, source in sets.items():
     batches = data.image_batches(source, preprocess, batch_size=min(batch_size, len(source)),
                                  workers=workers)
-    out[name] = _cache.extract_to_cache(
+    out[name] = feature_cache.extract(
         batches, len(source), inputs.model, inputs.variables, mean=inputs.mean,
-        std=inputs.std, folder=folder, name=name,
-        key=_cache.fingerprint(model_key, source_identity(source)), progress=progress)
+        std=inputs.std, head=inputs.head, folder=folder,
+        key=feature_cache.fingerprint(model_key, feature_cache.source_key(source)),
+        description=f"{name}: {source!r}", progress=f"features: {name}" if progress else False)
   return out
 
 
-def source_identity(source: Sequence) -> Any:
-  """What identifies a source's records, for the cache key."""
-  if isinstance(source, inputs_lib.Subset):
-    return [source_identity(source.source), source.indices]
-  if hasattr(source, "images"):  # ArraySource: the pixels themselves.
-    return [source.images, source.labels]
-  if hasattr(source, "paths"):  # ImageFolderSource: the files (names, order, labels).
-    return [os.path.abspath(source.root), list(source.paths), source.labels]
-  if hasattr(source, "split"):  # TfdsSource.
-    return [source.name, source.split, len(source)]
-  return [repr(source), time.time()]  # Unknown: never reused.
+def correct(cached: feature_cache.CachedSet, kernel, bias, chunk: int = 8192) -> np.ndarray:
+  """`[n]` float64, 1 where the head `features @ kernel + bias` predicts the label."""
+  kernel = np.asarray(kernel, np.float32)
+  bias = 0.0 if bias is None else np.asarray(bias, np.float32)
+  hits = [np.argmax(np.asarray(cached.features[i:i + chunk]) @ kernel + bias, axis=1)
+          == cached.labels[i:i + chunk] for i in range(0, len(cached), chunk)]
+  return np.concatenate(hits).astype(np.float64)
 
 
 def run_evaluation(
@@ -184,6 +171,7 @@ def run_evaluation(
     cache_dir: str | os.PathLike | None = None,
     workers: int | None = None,
     ablation: bool = False,
+    hparams: Mapping[str, Mapping[str, Any]] | None = None,
     inputs: inputs_lib.Inputs | None = None,
     make_plots: bool = True,
     progress: bool = True,
@@ -214,6 +202,8 @@ def run_evaluation(
       None uses a temporary folder, removed at the end.
     workers: decoding threads of the input pipeline (None: one per core).
     ablation: also run LINe's ablation (`line_jax.ablation`).
+    hparams: `{method: {hyperparameter: value}}` over the benchmark's
+      settings (`_protocols.hparams_for`, the rule `fit` follows too).
     inputs: ready `Inputs` (tests, custom data); replaces the loading step.
     make_plots: write the PNGs.
     progress: show progress bars.
@@ -248,26 +238,22 @@ def run_evaluation(
              {"train": inputs.train, "id": inputs.test, **inputs.ood, **extra}.items()}
   with tempfile.TemporaryDirectory(prefix="line_jax_features_") as tmp:
     folder = os.fspath(cache_dir or tmp)
-    if jax.process_count() > 1:
-      folder = os.path.join(folder, f"process_{jax.process_index()}")
     cached = extract_sets(inputs, sources, folder, batch_size=batch_size,
                           workers=workers, progress=progress)
     train = cached.pop("train")
-    head = inputs.variables["params"]["fc"]
+    kernel, bias = inputs.head_params()
     sets = {name: c.features for name, c in cached.items()}
-    scores, used, fit_seconds = fit_and_score(methods, protocol, train, head["kernel"],
-                                              head["bias"], sets, progress=progress)
-    test = cached["id"]
-    accuracy = float(np.mean(_all_processes(
-        (np.argmax(test.logits, axis=1) == test.labels).astype(np.float64))))
-    result = {"id_accuracy": accuracy, "methods": metrics_of(scores)}
+    scores, used, fit_seconds = fit_and_score(methods, protocol, train, kernel, bias, sets,
+                                              overrides=hparams, progress=progress)
+    hits = _all_processes(correct(cached["id"], kernel, bias))
+    result = {"id_accuracy": float(np.mean(hits)), "methods": metrics_of(scores)}
     table = None
     if ablation:
       from line_jax import ablation as ablation_lib
 
-      line_hp = _protocols.hparams_for(protocol, "line", scorers.get("line").defaults,
+      line_hp = _protocols.hparams_for(protocol, "line", (hparams or {}).get("line"),
                                        train.features)
-      table = ablation_lib.line_ablation(train.batches(FIT_BATCH), head["kernel"], head["bias"],
+      table = ablation_lib.line_ablation(train.batches(FIT_BATCH), kernel, bias,
                                          sets, **line_hp)
   timings = _report.timings({"train": train, **cached}, fit_seconds,
                             time.perf_counter() - start)

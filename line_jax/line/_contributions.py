@@ -115,6 +115,7 @@ def contributions(features, labels, kernel) -> jax.Array:
   Returns:
     `[classes, features]` float64: `mean_{i: y_i = c} features[i] * kernel[:, c]`.
   """
+  features, labels, kernel, _ = _validation.train_arrays(features, labels, kernel, None)
   _validation.features(features)
   num_classes = _validation.head(kernel, None, features.shape[1])
   _validation.labels(labels, features.shape[0], num_classes)
@@ -135,9 +136,12 @@ def contributions_from_batches(
   Memory stays O(classes x features) whatever the number of batches, so the
   training set never has to fit on the device.
   """
+  kernel = _validation.as_array("kernel", kernel)
   num_features, num_classes = _validation.kernel(kernel)
   acc = init_sums(num_classes, num_features)
   for features, labels in batches:
+    features = _validation.as_array("features", features)
+    labels = _validation.as_array("labels", labels)
     # The kernel was checked once above; each batch is checked on its own.
     _check_batch(acc, features, labels)
     acc = add_batch(acc, features, labels, kernel)

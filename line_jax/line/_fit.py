@@ -12,6 +12,7 @@ masks it encodes are bit-identical to the official ones.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import flax.struct
 import jax
@@ -60,7 +61,8 @@ def fit(features, labels, kernel, bias, *, p_w, p_a, clip) -> LineState:
 
   Args:
     features: `[n, features]` pooled penultimate activations of training data
-      (unclipped, as the official precompute uses them).
+      (unclipped, as the official precompute uses them). This and the other
+      arrays may be NumPy, JAX, (nested) lists or PyTorch tensors.
     labels: `[n]` integer labels in `[0, classes)`; every class needs a sample.
     kernel: `[features, classes]` head kernel (PyTorch's weight transposed).
     bias: `[classes]` head bias.
@@ -77,6 +79,7 @@ def fit(features, labels, kernel, bias, *, p_w, p_a, clip) -> LineState:
     Ahn, Park, Kim, "LINe: Out-of-Distribution Detection by Leveraging
     Important Neurons", CVPR 2023 (arXiv 2303.13995).
   """
+  features, labels, kernel, bias = _validation.train_arrays(features, labels, kernel, bias)
   _validation.features(features)
   num_classes = _validation.head(kernel, bias, features.shape[1])
   _validation.labels(labels, features.shape[0], num_classes)
@@ -91,6 +94,8 @@ def fit_from_contributions(contrib, kernel, bias, *, p_w, p_a, clip) -> LineStat
   Use it with `contributions_from_batches` when the training features do not
   fit in memory. Arguments as in `fit`.
   """
+  contrib, _, kernel, bias = _validation.train_arrays(contrib, None, kernel, bias,
+                                                      features_name="contributions")
   num_features, num_classes = _validation.kernel(kernel)
   if bias is not None:
     _validation.bias(bias, num_classes)
@@ -104,11 +109,24 @@ def fit_from_contributions(contrib, kernel, bias, *, p_w, p_a, clip) -> LineStat
 
 
 def _hparams(p_w, p_a, clip):
-  return (
-      _validation.percentile("p_w", p_w, allow_none=True),
-      _validation.percentile("p_a", p_a, allow_none=True),
-      _validation.positive("clip", clip, allow_none=True),
-  )
+  return (*pruning_percentiles(p_w, p_a), _validation.positive("clip", clip, allow_none=True))
+
+
+def pruning_percentiles(p_w, p_a) -> tuple[float | None, float | None]:
+  """Checks `p_w`, `p_a` in [0, 100] (or None); warns where 100 prunes everything.
+
+  At 100 the official code keeps no weight (or neuron): every sample then
+  gets the same score, `logsumexp(bias)`. That is kept (it is the
+  algorithm), but it cannot detect anything, so it warns.
+  """
+  out = (_validation.percentile("p_w", p_w, allow_none=True),
+         _validation.percentile("p_a", p_a, allow_none=True))
+  for name, value in zip(("p_w", "p_a"), out):
+    if value == 100.0:
+      warnings.warn(f"LINe's {name}=100 prunes every {'weight' if name == 'p_w' else 'neuron'}: "
+                    "every sample gets the same score; use a percentile below 100",
+                    UserWarning, stacklevel=3)
+  return out
 
 
 def _fit_checked(contrib, kernel, bias, p_w, p_a, clip) -> LineState:

@@ -25,6 +25,7 @@ from line_jax.scorers._quantile import TrainPercentile
 from line_jax.scorers._registry import Scorer
 from line_jax.scorers._registry import get
 from line_jax.scorers._registry import names
+from line_jax.scorers._registry import resolved_hparams
 from line_jax.scorers._rmds import RmdsState
 from line_jax.scorers._shaping import ShapingState
 from line_jax.scorers._she import SheState
@@ -50,4 +51,5 @@ __all__ = (
     "VimState",
     "get",
     "names",
+    "resolved_hparams",
 )

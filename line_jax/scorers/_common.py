@@ -71,8 +71,7 @@ def head_arrays(kernel, bias) -> tuple[Any, Any]:
 
 def train_arrays(features, labels, kernel, bias) -> tuple[Any, Any, Any, Any]:
   """`fit`'s four inputs as arrays; labels and bias may be None."""
-  return (_validation.as_array("features", features),
-          _validation.as_array("labels", labels, allow_none=True), *head_arrays(kernel, bias))
+  return _validation.train_arrays(features, labels, kernel, bias)
 
 
 def _batch_arrays(batch) -> tuple[Any, Any]:
@@ -102,21 +101,10 @@ def array_batches(batches: Iterable) -> Iterable:
   return _ArrayBatches(batches)
 
 
-class ArrayScore(_buckets.Bucketed):
-  """A bucketed `score(state, features)` whose features may be any `as_array` input.
-
-  `__wrapped__` stays the jitted score itself (`Scorer.score_fn`).
-  """
-
-  def __call__(self, state: Any, features: Any, **kwargs) -> jax.Array:
-    return super().__call__(state, _validation.as_array("features", features), **kwargs)
-
-
-def array_score(score: Callable[..., jax.Array]) -> ArrayScore:
-  """`score` (a jitted function, or one already `Bucketed`) as an `ArrayScore`."""
-  if isinstance(score, _buckets.Bucketed):
-    score = score.__wrapped__
-  return ArrayScore(score)
+def array_score(score: Callable[..., jax.Array]) -> _buckets.Bucketed:
+  """`score` (a jitted function, or one already `Bucketed`), bucketed; its
+  features may be any `_validation.as_array` input."""
+  return _buckets.bucketed(score)
 
 
 @jax.jit

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from line_jax import _validation
 from line_jax import line
 from line_jax.line import _contributions
+from line_jax.line import _fit as line_fit
 from line_jax.scorers import _common
 from line_jax.scorers import _protocol
 from line_jax.scorers import _quantile
@@ -71,8 +72,7 @@ def init(kernel, bias, *, p_w=P_W, p_a=P_A, clip=CLIP) -> LineAcc:
       `TrainPercentile(p)` of all training activations, or None (off).
   """
   num_features, num_classes = _common.check_head(kernel, bias)
-  p_w = _validation.percentile("p_w", p_w, allow_none=True)
-  p_a = _validation.percentile("p_a", p_a, allow_none=True)
+  p_w, p_a = line_fit.pruning_percentiles(p_w, p_a)
   histograms = None
   if isinstance(clip, _quantile.TrainPercentile):
     histograms = _quantile.init(clip.percentile)

@@ -15,6 +15,7 @@ import types
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from line_jax.scorers import _ash
 from line_jax.scorers import _common
@@ -33,6 +34,7 @@ from line_jax.scorers import _msp
 from line_jax.scorers import _nci
 from line_jax.scorers import _nnguide
 from line_jax.scorers import _protocol
+from line_jax.scorers._quantile import TrainPercentile
 from line_jax.scorers import _react
 from line_jax.scorers import _react_dice
 from line_jax.scorers import _rmds
@@ -156,6 +158,26 @@ _REGISTRY: dict[str, Scorer] = {
         _scorer("react_dice", _react_dice.FOLD, _react_dice.score, _react_dice.GRID),
     )
 }
+
+
+def resolved_hparams(hparams: Mapping[str, Any], state: Any) -> dict[str, Any]:
+  """The hyperparameters a fit ran with, as they paste into `fit` unchanged.
+
+  A `TrainPercentile` the scorer resolved while fitting becomes the value its
+  state holds, with the percentile beside it under `<name>_percentile`; a
+  `None` the scorer resolved to a count (ViM's `dim`) becomes that count.
+  The rest are as given. `fit`, `tune` and `evaluate` record these.
+  """
+  out = {}
+  for key, value in hparams.items():
+    if isinstance(value, TrainPercentile) and hasattr(state, key):
+      out[key] = float(np.asarray(getattr(state, key)))
+      out[key + "_percentile"] = value.percentile
+    elif value is None and isinstance(getattr(state, key, None), int):
+      out[key] = getattr(state, key)
+    else:
+      out[key] = value
+  return out
 
 
 def names() -> tuple[str, ...]:

@@ -14,10 +14,13 @@ Matching", CVPR 2022. With the head `logits = h @ W^T + b` (`W` = kernel^T):
   ID probability against the virtual logit, up to a monotone map; the official
   code's `energy - vlogit`). Higher = more ID.
 
-Default D = 512 (`dim`). The official benchmark script uses D = 1000 for
-features of 2048 or more and 512 below; pass `dim=1000` to match it on a
-2048-feature ResNet-50. With `features <= dim`, D is capped at
-`features - 1`, so the residual keeps at least one dimension.
+D (`dim`) defaults to `None`, the rule of the official benchmark script,
+resolved on the head's width m: D = 1000 for m >= 2048 and 512 below (its
+only other case, where m >= 768 keeps it meaningful); for narrower features,
+which that script never meets, D = m // 2 (the usual carry-over, as in
+OpenOOD's configs for small networks). The fitted state's residual has
+m - D columns, so the resolved D is `features - residual.shape[1]`. An
+explicit `dim` at or above m leaves no residual: a ValueError says so.
 
 Streaming: pass 1 sums `(h - o)^T (h - o)` in float64 (O(features^2) memory)
 and the max logits; the eigenvectors need all of it, and `alpha` needs the
@@ -38,7 +41,7 @@ from line_jax.scorers import _common
 from line_jax.scorers import _mahalanobis
 from line_jax.scorers import _protocol
 
-DIM = 512
+DIM = None  # The official rule, resolved on the head's width (`default_dim`).
 # The tuning grid (`python -m line_jax.tune`).
 GRID = {"dim": (16, 32, 64, 96)}
 
@@ -72,12 +75,33 @@ class VimState:
     return self.projection[:, : self.bias.shape[0]]
 
   @property
+  def dim(self) -> int:
+    """The principal dimension D the fit used."""
+    return self.projection.shape[0] - (self.projection.shape[1] - self.bias.shape[0])
+
+  @property
   def residual(self) -> jax.Array:
     return self.projection[:, self.bias.shape[0] :]
 
 
+def default_dim(num_features: int) -> int:
+  """The official benchmark script's D for `num_features`, halved below 768."""
+  if num_features >= 2048:
+    return 1000
+  if num_features >= 768:
+    return 512
+  return max(1, num_features // 2)
+
+
 def _dim(dim, num_features: int) -> int:
-  return min(_common.integer("dim", dim), num_features - 1)
+  if dim is None:
+    return default_dim(num_features)
+  dim = _common.integer("dim", dim)
+  if dim >= num_features:
+    raise ValueError(
+        f"ViM's dim={dim} must be below the feature count {num_features}: the residual "
+        f"space has features - dim dimensions (dim=None picks {default_dim(num_features)})")
+  return dim
 
 
 def _origin(kernel, bias) -> jax.Array:
@@ -130,7 +154,8 @@ def init(kernel, bias, *, dim=DIM) -> VimAcc:
   Args:
     kernel: `[features, classes]` head kernel (Flax layout).
     bias: `[classes]` head bias or None (then the origin is 0).
-    dim: principal space dimension D (capped at `features - 1`).
+    dim: principal space dimension D, below the feature count; None: the
+      official rule (`default_dim`).
   """
   num_features, _ = _common.check_head(kernel, bias)
   dim = _dim(dim, num_features)

@@ -1,0 +1,284 @@
+"""Features of a (model, data set, preprocessing), extracted once and reused.
+
+`python -m line_jax.fit`, `tune` and `evaluate` all need a training set's
+features, and the network is by far the slowest stage (DenseNet-BC-100 on a
+CPU: tens of images per second). So a set's features and labels are kept as
+`.npy` files in a cache folder, `default_dir()` (`$LINE_JAX_CACHE`, else
+`~/.cache/line_jax/features`), under a key that digests everything they
+depend on:
+
+* the model: its module's description, every variable, the normalisation
+  and the head it is cut at;
+* the preprocessing: crop size, resize size, channels, decoder;
+* the records: an array source's pixels and labels (for a memory-mapped
+  file over 4 GiB, its path, size and modification time), a folder's file
+  paths, sizes and modification times, a TFDS split's name, folder and length, and a
+  subset's indices.
+
+Change any of them and the key changes, so stale files are never read. The
+batch size is not in the key: features extracted at another batch size agree
+to float rounding, not always bit for bit. Each entry is three files:
+`<key>.features.npy` (float32 `[n, features]`), `<key>.labels.npy` (int32
+`[n]`, -1 where the set has none) and `<key>.json`, written last, so an
+interrupted extraction is redone, never half read. Entries are read as
+memmaps: memory holds one batch whatever the set's size. Remove the folder
+to reclaim its space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from line_jax import features as features_lib
+
+ENV = "LINE_JAX_CACHE"
+
+
+def default_dir() -> str:
+  """`$LINE_JAX_CACHE`, else `~/.cache/line_jax/features` (not created here)."""
+  return os.environ.get(ENV) or os.path.join(
+      os.path.expanduser("~"), ".cache", "line_jax", "features")
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedSet:
+  """One set's features, memory-mapped.
+
+  Attributes:
+    features: float32 `[n, features]`.
+    labels: int32 `[n]` (-1 where the set has none).
+    seconds: wall time of the extraction, whenever it ran.
+    cached: read back from an earlier run's files.
+  """
+
+  features: np.ndarray
+  labels: np.ndarray
+  seconds: float = 0.0
+  cached: bool = False
+
+  def __len__(self) -> int:
+    return self.features.shape[0]
+
+  def batches(self, batch_size: int = 4096) -> "MemmapBatches":
+    """The re-iterable `(features, labels)` stream `fit_from_batches` takes."""
+    return MemmapBatches(self.features, self.labels, batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemmapBatches:
+  """Re-iterable `(features [b, m], labels [b])` slices of cached arrays.
+
+  Two-pass scorers (ReAct, ViM) iterate it twice; each pass reads the memmap
+  again instead of holding the set.
+  """
+
+  features: np.ndarray
+  labels: np.ndarray
+  batch_size: int = 4096
+
+  def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for start in range(0, self.features.shape[0], self.batch_size):
+      stop = start + self.batch_size
+      yield np.asarray(self.features[start:stop]), np.asarray(self.labels[start:stop])
+
+
+def fingerprint(*parts: Any) -> str:
+  """A short hex digest of arrays, pytrees of arrays and JSON-able values."""
+  digest = hashlib.sha1()
+  for part in parts:
+    for leaf in jax.tree_util.tree_leaves(part):
+      if isinstance(leaf, (np.ndarray, jax.Array)) or hasattr(leaf, "__array__"):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+      else:
+        digest.update(json.dumps(leaf, sort_keys=True, default=str).encode())
+  return digest.hexdigest()[:16]
+
+
+def model_key(model: Any, variables: Any, *, mean: Sequence[float], std: Sequence[float],
+              preprocess: Any, head: str | None = None) -> str:
+  """The digest of what turns a record into features (see the module docstring).
+
+  Args:
+    model, variables: the network (a Flax module or an apply function) and
+      its variables.
+    mean, std: `[C]` normalisation in [0, 1] pixel units (lists, tuples or
+      arrays: the same numbers give the same key).
+    preprocess: the `line_jax.data.Preprocess` of its input pipeline.
+    head: the Dense layer the features are cut at (None: the model's own).
+  """
+  numbers = [[float(np.float32(x)) for x in np.ravel(v)] for v in (mean, std)]
+  size = preprocess.image_size
+  steps = [size, preprocess.resize_size or size, preprocess.channels, preprocess.fast_decode]
+  return fingerprint(repr(model), variables, numbers, steps, head)
+
+
+def source_key(source: Sequence) -> Any:
+  """What identifies a source's records (their content where it is cheap)."""
+  from line_jax import data  # pylint: disable=g-import-not-at-top
+
+  if isinstance(source, data.Subset):
+    return ["subset", source_key(source.source), source.indices]
+  if isinstance(source, data.ArraySource):
+    return ["arrays", _array_key(source.images), source.labels]
+  if isinstance(source, data.ImageFolderSource):
+    return ["folder", os.path.abspath(source.root), list(source.paths), source.labels,
+            [_file_key(p) for p in source.paths]]
+  if isinstance(source, data.TfdsSource):
+    return ["tfds", source.name, source.split, source.data_dir, len(source)]
+  raise TypeError(f"no cache key for a {type(source).__name__}: pass no cache folder")
+
+
+# Arrays up to this size are keyed by their bytes, memory-mapped or not, so
+# the same pixels give the same key from a `.npy` folder and from memory.
+# Larger memory-mapped files are keyed by path, size and time instead: hashing
+# them would read them whole.
+HASH_LIMIT_BYTES = 4 << 30
+
+
+def _array_key(images: np.ndarray) -> Any:
+  filename = getattr(images, "filename", None)
+  if filename and images.nbytes > HASH_LIMIT_BYTES:
+    return [_file_key(filename), images.shape, str(images.dtype), getattr(images, "offset", 0)]
+  return images
+
+
+def _file_key(path: str) -> list:
+  stat = os.stat(path)
+  return [os.fspath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _paths(folder: str, key: str) -> dict[str, str]:
+  return {"features": os.path.join(folder, f"{key}.features.npy"),
+          "labels": os.path.join(folder, f"{key}.labels.npy"),
+          "meta": os.path.join(folder, f"{key}.json")}
+
+
+def lookup(folder: str | os.PathLike, key: str) -> CachedSet | None:
+  """The entry `key` in `folder`, memory-mapped; None where it is absent or partial."""
+  paths = _paths(os.fspath(folder), key)
+  try:
+    with open(paths["meta"]) as f:
+      meta = json.load(f)
+    arrays = {k: np.load(paths[k], mmap_mode="r", allow_pickle=False)
+              for k in ("features", "labels")}
+  except (OSError, ValueError):
+    return None
+  if meta.get("key") != key or arrays["features"].shape[0] != meta.get("images"):
+    return None
+  return CachedSet(**arrays, seconds=float(meta.get("seconds", 0.0)), cached=True)
+
+
+def _write_meta(paths: dict[str, str], key: str, images: int, seconds: float,
+                description: str) -> None:
+  tmp = paths["meta"] + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"key": key, "images": images, "seconds": seconds, "description": description,
+               "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
+  os.replace(tmp, paths["meta"])
+
+
+def extract(
+    batches: Sequence[tuple[np.ndarray, np.ndarray]],
+    num_images: int,
+    model: Any,
+    variables: Any,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    folder: str | os.PathLike,
+    key: str,
+    head: str | None = None,
+    description: str = "",
+    progress: bool | str = True,
+) -> CachedSet:
+  """The entry `key`, read back, or made by running the network over `batches`.
+
+  Args:
+    batches: an iterable of `(images, labels)`, uint8 `[b, H, W, C]` and
+      `[b]`, no batch larger than the first (the input pipeline's); run by
+      `line_jax.features.iter_extract_batches` (one compilation).
+    num_images: images in the stream.
+    model, variables: the network and its variables.
+    mean, std: `[C]` normalisation in [0, 1] pixel units.
+    folder: the cache folder (made if needed).
+    key: the entry's key (`fingerprint(model_key(...), source_key(source))`).
+    head: the network's final Dense layer, for one that does not return
+      `(logits, features)` itself (`line_jax.features.extract`).
+    description: what the set is, kept in the entry's `.json`.
+    progress: a tqdm bar (a string is its label).
+
+  Returns:
+    The `CachedSet`, memory-mapped; `cached` says whether it was read back.
+  """
+  folder = os.fspath(folder)
+  found = lookup(folder, key)
+  if found is not None:
+    return found
+  os.makedirs(folder, exist_ok=True)
+  paths = _paths(folder, key)
+  start = time.perf_counter()
+  out, row = None, 0
+  label = (progress if isinstance(progress, str) else f"features: {description or key}"
+           ) if progress else False
+  # The pipeline's threads decode the next batches while the network runs.
+  for _, feats, labels in features_lib.iter_extract_batches(
+      model, variables, batches, mean=mean, std=std, progress=label, total=num_images,
+      head=head):
+    valid = feats.shape[0]
+    if out is None:
+      out = {"features": _open(paths["features"], (num_images, feats.shape[1])),
+             "labels": _open(paths["labels"], (num_images,), np.int32)}
+    out["features"][row:row + valid] = feats
+    out["labels"][row:row + valid] = np.asarray(labels)
+    row += valid
+  if row != num_images:
+    raise ValueError(f"{description or key}: the stream gave {row} images, "
+                     f"expected {num_images}")
+  for array in out.values():
+    array.flush()
+  _write_meta(paths, key, num_images, time.perf_counter() - start, description)
+  return dataclasses.replace(lookup(folder, key), cached=False)
+
+
+def publish(folder: str | os.PathLike, key: str, features_path: str, labels_path: str, *,
+            seconds: float = 0.0, description: str = "") -> CachedSet:
+  """Adds finished `.npy` files (a fit's feature rows) to the cache as `key`.
+
+  Hard-linked where the cache is on the same file system (no copy, and the
+  fit's own files stay), copied elsewhere.
+  """
+  folder = os.fspath(folder)
+  os.makedirs(folder, exist_ok=True)
+  paths = _paths(folder, key)
+  if os.path.exists(paths["meta"]):
+    os.remove(paths["meta"])  # Stale until the new files are whole.
+  for kind, src in (("features", features_path), ("labels", labels_path)):
+    tmp = paths[kind] + ".tmp"
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    try:
+      os.link(src, tmp)
+    except OSError:
+      shutil.copyfile(src, tmp)
+    os.replace(tmp, paths[kind])
+  images = np.load(paths["features"], mmap_mode="r", allow_pickle=False).shape[0]
+  _write_meta(paths, key, images, seconds, description)
+  return lookup(folder, key)
+
+
+def _open(path: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+  if os.path.exists(path):
+    os.remove(path)  # A new inode: a published file may be linked to a fit's own.
+  return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)

@@ -1,0 +1,186 @@
+"""The feature cache that fit, tune and evaluate share (`line_jax.feature_cache`).
+
+Keys change with every input that changes the features and with nothing
+else; one extraction serves all three CLIs; fit and evaluate give the same
+hyperparameters for the same benchmark.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from line_jax import _checkpoint
+from line_jax import _cli
+from line_jax import data
+from line_jax import evaluate
+from line_jax import feature_cache
+from line_jax import fit
+from line_jax import tune
+from line_jax.models import get_model
+
+MEAN, STD = (0.286,), (0.353,)
+N_TRAIN = 300
+
+
+def _tiny():
+  model = get_model("resnet_small", 10, num_filters=4)
+  return model, model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+
+
+def _model_key(**changes):
+  model, variables = _tiny()
+  kw = dict(mean=MEAN, std=STD, preprocess=data.Preprocess(28, 28, 1), head=None)
+  kw.update(changes)
+  return feature_cache.model_key(kw.pop("model", model), kw.pop("variables", variables), **kw)
+
+
+def test_model_key_changes_with_everything_that_changes_features():
+  base = _model_key()
+  assert _model_key() == base
+  # The same numbers in another container, and the default resize, are the same input.
+  assert _model_key(mean=[0.286], std=np.asarray([0.353], np.float32)) == base
+  assert _model_key(preprocess=data.Preprocess(28, None, 1)) == base
+  model, variables = _tiny()
+  bumped = jax.tree.map(lambda x: x, variables)
+  bumped["params"]["fc"]["bias"] = bumped["params"]["fc"]["bias"] + 1e-3
+  changed = [_model_key(variables=bumped), _model_key(mean=(0.3,)), _model_key(std=(0.3,)),
+             _model_key(preprocess=data.Preprocess(28, 32, 1)),
+             _model_key(preprocess=data.Preprocess(28, 28, 3)),
+             _model_key(preprocess=data.Preprocess(28, 28, 1, fast_decode=True)),
+             _model_key(head="fc"),
+             _model_key(model=get_model("resnet_small", 10, num_filters=8))]
+  assert len({base, *changed}) == len(changed) + 1
+
+
+def test_source_key_follows_the_records(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+  labels = np.arange(20) % 4
+  key = lambda s: feature_cache.fingerprint(feature_cache.source_key(s))
+  base = key(data.ArraySource(images, labels))
+  assert key(data.ArraySource(images.copy(), labels)) == base
+  other = images.copy()
+  other[3, 2, 2] ^= 1
+  assert key(data.ArraySource(other, labels)) != base
+  assert key(data.ArraySource(images, (labels + 1) % 4)) != base
+  assert key(data.Subset(data.ArraySource(images, labels), [0, 1])) != key(
+      data.Subset(data.ArraySource(images, labels), [0, 2]))
+  # A .npy folder of the same pixels has the same key as the arrays in memory.
+  np.save(tmp_path / "images.npy", images)
+  np.save(tmp_path / "labels.npy", labels.astype(np.int32))
+  assert key(data.npy_source(tmp_path)) == key(data.ArraySource(images, labels.astype(np.int32)))
+  # A folder of files: a rewritten file is another input.
+  import PIL.Image
+  folder = tmp_path / "folder" / "a"
+  folder.mkdir(parents=True)
+  for i in range(3):
+    PIL.Image.fromarray(images[i, :, :, 0]).save(folder / f"{i}.png")
+  before = key(data.ImageFolderSource(tmp_path / "folder"))
+  assert key(data.ImageFolderSource(tmp_path / "folder")) == before
+  PIL.Image.fromarray(images[5, :, :, 0]).save(folder / "1.png")
+  os.utime(folder / "1.png", ns=(1, 1))
+  assert key(data.ImageFolderSource(tmp_path / "folder")) != before
+
+
+def test_extract_then_lookup_and_a_partial_entry_is_redone(tmp_path):
+  model, variables = _tiny()
+  images = np.random.default_rng(1).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+  source = data.ArraySource(images, np.arange(40) % 10)
+  batches = data.image_batches(source, data.Preprocess(28, 28, 1), batch_size=16)
+  kw = dict(mean=MEAN, std=STD, folder=tmp_path, key="k1", progress=False)
+  first = feature_cache.extract(batches, 40, model, variables, **kw)
+  assert not first.cached and first.features.shape[0] == 40
+  from line_jax import features as features_lib
+  want = features_lib.extract(model, variables, images, mean=MEAN, std=STD, progress=False)[1]
+  np.testing.assert_allclose(first.features, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(first.labels, np.arange(40) % 10)
+  again = feature_cache.lookup(tmp_path, "k1")
+  assert again.cached and np.array_equal(again.features, first.features)
+  os.remove(tmp_path / "k1.json")  # As if killed before the entry was whole.
+  assert feature_cache.lookup(tmp_path, "k1") is None
+  assert not feature_cache.extract(batches, 40, model, variables, **kw).cached
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+  """A labelled .npy folder, one cache, and a fit that fills it."""
+  root = tmp_path_factory.mktemp("shared")
+  images = data.fashion_mnist_source("train").images[:N_TRAIN]
+  images = np.asarray(images).reshape(N_TRAIN, 28, 28, 1)
+  labels = np.asarray(data.fashion_mnist_source("train").labels[:N_TRAIN], np.int32)
+  dataset = root / "dataset"
+  dataset.mkdir()
+  np.save(dataset / "images.npy", images)
+  np.save(dataset / "labels.npy", labels)
+  cache = root / "cache"
+  args = ["--dataset", str(dataset), "--cache-dir", str(cache), "--batch-size", "64",
+          "--scorers", "line,knn,vim,react,energy", "--benchmark", "fashion_mnist",
+          "--quiet"]
+  fit.main(["--out", str(root / "fit1"), *args])
+  return root, cache, args, images, labels
+
+
+def _entries(cache):
+  return sorted(p.name for p in cache.glob("*.json"))
+
+
+def test_fit_publishes_and_a_second_fit_reads_the_cache(shared, capsys):
+  root, cache, args, _, _ = shared
+  assert len(_entries(cache)) == 1
+  entry = json.loads((cache / _entries(cache)[0]).read_text())
+  assert entry["images"] == N_TRAIN and "through" in entry["description"]
+  fit.main(["--out", str(root / "fit2"), *[a for a in args if a != "--quiet"]])
+  assert "cached features" in capsys.readouterr().err  # The model did not run.
+  assert (root / "fit2" / fit.CACHED_DIR).is_dir() and not (root / "fit2" / "features.npy").exists()
+  for name in ("line", "knn", "vim", "react"):
+    a = jax.tree.leaves(fit.load_state(root / "fit1", name))
+    b = jax.tree.leaves(fit.load_state(root / "fit2", name))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)), name
+  assert _entries(cache) == _entries(cache)[:1]
+
+
+def test_tune_reads_the_training_features_fit_cached(shared):
+  _, cache, _, _, _ = shared
+  before = _entries(cache)
+  result = tune.run_tuning(["vim"], dataset=str(shared[0] / "dataset"), val_size=60,
+                           ood_size=40, check=False, batch_size=64, cache_dir=str(cache),
+                           progress=False)
+  assert result["vim"]["best"]["dim"] in tune.GRIDS["vim"]["dim"]
+  added = [e for e in _entries(cache) if e not in before]
+  # Only the validation OOD set was extracted; the training set was read back.
+  assert len(added) == 1 and "validation OOD" in json.loads((cache / added[0]).read_text())[
+      "description"]
+
+
+def test_evaluate_reads_them_too_and_uses_fits_hyperparameters(shared, tmp_path):
+  root, cache, _, images, labels = shared
+  model, variables, config = _checkpoint.load_model(_cli.DEFAULT_CHECKPOINT)
+  inputs = evaluate.Inputs.from_arrays(model, variables, config["mean"], config["std"],
+                                       images, labels, images[:50], labels[:50],
+                                       {"noise": np.random.default_rng(2).integers(
+                                           0, 256, (30, 28, 28, 1), dtype=np.uint8)})
+  evaluate.run_evaluation(tmp_path, inputs=inputs, methods=["line", "knn", "vim", "react"],
+                          batch_size=64, cache_dir=cache, make_plots=False, progress=False)
+  timings = json.loads((tmp_path / "timings.json").read_text())["extraction"]["sets"]
+  assert timings["train"]["cached"]  # fit's features.
+  used = json.loads((tmp_path / "hparams.json").read_text())
+  fitted = json.loads((root / "fit1" / fit.HPARAMS_FILE).read_text())
+  # The same benchmark, the same features: the same hyperparameters, LINe's
+  # resolved clip included.
+  for name in used:
+    assert used[name] == fitted[name], name
+  assert used["line"]["clip_percentile"] == 80.0 and used["vim"]["dim"] == 32
+
+
+def test_no_cache_writes_nothing(tmp_path, monkeypatch):
+  monkeypatch.setenv(feature_cache.ENV, str(tmp_path / "env_cache"))
+  fit.main(["--out", str(tmp_path / "fit"), "--max-examples", "64", "--batch-size", "32",
+            "--scorers", "energy,line", "--no-cache", "--quiet"])
+  assert not (tmp_path / "env_cache").exists()
+  fit.main(["--out", str(tmp_path / "fit_env"), "--max-examples", "64", "--batch-size", "32",
+            "--scorers", "energy,line", "--quiet"])
+  assert len(list((tmp_path / "env_cache").glob("*.json"))) == 1  # $LINE_JAX_CACHE's default.
