@@ -21,11 +21,11 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
+from line_jax import _progress
 from line_jax import scorers
 
 DEFAULT_CHECKPOINT = os.path.join(
@@ -119,38 +119,10 @@ def user_errors(*, resumable: bool = False) -> Iterator[None]:
     raise SystemExit(130) from None
 
 
-class _Lines:
-  """Plain progress lines every `every` seconds (for logs, not terminals)."""
-
-  def __init__(self, total: int, desc: str, every: float = 10.0):
-    self.total, self.desc, self.every = total, desc, every
-    self.done, self.start, self.last = 0, time.monotonic(), 0.0
-
-  def update(self, n: int) -> None:
-    self.done += n
-    now = time.monotonic()
-    if now - self.last >= self.every or self.done >= self.total:
-      self.last = now
-      rate = self.done / max(now - self.start, 1e-9)
-      eta = (self.total - self.done) / rate if rate else float("inf")
-      print(f"{self.desc}: {self.done}/{self.total} ({rate:.0f}/s, eta {eta:.0f} s)",
-            file=sys.stderr, flush=True)
-
-  def close(self) -> None:
-    pass
-
-
 @contextlib.contextmanager
 def progress(total: int, desc: str, *, quiet: bool = False):
   """Yields `on_batch(n)`; a bar on a TTY, periodic lines elsewhere."""
-  if quiet:
-    yield lambda n: None
-    return
-  if sys.stderr.isatty():
-    import tqdm  # pylint: disable=g-import-not-at-top
-    bar = tqdm.tqdm(total=total, unit="img", desc=desc, file=sys.stderr, dynamic_ncols=True)
-  else:
-    bar = _Lines(total, desc)
+  bar = _progress.bar(total, desc, unit="img", enabled=not quiet)
   try:
     yield bar.update
   finally:

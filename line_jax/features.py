@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
+from line_jax import _progress
 from line_jax.models import _head
 
 BATCH_AXIS = "batch"
@@ -213,7 +213,7 @@ def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress
     put = functools.partial(jax.device_put, device=NamedSharding(mesh, P(BATCH_AXIS)))
 
   label = progress if isinstance(progress, str) else "features"
-  bar = tqdm(total=total, desc=label, unit="img", disable=not progress, leave=False)
+  bar = _progress.bar(total, label, unit="img", enabled=bool(progress))
   pending = None
   try:
     for item in batches:

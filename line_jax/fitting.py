@@ -53,7 +53,7 @@ def claim(out: str, config: dict[str, Any]) -> None:
 
 
 def fit_checkpoint(config: dict[str, Any], out: str, *, workers: int | None = None,
-        quiet: bool = False, cache_dir: str | None = None) -> dict[str, Any]:
+                   quiet: bool = False, cache_dir: str | None = None) -> dict[str, Any]:
   """Streams the training set, folds every scorer, saves the states in `out`.
 
   Args:
@@ -88,10 +88,15 @@ def fit_checkpoint(config: dict[str, Any], out: str, *, workers: int | None = No
     else:
       stream, folder = model.features(model.batches(source, config["batch_size"],
                                                     workers=workers)), out
+    # Rows are published only where this run kept all of them: a run resumed
+    # from one that kept none (started with no cache) has no rows before its
+    # resume point.
+    publish = key is not None and hit is None and (
+        not _resumed(out) or os.path.isfile(fold.features_files(out)[0]))
     states = fold.fit_stream(hparams, model.kernel, model.bias, stream, folder,
                              save_every=config["save_every"], on_batch=bar,
-                             keep_features=key is not None and hit is None)
-  if key is not None and hit is None:
+                             keep_features=publish)
+  if publish:
     feature_cache.publish(cache_dir, key, *fold.features_files(out),
                           seconds=time.perf_counter() - start,
                           description=f"{config['dataset']} (train) through "
@@ -103,6 +108,12 @@ def fit_checkpoint(config: dict[str, Any], out: str, *, workers: int | None = No
                     {name: scorers.resolved_hparams(hparams[name], states[name])
                      for name in states})
   return states
+
+
+def _resumed(out: str) -> bool:
+  """Whether `out` holds a saved step of an earlier run's stream."""
+  progress = os.path.join(out, fold.PROGRESS_DIR)
+  return os.path.isdir(progress) and any(n.isdigit() for n in os.listdir(progress))
 
 
 def _everywhere(found: Any) -> Any:

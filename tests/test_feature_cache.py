@@ -184,3 +184,15 @@ def test_no_cache_writes_nothing(tmp_path, monkeypatch):
   fit.main(["--out", str(tmp_path / "fit_env"), "--max-examples", "64", "--batch-size", "32",
             "--scorers", "energy,line", "--quiet"])
   assert len(list((tmp_path / "env_cache").glob("*.json"))) == 1  # $LINE_JAX_CACHE's default.
+
+
+def test_a_resumed_run_that_kept_no_rows_publishes_nothing(tmp_path):
+  # Started with --no-cache (no rows kept), then "resumed" with the cache on:
+  # rows before the resume point were never written, so nothing is published.
+  # One-pass scorers only: a two-pass one (LINe's percentile clip) keeps every row anyway.
+  args = ["--out", str(tmp_path / "fit"), "--max-examples", "64", "--batch-size", "32",
+          "--scorers", "energy,mahalanobis", "--quiet", "--cache-dir", str(tmp_path / "cache")]
+  fit.main([*args, "--no-cache"])
+  assert not (tmp_path / "fit" / "features.npy").exists()
+  fit.main(args)
+  assert not list((tmp_path / "cache").glob("*.json"))

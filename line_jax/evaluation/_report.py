@@ -9,8 +9,8 @@ import os
 from typing import Any
 
 import jax
-from tqdm.auto import tqdm
 
+from line_jax import _progress
 from line_jax import plots
 
 
@@ -94,5 +94,5 @@ def write_outputs(out_dir, result, scores, used, timing=None, *, ablation=None,
   plots.plot_roc(scores, os.path.join(out_dir, "roc.png"))
   if ablation is not None:
     plots.plot_ablation(ablation, os.path.join(out_dir, "ablation.png"))
-  for method in tqdm(scores, desc="plots", disable=not progress, leave=False):
+  for method, _ in _progress.iterate(scores, "plots", enabled=progress):
     plots.plot_histograms(method, scores[method], os.path.join(out_dir, f"hist_{method}.png"))

@@ -18,8 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
+from line_jax import _progress
 from line_jax import _protocols
 from line_jax import feature_cache
 from line_jax import metrics as metrics_lib
@@ -73,8 +73,7 @@ def fit_and_score(methods: Sequence[str], protocol: _protocols.Protocol,
     method -> the hyperparameters it ran with, method -> fit + score time.
   """
   scores, used, seconds = {}, {}, {}
-  bar = tqdm(methods, desc="scorers", disable=not progress, leave=False)
-  for method in bar:
+  for method, bar in _progress.iterate(methods, "scorers", enabled=progress):
     bar.set_postfix_str(method)
     start = time.perf_counter()
     scorer = scorers.get(method)
