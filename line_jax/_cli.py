@@ -42,14 +42,33 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
   def _get_help_string(self, action):
     text = action.help or ""
     if action.default is not argparse.SUPPRESS and action.option_strings and \
-        "%(default)" not in text and not isinstance(action, argparse._HelpAction):  # pylint: disable=protected-access
+        "default" not in text and not isinstance(action, argparse._HelpAction):  # pylint: disable=protected-access
       text += (" " if text else "") + "(default: %(default)s)"
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+  """A usage mistake is one `error: ...` line (exit 2), as every other user error."""
+
+  def error(self, message: str):
+    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
   """An argparse parser named `prog`, described by the module docstring `doc`."""
-  return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=_Formatter)
+  return _Parser(prog=prog, description=doc, formatter_class=_Formatter)
+
+
+def add_data(p: argparse.ArgumentParser, *, scorers_default: str | None,
+             scorers_help: str) -> None:
+  """The flags every CLI that reads images shares, with one name and default each."""
+  p.add_argument("--scorers", "--methods", dest="scorers", default=scorers_default,
+                 help=f"comma-separated scorer names ({scorers_help})")
+  p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="line_jax checkpoint folder")
+  p.add_argument("--batch-size", type=int, default=256, help="images per model call")
+  p.add_argument("--workers", type=int, default=None,
+                 help="decoding threads (default: one per core)")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,10 @@ papers' ImageNet settings) are listed per benchmark, each with its source:
 | vim         | D 32                      | D 64 (2)                       | D 256 (2)                    | D 1000 (ViM's code)   |
 | react_dice  | default (15, 90)          | p 90, percentile 90            | p 90 (DICE), 90 (ReAct)      | p 15, percentile 90   |
 
-Every other scorer runs at its registry default everywhere: its paper's
+Where a benchmark names no value, the registry's default holds, and two of
+those adapt to the model and data: KNN's k is one neighbour per 1,000 bank
+rows (`k=None`, KNN's CIFAR ratio) and ViM's D follows the official rule on
+the feature width (`dim=None`). Every other scorer runs at its registry default everywhere: its paper's
 setting, which for some (GEN's M = 100 capped at the class count, NNGuide's
 12,811-row bank, NCI's alpha) is the ImageNet one, there being no CIFAR
 setting in the paper or official code.
@@ -215,7 +218,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "imagenet": Protocol(
         "imagenet", "imagenet2012", "resnet50", 1000, "imagenet2012", 224, 256, 3,
         _IMAGENET_OOD,
-        {"vim": {"dim": 1000}, "line": {"p_w": 10.0, "p_a": 10.0, "clip": 0.8}}),
+        {"knn": {"k": 1000}, "vim": {"dim": 1000},
+         "line": {"p_w": 10.0, "p_a": 10.0, "clip": 0.8}}),
 }
 
 

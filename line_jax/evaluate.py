@@ -2,22 +2,25 @@
 
     python -m line_jax.evaluate --out DIR            # Fashion-MNIST, committed checkpoint
     python -m line_jax.evaluate --out DIR --extra-ood mine=my_images.npy
-    python -m line_jax.evaluate --out DIR --benchmark cifar10 \
-        --id-folder cifar10-jpeg --torch-checkpoint dice_densenet100_cifar10.pth.tar
+    python -m line_jax.evaluate --out DIR --benchmark cifar10 --id-folder cifar10-jpeg
+        --torch-checkpoint dice_densenet100_cifar10.pth.tar
 
 A thin shell over `line_jax.evaluation.run_evaluation` (see there for the
 files it writes); this module only parses flags. Features come from the
 feature cache `fit` and `tune` share (`--cache-dir`), and the scorers take
-the benchmark's settings by the rule `fit` follows (`--hparam` over them). Multi-host: the same command
-in every process with `--coordinator HOST:PORT --num-processes N --process-id
-I`: each process extracts and scores its own shard of every set, the fits
-merge across processes, and process 0 writes the outputs.
+the benchmark's settings by the rule `fit` follows (`--hparam` over them).
+
+Multi-host: the same command in every process with `--coordinator HOST:PORT
+--num-processes N --process-id I`: each process extracts and scores its own
+shard of every set, the fits merge across processes, and process 0 writes
+the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+import sys
 import time
 
 import jax
@@ -40,12 +43,10 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output folder")
   p.add_argument("--benchmark", default="fashion_mnist", choices=list(_protocols.PROTOCOLS),
                  help="the protocol: data, model, OOD sets and settings")
-  p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="line_jax checkpoint folder")
-  p.add_argument("--methods", default=None, help="comma-separated scorer names (default: all)")
+  _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
   p.add_argument("--extra-ood", action="append", default=[], metavar="NAME=PATH",
                  help="add an OOD set: a uint8 [N, H, W(, C)] .npy or a folder of images; "
                       "repeatable")
-  p.add_argument("--batch-size", type=int, default=512, help="images per model call")
   p.add_argument("--data-dir", default=None, help="TFDS data and the paper's OOD sets")
   p.add_argument("--id-folder", default=None,
                  help="ID images as <folder>/{train,test}/<class>/<image> (else TFDS)")
@@ -55,7 +56,6 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--ood-size", type=int, default=2000, help="images per offline OOD set")
   p.add_argument("--hparam", action="append", default=[],
                  help="SCORER.NAME=VALUE over the benchmark's settings (a JSON value), repeatable")
-  p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores)")
   p.add_argument("--ablation", action="store_true", help="also run LINe's ablation")
   p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
   _cli.add_cache(p)
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   start = time.perf_counter()
   with _cli.user_errors():
     _cli.init_distributed(args)
-    methods = None if args.methods is None else _cli.scorer_names(args.methods)
+    methods = None if args.scorers is None else _cli.scorer_names(args.scorers)
     result = run_evaluation(
         args.out, benchmark=args.benchmark, checkpoint=args.checkpoint,
         methods=methods, hparams=_cli.parse_hparams(args.hparam, methods or _scorers.names()),
@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         make_plots=not args.no_plots, progress=not args.quiet)
   if jax.process_index() == 0:
     print(format_table(result))
-    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    if not args.quiet:
+      print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -59,19 +59,16 @@ PROGRESS_DIR = fold.PROGRESS_DIR
 def _parser() -> argparse.ArgumentParser:
   p = _cli.parser("python -m line_jax.fit", __doc__)
   p.add_argument("--out", required=True, help="output folder (resumed if present)")
-  p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="line_jax checkpoint folder")
   p.add_argument("--dataset", default="fashion_mnist", help=_cli.DATASET_HELP)
-  p.add_argument("--scorers", default=",".join(scorers.names()), help="comma-separated")
+  _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
   p.add_argument("--benchmark", default=None,
                  choices=[*_protocols.PROTOCOLS, _protocols.NO_BENCHMARK],
                  help="whose settings the scorers take, as evaluate's --benchmark (default: "
                       "fashion_mnist for --dataset fashion_mnist, else none: the registry's)")
   p.add_argument("--hparam", action="append", default=[],
                  help="SCORER.NAME=VALUE (a JSON value), repeatable")
-  p.add_argument("--batch-size", type=int, default=256, help="images per model call")
   p.add_argument("--save-every", type=int, default=20, help="batches between saves")
   p.add_argument("--max-examples", type=int, default=None, help="only the first N images")
-  p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding threads")
   _cli.add_cache(p)
   _cli.add_common(p)
   _cli.add_distributed(p)
@@ -80,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
   """The arguments as stored in args.json (paths absolute, names checked)."""
-  names = _cli.scorer_names(args.scorers)
+  names = _cli.scorer_names(args.scorers or ",".join(scorers.names()))
   for flag in ("batch_size", "save_every", "max_examples"):
     value = getattr(args, flag)
     if value is not None and value < 1:
@@ -104,7 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = _resolve(args)
     fitting.fit_checkpoint(config, args.out, workers=args.workers, quiet=args.quiet,
                            cache_dir=_cli.cache_dir(args))
-  print(f"wrote {', '.join(config['scorers'])} to {os.path.abspath(args.out)}", file=sys.stderr)
+  if not args.quiet:
+    print(f"wrote {', '.join(config['scorers'])} to {os.path.abspath(args.out)}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -73,10 +73,13 @@ def fit_checkpoint(config: dict[str, Any], out: str, *, workers: int | None = No
   model = _cli.open_model(config["checkpoint"])
   source = model.source(config["dataset"], "train", config["batch_size"],
                         limit=config["max_examples"])
-  claim(out, config)
   hparams = {name: _protocols.hparams_for(config["benchmark"], name,
                                           config["hparams"].get(name))
              for name in config["scorers"]}
+  for name, hp in hparams.items():  # A bad value fails here, before `out` is claimed.
+    scorers.get(name)._check(hp)  # pylint: disable=protected-access
+    scorers.get(name).fold.init(model.kernel, model.bias, **hp)
+  claim(out, config)
   key = None if cache_dir is None else model.cache_key(source)
   hit = _everywhere(None if key is None else feature_cache.lookup(cache_dir, key))
   start = time.perf_counter()
@@ -93,14 +96,17 @@ def fit_checkpoint(config: dict[str, Any], out: str, *, workers: int | None = No
     # resume point.
     publish = key is not None and hit is None and (
         not _resumed(out) or os.path.isfile(fold.features_files(out)[0]))
+
+    def add_to_cache():  # Before the finalizes: their failure does not lose the rows.
+      feature_cache.publish(cache_dir, key, *fold.features_files(out),
+                            seconds=time.perf_counter() - start,
+                            description=f"{config['dataset']} (train) through "
+                                        f"{config['checkpoint']}")
+
     states = fold.fit_stream(hparams, model.kernel, model.bias, stream, folder,
                              save_every=config["save_every"], on_batch=bar,
-                             keep_features=publish)
-  if publish:
-    feature_cache.publish(cache_dir, key, *fold.features_files(out),
-                          seconds=time.perf_counter() - start,
-                          description=f"{config['dataset']} (train) through "
-                                      f"{config['checkpoint']}")
+                             keep_features=publish,
+                             on_stream_end=add_to_cache if publish else None)
   for name, state in states.items():
     io.save(os.path.join(out, name), state)  # Collective; process 0 writes.
   if jax.process_index() == 0:

@@ -99,6 +99,7 @@ def fit_stream(
     save_every: int = 20,
     on_batch: Callable[[int], None] | None = None,
     keep_features: bool = False,
+    on_stream_end: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
   """Fits every scorer in `hparams` over `stream`, resumably, in `out`.
 
@@ -111,6 +112,8 @@ def fit_stream(
     on_batch: called with the sample count of each batch (progress bars).
     keep_features: write `features.npy` / `labels.npy` even where no scorer
       reads them again (`features_files` names them).
+    on_stream_end: called once the stream is read whole and its rows are on
+      disk, before any later pass or `finalize` (which may still fail).
 
   Returns:
     `{scorer name: fitted state}`.
@@ -190,6 +193,11 @@ def fit_stream(
   manager.close()
   if readers and _samples(n) == 0:
     raise _common.no_batches()
+  if rows is not None:
+    rows.flush()
+    labels_all.flush()
+  if on_stream_end is not None:
+    on_stream_end()
 
   for name in readers:
     fold, acc = folds[name], _merged(folds[name], accs[name])

@@ -39,6 +39,7 @@ import contextlib
 import functools
 import itertools
 import json
+import sys
 import tempfile
 import time
 import zlib
@@ -445,7 +446,7 @@ def run_tuning(methods: Sequence[str] | None = None, *, checkpoint: str | None =
     out[method] = tune_method(method, feats[:-val_size], labels[:-val_size], kernel, bias,
                               feats[-val_size:], val_ood, check=check)
     if progress:
-      print(_row(method, out[method]), flush=True)
+      print(f"tuned {_row(method, out[method])}", file=sys.stderr, flush=True)
   return out
 
 
@@ -461,30 +462,36 @@ def _row(method: str, r: Mapping[str, Any]) -> str:
 
 
 def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-  """Markdown: best point, its validation FPR95 / AUROC (%), and the times."""
+  """Markdown: best point, its validation FPR95 / AUROC (%), and the times;
+  then the best points as `python -m line_jax.fit` / `evaluate` flags."""
   lines = ["| method | best | val FPR95 | val AUROC | grid | vmapped s | "
            "first call s (compile) | loop s |", "|---|---|---|---|---|---|---|---|"]
-  return "\n".join(lines + [_row(m, r) for m, r in results.items()]) + "\n"
+  lines += [_row(m, r) for m, r in results.items()]
+  lines += ["", "As flags of python -m line_jax.fit and evaluate:", "",
+            " ".join(hparam_flags(m, r["best"]) for m, r in results.items())]
+  return "\n".join(lines) + "\n"
+
+
+def hparam_flags(method: str, hparams: Mapping[str, Any]) -> str:
+  """`--hparam METHOD.NAME=VALUE` for each hyperparameter (JSON values)."""
+  return " ".join(f"--hparam {method}.{name}={json.dumps(value)}"
+                  for name, value in hparams.items())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
   p = _cli.parser("python -m line_jax.tune", __doc__)
   p.add_argument("--out", default=None, help="JSON file for the results")
-  p.add_argument("--methods", default=None, help="comma-separated (default: all with a grid)")
-  p.add_argument("--checkpoint", default=_cli.DEFAULT_CHECKPOINT,
-                 help="line_jax checkpoint folder")
+  _cli.add_data(p, scorers_default=None, scorers_help="default: all with a grid")
   p.add_argument("--dataset", default="fashion_mnist", help=_cli.DATASET_HELP)
   p.add_argument("--val-size", type=int, default=5000,
                  help="last training images held out as the ID validation set")
   p.add_argument("--ood-size", type=int, default=2000, help="validation OOD images")
-  p.add_argument("--batch-size", type=int, default=512, help="images per model call")
-  p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores)")
   p.add_argument("--no-check", action="store_true", help="skip the Python-loop comparison")
   _cli.add_cache(p)
   _cli.add_common(p)
   args = p.parse_args(argv)
   with _cli.user_errors():
-    methods = None if args.methods is None else _cli.scorer_names(args.methods)
+    methods = None if args.scorers is None else _cli.scorer_names(args.scorers)
     results = run_tuning(methods, checkpoint=args.checkpoint, dataset=args.dataset,
                          val_size=args.val_size, ood_size=args.ood_size,
                          check=not args.no_check, batch_size=args.batch_size,

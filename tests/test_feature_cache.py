@@ -19,6 +19,7 @@ from line_jax import data
 from line_jax import evaluate
 from line_jax import feature_cache
 from line_jax import fit
+from line_jax import scorers
 from line_jax import tune
 from line_jax.models import get_model
 
@@ -173,7 +174,16 @@ def test_evaluate_reads_them_too_and_uses_fits_hyperparameters(shared, tmp_path)
   # resolved clip included.
   for name in used:
     assert used[name] == fitted[name], name
-  assert used["line"]["clip_percentile"] == 80.0 and used["vim"]["dim"] == 32
+  assert used["vim"] == {"dim": 32}
+  # Each entry pastes into the registry's fit unchanged and gives fit's detector.
+  feats = np.load(root / "fit1" / "features.npy")
+  kernel, bias = variables["params"]["fc"]["kernel"], variables["params"]["fc"]["bias"]
+  for name, hparams in used.items():
+    scorer = scorers.get(name)
+    pasted = scorer.fit(feats, labels, kernel, bias, **hparams)
+    np.testing.assert_allclose(np.asarray(scorer.score(pasted, feats[:50])),
+                               np.asarray(scorer.score(fit.load_state(root / "fit1", name),
+                                                       feats[:50])), rtol=1e-5, atol=1e-5)
 
 
 def test_no_cache_writes_nothing(tmp_path, monkeypatch):
@@ -196,3 +206,30 @@ def test_a_resumed_run_that_kept_no_rows_publishes_nothing(tmp_path):
   assert not (tmp_path / "fit" / "features.npy").exists()
   fit.main(args)
   assert not list((tmp_path / "cache").glob("*.json"))
+
+
+def test_a_bad_value_claims_nothing_and_a_late_failure_keeps_the_rows(tmp_path, capsys):
+  base = ["--max-examples", "64", "--batch-size", "32", "--quiet",
+          "--cache-dir", str(tmp_path / "cache")]
+  out = tmp_path / "fit"
+  # Refused by the fold's init before the run starts: --out stays free.
+  try:
+    fit.main(["--out", str(out), *base, "--scorers", "vim", "--hparam", "vim.dim=128"])
+  except SystemExit as e:
+    assert e.code == 2
+  assert "must be below the feature count 128" in capsys.readouterr().err
+  assert not (out / fit.ARGS_FILE).exists()
+  fit.main(["--out", str(out), *base, "--scorers", "vim", "--hparam", "vim.dim=8"])
+  assert fit.load_state(out, "vim").dim == 8
+  # Refused only once the bank is known (k above its 64 rows): the stream's rows
+  # are in the cache already, so the corrected run does not run the model.
+  try:
+    fit.main(["--out", str(tmp_path / "knn1"), *base, "--scorers", "knn",
+              "--hparam", "knn.k=100"])
+  except SystemExit as e:
+    assert e.code == 2
+  assert "k = 100 needs at least 100 bank rows" in capsys.readouterr().err
+  fit.main(["--out", str(tmp_path / "knn2"), *[a for a in base if a != "--quiet"],
+            "--scorers", "knn"])
+  assert "cached features" in capsys.readouterr().err
+  assert int(fit.load_state(tmp_path / "knn2", "knn").k) == 1  # k=None: 64 rows / 1000.

@@ -81,7 +81,7 @@ def test_registry_defaults_follow_the_papers():
   assert defaults["ash_b"] == {"percentile": 65.0}
   assert defaults["ash_s"] == {"percentile": 90.0}
   assert defaults["scale"] == {"percentile": 85.0}
-  assert defaults["knn"]["k"] == 1000
+  assert defaults["knn"]["k"] is None  # One neighbour per 1,000 bank rows (50 of CIFAR's 50,000).
   assert defaults["vim"] == {"dim": None}  # The official rule on the head's width.
   # The paper's clip (0.8 on ResNet-50) is in that network's units: the
   # default is the percentile that holds on any model.
@@ -205,6 +205,25 @@ def test_knn_scores_under_vmap_over_k_as_each_k_alone(block_rows):
   for row, k in zip(vmapped, ks):
     np.testing.assert_allclose(row, np.asarray(knn.score(knn.fit(
         train, labels, kernel, bias, k=k, **blocks), test)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, want", [(1, 1), (999, 1), (1500, 2), (50_000, 50),
+                                        (1_281_167, 1281)])
+def test_knn_default_k_is_one_neighbour_per_thousand_rows(size, want):
+  from line_jax.scorers import _knn  # pylint: disable=g-import-not-at-top
+  assert _knn.default_k(size) == want
+
+
+def test_knn_default_k_resolves_on_the_bank_and_pastes_back():
+  train, labels, kernel, bias, test = _problem()
+  scorer = scorers.get("knn")
+  state = scorer.fit(train, labels, kernel, bias)  # k=None
+  assert int(state.k) == max(1, round(N / 1000)) and state.k_max == int(state.k)
+  resolved = scorers.resolved_hparams(dict(scorer.defaults), state)
+  assert resolved["k"] == int(state.k)
+  again = scorer.fit(train, labels, kernel, bias, **resolved)
+  np.testing.assert_array_equal(np.asarray(scorer.score(again, test)),
+                                np.asarray(scorer.score(state, test)))
 
 
 def test_knn_k_max_is_at_least_k_and_capped_at_the_bank():

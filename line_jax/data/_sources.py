@@ -274,12 +274,13 @@ class TfdsSource(Sequence):
           name, split=split, data_dir=self.data_dir, download=download,
           builder_kwargs={"file_format": "array_record", **(builder_kwargs or {})})
     except (KeyError, AssertionError, tfds.core.registered.DatasetNotFoundError) as e:
-      where = self.data_dir or "TFDS's default data folder (~/tensorflow_datasets)"
+      where = self.data_dir or ("TFDS's data folder ($TFDS_DATA_DIR, else "
+                                "~/tensorflow_datasets)")
       raise ValueError(
           f"TFDS dataset {name!r} (split {split!r}) is not prepared under {where}; "
           f"nothing is downloaded here: prepare it first (`tfds build {name} --file_format "
-          f"array_record` with --data_dir), or pass a folder of images "
-          f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from e
+          f"array_record --data_dir DIR`, then TFDS_DATA_DIR=DIR), or pass a folder of "
+          f"images [{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from e
     if len(self._source) == 0:
       raise ValueError(f"TFDS {name} split {split!r} is empty")
 

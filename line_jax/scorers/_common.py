@@ -108,9 +108,9 @@ def array_score(score: Callable[..., jax.Array]) -> _buckets.Bucketed:
 
 
 @jax.jit
-def _add_feature_sums(acc, features: jax.Array):
+def _add_feature_sums(sums: jax.Array, count: jax.Array, features: jax.Array):
   total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
-  return acc.replace(sums=acc.sums + total, count=acc.count + features.shape[0])
+  return sums + total, count + features.shape[0]
 
 
 def add_feature_sums(acc, features, labels):
@@ -120,8 +120,12 @@ def add_feature_sums(acc, features, labels):
   `[batch, features]` batch is added in float64, labels unused.
   """
   del labels
+  # Arrays in and out, the accumulator rebuilt outside the jit: DICE's, fDBD's
+  # and NCI's accumulators flatten to equal tree structures, so a jit taking
+  # them whole could hand one scorer's class back to another from its cache.
   with jax.enable_x64(True):
-    return _add_feature_sums(acc, features)
+    sums, count = _add_feature_sums(acc.sums, acc.count, features)
+  return acc.replace(sums=sums, count=count)
 
 
 def check_train(features, labels, kernel, bias, *, needs_labels: bool = False) -> int:

@@ -5,9 +5,13 @@ Neighbors", ICML 2022. Features are normalised, `z = h / (||h|| + 1e-10)` as
 in the official code; the score is minus the Euclidean distance from `z` to
 its k-th nearest normalised training feature (the paper's
 `-||z - z_(k)||`; the official code's faiss returns its square, the same
-ranking). Default k = 1000, the paper's ImageNet setting with the full
-training set; it uses k = 50 on CIFAR-10 and k = 10 with a 1 % subsample of
-ImageNet (`bank_fraction=0.01`).
+ranking). The paper's k grows with the bank: k = 50 for CIFAR-10's 50,000
+training images, k = 1000 for ImageNet's 1.28 M (k = 10 with a 1 %
+subsample, `bank_fraction=0.01`). A fixed k fits one bank size only (k = 1000
+cannot even run on a bank of 999 rows), so the default `k=None` is the
+CIFAR-10 ratio, one neighbour per 1,000 bank rows: `default_k(size) =
+max(1, round(size / 1000))`, resolved when the bank is complete and kept in
+the state (the ImageNet protocol sets its k = 1000 itself).
 
 `||z - b||^2 = ||z||^2 - (2 z.b - ||b||^2)`, so the k-th nearest row is the
 one with the k-th largest `2 z.b - ||b||^2`: one matrix product per bank block
@@ -46,7 +50,8 @@ from line_jax.scorers import _common
 from line_jax.scorers import _protocol
 from line_jax.scorers import _select
 
-K = 1000
+K = None  # One neighbour per 1,000 bank rows (`default_k`), resolved at finalize.
+ROWS_PER_NEIGHBOUR = 1000
 BLOCK_ROWS = 32768
 _EPS = 1e-10
 # Near neighbours have dot products close to 1; TF32 would blur them.
@@ -79,10 +84,15 @@ class KnnState:
   k_max: int = flax.struct.field(pytree_node=False)
 
 
+def default_k(size: int) -> int:
+  """The paper's CIFAR-10 ratio, 50 neighbours for 50,000 rows, at `size` rows."""
+  return max(1, round(size / ROWS_PER_NEIGHBOUR))
+
+
 def _hparams(k, bank_fraction, seed, block_rows, k_max):
-  k = _common.integer("k", k)
+  k = None if k is None else _common.integer("k", k)
   k_max = k if k_max is None else _common.integer("k_max", k_max)
-  if k_max < k:
+  if k is not None and k_max < k:
     raise ValueError(f"k_max must be at least k = {k}, got {k_max}")
   fraction = _validation.positive("bank_fraction", bank_fraction)
   if fraction > 1.0:
@@ -133,7 +143,8 @@ def init(kernel, bias, *, k=K, bank_fraction=1.0, seed=0, block_rows=BLOCK_ROWS,
   Args:
     kernel: `[features, classes]` head kernel (validated; fixes the width).
     bias: `[classes]` head bias or None (validated only).
-    k: neighbour rank, at least 1 and at most the bank size.
+    k: neighbour rank, at least 1 and at most the bank size; None: one per
+      1,000 bank rows (`default_k`), resolved when the bank is complete.
     bank_fraction: share of training samples kept in the bank, in (0, 1].
     seed: seed of the subsample.
     block_rows: bank rows per block of a score call (memory vs. speed).
@@ -171,10 +182,13 @@ def merge(a: KnnAcc, b: KnnAcc) -> KnnAcc:
 def finalize(acc: KnnAcc) -> KnnState:
   """The bank on the device, `[blocks, block_rows, features]`."""
   size, num_features = acc.rows.shape
-  if size < acc.k:
+  k = default_k(size) if acc.k is None else acc.k
+  k_max = k if acc.k_max is None else acc.k_max
+  if size < k:
     raise ValueError(
-        f"k = {acc.k} needs at least {acc.k} bank rows, but the bank has {size} "
-        f"({int(acc.seen)} training samples, bank_fraction {acc.bank_fraction})"
+        f"k = {k} needs at least {k} bank rows, but the bank has {size} "
+        f"({int(acc.seen)} training samples, bank_fraction {acc.bank_fraction}); "
+        "k=None picks one neighbour per 1,000 rows"
     )
   block_rows = min(acc.block_rows, size)
   blocks = -(-size // block_rows)
@@ -182,8 +196,8 @@ def finalize(acc: KnnAcc) -> KnnState:
   bank[:size] = acc.rows
   bank = jnp.asarray(bank.reshape(blocks, block_rows, num_features))
   # A top-k as wide as the bank already holds every neighbour.
-  return KnnState(bank, jnp.sum(bank * bank, axis=-1), jnp.asarray(acc.k, jnp.int32),
-                  size, min(acc.k_max, size))
+  return KnnState(bank, jnp.sum(bank * bank, axis=-1), jnp.asarray(k, jnp.int32),
+                  size, min(k_max, size))
 
 
 FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge)

@@ -164,17 +164,18 @@ def resolved_hparams(hparams: Mapping[str, Any], state: Any) -> dict[str, Any]:
   """The hyperparameters a fit ran with, as they paste into `fit` unchanged.
 
   A `TrainPercentile` the scorer resolved while fitting becomes the value its
-  state holds, with the percentile beside it under `<name>_percentile`; a
-  `None` the scorer resolved to a count (ViM's `dim`) becomes that count.
-  The rest are as given. `fit`, `tune` and `evaluate` record these.
+  state holds (the threshold in feature units); a `None` the scorer resolved
+  to a count (ViM's `dim`, KNN's `k`) becomes that count. The rest are as
+  given. `fit` and `evaluate` write these to `hparams.json`.
   """
   out = {}
   for key, value in hparams.items():
-    if isinstance(value, TrainPercentile) and hasattr(state, key):
-      out[key] = float(np.asarray(getattr(state, key)))
-      out[key + "_percentile"] = value.percentile
-    elif value is None and isinstance(getattr(state, key, None), int):
-      out[key] = getattr(state, key)
+    held = getattr(state, key, None)
+    if isinstance(value, TrainPercentile) and held is not None:
+      out[key] = float(np.asarray(held))
+    elif value is None and held is not None and np.ndim(held) == 0 and np.issubdtype(
+        np.asarray(held).dtype, np.integer):
+      out[key] = int(np.asarray(held))
     else:
       out[key] = value
   return out
