@@ -262,13 +262,15 @@ class Model:
     from line_jax import data  # pylint: disable=g-import-not-at-top
     return data.image_batches(source, self.preprocess, batch_size=batch_size, workers=workers)
 
-  def cache_key(self, source) -> str:
-    """The `line_jax.feature_cache` key of this model's features of `source`."""
+  def cache_key(self, source) -> str | None:
+    """The `line_jax.feature_cache` key of this model's features of `source`
+    (None for a source the cache cannot key)."""
     from line_jax import feature_cache  # pylint: disable=g-import-not-at-top
     model_key = feature_cache.model_key(self.module, self.variables, mean=self.config["mean"],
                                         std=self.config["std"], preprocess=self.preprocess,
                                         head=self.config.get("head"))
-    return feature_cache.fingerprint(model_key, feature_cache.source_key(source))
+    records = feature_cache.source_key(source)
+    return None if records is None else feature_cache.fingerprint(model_key, records)
 
   def features(self, batches):
     """A `line_jax.fold.Stream` of this model's features over `batches`."""

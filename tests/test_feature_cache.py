@@ -233,3 +233,35 @@ def test_a_bad_value_claims_nothing_and_a_late_failure_keeps_the_rows(tmp_path, 
             "--scorers", "knn"])
   assert "cached features" in capsys.readouterr().err
   assert int(fit.load_state(tmp_path / "knn2", "knn").k) == 1  # k=None: 64 rows / 1000.
+
+
+class _OwnSource:
+  """A Sequence of records of the user's own making: the cache cannot key it."""
+
+  def __init__(self, images):
+    self.images_ = images
+
+  def __len__(self):
+    return len(self.images_)
+
+  def __getitem__(self, index):
+    if not 0 <= index < len(self):
+      raise IndexError(index)
+    return self.images_[index], -1
+
+
+def test_a_source_the_cache_cannot_key_is_extracted_but_not_cached(tmp_path):
+  model, variables = _tiny()
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (80, 28, 28, 1), dtype=np.uint8)
+  inputs = evaluate.Inputs.from_arrays(model, variables, MEAN, STD, images,
+                                       np.arange(80) % 10, images[:30], np.arange(30) % 10,
+                                       {"noise": images[30:50]})
+  inputs.ood["own"] = _OwnSource(rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8))
+  assert feature_cache.source_key(inputs.ood["own"]) is None
+  evaluate.run_evaluation(None, inputs=inputs, methods=["energy"], batch_size=16,
+                          cache_dir=tmp_path / "cache", progress=False)
+  descriptions = [json.loads(p.read_text())["description"]
+                  for p in (tmp_path / "cache").glob("*.json")]
+  assert sorted(d.split(":")[0] for d in descriptions) == ["id", "noise", "train"]
+  assert "ArraySource('train images', 80 images)" in " ".join(descriptions)

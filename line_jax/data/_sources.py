@@ -139,9 +139,15 @@ class ArraySource(Sequence):
           f"{labels.dtype} {labels.shape}")
     self.images = images
     self.labels = labels.astype(np.int32)
+    self.name = name
 
   def __len__(self) -> int:
     return self.images.shape[0]
+
+  def __repr__(self) -> str:
+    where = getattr(self.images, "filename", None)
+    return (f"ArraySource({self.name!r}, {len(self)} images"
+            + (f" in {where}" if where else "") + ")")
 
   def __getitem__(self, index: int) -> Record:
     # A memmap row is read here, in the worker thread, not up front.

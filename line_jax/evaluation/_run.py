@@ -122,10 +122,12 @@ def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict
 
 
 def extract_sets(inputs: inputs_lib.Inputs, sets: Mapping[str, Sequence], folder: str, *,
-                 batch_size: int, workers: int | None, progress: bool
-                 ) -> dict[str, feature_cache.CachedSet]:
+                 batch_size: int, workers: int | None, progress: bool,
+                 scratch: str | None = None) -> dict[str, feature_cache.CachedSet]:
   """Each source's features from the cache in `folder`, or streamed through
-  the pipeline and the network into it."""
+  the pipeline and the network into it. A source of a kind the cache cannot
+  key (a Sequence of your own) is extracted into `scratch` (default:
+  `folder`) under a key of this run alone."""
   from line_jax import data
 
   height, _, channels = inputs.image_shape
@@ -136,11 +138,14 @@ def extract_sets(inputs: inputs_lib.Inputs, sets: Mapping[str, Sequence], folder
   for name, source in sets.items():
     batches = data.image_batches(source, preprocess, batch_size=min(batch_size, len(source)),
                                  workers=workers)
+    records = feature_cache.source_key(source)
+    key = feature_cache.fingerprint(model_key, records if records is not None else
+                                    [repr(source), os.getpid(), time.time_ns()])
     out[name] = feature_cache.extract(
         batches, len(source), inputs.model, inputs.variables, mean=inputs.mean,
-        std=inputs.std, head=inputs.head, folder=folder,
-        key=feature_cache.fingerprint(model_key, feature_cache.source_key(source)),
-        description=f"{name}: {source!r}", progress=f"features: {name}" if progress else False)
+        std=inputs.std, head=inputs.head, folder=folder if records is not None else (
+            scratch or folder), key=key, description=f"{name}: {source!r}",
+        progress=f"features: {name}" if progress else False)
   return out
 
 
@@ -237,7 +242,7 @@ def run_evaluation(
              {"train": inputs.train, "id": inputs.test, **inputs.ood, **extra}.items()}
   with tempfile.TemporaryDirectory(prefix="line_jax_features_") as tmp:
     folder = os.fspath(cache_dir or tmp)
-    cached = extract_sets(inputs, sources, folder, batch_size=batch_size,
+    cached = extract_sets(inputs, sources, folder, scratch=tmp, batch_size=batch_size,
                           workers=workers, progress=progress)
     train = cached.pop("train")
     kernel, bias = inputs.head_params()
