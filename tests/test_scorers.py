@@ -226,6 +226,31 @@ def test_knn_default_k_resolves_on_the_bank_and_pastes_back():
                                 np.asarray(scorer.score(state, test)))
 
 
+def test_knn_bank_grows_in_place_yet_each_accumulator_keeps_its_own_rows():
+  from line_jax.scorers import _knn  # pylint: disable=g-import-not-at-top
+  train, labels, kernel, bias, _ = _problem()
+  rng = np.random.default_rng(7)
+  batches = [rng.random((n, M)).astype(np.float32) for n in (5, 700, 3, 400)]
+  acc = _knn.init(kernel, bias, k=3)
+  history = [acc]
+  for batch in batches:
+    history.append(_knn.update(history[-1], batch, None))
+  normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
+  want = normalise(np.concatenate(batches))
+  np.testing.assert_allclose(history[-1].rows, want, rtol=1e-6)
+  # Appends share one buffer until it is full (1,024 rows), then it doubles...
+  assert history[1].rows.base is history[2].rows.base is history[3].rows.base
+  assert history[4].rows.base is not history[3].rows.base
+  # ...yet an older accumulator updated again gets rows of its own: the newer
+  # ones keep theirs.
+  branch = _knn.update(history[2], batches[0], None)
+  np.testing.assert_allclose(branch.rows[705:], normalise(batches[0]), rtol=1e-6)
+  np.testing.assert_allclose(history[3].rows[705:], normalise(batches[2]), rtol=1e-6)
+  np.testing.assert_allclose(history[-1].rows, want, rtol=1e-6)
+  state = _knn.finalize(history[-1])
+  assert state.size == 1108
+
+
 def test_knn_k_max_is_at_least_k_and_capped_at_the_bank():
   train, labels, kernel, bias, _ = _problem()
   knn = scorers.get("knn")

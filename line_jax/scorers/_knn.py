@@ -40,6 +40,8 @@ in-memory and the streamed fit keep the same samples.
 
 from __future__ import annotations
 
+import weakref
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -169,8 +171,52 @@ def update(acc: KnnAcc, features, labels) -> KnnAcc:
   keep = _kept(int(acc.seen), n, acc.bank_fraction, acc.seed)
   rows = acc.rows
   if keep.any():
-    rows = np.concatenate([rows, np.asarray(_normalise(features))[keep]])
+    rows = _appended(rows, np.asarray(_normalise(features))[keep])
   return acc.replace(rows=rows, seen=np.asarray(int(acc.seen) + n, np.int64))
+
+
+# id(buffer) -> (a weak reference to it, the row count of its newest view):
+# only that view may append in place. Entries leave with their buffer.
+_TIPS: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _tip(buffer: np.ndarray) -> int | None:
+  ref, count = _TIPS.get(id(buffer), (None, None))
+  return count if ref is not None and ref() is buffer else None
+
+
+def _set_tip(buffer: np.ndarray, count: int) -> None:
+  key = id(buffer)
+  if _tip(buffer) is None:
+    ref = weakref.ref(buffer, lambda _, key=key: _TIPS.pop(key, None))
+  else:
+    ref = _TIPS[key][0]
+  _TIPS[key] = (ref, count)
+
+
+def _appended(rows: np.ndarray, new: np.ndarray) -> np.ndarray:
+  """`concatenate([rows, new])` in amortised O(len(new)).
+
+  The bank is a prefix view of a buffer that doubles when full, so a fit of
+  n rows copies O(n) rows in all, not O(n^2) as concatenating every batch
+  would (3.2 s for 60,000 x 512 rows, 39 s for 200,000). The view is the
+  accumulator's leaf: it has the bank's exact shape, saves and merges as
+  before. An update appends in place only from the buffer's newest view, so
+  an older accumulator that is updated again gets a copy, and neither sees
+  the other's rows.
+  """
+  n, r = rows.shape[0], new.shape[0]
+  buffer = rows.base
+  in_place = (isinstance(buffer, np.ndarray) and buffer.ndim == 2
+              and buffer.dtype == new.dtype and buffer.shape[1] == rows.shape[1]
+              and buffer.shape[0] >= n + r and rows.ctypes.data == buffer.ctypes.data
+              and _tip(buffer) == n)
+  if not in_place:
+    buffer = np.empty((max(n + r, 2 * n, 1024), new.shape[1]), new.dtype)
+    buffer[:n] = rows
+  buffer[n:n + r] = new
+  _set_tip(buffer, n + r)
+  return buffer[:n + r]
 
 
 def merge(a: KnnAcc, b: KnnAcc) -> KnnAcc:
