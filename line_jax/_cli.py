@@ -18,6 +18,7 @@ import argparse
 from collections.abc import Iterator, Sequence
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -262,15 +263,19 @@ class Model:
     from line_jax import data  # pylint: disable=g-import-not-at-top
     return data.image_batches(source, self.preprocess, batch_size=batch_size, workers=workers)
 
+  @functools.cached_property
+  def model_key(self) -> str:
+    """The `line_jax.feature_cache.model_key` of this model (digested once)."""
+    from line_jax import feature_cache  # pylint: disable=g-import-not-at-top
+    return feature_cache.model_key(self.module, self.variables, mean=self.config["mean"],
+                                   std=self.config["std"], preprocess=self.preprocess,
+                                   head=self.config.get("head"))
+
   def cache_key(self, source) -> str | None:
     """The `line_jax.feature_cache` key of this model's features of `source`
     (None for a source the cache cannot key)."""
     from line_jax import feature_cache  # pylint: disable=g-import-not-at-top
-    model_key = feature_cache.model_key(self.module, self.variables, mean=self.config["mean"],
-                                        std=self.config["std"], preprocess=self.preprocess,
-                                        head=self.config.get("head"))
-    records = feature_cache.source_key(source)
-    return None if records is None else feature_cache.fingerprint(model_key, records)
+    return feature_cache.key(self.model_key, source)
 
   def features(self, batches):
     """A `line_jax.fold.Stream` of this model's features over `batches`."""

@@ -18,8 +18,8 @@ papers' ImageNet settings) are listed per benchmark, each with its source:
 Where a benchmark names no value, the registry's default holds, and two of
 those adapt to the model and data: KNN's k is one neighbour per 1,000 bank
 rows (`k=None`, KNN's CIFAR ratio) and ViM's D follows the official rule on
-the feature width (`dim=None`). Every other scorer runs at its registry default everywhere: its paper's
-setting, which for some (GEN's M = 100 capped at the class count, NNGuide's
+the feature width (`dim=None`). Every other scorer runs at its registry
+default everywhere: its paper's setting, which for some (GEN's M = 100 capped at the class count, NNGuide's
 12,811-row bank, NCI's alpha) is the ImageNet one, there being no CIFAR
 setting in the paper or official code.
 

@@ -124,6 +124,13 @@ def model_key(model: Any, variables: Any, *, mean: Sequence[float], std: Sequenc
   return fingerprint(repr(model), variables, numbers, steps, head)
 
 
+def key(model: str, source: Sequence) -> str | None:
+  """The entry key of `model`'s (a `model_key`) features of `source`; None
+  where the source is of a kind this module cannot key (`source_key`)."""
+  records = source_key(source)
+  return None if records is None else fingerprint(model, records)
+
+
 def source_key(source: Sequence) -> Any | None:
   """What identifies a source's records (their content where it is cheap);
   None for a kind of source this module does not know (not cacheable)."""
@@ -215,7 +222,7 @@ def extract(
     model, variables: the network and its variables.
     mean, std: `[C]` normalisation in [0, 1] pixel units.
     folder: the cache folder (made if needed).
-    key: the entry's key (`fingerprint(model_key(...), source_key(source))`).
+    key: the entry's key (`key(model_key(...), source)`).
     head: the network's final Dense layer, for one that does not return
       `(logits, features)` itself (`line_jax.features.extract`).
     description: what the set is, kept in the entry's `.json`.

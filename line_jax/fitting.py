@@ -76,9 +76,10 @@ def fit_checkpoint(config: dict[str, Any], out: str, *, workers: int | None = No
   hparams = {name: _protocols.hparams_for(config["benchmark"], name,
                                           config["hparams"].get(name))
              for name in config["scorers"]}
+  kernel, bias = model.head
   for name, hp in hparams.items():  # A bad value fails here, before `out` is claimed.
     scorers.get(name)._check(hp)  # pylint: disable=protected-access
-    scorers.get(name).fold.init(model.kernel, model.bias, **hp)
+    scorers.get(name).fold.init(kernel, bias, **hp)
   claim(out, config)
   key = None if cache_dir is None else model.cache_key(source)
   hit = _everywhere(None if key is None else feature_cache.lookup(cache_dir, key))
@@ -103,7 +104,7 @@ def fit_checkpoint(config: dict[str, Any], out: str, *, workers: int | None = No
                             description=f"{config['dataset']} (train) through "
                                         f"{config['checkpoint']}")
 
-    states = fold.fit_stream(hparams, model.kernel, model.bias, stream, folder,
+    states = fold.fit_stream(hparams, kernel, bias, stream, folder,
                              save_every=config["save_every"], on_batch=bar,
                              keep_features=publish,
                              on_stream_end=add_to_cache if publish else None)

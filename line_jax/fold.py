@@ -111,9 +111,11 @@ def fit_stream(
     save_every: batches between progress saves.
     on_batch: called with the sample count of each batch (progress bars).
     keep_features: write `features.npy` / `labels.npy` even where no scorer
-      reads them again (`features_files` names them).
+      reads them again (`features_files` names them), if any scorer reads
+      the stream.
     on_stream_end: called once the stream is read whole and its rows are on
-      disk, before any later pass or `finalize` (which may still fail).
+      disk, before any later pass or `finalize` (which may still fail); not
+      called where no scorer reads the stream.
 
   Returns:
     `{scorer name: fitted state}`.
@@ -143,7 +145,8 @@ def fit_stream(
   n = stream.num_samples
   rows = labels_all = None
   stored = getattr(stream, "stored", None)
-  if (two_pass and stored is None) or keep_features:
+  # With no scorer reading data the stream is not read at all: no rows to keep.
+  if (two_pass and stored is None) or (keep_features and readers):
     features_path, labels_path = features_files(out)
     rows = _memmap(features_path, (n, num_features), np.float32, fresh=step is None)
     labels_all = _memmap(labels_path, (n,), np.int32, fresh=step is None)
@@ -193,11 +196,8 @@ def fit_stream(
   manager.close()
   if readers and _samples(n) == 0:
     raise _common.no_batches()
-  if rows is not None:
-    rows.flush()
-    labels_all.flush()
-  if on_stream_end is not None:
-    on_stream_end()
+  if readers and on_stream_end is not None:
+    on_stream_end()  # The final save above flushed the rows.
 
   for name in readers:
     fold, acc = folds[name], _merged(folds[name], accs[name])

@@ -417,7 +417,6 @@ def run_tuning(methods: Sequence[str] | None = None, *, checkpoint: str | None =
   that `fit` and `evaluate` share, or are extracted into it (None: a
   temporary folder).
   """
-
   methods = list(methods or GRIDS)
   for method in methods:
     if method not in GRIDS:

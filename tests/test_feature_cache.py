@@ -265,3 +265,12 @@ def test_a_source_the_cache_cannot_key_is_extracted_but_not_cached(tmp_path):
                   for p in (tmp_path / "cache").glob("*.json")]
   assert sorted(d.split(":")[0] for d in descriptions) == ["id", "noise", "train"]
   assert "ArraySource('train images', 80 images)" in " ".join(descriptions)
+
+
+def test_head_only_scorers_read_no_stream_and_cache_nothing(tmp_path):
+  # MSP and Energy fit from the head alone: the model never runs, so there are
+  # no rows, and nothing (least of all zeros) may go into the cache.
+  fit.main(["--out", str(tmp_path / "fit"), "--max-examples", "64", "--batch-size", "32",
+            "--scorers", "energy,msp", "--quiet", "--cache-dir", str(tmp_path / "cache")])
+  assert not list((tmp_path / "cache").glob("*.json"))
+  assert not (tmp_path / "fit" / "features.npy").exists()

@@ -3,9 +3,10 @@
     features (cached) ──> fit_from_batches per scorer ──> scores per set ──> metrics
 
 The training, test and OOD sets stream through the input pipeline into
-memmaps (`line_jax.feature_cache`, shared with `fit` and `tune`), then every registered scorer is fitted from batches of
-the cached training features, with the benchmark's hyperparameters, and
-scores each set in fixed-size chunks.
+memmaps (`line_jax.feature_cache`, shared with `fit` and `tune`), then every
+registered scorer is fitted from batches of the cached training features,
+with the benchmark's hyperparameters, and scores each set in fixed-size
+chunks.
 """
 
 from __future__ import annotations
@@ -138,14 +139,14 @@ def extract_sets(inputs: inputs_lib.Inputs, sets: Mapping[str, Sequence], folder
   for name, source in sets.items():
     batches = data.image_batches(source, preprocess, batch_size=min(batch_size, len(source)),
                                  workers=workers)
-    records = feature_cache.source_key(source)
-    key = feature_cache.fingerprint(model_key, records if records is not None else
-                                    [repr(source), os.getpid(), time.time_ns()])
+    key, where = feature_cache.key(model_key, source), folder
+    if key is None:  # Not cacheable: a key of this run alone, in the scratch folder.
+      key = feature_cache.fingerprint(model_key, [repr(source), os.getpid(), time.time_ns()])
+      where = scratch or folder
     out[name] = feature_cache.extract(
         batches, len(source), inputs.model, inputs.variables, mean=inputs.mean,
-        std=inputs.std, head=inputs.head, folder=folder if records is not None else (
-            scratch or folder), key=key, description=f"{name}: {source!r}",
-        progress=f"features: {name}" if progress else False)
+        std=inputs.std, head=inputs.head, folder=where, key=key,
+        description=f"{name}: {source!r}", progress=f"features: {name}" if progress else False)
   return out
 
 

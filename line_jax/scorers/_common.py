@@ -8,7 +8,7 @@ check.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 import numbers
 from typing import Any
 
@@ -16,7 +16,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from line_jax import _buckets
 from line_jax import _matmul
 from line_jax import _validation
 
@@ -69,11 +68,6 @@ def head_arrays(kernel, bias) -> tuple[Any, Any]:
           _validation.as_array("bias", bias, allow_none=True))
 
 
-def train_arrays(features, labels, kernel, bias) -> tuple[Any, Any, Any, Any]:
-  """`fit`'s four inputs as arrays; labels and bias may be None."""
-  return _validation.train_arrays(features, labels, kernel, bias)
-
-
 def _batch_arrays(batch) -> tuple[Any, Any]:
   features, labels = batch
   return (_validation.as_array("features", features),
@@ -99,12 +93,6 @@ def array_batches(batches: Iterable) -> Iterable:
   if isinstance(batches, Iterator):
     return map(_batch_arrays, batches)
   return _ArrayBatches(batches)
-
-
-def array_score(score: Callable[..., jax.Array]) -> _buckets.Bucketed:
-  """`score` (a jitted function, or one already `Bucketed`), bucketed; its
-  features may be any `_validation.as_array` input."""
-  return _buckets.bucketed(score)
 
 
 @jax.jit

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from line_jax import _buckets
+from line_jax import _validation
 from line_jax.scorers import _ash
 from line_jax.scorers import _common
 from line_jax.scorers import _dice
@@ -84,7 +86,7 @@ class Scorer(NamedTuple):
     is a TypeError that names it.
     """
     self._check(hparams)
-    features, labels, kernel, bias = _common.train_arrays(features, labels, kernel, bias)
+    features, labels, kernel, bias = _validation.train_arrays(features, labels, kernel, bias)
     _common.check_train(features, labels, kernel, bias,
                         needs_labels=self.fold.needs_labels)
     return _protocol.run(self.fold, [(features, labels)], kernel, bias,
@@ -125,7 +127,7 @@ def _scorer(name: str, fold: _protocol.Fold, score, grid=None) -> Scorer:
   defaults = _defaults(fold.init)
   if set(grid or ()) - set(defaults):
     raise AssertionError(f"{name}: grid names unknown hyperparameters")
-  return Scorer(name=name, fold=fold, score=_common.array_score(score),
+  return Scorer(name=name, fold=fold, score=_buckets.bucketed(score),
                 defaults=types.MappingProxyType(defaults),
                 grid=types.MappingProxyType(dict(grid or {})))
 

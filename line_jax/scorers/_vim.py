@@ -17,8 +17,8 @@ Matching", CVPR 2022. With the head `logits = h @ W^T + b` (`W` = kernel^T):
 D (`dim`) defaults to `None`, the rule of the official benchmark script,
 resolved on the head's width m: D = 1000 for m >= 2048 and 512 below (its
 only other case, where m >= 768 keeps it meaningful); for narrower features,
-which that script never meets, D = m // 2 (the usual carry-over, as in
-OpenOOD's configs for small networks). The fitted state's residual has
+which that script never meets, D = m // 2 (the carry-over several later
+re-implementations of that script use). The fitted state's residual has
 m - D columns, so the resolved D is `features - residual.shape[1]`. An
 explicit `dim` at or above m leaves no residual: a ValueError says so.
 
