@@ -1,8 +1,8 @@
 """What the shared feature cache saves: one fit without it, then with it.
 
 `python -m line_jax.fit`, `tune` and `evaluate` read a training set's
-features from `line_jax.feature_cache` when an earlier run extracted them.
-This runs `line_jax.fitting.fit_checkpoint` three times in one process on the
+features from `line_jax.features.cache` when an earlier run extracted them.
+This runs `line_jax.runs.fit.run` three times in one process on the
 committed Fashion-MNIST checkpoint, each into a fresh output folder, after an
 untimed warm-up fit that compiles the model and the folds:
 
@@ -19,6 +19,7 @@ run 3's states equal run 2's bit for bit (the same rows, folded the same way).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
 import sys
@@ -33,28 +34,29 @@ if __package__ in (None, ""):  # `python benchmarks/feature_cache.py`
 
 from benchmarks import report  # pylint: disable=wrong-import-position
 from benchmarks import timing  # pylint: disable=wrong-import-position
-from line_jax import _cli  # pylint: disable=wrong-import-position
-from line_jax import fitting  # pylint: disable=wrong-import-position
+from line_jax import models  # pylint: disable=wrong-import-position
+from line_jax.runs import Runtime  # pylint: disable=wrong-import-position
+from line_jax.runs import fit  # pylint: disable=wrong-import-position
 
 SCORERS = ("line", "react", "vim", "knn", "mahalanobis", "energy")
 
 
 def run(max_examples: int, scorers=SCORERS, batch_size: int = 256) -> dict:
   """The three fits; `{"runs": [{"run", "seconds"}], "ratio", "identical"}`."""
-  config = dict(checkpoint=_cli.DEFAULT_CHECKPOINT, dataset="fashion_mnist",
-                scorers=list(scorers), benchmark="fashion_mnist", hparams={},
-                batch_size=batch_size, save_every=10 ** 6, max_examples=max_examples)
+  config = fit.Config(checkpoint=models.DEFAULT_CHECKPOINT, dataset="fashion_mnist",
+                      scorers=tuple(scorers), benchmark="fashion_mnist", hparams={},
+                      batch_size=batch_size, save_every=10 ** 6, max_examples=max_examples)
   runs, states = [], {}
   with tempfile.TemporaryDirectory(prefix="line_jax_cache_bench_") as tmp:
     # Untimed: compiles the model and the folds at the batch shape first.
-    fitting.fit_checkpoint({**config, "max_examples": min(2 * batch_size, max_examples)},
-                           os.path.join(tmp, "warm_up"), quiet=True)
+    fit.run(dataclasses.replace(config, max_examples=min(2 * batch_size, max_examples)),
+            os.path.join(tmp, "warm_up"), runtime=Runtime(progress=False))
     cache = os.path.join(tmp, "cache")
     for name, cache_dir in (("no cache", None), ("cache, empty", cache),
                             ("cache, filled", cache)):
       start = time.perf_counter()
-      states[name] = fitting.fit_checkpoint(config, os.path.join(tmp, name.replace(" ", "_")),
-                                            quiet=True, cache_dir=cache_dir)
+      states[name] = fit.run(config, os.path.join(tmp, name.replace(" ", "_")),
+                             runtime=Runtime(cache_dir=cache_dir, progress=False))
       runs.append({"run": name, "seconds": time.perf_counter() - start})
   identical = all(
       all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(states["cache, empty"][n]),

@@ -26,7 +26,7 @@ by a warm-up pass), so this measures decoding, not the disk.
 The default folder is made here: 3,000 500x375 (and some 375x500) JPEGs,
 random crops of scikit-image's and scikit-learn's bundled photographs at a
 random scale, flipped and brightness-jittered, in 10 class folders. The real
-CIFAR-10 JPEGs (32x32) in `../shared/data/cifar10-jpeg/test` are measured
+CIFAR-10 JPEGs (32x32) in `../shared/data/cifar10/test` are measured
 too where they exist.
 
     python -m benchmarks.input_pipeline [--folder DIR] [--out benchmarks/results]
@@ -57,7 +57,7 @@ from line_jax import data  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "line_jax" / "checkpoints" / "fashion_mnist_resnet_small"
-CIFAR_JPEGS = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "test"
+CIFAR_JPEGS = ROOT.parent / "shared" / "data" / "cifar10" / "test"
 # (label, Preprocess): the embedded checkpoint's input, and ImageNet's.
 SETTINGS = {
     "28 px gray": data.Preprocess(28, 28, 1),
@@ -182,8 +182,8 @@ def run_old(source, pre: data.Preprocess, **_) -> int:
 
 def load_checkpoint():
   """The committed Fashion-MNIST model, as `line_jax.fit` loads it."""
-  from line_jax import _checkpoint  # pylint: disable=g-import-not-at-top
-  model, variables, config = _checkpoint.load_model(CHECKPOINT)
+  from line_jax import models  # pylint: disable=g-import-not-at-top
+  model, variables, config = models.load_checkpoint(CHECKPOINT)
   return model, variables, config["mean"], config["std"]
 
 

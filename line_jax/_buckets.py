@@ -16,7 +16,8 @@ array whose batch is not a bucket is fetched once, and its scores put back.
 Under a trace (`jax.jit`, `jax.vmap`) the shapes belong to the enclosing
 computation, so the wrapper calls the jitted function unchanged. Outside one,
 features may be NumPy, JAX, a list or a PyTorch tensor
-(`_validation.as_array`).
+(`_validation.as_array`), and the computation takes the layout of the device
+they are on (`line_jax.layout.for_arrays`) unless `layout=` is given.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 
 from line_jax import _validation
+from line_jax import layout as layout_lib
 
 SMALLEST = 8
 # Powers of two up to here; finer steps above, where doubling wastes more.
@@ -71,6 +73,8 @@ class Bucketed:
       return fn(state, features, **kwargs)
     # NumPy, JAX, lists and PyTorch tensors; a TypeError names anything else.
     features = _validation.as_array("features", features)
+    if "layout" not in kwargs:  # The layout of the device the features are on.
+      kwargs["layout"] = layout_lib.for_arrays(features)
     if isinstance(features, jax.Array) and len(features.sharding.device_set) > 1:
       return fn(state, features, **kwargs)  # Sharded: its layout is the caller's.
     if features.ndim != 2 or bucket(features.shape[0]) == features.shape[0]:

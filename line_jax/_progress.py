@@ -8,7 +8,8 @@ frame per redraw (tens of KB for one run). Where stderr is not a terminal,
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+import contextlib
 import sys
 import time
 from typing import TypeVar
@@ -77,5 +78,16 @@ def iterate(items: Iterable[T], desc: str, *, enabled: bool = True,
     for item in items:
       yield item, progress
       progress.update(1)
+  finally:
+    progress.close()
+
+
+@contextlib.contextmanager
+def counting(total: int | None, desc: str, *, enabled: bool = True,
+             unit: str = "img") -> Iterator[Callable[[int], None]]:
+  """Yields `on_batch(n)` that advances a `bar` of `total`, closed at the end."""
+  progress = bar(total, desc, unit=unit, enabled=enabled)
+  try:
+    yield progress.update
   finally:
     progress.close()

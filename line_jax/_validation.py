@@ -234,3 +234,14 @@ def positive(name: str, value, *, allow_none: bool = False) -> float | None:
   if not (math.isfinite(v) and v > 0.0):
     raise ValueError(f"{name} must be a positive finite number, got {value}")
   return v
+
+
+def train_batch(features_, labels_, num_features: int, num_classes: int, *,
+                needs_labels: bool = False) -> None:
+  """Checks one streamed `(features, labels)` training batch against the head."""
+  features(features_, width=num_features)
+  if labels_ is None:
+    if needs_labels:
+      raise ValueError("labels are required: this scorer fits per-class statistics")
+  else:
+    labels(labels_, features_.shape[0], num_classes)

@@ -2,11 +2,11 @@
 
     python -m line_jax.evaluate --out DIR            # Fashion-MNIST, committed checkpoint
     python -m line_jax.evaluate --out DIR --extra-ood mine=my_images.npy
-    python -m line_jax.evaluate --out DIR --benchmark cifar10 --id-folder cifar10-jpeg
-        --torch-checkpoint dice_densenet100_cifar10.pth.tar
+    python -m line_jax.evaluate --out DIR --benchmark cifar10 --id-folder cifar10
+        --torch-checkpoint dice_densenet100_cifar10.pth.tar --ablation
 
-A thin shell over `line_jax.evaluation.run_evaluation` (see there for the
-files it writes); this module only parses flags. Features come from the
+A shell over `line_jax.runs.evaluate` (see there for the files it writes)
+and, with `--ablation`, `line_jax.runs.ablation`. Features come from the
 feature cache `fit` and `tune` share (`--cache-dir`), and the scorers take
 the benchmark's settings by the rule `fit` follows (`--hparam` over them).
 
@@ -18,31 +18,27 @@ the outputs.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+import dataclasses
 import sys
+import tempfile
 import time
 
 import jax
 
 from line_jax import _cli
-from line_jax import _protocols
-from line_jax import scorers as _scorers
-from line_jax.evaluation import DEFAULT_CHECKPOINT
-from line_jax.evaluation import METRICS  # noqa: F401  Re-exported for callers.
-from line_jax.evaluation import Inputs  # noqa: F401
-from line_jax.evaluation import fashion_mnist_inputs  # noqa: F401
-from line_jax.evaluation import format_table
-from line_jax.evaluation import paper_inputs  # noqa: F401
-from line_jax.evaluation import run_evaluation
-from line_jax.evaluation import score_all  # noqa: F401
+from line_jax import distributed
+from line_jax import suites
+from line_jax.runs import BenchmarkData
+from line_jax.runs import ablation
+from line_jax.runs import evaluate
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser():
   p = _cli.parser("python -m line_jax.evaluate", __doc__)
   p.add_argument("--out", required=True, help="output folder")
-  p.add_argument("--benchmark", default="fashion_mnist", choices=list(_protocols.PROTOCOLS),
-                 help="the protocol: data, model, OOD sets and settings")
+  p.add_argument("--benchmark", default="fashion_mnist", choices=list(suites.SUITES),
+                 help="the suite: data, model, OOD sets and settings")
   _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
   p.add_argument("--extra-ood", action="append", default=[], metavar="NAME=PATH",
                  help="add an OOD set: a uint8 [N, H, W(, C)] .npy or a folder of images; "
@@ -54,8 +50,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--max-train", type=int, default=None, help="evenly spaced training subset")
   p.add_argument("--max-test", type=int, default=None, help="evenly spaced test subset")
   p.add_argument("--ood-size", type=int, default=2000, help="images per offline OOD set")
-  p.add_argument("--hparam", action="append", default=[],
-                 help="SCORER.NAME=VALUE over the benchmark's settings (a JSON value), repeatable")
+  _cli.add_hparams(p, "the benchmark's settings")
   p.add_argument("--ablation", action="store_true", help="also run LINe's ablation")
   p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
   _cli.add_cache(p)
@@ -69,17 +64,27 @@ def main(argv: Sequence[str] | None = None) -> None:
   start = time.perf_counter()
   with _cli.user_errors():
     _cli.init_distributed(args)
-    methods = None if args.scorers is None else _cli.scorer_names(args.scorers)
-    result = run_evaluation(
-        args.out, benchmark=args.benchmark, checkpoint=args.checkpoint,
-        methods=methods, hparams=_cli.parse_hparams(args.hparam, methods or _scorers.names()),
-        extra_ood=args.extra_ood, batch_size=args.batch_size, data_dir=args.data_dir,
-        torch_checkpoint=args.torch_checkpoint, id_folder=args.id_folder,
-        max_train=args.max_train, max_test=args.max_test, ood_size=args.ood_size,
-        cache_dir=_cli.cache_dir(args), workers=args.workers, ablation=args.ablation,
-        make_plots=not args.no_plots, progress=not args.quiet)
-  if jax.process_index() == 0:
-    print(format_table(result))
+    names = _cli.scorer_names(args.scorers) if args.scorers else ()
+    hparams = _cli.parse_hparams(args.hparam, names or None)
+    data = BenchmarkData(
+        args.benchmark, checkpoint=args.checkpoint, torch_checkpoint=args.torch_checkpoint,
+        data_dir=args.data_dir, id_folder=args.id_folder, max_train=args.max_train,
+        max_test=args.max_test, ood_size=args.ood_size, extra_ood=tuple(args.extra_ood),
+        batch_size=args.batch_size)
+    if args.ablation and jax.process_count() > 1:
+      raise ValueError("--ablation runs on one process; run it without --coordinator")
+    with tempfile.TemporaryDirectory() as tmp:
+      # Without a cache the ablation still reads the features evaluate extracted.
+      runtime = _cli.runtime(args)
+      runtime = dataclasses.replace(runtime, cache_dir=runtime.cache_dir or (
+          tmp if args.ablation else None))
+      result = evaluate.run(evaluate.Config(data, tuple(names), hparams, not args.no_plots),
+                            args.out, runtime=runtime)
+      if args.ablation:
+        ablation.run(ablation.Config(data, hparams, not args.no_plots), args.out,
+                     runtime=runtime)
+  if distributed.is_primary():
+    print(evaluate.format_table(result))
     if not args.quiet:
       print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 

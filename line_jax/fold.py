@@ -1,297 +1,331 @@
-"""The fold of many scorers over one stream of features, resumable.
+"""The one fold every fit runs: accumulators over batches, passes, processes.
 
-Every scorer fits by its `Fold` (`line_jax.scorers._protocol`); this module
-runs the folds of several scorers side by side over one stream of
-`(features, labels)` batches, the way `python -m line_jax.fit` streams a
-training set through a model:
+In the manner of optax's `(init, update)` pairs, a scorer's fit is a `Fold`:
 
-* pass 1 reads the stream once: every scorer that reads data updates its
-  accumulator from the same batch, so the model runs once per image;
-* scorers that need a second pass (`fold.passes == 2`) read the features
-  again from `features.npy` / `labels.npy`, float32 `[n, features]` and
-  int32 `[n]` memory maps written during pass 1 (when such a scorer is
-  asked for, or `keep_features`, which the feature cache publishes), or from
-  a stream's own stored rows (`CachedFeatures`): the model does not run
-  twice, and nothing is held in memory whole;
-* every `save_every` batches the accumulators and the stream's position go
-  to one orbax `CheckpointManager` step (atomic: a step is visible only once
-  whole), after the feature rows before it are flushed. Killed at any moment
-  and run again, the fold restarts from the last step; the batches after it
-  are read again, identically, so the states are bit-identical to those of
-  an uninterrupted run.
+    acc = fold.init(kernel, bias, **hparams)       # validates; no data yet
+    for each pass (fold.passes: 1, or 2 where a pass needs the one before):
+      for features, labels in batches:
+        acc = fold.update(acc, features, labels)   # pure; jitted inside
+      acc = merged over processes                  # fold.merge, process order
+      acc = fold.next_pass(acc)                    # between passes, host side
+    state = fold.finalize(acc)                     # host side: percentiles, eigh
 
-No scorer is named here: what a scorer accumulates is its own business.
+An accumulator is a pytree (sums, counts, Chan-merged moments, histograms,
+bank rows) that holds everything `finalize` needs, the head and the
+hyperparameters included, so a fold can be stopped, saved with orbax and
+resumed anywhere. `merge(a, b)` combines the accumulators of two disjoint
+parts of one pass, each folded from the same accumulator: that is how
+processes (and `accumulate_parts`) reduce.
+
+`accumulate` is the loop, written once; `fit` is `init`, `accumulate` and
+`finalize`. `chain` folds many scorers over one stream as one `Fold`
+(`line_jax.resumable` runs it with orbax saves between batches). The
+registry's `Scorer.fit` and `fit_from_batches`, `python -m line_jax.fit`,
+`evaluate` and `tune` all fit through here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import dataclasses
 import functools
-import json
-import os
-from typing import Any, Protocol
+from typing import Any, NamedTuple
 
-import flax.serialization
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from line_jax import features as features_lib
-from line_jax import scorers
-from line_jax.scorers import _common
-from line_jax.scorers import _protocol
-
-FEATURES_FILE = "features.npy"
-LABELS_FILE = "labels.npy"
-PROGRESS_DIR = "progress"
+from line_jax import _validation
+from line_jax import distributed
 
 
-class Stream(Protocol):
-  """A resumable stream of `(features, labels)` NumPy batches.
+def _identity(acc):
+  return acc
 
-  `batches(position)` iterates from `position` (None: the start), yielding
-  `(features [b, m] float32, labels [b] int, position_after)`, where
-  `position_after` is a JSON-able value that resumes after that batch.
-  `num_samples` and `num_batches` are the stream's length in samples and
-  in batches. `stored` is None, or `(features, labels)` arrays of the whole
-  stream that later passes read instead of a copy.
+
+class Fold(NamedTuple):
+  """How one scorer fits: pure functions over an accumulator pytree.
+
+  Attributes:
+    init: `init(kernel, bias, **hparams) -> acc`; checks the head
+      (`[features, classes]` kernel, `[classes]` bias or None) and the
+      hyperparameters, and starts an empty accumulator. Its keyword-only
+      parameters and their defaults are the scorer's hyperparameters.
+    update: `update(acc, features, labels) -> acc` for one validated batch,
+      `features: [batch, features]`, `labels: [batch]` or None; pure.
+    finalize: `finalize(acc) -> state`, on the host, once all passes are done.
+    merge: `merge(a, b) -> acc` for two disjoint parts of one pass over the
+      data, each folded from the same accumulator (`init`'s, or
+      `next_pass`'s): the accumulator of both parts, `a`'s data first.
+    passes: how many times the batches are read: an int, or
+      `passes(acc) -> int` of `init`'s accumulator where the hyperparameters
+      decide (LINe reads twice only to resolve a percentile clip).
+    next_pass: `next_pass(acc) -> acc` between passes (host side).
+    needs_labels: whether None labels are an error.
+    reads_data: False for scorers that fit nothing from data: the fold does
+      not read the batches at all.
   """
 
-  num_samples: int
-  num_batches: int
-  stored: tuple[np.ndarray, np.ndarray] | None
-
-  def batches(self, position: Any | None) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
-    ...
-
-
-def _memmap(path: str, shape: tuple[int, ...], dtype, fresh: bool) -> np.memmap:
-  if fresh or not os.path.isfile(path):
-    tmp = path + ".tmp"
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
-    os.replace(tmp, path)
-  array = np.lib.format.open_memmap(path, mode="r+")
-  if array.shape != shape or array.dtype != dtype:
-    raise ValueError(f"{path} has {array.dtype} {array.shape}, expected {np.dtype(dtype)} "
-                     f"{shape}: delete it and its progress/ folder to start over")
-  return array
+  init: Callable[..., Any]
+  update: Callable[[Any, Any, Any], Any]
+  finalize: Callable[[Any], Any]
+  merge: Callable[[Any, Any], Any]
+  passes: int | Callable[[Any], int] = 1
+  next_pass: Callable[[Any], Any] = _identity
+  needs_labels: bool = False
+  reads_data: bool = True
 
 
-class _Rows:
-  """Re-iterable batches of stored feature rows (the second pass)."""
-
-  def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int):
-    self._features, self._labels, self._batch_size = features, labels, batch_size
-
-  def __iter__(self):
-    for start in range(0, self._labels.shape[0], self._batch_size):
-      stop = start + self._batch_size
-      yield np.asarray(self._features[start:stop]), self._labels[start:stop]
+def passes_of(fold: Fold, acc: Any) -> int:
+  """How many passes `fold` makes from `init`'s accumulator `acc`."""
+  return fold.passes(acc) if callable(fold.passes) else fold.passes
 
 
-def fit_stream(
-    hparams: Mapping[str, Mapping[str, Any]],
-    kernel,
-    bias,
-    stream: Stream,
-    out: str,
+def add_fields(*names: str) -> Callable[[Any, Any], Any]:
+  """A `merge` that adds the named fields (pytrees) and keeps the rest of `a`."""
+
+  def merge(a, b):
+    return dataclasses.replace(a, **{
+        n: jax.tree.map(jnp.add, getattr(a, n), getattr(b, n)) for n in names})
+  return merge
+
+
+def keep_first(a, b):
+  """`merge` of accumulators that hold no data (head-only scorers)."""
+  del b
+  return a
+
+
+def head_fold(make_state: Callable[..., Any]) -> Fold:
+  """The `Fold` of a scorer that learns nothing from data.
+
+  Args:
+    make_state: `make_state(kernel, bias, **hparams) -> state`, checking the
+      head and the hyperparameters; its keyword-only parameters are the
+      scorer's hyperparameters. The state is the accumulator.
+  """
+  return Fold(init=make_state, update=lambda acc, features, labels: acc,
+              finalize=_identity, merge=keep_first, reads_data=False)
+
+
+def merge_all(fold: Fold, parts: Sequence[Any]) -> Any:
+  """`fold.merge` over `parts` in order, float64 kept float64.
+
+  Accumulators that crossed processes come back as NumPy arrays; outside
+  `enable_x64` JAX would add float64 NumPy leaves in float32.
+  """
+  with jax.enable_x64(True):
+    return functools.reduce(fold.merge, parts)
+
+
+def no_batches() -> ValueError:
+  """The error for a stream that held no sample."""
+  return ValueError("batches is empty: no training sample to fit on")
+
+
+def reiterable(batches: Iterable, passes: int) -> Iterable:
+  """`batches`, checked to be readable `passes` times.
+
+  A generator or other iterator can only be read once; a scorer that needs
+  two passes over the training data says so instead of silently seeing an
+  empty second pass.
+  """
+  if passes > 1 and isinstance(batches, Iterator):
+    raise TypeError(
+        f"this scorer reads the training batches {passes} times; pass a "
+        "re-iterable (a list, or an object whose __iter__ starts over), not a "
+        "one-shot iterator or generator")
+  return batches
+
+
+def batch_check(fold: Fold, kernel, bias) -> Callable[[Any, Any], None]:
+  """`check(features, labels)` of one streamed batch against the head."""
+  num_features, num_classes = _validation.kernel(kernel)
+
+  def check(features, labels):
+    _validation.train_batch(features, labels, num_features, num_classes,
+                            needs_labels=fold.needs_labels)
+  return check
+
+
+def accumulate_parts(
+    fold: Fold,
+    acc: Any,
+    read: Callable[[int], Sequence[Iterable]],
     *,
-    save_every: int = 20,
-    on_batch: Callable[[int], None] | None = None,
-    keep_features: bool = False,
-    on_stream_end: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-  """Fits every scorer in `hparams` over `stream`, resumably, in `out`.
+    check: Callable[[Any, Any], None] | None = None,
+    across_processes: bool = True,
+    resumed_samples: int = 0,
+    on_batch: Callable[[Any, int], None] | None = None,
+    on_pass_end: Callable[[int, Any], None] | None = None,
+) -> Any:
+  """The fold loop: every pass of `fold` from `acc`, merged; not finalized.
+
+  Each pass folds this process's parts, each from the pass's starting
+  accumulator, and merges them in order (`merge_all`), then, with
+  `across_processes`, every process's merged accumulator in process order.
+  So one process with one part is the plain fold, and N processes (or N
+  parts) give the state of their data in that order, up to the order of
+  floating-point sums.
 
   Args:
-    hparams: `{scorer name: {hyperparameter: value}}`; the scorers to fit.
-    kernel: `[features, classes]` head kernel; bias: `[classes]` or None.
-    stream: the training features (see `Stream`).
-    out: folder for `progress/` (orbax steps) and `features.npy`.
-    save_every: batches between progress saves.
-    on_batch: called with the sample count of each batch (progress bars).
-    keep_features: write `features.npy` / `labels.npy` even where no scorer
-      reads them again (`features_files` names them), if any scorer reads
-      the stream.
-    on_stream_end: called once the stream is read whole and its rows are on
-      disk, before any later pass or `finalize` (which may still fail); not
-      called where no scorer reads the stream.
+    fold: the `Fold` (a scorer's, or a `chain` of them).
+    acc: the accumulator to start from (`fold.init`'s, or a restored one
+      that has already folded `resumed_samples` samples of the first pass).
+    read: `read(pass_index)` -> this process's parts, each an iterable of
+      `(features, labels)` batches.
+    check: called on every batch of the first pass (None: trusted data).
+    across_processes: merge the processes' accumulators after each pass.
+    resumed_samples: samples of the first pass `acc` already holds.
+    on_batch: `on_batch(acc, size)` after each batch of the first pass.
+    on_pass_end: `on_pass_end(index, acc)` after a pass, before the merge
+      across processes (`acc`: this process's part).
 
-  Returns:
-    `{scorer name: fitted state}`.
+  Raises:
+    ValueError: when the first pass holds no sample (over all processes),
+      or a later pass sees another number of samples than the first.
   """
-  folds = {name: scorers.get(name).fold for name in hparams}
-  for name, hp in hparams.items():
-    scorers.get(name)._check(hp)  # pylint: disable=protected-access
-  num_features, num_classes = _common.check_head(kernel, bias)
-  accs = {name: folds[name].init(kernel, bias, **hparams[name]) for name in folds}
-  readers = [n for n in folds if folds[n].reads_data]
-  passes = {n: _protocol.passes_of(folds[n], accs[n]) for n in readers}
-  two_pass = [n for n in readers if passes[n] > 1]
-  needs_labels = any(folds[n].needs_labels for n in readers)
-
-  pid = jax.process_index()
-  manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(out), PROGRESS_DIR),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
-  step = manager.latest_step()
-  position, done = None, 0
-  if step is not None:
-    saved = manager.restore(step, args=ocp.args.StandardRestore())
-    mine = flax.serialization.msgpack_restore(np.asarray(saved[f"p{pid}"]).tobytes())
-    accs.update({k: flax.serialization.from_state_dict(accs[k], mine["accs"][k])
-                 for k in readers})
-    position, done = json.loads(mine["position"]), int(mine["rows"])
-  n = stream.num_samples
-  rows = labels_all = None
-  stored = getattr(stream, "stored", None)
-  # With no scorer reading data the stream is not read at all: no rows to keep.
-  if (two_pass and stored is None) or (keep_features and readers):
-    features_path, labels_path = features_files(out)
-    rows = _memmap(features_path, (n, num_features), np.float32, fresh=step is None)
-    labels_all = _memmap(labels_path, (n,), np.int32, fresh=step is None)
-  # A save is collective: every process's accumulators and position go into
-  # one orbax step (process 0 writes it). So saves fall on batch indices that
-  # every process reaches, up to the shortest shard's count, and at the end.
-  common = _smallest(stream.num_batches)
-
-  def save(index: int) -> None:
-    if rows is not None:
-      rows.flush()  # The rows a saved step vouches for are on disk first.
-      labels_all.flush()
-    mine = flax.serialization.msgpack_serialize({
-        "accs": {k: flax.serialization.to_state_dict(jax.tree.map(np.asarray, accs[k]))
-                 for k in readers},
-        "position": json.dumps(position), "rows": done})
-    parts = _protocol.gather_bytes(mine)
-    manager.save(index, args=ocp.args.StandardSave(
-        {f"p{i}": np.frombuffer(part, np.uint8) for i, part in enumerate(parts)}))
-
-  index = step or 0
-  if done and on_batch is not None:
-    on_batch(done)  # Resumed: the progress starts where the saved step ended.
-  final = _largest(stream.num_batches)  # The last save's step, the same everywhere.
-  if readers:
-    if done < n:
-      for features, labels, position in stream.batches(position):
-        _common.check_batch(features, labels, num_features, num_classes,
-                            needs_labels=needs_labels)
-        for name in readers:
-          accs[name] = folds[name].update(accs[name], features, labels)
-        size = features.shape[0]
-        if rows is not None:
-          rows[done:done + size] = features
-          labels_all[done:done + size] = labels
-        done += size
-        index += 1
-        if on_batch is not None:
-          on_batch(size)
-        if index % save_every == 0 and index <= common and index < final:
-          save(index)
-      if done != n:
-        raise ValueError(f"the stream held {done} samples, expected {n}")
-    if step != final:
-      save(final)
-  manager.wait_until_finished()
-  manager.close()
-  if readers and _samples(n) == 0:
-    raise _common.no_batches()
-  if readers and on_stream_end is not None:
-    on_stream_end()  # The final save above flushed the rows.
-
-  for name in readers:
-    fold, acc = folds[name], _merged(folds[name], accs[name])
-    for _ in range(passes[name] - 1):
+  passes = passes_of(fold, acc)
+  first = None
+  for index in range(passes):
+    seen = resumed_samples if index == 0 else 0
+    folded = []
+    for part in read(index):
+      part_acc = acc
+      for features, labels in part:
+        if index == 0 and check is not None:
+          check(features, labels)
+        part_acc = fold.update(part_acc, features, labels)
+        size = int(np.shape(features)[0])
+        seen += size
+        if index == 0 and on_batch is not None:
+          on_batch(part_acc, size)
+      folded.append(part_acc)
+    acc = merge_all(fold, folded) if len(folded) > 1 else (folded[0] if folded else acc)
+    if on_pass_end is not None:
+      on_pass_end(index, acc)
+    if across_processes and jax.process_count() > 1:
+      acc = merge_all(fold, distributed.gather(acc))
+      seen = distributed.total(seen)
+    if first is None:
+      if seen == 0:
+        raise no_batches()
+      first = seen
+    elif seen != first:
+      raise ValueError(
+          f"pass {index + 1} over the batches saw {seen} samples, the first "
+          f"{first}: batches must yield the same data each time")
+    if index + 1 < passes:
       acc = fold.next_pass(acc)
-      for features, labels in _Rows(*(stored or (rows, labels_all)), 1024):
-        acc = fold.update(acc, features, labels)
-      acc = _merged(fold, acc)
-    accs[name] = acc
-  return {name: folds[name].finalize(accs[name]) for name in folds}
+  return acc
 
 
-def features_files(out: str) -> tuple[str, str]:
-  """This process's `(features.npy, labels.npy)` paths in `out`."""
-  suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
-  return (os.path.join(out, FEATURES_FILE.replace(".npy", suffix + ".npy")),
-          os.path.join(out, LABELS_FILE.replace(".npy", suffix + ".npy")))
+def accumulate(fold: Fold, acc: Any, batches: Iterable, **kwargs) -> Any:
+  """`accumulate_parts` over one re-iterable (or, for one pass, one-shot)
+  stream of `(features, labels)` batches; the keywords are its."""
+  batches = reiterable(batches, passes_of(fold, acc))
+  return accumulate_parts(fold, acc, lambda index: [batches], **kwargs)
 
 
-def _every(count: int) -> np.ndarray:
-  """Every process's `count`, in process order."""
-  if jax.process_count() == 1:
-    return np.asarray([count])
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.ravel(multihost_utils.process_allgather(np.asarray([count], np.int64)))
-
-
-def _smallest(count: int) -> int:
-  return int(np.min(_every(count)))
-
-
-def _largest(count: int) -> int:
-  return int(np.max(_every(count)))
-
-
-def _samples(n: int) -> int:
-  """The sample count of all processes' streams together."""
-  return int(np.sum(_every(n)))
-
-
-def _merged(fold, acc):
-  """Every process's accumulator merged in process order (itself on one process)."""
-  if jax.process_count() == 1:
-    return acc
-  return _protocol.merge_all(fold, _protocol.gather(acc))
-
-
-class ImageFeatures:
-  """A `Stream` of a model's features over an image pipeline.
+def fit(fold: Fold, batches: Iterable, kernel, bias, *, validate: bool = True,
+        across_processes: bool = True, **hparams) -> Any:
+  """`fold.finalize` of the fold over `batches`: a fitted state.
 
   Args:
-    batches: a `line_jax.data.ImageBatches` (its position is grain's).
-    model, variables: a model returning `(logits, features)`, or any model
-      with `head` (`line_jax.features.extract`).
-    mean, std: the normalisation the model was trained with, per channel.
-    head: the model's final Dense layer, whose input is the features.
+    fold: the scorer's `Fold`.
+    batches: `(features, labels)` batches, `features: [batch, features]`,
+      `labels: [batch]` or None; re-iterable where `fold.passes > 1`.
+    kernel: `[features, classes]` head kernel (Flax layout).
+    bias: `[classes]` head bias or None.
+    validate: check each batch of the first pass (False where the caller
+      already checked the data).
+    across_processes: after `jax.distributed.initialize`, `batches` are this
+      process's and the state is that of every process's batches.
+    **hparams: the scorer's hyperparameters.
+  """
+  acc = fold.init(kernel, bias, **hparams)
+  if fold.reads_data:
+    acc = accumulate(fold, acc, batches, across_processes=across_processes,
+                     check=batch_check(fold, kernel, bias) if validate else None)
+  return fold.finalize(acc)
+
+
+def fit_parts(fold: Fold, parts: Sequence[Iterable], kernel, bias, **hparams) -> Any:
+  """The state of several disjoint re-iterable streams, merged after each pass:
+  what N processes compute, on one (`accumulate_parts`)."""
+  acc = fold.init(kernel, bias, **hparams)
+  if fold.reads_data:
+    acc = accumulate_parts(fold, acc, lambda index: parts,
+                           check=batch_check(fold, kernel, bias), across_processes=False)
+  return fold.finalize(acc)
+
+
+# --- many scorers over one stream ------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Chained:
+  """The accumulator of a `chain`: each member's, and where the passes stand.
+
+  Attributes:
+    accs: `{name: member accumulator}`.
+    passes: static; `((name, passes), ...)` of every member that reads data.
+    index: static; the pass being read (0-based).
   """
 
-  def __init__(self, batches, model, variables, mean, std, head: str | None = None):
-    self._batches = batches
-    self._extract = functools.partial(features_lib.extract, model, variables, mean=mean,
-                                      std=std, batch_size=batches.batch_size, progress=False,
-                                      head=head)
-    self.num_samples = batches.num_records
-    self.num_batches = len(batches)
-    self.stored = None
+  accs: dict[str, Any]
+  passes: tuple[tuple[str, int], ...] = flax.struct.field(pytree_node=False)
+  index: int = flax.struct.field(pytree_node=False, default=0)
 
-  def batches(self, position):
-    iterator = self._batches.iterator(position)
-    for images, labels in iterator:
-      yield (np.asarray(self._extract(images)[1]), np.asarray(labels, np.int32),
-             self._batches.position(iterator))
+  def active(self) -> list[str]:
+    """The members that read the current pass."""
+    return [name for name, count in self.passes if count > self.index]
 
 
-class CachedFeatures:
-  """A `Stream` over stored features (a `line_jax.feature_cache` entry).
+def chain(folds: Mapping[str, Fold]) -> Fold:
+  """Many folds as one, over one stream (in the manner of `optax.chain`).
 
-  Its position is the next row; later passes read the stored arrays
-  themselves.
-
-  Args:
-    features: `[n, m]` float32; labels: `[n]` int32 (memmaps are read batch
-      by batch).
-    batch_size: rows per batch.
+  `chain(folds).init(kernel, bias, **{name: hparams})` starts every member;
+  each batch updates the members still reading (a one-pass member is done
+  after the first pass, a two-pass one reads the data again); `merge`
+  merges member by member; `finalize` returns `{name: state}`. The model
+  runs once per image however many scorers fit.
   """
+  folds = dict(folds)
+  readers = [name for name, f in folds.items() if f.reads_data]
 
-  def __init__(self, features: np.ndarray, labels: np.ndarray, batch_size: int):
-    self.stored = (features, labels)
-    self._batch_size = batch_size
-    self.num_samples = features.shape[0]
-    self.num_batches = -(-self.num_samples // batch_size)
+  def init(kernel, bias, **hparams):
+    unknown = sorted(set(hparams) - set(folds))
+    if unknown:
+      raise ValueError(f"chain has no member {', '.join(unknown)}")
+    accs = {name: f.init(kernel, bias, **hparams.get(name, {})) for name, f in folds.items()}
+    return Chained(accs, tuple((n, passes_of(folds[n], accs[n])) for n in readers))
 
-  def batches(self, position):
-    features, labels = self.stored
-    for start in range(position or 0, self.num_samples, self._batch_size):
-      stop = min(start + self._batch_size, self.num_samples)
-      yield (np.asarray(features[start:stop]), np.asarray(labels[start:stop], np.int32), stop)
+  def update(acc: Chained, features, labels) -> Chained:
+    accs = dict(acc.accs)
+    for name in acc.active():
+      accs[name] = folds[name].update(accs[name], features, labels)
+    return acc.replace(accs=accs)
+
+  def merge(a: Chained, b: Chained) -> Chained:
+    active = a.active()
+    return a.replace(accs={
+        name: folds[name].merge(a.accs[name], b.accs[name]) if name in active
+        else a.accs[name] for name in folds})
+
+  def next_pass(acc: Chained) -> Chained:
+    accs = dict(acc.accs)
+    for name, count in acc.passes:
+      if count > acc.index + 1:
+        accs[name] = folds[name].next_pass(accs[name])
+    return acc.replace(accs=accs, index=acc.index + 1)
+
+  def finalize(acc: Chained) -> dict[str, Any]:
+    return {name: folds[name].finalize(acc.accs[name]) for name in folds}
+
+  return Fold(init=init, update=update, finalize=finalize, merge=merge,
+              passes=lambda acc: max([count for _, count in acc.passes], default=1),
+              next_pass=next_pass,
+              needs_labels=any(folds[n].needs_labels for n in readers),
+              reads_data=bool(readers))

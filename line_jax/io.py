@@ -5,17 +5,22 @@
     scores = line_jax.scorers.get("line").score(state, features)
 
 A saved state is a folder: `state/` holds the array leaves (orbax
-`StandardCheckpointer`, no pickle) and `state.json` its structure, the class
-of every `flax.struct.dataclass` node (by module and name, only from
-`line_jax`) and its static fields (hyperparameters such as KNN's `k`). So a
-load rebuilds the exact class, keeps the hyperparameters, and scores
-identically. Array leaves keep their dtype (float64 ones included).
+`StandardCheckpointer`, no pickle) and `state.json` its structure: the
+format version, the registered name of the scorer that made it, the class
+of every `flax.struct.dataclass` node (by name, among the scorers' state
+classes, never imported from a path the file gives) and its static fields
+(hyperparameters such as KNN's `k`). So a load rebuilds the exact class,
+keeps the hyperparameters, and scores identically, wherever line_jax keeps
+its modules. Array leaves keep their dtype (float64 ones included).
+
+States written before the scorer's name was recorded (`line_jax.state/1`,
+classes named by module path) still load: their paths are read from a fixed
+table, never imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import shutil
@@ -25,20 +30,48 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-FORMAT = "line_jax.state/1"
+from line_jax import distributed
+from line_jax import scorers
+
+FORMAT = "line_jax.state/2"
+FORMAT_V1 = "line_jax.state/1"
 _META = "state.json"
 _ARRAYS = "state"
 
 
-def _describe(node: Any, leaves: dict) -> dict:
+def _state_classes() -> dict[str, type]:
+  """Every class a saved state may hold, by name: the scorers' state types
+  and the line_jax dataclasses they derive from."""
+  classes = {}
+  for name in scorers.names():
+    for cls in scorers.get(name).state_type.__mro__:
+      if dataclasses.is_dataclass(cls) and cls.__module__.startswith("line_jax."):
+        classes[cls.__name__] = cls
+  return classes
+
+
+# Format 1 named classes by module path; these are the paths it wrote.
+_V1_PATHS = {
+    "line_jax.line._fit:LineState": "LineState",
+    **{f"line_jax.scorers._{module}:{cls}": cls for module, cls in (
+        ("common", "HeadState"), ("shaping", "ShapingState"), ("dice", "DiceState"),
+        ("fdbd", "FdbdState"), ("gen", "GenState"), ("klm", "KlmState"),
+        ("knn", "KnnState"), ("mahalanobis", "MahalanobisState"), ("nci", "NciState"),
+        ("nnguide", "NnguideState"), ("react", "ReactState"),
+        ("react_dice", "ReactDiceState"), ("rmds", "RmdsState"), ("she", "SheState"),
+        ("vim", "VimState"))},
+}
+
+
+def _describe(node: Any, leaves: dict, classes: dict[str, type]) -> dict:
   """The JSON structure of a dataclass node; its array leaves go to `leaves`."""
   if not dataclasses.is_dataclass(node):
     raise TypeError(f"cannot save a {type(node).__name__}: line_jax.save takes a "
                     "fitted scorer state (a flax.struct.dataclass)")
   cls = type(node)
-  if not cls.__module__.startswith("line_jax."):
+  if classes.get(cls.__name__) is not cls:
     raise TypeError(f"cannot save {cls.__module__}.{cls.__qualname__}: only line_jax "
-                    "states are loadable by class name")
+                    "scorers' states are loadable by class name")
   fields, static = {}, {}
   for field in dataclasses.fields(node):
     value = getattr(node, field.name)
@@ -46,36 +79,34 @@ def _describe(node: Any, leaves: dict) -> dict:
       static[field.name] = value
     elif dataclasses.is_dataclass(value):
       sub: dict = {}
-      fields[field.name] = _describe(value, sub)
+      fields[field.name] = _describe(value, sub, classes)
       leaves[field.name] = sub
     elif value is None:
       fields[field.name] = None
     else:
       leaves[field.name] = np.asarray(value)
       fields[field.name] = "array"
-  return {"class": f"{cls.__module__}:{cls.__qualname__}", "static": static,
-          "fields": fields}
+  return {"class": cls.__name__, "static": static, "fields": fields}
 
 
-def _class(spec: dict, path: str) -> type:
-  """The class a spec names, after checking it is a line_jax dataclass."""
-  module, _, name = str(spec.get("class")).partition(":")
-  if not module.startswith("line_jax."):
-    raise ValueError(f"{path}: refuses to build {spec.get('class')!r}, not a line_jax class")
-  try:
-    cls = getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
-    raise ValueError(f"{path}: unknown state class {spec['class']!r}") from e
-  if not dataclasses.is_dataclass(cls):
-    raise ValueError(f"{path}: {spec['class']!r} is not a state class")
+def _class(spec: dict, path: str, classes: dict[str, type], v1: bool) -> type:
+  """The class a spec names, looked up (never imported) among `classes`."""
+  name = spec.get("class")
+  if v1:
+    if not str(name).startswith("line_jax."):
+      raise ValueError(f"{path}: refuses to build {name!r}, not a line_jax class")
+    name = _V1_PATHS.get(name, name)
+  cls = classes.get(name)
+  if cls is None:
+    raise ValueError(f"{path}: unknown state class {spec.get('class')!r}")
   for sub in spec["fields"].values():
     if isinstance(sub, dict):
-      _class(sub, path)
+      _class(sub, path, classes, v1)
   return cls
 
 
-def _build(spec: dict, leaves: dict, path: str) -> Any:
-  cls = _class(spec, path)
+def _build(spec: dict, leaves: dict, path: str, classes: dict[str, type], v1: bool) -> Any:
+  cls = _class(spec, path, classes, v1)
   values = {}
   for field, kind in spec["fields"].items():
     if kind is None:
@@ -83,24 +114,34 @@ def _build(spec: dict, leaves: dict, path: str) -> Any:
     elif kind == "array":
       values[field] = leaves[field]
     else:
-      values[field] = _build(kind, leaves[field], path)
+      values[field] = _build(kind, leaves[field], path, classes, v1)
   return cls(**values, **spec["static"])
 
 
 def save(path: str | os.PathLike, state: Any) -> None:
-  """Writes a fitted state to the folder `path` (replaced if it exists).
+  """Writes a fitted state to the folder `path` (replacing a state saved there).
 
   Args:
-    path: the folder to write.
+    path: the folder to write; where it exists it must hold a saved state
+      (any other folder, or a file, is left alone and refused).
     state: the state of any registered scorer (or `line.LineState`).
 
   Raises:
     TypeError: for anything but a line_jax state, or static fields that are
       not JSON values.
+    ValueError: where `path` exists and is not a saved state.
   """
   path = os.path.abspath(os.fspath(path))
+  if os.path.lexists(path) and not os.path.isfile(os.path.join(path, _META)):
+    raise ValueError(f"{path} exists and is not a saved line_jax state: line_jax.save "
+                     "replaces only a state it wrote; choose a new folder")
   leaves: dict = {}
-  meta = {"format": FORMAT, "state": _describe(state, leaves)}
+  try:
+    scorer = scorers.name_of(state)
+  except TypeError:
+    scorer = None  # A base class (a format-1 HeadState): any scorer of that class.
+  meta = {"format": FORMAT, "scorer": scorer,
+          "state": _describe(state, leaves, _state_classes())}
   try:
     text = json.dumps(meta, indent=2, sort_keys=True)
   except TypeError as e:
@@ -112,7 +153,7 @@ def save(path: str | os.PathLike, state: Any) -> None:
   if primary:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-  _sync("line_jax.save:" + path)
+  distributed.barrier("line_jax.save:" + path)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(tmp, _ARRAYS), leaves)
   checkpointer.wait_until_finished()
@@ -122,13 +163,7 @@ def save(path: str | os.PathLike, state: Any) -> None:
       f.write(text + "\n")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # A reader sees no folder or a whole one.
-  _sync("line_jax.saved:" + path)
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+  distributed.barrier("line_jax.saved:" + path)
 
 
 def load(path: str | os.PathLike) -> Any:
@@ -150,9 +185,14 @@ def load(path: str | os.PathLike) -> Any:
       meta = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{meta_path}: corrupt: {e}") from e
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise ValueError(f"{meta_path}: not a {FORMAT} file")
-  _class(meta["state"], path)  # Refuse a foreign class before reading any array.
+  if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, FORMAT_V1):
+    raise ValueError(f"{meta_path}: not a {FORMAT} file (nor a {FORMAT_V1} one)")
+  v1, classes = meta["format"] == FORMAT_V1, _state_classes()
+  cls = _class(meta["state"], path, classes, v1)  # Refused before any array is read.
+  if meta.get("scorer") is not None:
+    if scorers.get(meta["scorer"]).state_type is not cls:
+      raise ValueError(f"{meta_path}: a {cls.__name__} is not a state of scorer "
+                       f"{meta['scorer']!r}")
   checkpointer = ocp.StandardCheckpointer()
   try:
     saved = checkpointer.metadata(arrays).item_metadata
@@ -163,4 +203,4 @@ def load(path: str | os.PathLike) -> Any:
     raise ValueError(f"{arrays}: corrupt or truncated state: {type(e).__name__}: {e}") from e
   finally:
     checkpointer.close()
-  return _build(meta["state"], leaves or {}, path)
+  return _build(meta["state"], leaves or {}, path, classes, v1)

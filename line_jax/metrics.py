@@ -69,8 +69,12 @@ def average_precision(score_pos, score_neg) -> float:
   return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
 
-def evaluate(score_id, score_ood) -> dict[str, float]:
-  """All four metrics, as fractions in [0, 1].
+# What `ood_metrics` returns, in this order.
+NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
+
+
+def ood_metrics(score_id, score_ood) -> dict[str, float]:
+  """All four metrics (`NAMES`), as fractions in [0, 1].
 
   Args:
     score_id: `[n_id]` scores of in-distribution samples.

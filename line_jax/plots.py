@@ -57,7 +57,7 @@ def _grid(count: int) -> tuple[int, int]:
 
 def _auroc(score_id, score_ood) -> float:
   from line_jax import metrics  # pylint: disable=g-import-not-at-top
-  return metrics.evaluate(score_id, score_ood)["auroc"]
+  return metrics.ood_metrics(score_id, score_ood)["auroc"]
 
 
 def plot_roc(scores: Mapping[str, Mapping[str, np.ndarray]], path: str | os.PathLike,
@@ -131,7 +131,7 @@ def plot_histograms(method: str, scores: Mapping[str, np.ndarray],
     bins = np.linspace(low, high if high > low else low + 1.0, 60)
     ax.hist(np.clip(score_id, low, high), bins, density=True, alpha=0.55, label="ID")
     ax.hist(np.clip(score_ood, low, high), bins, density=True, alpha=0.55, label=name)
-    m = metrics.evaluate(score_id, score_ood)
+    m = metrics.ood_metrics(score_id, score_ood)
     ax.set(title=f"{name}: FPR95 {100 * m['fpr95']:.1f}, AUROC {100 * m['auroc']:.1f}",
            xlabel="score (higher = ID)")
     ax.title.set_fontsize(9)

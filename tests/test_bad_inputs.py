@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from line_jax import fit
+from line_jax import models
+from line_jax import runs
 
-COMMITTED = fit.DEFAULT_CHECKPOINT
+COMMITTED = models.DEFAULT_CHECKPOINT
 # After a failed restore, orbax's background event loop reports a callback on
 # a closed loop at garbage collection; it is noise, not the error under test.
 pytestmark = pytest.mark.filterwarnings(
@@ -65,7 +67,7 @@ def test_images_of_another_size_and_colour_are_converted_for_the_model(tmp_path)
   out = tmp_path / "out"
   fit.main(["--out", str(out), "--dataset", _dataset(tmp_path, images, np.arange(6) % 3),
             "--scorers", "react", "--batch-size", "4", "--quiet"])
-  assert fit.load_state(out, "react").kernel.shape == (128, 10)
+  assert runs.fit.load_state(out, "react").kernel.shape == (128, 10)
   assert np.load(out / "features.npy").shape == (6, 128)
 
 
@@ -161,22 +163,27 @@ def test_load_state_of_a_corrupt_state(tmp_path):
   out = tmp_path / "out"
   fit.main(["--out", str(out), "--scorers", "energy", "--max-examples", "8",
             "--batch-size", "8"])
-  assert fit.load_state(out, "energy").kernel.shape == (128, 10)
+  assert runs.fit.load_state(out, "energy").kernel.shape == (128, 10)
   meta = json.loads((out / "energy" / "state.json").read_text())
   for root, _, names in os.walk(out / "energy" / "state"):
     for n in names:
       with open(os.path.join(root, n), "r+b") as f:
         f.truncate(0)
   with pytest.raises(ValueError, match="corrupt or truncated state"):
-    fit.load_state(out, "energy")
+    runs.fit.load_state(out, "energy")
   meta["state"]["class"] = "os:system"
   (out / "energy" / "state.json").write_text(json.dumps(meta))
+  # line_jax.state/2 names classes by bare name, looked up among the scorers' own.
+  with pytest.raises(ValueError, match="unknown state class 'os:system'"):
+    runs.fit.load_state(out, "energy")
+  # line_jax.state/1 named them by module path: one outside line_jax is refused as such.
+  (out / "energy" / "state.json").write_text(json.dumps({**meta, "format": "line_jax.state/1"}))
   with pytest.raises(ValueError, match="refuses to build 'os:system'"):
-    fit.load_state(out, "energy")
+    runs.fit.load_state(out, "energy")
   meta["state"]["class"] = "line_jax.scorers:Evil"
   (out / "energy" / "state.json").write_text(json.dumps(meta))
   with pytest.raises(ValueError, match="unknown state class 'line_jax.scorers:Evil'"):
-    fit.load_state(out, "energy")
+    runs.fit.load_state(out, "energy")
 
 
 class _Payload:
@@ -191,7 +198,6 @@ class _Payload:
 
 def test_torch_checkpoint_with_code_is_refused_without_running_it(tmp_path):
   torch = pytest.importorskip("torch")
-  from line_jax import models
   marker = tmp_path / "ran"
   path = tmp_path / "evil.pth"
   torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": _Payload(str(marker))}, path)

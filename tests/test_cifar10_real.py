@@ -13,15 +13,16 @@ import pathlib
 import numpy as np
 import pytest
 
-from line_jax import _protocols
 from line_jax import evaluate
 from line_jax import features
 from line_jax import models
+from line_jax import runs
 from line_jax import scorers
+from line_jax import suites
 from line_jax.data import MEAN_STD
 
 SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
-CIFAR10 = SHARED / "data" / "cifar10-jpeg"
+CIFAR10 = SHARED / "data" / "cifar10"
 WEIGHTS = {10: SHARED / "weights" / "dice_densenet100_cifar10.pth.tar",
            100: SHARED / "weights" / "dice_densenet100_cifar100.pth.tar"}
 # One batch size for the parity tests and the CLI: the network compiles once.
@@ -32,7 +33,7 @@ MAX_TRAIN, MAX_TEST, OOD_SIZE, BATCH = 300, 200, 20, 20
 # ~95 % on the original files. The band is about 3 binomial standard
 # deviations (2.7 points at n = 200) either side: it catches a broken import,
 # decoder or label order, not small float differences. (The normalisation
-# constants are pinned in test_protocols.py: accuracy alone barely moves
+# constants are pinned in testsuites.py: accuracy alone barely moves
 # with them here.)
 ACCURACY_BAND = (0.75, 0.90)
 
@@ -47,7 +48,7 @@ def _require(*paths):
 def _test_images(count):
   """`count` evenly spaced CIFAR-10 test JPEGs, decoded: uint8 [count, 32, 32, 3]."""
   from line_jax import data
-  from line_jax.evaluation import evenly_spaced
+  from line_jax.suites import evenly_spaced
 
   source = evenly_spaced(data.ImageFolderSource(CIFAR10 / "test", flat=False), count)
   decode = data.Preprocess(32, 32, 3)
@@ -64,7 +65,7 @@ def test_checkpoint_import_matches_the_pytorch_densenet(num_classes):
   images, _ = _test_images(BATCH)
   model, variables = models.load_torch_checkpoint("densenet100", WEIGHTS[num_classes],
                                                   num_classes)
-  mean, std = MEAN_STD[_protocols.get(f"cifar{num_classes}").mean_std]
+  mean, std = MEAN_STD[suites.get(f"cifar{num_classes}").mean_std]
   logits, feats = features.extract(model, variables, images, mean=mean, std=std,
                                    batch_size=BATCH, progress=False)
   net = TorchDenseNetBC(num_classes).eval()
@@ -108,7 +109,7 @@ def test_accuracy_on_the_subset_is_in_its_band(cli_run):
 def test_cli_end_to_end_every_scorer_every_set(cli_run):
   metrics = _json(cli_run / "metrics.json")
   assert list(metrics["methods"]) == list(scorers.names())
-  offline = list(_protocols.get("cifar10").offline_ood)
+  offline = list(suites.get("cifar10").offline_ood)
   for method, rows in metrics["methods"].items():
     assert list(rows) == offline + ["mine", "average"], method
     for cell in rows.values():
@@ -121,7 +122,7 @@ def test_cli_end_to_end_every_scorer_every_set(cli_run):
   assert sets["mine"]["images"] == 20
   assert all(sets[name]["images"] == OOD_SIZE for name in offline)
   table = (cli_run / "table.md").read_text()
-  assert table == evaluate.format_table(metrics)
+  assert table == runs.evaluate.format_table(metrics)
 
 
 def test_uniform_noise_is_easy_for_line(cli_run):

@@ -7,12 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from line_jax import _protocols
 from line_jax import evaluate
 from line_jax import features
 from line_jax import metrics
+from line_jax import runs
 from line_jax import scorers
+from line_jax import suites
 from line_jax.models import get_model
+
+from _runs import run_evaluation
 
 MEAN, STD = (0.286,), (0.353,)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -35,7 +38,8 @@ def _arrays():
 
 
 def _inputs():
-  return evaluate.Inputs.from_arrays(**_arrays())
+  return suites.Inputs.from_arrays(**_arrays())
+
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +48,9 @@ def run(tmp_path_factory):
   extra = np.random.default_rng(1).integers(0, 256, (25, 28, 28), dtype=np.uint8)
   np.save(out / "mine.npy", extra)
   arrays = _arrays()
-  result = evaluate.run_evaluation(out, inputs=evaluate.Inputs.from_arrays(**arrays),
-                                   extra_ood=[f"mine={out / 'mine.npy'}"],
-                                   methods=METHODS, batch_size=32, progress=False)
+  result = run_evaluation(out, inputs=suites.Inputs.from_arrays(**arrays),
+                          extra_ood=[f"mine={out / 'mine.npy'}"],
+                          methods=METHODS, batch_size=32, progress=False)
   return out, result, arrays, extra
 
 
@@ -63,7 +67,7 @@ def test_metrics_json_schema(run):
     for cell in rows.values():
       assert set(cell) == {"fpr95", "auroc", "aupr_in", "aupr_out"}
       assert all(isinstance(v, float) for v in cell.values())
-    for m in evaluate.METRICS:
+    for m in runs.evaluate.METRICS:
       assert rows["average"][m] == pytest.approx(np.mean([rows[s][m] for s in ("dark", "noise", "mine")]))
 
 
@@ -75,12 +79,12 @@ def test_metrics_equal_metrics_evaluate_on_the_scores(run):
   logits, test = features.extract(model, variables, arrays["test_images"], **kw)
   mine = features.extract(model, variables, extra[..., None], **kw)[1]
   head = variables["params"]["fc"]
-  protocol = _protocols.get("fashion_mnist")
+  protocol = suites.get("fashion_mnist")
   for method in ("energy", "line", "knn"):
     scorer = scorers.get(method)
-    hp = _protocols.hparams_for(protocol, method, None, train)
+    hp = suites.hparams_for(protocol, method, None, train)
     state = scorer.fit(train, arrays["train_labels"], head["kernel"], head["bias"], **hp)
-    expected = metrics.evaluate(scorer.score(state, test), scorer.score(state, mine))
+    expected = metrics.ood_metrics(scorer.score(state, test), scorer.score(state, mine))
     for key, value in expected.items():
       assert result["methods"][method]["mine"][key] == pytest.approx(value, abs=1e-6)
   assert result["id_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == arrays["test_labels"]))
@@ -90,7 +94,7 @@ def test_line_uses_the_protocol_clip(run):
   out, _, _, _ = run
   with open(out / "hparams.json") as f:
     used = json.load(f)
-  # The embedded benchmark's validation-selected settings (_protocols.py).
+  # The embedded benchmark's validation-selected settings (suites/_catalog.py).
   assert used["line"]["p_w"] == 10.0 and used["line"]["p_a"] == 10.0
   assert isinstance(used["line"]["clip"], float)  # The resolved value: pastes into fit.
   assert set(used["line"]) == {"p_w", "p_a", "clip"}
@@ -100,7 +104,7 @@ def test_line_uses_the_protocol_clip(run):
 def test_table_layout(run):
   out, result, _, _ = run
   table = (out / "table.md").read_text()
-  assert table == evaluate.format_table(result)
+  assert table == runs.evaluate.format_table(result)
   lines = table.splitlines()
   assert lines[2] == "| method | dark | noise | mine | average |"
   assert lines[3] == "|---|---|---|---|---|"
@@ -124,15 +128,15 @@ def test_extra_ood_errors(tmp_path):
   bad = tmp_path / "bad.npy"
   np.save(bad, np.zeros((3, 28, 28), np.float32))
   with pytest.raises(ValueError, match="uint8"):
-    evaluate.run_evaluation(None, inputs=inputs, extra_ood=[f"x={bad}"], progress=False)
+    run_evaluation(None, inputs=inputs, extra_ood=[f"x={bad}"], progress=False)
   wrong = tmp_path / "wrong.npy"
   np.save(wrong, np.zeros((3, 32, 32, 3), np.uint8))
   with pytest.raises(ValueError, match="shape"):
-    evaluate.run_evaluation(None, inputs=inputs, extra_ood=[f"x={wrong}"], progress=False)
+    run_evaluation(None, inputs=inputs, extra_ood=[f"x={wrong}"], progress=False)
   with pytest.raises(ValueError, match="already taken"):
-    evaluate.run_evaluation(None, inputs=inputs, extra_ood=[f"dark={wrong}"], progress=False)
+    run_evaluation(None, inputs=inputs, extra_ood=[f"dark={wrong}"], progress=False)
   with pytest.raises(ValueError, match="NAME=PATH"):
-    evaluate.run_evaluation(None, inputs=inputs, extra_ood=["nopath"], progress=False)
+    run_evaluation(None, inputs=inputs, extra_ood=["nopath"], progress=False)
 
 
 def test_cli_rejects_a_missing_file_before_loading(tmp_path, capsys):
@@ -145,31 +149,31 @@ def test_cli_rejects_a_missing_file_before_loading(tmp_path, capsys):
 
 def test_paper_benchmark_names_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
-    evaluate.run_evaluation(None, benchmark="cifar10", data_dir=str(tmp_path), progress=False)
+    run_evaluation(None, benchmark="cifar10", data_dir=str(tmp_path), progress=False)
   message = str(e.value)
   assert "--torch-checkpoint" in message
   assert "'cifar10' is not prepared" in message and "--id-folder" in message
   # CIFAR's OOD sets are optional (offline stand-ins); ImageNet's are not.
   assert "lsun_c" not in message
   with pytest.raises(FileNotFoundError) as e:
-    evaluate.run_evaluation(None, benchmark="imagenet", data_dir=str(tmp_path), progress=False)
+    run_evaluation(None, benchmark="imagenet", data_dir=str(tmp_path), progress=False)
   assert "inaturalist" in str(e.value)
   with pytest.raises(FileNotFoundError, match="no test/ folder"):
     (tmp_path / "id" / "train").mkdir(parents=True)
-    evaluate.run_evaluation(None, benchmark="cifar10", id_folder=str(tmp_path / "id"),
-                            torch_checkpoint=__file__, progress=False)
+    run_evaluation(None, benchmark="cifar10", id_folder=str(tmp_path / "id"),
+                   torch_checkpoint=__file__, progress=False)
 
 
 def test_unknown_method():
   with pytest.raises(ValueError, match="unknown scorer"):
-    evaluate.run_evaluation(None, inputs=_inputs(), methods=["nope"], progress=False)
+    run_evaluation(None, inputs=_inputs(), methods=["nope"], progress=False)
 
 
 def test_timings_and_cache_reuse(tmp_path):
   arrays = _arrays()
-  kw = dict(inputs=evaluate.Inputs.from_arrays(**arrays), methods=["energy"], batch_size=32,
+  kw = dict(inputs=suites.Inputs.from_arrays(**arrays), methods=["energy"], batch_size=32,
             cache_dir=tmp_path / "cache", make_plots=False, progress=False)
-  first = evaluate.run_evaluation(tmp_path / "a", **kw)
+  first = run_evaluation(tmp_path / "a", **kw)
   with open(tmp_path / "a" / "timings.json") as f:
     timing = json.load(f)
   assert set(timing["extraction"]["sets"]) == {"train", "id", "dark", "noise"}
@@ -184,7 +188,7 @@ def test_timings_and_cache_reuse(tmp_path):
     assert (tmp_path / "cache" / f"{key}.features.npy").is_file()
     assert (tmp_path / "cache" / f"{key}.labels.npy").is_file()
   # A second run reads the memmaps back: same result, nothing extracted.
-  second = evaluate.run_evaluation(tmp_path / "b", **kw)
+  second = run_evaluation(tmp_path / "b", **kw)
   assert second == first
   with open(tmp_path / "b" / "timings.json") as f:
     again = json.load(f)["extraction"]
@@ -194,15 +198,15 @@ def test_timings_and_cache_reuse(tmp_path):
       timing["extraction"]["sets"]["train"]["seconds"])
   # Other pixels, another key: extracted again.
   arrays["ood"]["dark"] = arrays["ood"]["dark"] + 1
-  kw["inputs"] = evaluate.Inputs.from_arrays(**arrays)
-  evaluate.run_evaluation(tmp_path / "c", **kw)
+  kw["inputs"] = suites.Inputs.from_arrays(**arrays)
+  run_evaluation(tmp_path / "c", **kw)
   with open(tmp_path / "c" / "timings.json") as f:
     assert json.load(f)["extraction"]["extracted_now"] == 30
 
 
 def test_ablation_variants_and_the_energy_equivalence(tmp_path):
-  result = evaluate.run_evaluation(tmp_path, inputs=_inputs(), methods=["energy", "line"],
-                                   batch_size=32, ablation=True, progress=False)
+  result = run_evaluation(tmp_path, inputs=_inputs(), methods=["energy", "line"],
+                          batch_size=32, ablation=True, progress=False)
   with open(tmp_path / "ablation.json") as f:
     table = json.load(f)
   names = list(table["variants"])
@@ -210,7 +214,7 @@ def test_ablation_variants_and_the_energy_equivalence(tmp_path):
   # All parts off is Energy; all on is the evaluated LINe.
   for key, method in (("energy (none)", "energy"), ("LINe (all)", "line")):
     for ood in ("dark", "noise"):
-      for m in evaluate.METRICS:
+      for m in runs.evaluate.METRICS:
         assert table["variants"][key]["metrics"][ood][m] == pytest.approx(
             result["methods"][method][ood][m], abs=1e-6), (key, ood, m)
   md = (tmp_path / "ablation.md").read_text()
@@ -222,8 +226,8 @@ def test_ablation_variants_and_the_energy_equivalence(tmp_path):
 def test_svhn_mat_official_selection_and_paper_sets_replace_offline_ones(tmp_path):
   from scipy import io
 
-  from line_jax.evaluation import load_svhn_mat
-  from line_jax.evaluation import protocol_sets
+  from line_jax.suites import load_svhn_mat
+  from line_jax.suites import suite_sets as protocol_sets
 
   rng = np.random.default_rng(0)
   n = 60
@@ -232,14 +236,14 @@ def test_svhn_mat_official_selection_and_paper_sets_replace_offline_ones(tmp_pat
   (tmp_path / "svhn").mkdir()
   io.savemat(tmp_path / "svhn" / "test_32x32.mat", {"X": pixels, "y": labels[:, None]})
   images, got = load_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", per_label=3)
-  keep = _protocols.first_per_label(labels, 3)
+  keep = suites.first_per_label(labels, 3)
   assert np.array_equal(images, np.moveaxis(pixels, 3, 0)[keep])
   assert np.array_equal(got, labels[keep] % 10) and got.max() <= 9
   assert np.all(np.bincount(got, minlength=10) <= 3)
-  sets = protocol_sets(_protocols.get("cifar10"), str(tmp_path))
+  sets = protocol_sets(suites.get("cifar10"), str(tmp_path))
   assert list(sets) == ["svhn"] and len(sets["svhn"]) == n  # < 1,000 of each label: all.
-  assert list(protocol_sets(_protocols.get("cifar10"), None, size=5)) == list(
-      _protocols.get("cifar10").offline_ood)
+  assert list(protocol_sets(suites.get("cifar10"), None, size=5)) == list(
+      suites.get("cifar10").offline_ood)
 
 
 def test_extra_ood_takes_a_folder_of_images(tmp_path):
@@ -251,7 +255,7 @@ def test_extra_ood_takes_a_folder_of_images(tmp_path):
   for i in range(12):
     pixels = rng.integers(0, 256, (40 + i, 33, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(folder / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
-  result = evaluate.run_evaluation(
+  result = run_evaluation(
       tmp_path / "out", methods=["energy"], extra_ood=[f"pngs={folder}"], max_train=256,
       max_test=64, ood_size=16, batch_size=64, make_plots=False, progress=False)
   assert 0.0 <= result["methods"]["energy"]["pngs"]["auroc"] <= 1.0

@@ -1,4 +1,4 @@
-"""The feature cache that fit, tune and evaluate share (`line_jax.feature_cache`).
+"""The feature cache that fit, tune and evaluate share (`line_jax.features.cache`).
 
 Keys change with every input that changes the features and with nothing
 else; one extraction serves all three CLIs; fit and evaluate give the same
@@ -13,15 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from line_jax import _checkpoint
-from line_jax import _cli
 from line_jax import data
-from line_jax import evaluate
-from line_jax import feature_cache
+from line_jax import features
 from line_jax import fit
+from line_jax import models
+from line_jax import runs
 from line_jax import scorers
-from line_jax import tune
+from line_jax import suites
+from line_jax.features import cache as feature_cache
 from line_jax.models import get_model
+
+from _runs import run_evaluation
+from _runs import run_tuning
 
 MEAN, STD = (0.286,), (0.353,)
 N_TRAIN = 300
@@ -36,7 +39,8 @@ def _model_key(**changes):
   model, variables = _tiny()
   kw = dict(mean=MEAN, std=STD, preprocess=data.Preprocess(28, 28, 1), head=None)
   kw.update(changes)
-  return feature_cache.model_key(kw.pop("model", model), kw.pop("variables", variables), **kw)
+  return features.Backbone(kw.pop("model", model), kw.pop("variables", variables),
+                           **kw).key
 
 
 def test_model_key_changes_with_everything_that_changes_features():
@@ -92,18 +96,18 @@ def test_extract_then_lookup_and_a_partial_entry_is_redone(tmp_path):
   images = np.random.default_rng(1).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
   source = data.ArraySource(images, np.arange(40) % 10)
   batches = data.image_batches(source, data.Preprocess(28, 28, 1), batch_size=16)
-  kw = dict(mean=MEAN, std=STD, folder=tmp_path, key="k1", progress=False)
-  first = feature_cache.extract(batches, 40, model, variables, **kw)
+  backbone = features.Backbone(model, variables, MEAN, STD, data.Preprocess(28, 28, 1))
+  kw = dict(folder=tmp_path, key="k1", progress=False)
+  first = feature_cache.extract(backbone, batches, 40, **kw)
   assert not first.cached and first.features.shape[0] == 40
-  from line_jax import features as features_lib
-  want = features_lib.extract(model, variables, images, mean=MEAN, std=STD, progress=False)[1]
+  want = features.extract(model, variables, images, mean=MEAN, std=STD, progress=False)[1]
   np.testing.assert_allclose(first.features, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(first.labels, np.arange(40) % 10)
   again = feature_cache.lookup(tmp_path, "k1")
   assert again.cached and np.array_equal(again.features, first.features)
   os.remove(tmp_path / "k1.json")  # As if killed before the entry was whole.
   assert feature_cache.lookup(tmp_path, "k1") is None
-  assert not feature_cache.extract(batches, 40, model, variables, **kw).cached
+  assert not feature_cache.extract(backbone, batches, 40, **kw).cached
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +140,11 @@ def test_fit_publishes_and_a_second_fit_reads_the_cache(shared, capsys):
   assert entry["images"] == N_TRAIN and "through" in entry["description"]
   fit.main(["--out", str(root / "fit2"), *[a for a in args if a != "--quiet"]])
   assert "cached features" in capsys.readouterr().err  # The model did not run.
-  assert (root / "fit2" / fit.CACHED_DIR).is_dir() and not (root / "fit2" / "features.npy").exists()
+  assert (root / "fit2" / runs.fit.CACHED_DIR).is_dir()
+  assert not (root / "fit2" / "features.npy").exists()
   for name in ("line", "knn", "vim", "react"):
-    a = jax.tree.leaves(fit.load_state(root / "fit1", name))
-    b = jax.tree.leaves(fit.load_state(root / "fit2", name))
+    a = jax.tree.leaves(runs.fit.load_state(root / "fit1", name))
+    b = jax.tree.leaves(runs.fit.load_state(root / "fit2", name))
     assert all(np.array_equal(x, y) for x, y in zip(a, b)), name
   assert _entries(cache) == _entries(cache)[:1]
 
@@ -147,10 +152,10 @@ def test_fit_publishes_and_a_second_fit_reads_the_cache(shared, capsys):
 def test_tune_reads_the_training_features_fit_cached(shared):
   _, cache, _, _, _ = shared
   before = _entries(cache)
-  result = tune.run_tuning(["vim"], dataset=str(shared[0] / "dataset"), val_size=60,
-                           ood_size=40, check=False, batch_size=64, cache_dir=str(cache),
-                           progress=False)
-  assert result["vim"]["best"]["dim"] in tune.GRIDS["vim"]["dim"]
+  result = run_tuning(["vim"], dataset=str(shared[0] / "dataset"), val_size=60,
+                      ood_size=40, check=False, batch_size=64, cache_dir=str(cache),
+                      progress=False)
+  assert result["vim"]["best"]["dim"] in runs.tune.GRIDS["vim"]["dim"]
   added = [e for e in _entries(cache) if e not in before]
   # Only the validation OOD set was extracted; the training set was read back.
   assert len(added) == 1 and "validation OOD" in json.loads((cache / added[0]).read_text())[
@@ -159,17 +164,17 @@ def test_tune_reads_the_training_features_fit_cached(shared):
 
 def test_evaluate_reads_them_too_and_uses_fits_hyperparameters(shared, tmp_path):
   root, cache, _, images, labels = shared
-  model, variables, config = _checkpoint.load_model(_cli.DEFAULT_CHECKPOINT)
-  inputs = evaluate.Inputs.from_arrays(model, variables, config["mean"], config["std"],
-                                       images, labels, images[:50], labels[:50],
-                                       {"noise": np.random.default_rng(2).integers(
-                                           0, 256, (30, 28, 28, 1), dtype=np.uint8)})
-  evaluate.run_evaluation(tmp_path, inputs=inputs, methods=["line", "knn", "vim", "react"],
-                          batch_size=64, cache_dir=cache, make_plots=False, progress=False)
+  model, variables, config = models.load_checkpoint(models.DEFAULT_CHECKPOINT)
+  inputs = suites.Inputs.from_arrays(model, variables, config["mean"], config["std"],
+                                     images, labels, images[:50], labels[:50],
+                                     {"noise": np.random.default_rng(2).integers(
+                                         0, 256, (30, 28, 28, 1), dtype=np.uint8)})
+  run_evaluation(tmp_path, inputs=inputs, methods=["line", "knn", "vim", "react"],
+                 batch_size=64, cache_dir=cache, make_plots=False, progress=False)
   timings = json.loads((tmp_path / "timings.json").read_text())["extraction"]["sets"]
   assert timings["train"]["cached"]  # fit's features.
   used = json.loads((tmp_path / "hparams.json").read_text())
-  fitted = json.loads((root / "fit1" / fit.HPARAMS_FILE).read_text())
+  fitted = json.loads((root / "fit1" / runs.fit.HPARAMS_FILE).read_text())
   # The same benchmark, the same features: the same hyperparameters, LINe's
   # resolved clip included.
   for name in used:
@@ -182,7 +187,7 @@ def test_evaluate_reads_them_too_and_uses_fits_hyperparameters(shared, tmp_path)
     scorer = scorers.get(name)
     pasted = scorer.fit(feats, labels, kernel, bias, **hparams)
     np.testing.assert_allclose(np.asarray(scorer.score(pasted, feats[:50])),
-                               np.asarray(scorer.score(fit.load_state(root / "fit1", name),
+                               np.asarray(scorer.score(runs.fit.load_state(root / "fit1", name),
                                                        feats[:50])), rtol=1e-5, atol=1e-5)
 
 
@@ -218,9 +223,9 @@ def test_a_bad_value_claims_nothing_and_a_late_failure_keeps_the_rows(tmp_path, 
   except SystemExit as e:
     assert e.code == 2
   assert "must be below the feature count 128" in capsys.readouterr().err
-  assert not (out / fit.ARGS_FILE).exists()
+  assert not (out / runs.fit.ARGS_FILE).exists()
   fit.main(["--out", str(out), *base, "--scorers", "vim", "--hparam", "vim.dim=8"])
-  assert fit.load_state(out, "vim").dim == 8
+  assert runs.fit.load_state(out, "vim").dim == 8
   # Refused only once the bank is known (k above its 64 rows): the stream's rows
   # are in the cache already, so the corrected run does not run the model.
   try:
@@ -232,7 +237,7 @@ def test_a_bad_value_claims_nothing_and_a_late_failure_keeps_the_rows(tmp_path, 
   fit.main(["--out", str(tmp_path / "knn2"), *[a for a in base if a != "--quiet"],
             "--scorers", "knn"])
   assert "cached features" in capsys.readouterr().err
-  assert int(fit.load_state(tmp_path / "knn2", "knn").k) == 1  # k=None: 64 rows / 1000.
+  assert int(runs.fit.load_state(tmp_path / "knn2", "knn").k) == 1  # k=None: 64 rows / 1000.
 
 
 class _OwnSource:
@@ -254,13 +259,13 @@ def test_a_source_the_cache_cannot_key_is_extracted_but_not_cached(tmp_path):
   model, variables = _tiny()
   rng = np.random.default_rng(3)
   images = rng.integers(0, 256, (80, 28, 28, 1), dtype=np.uint8)
-  inputs = evaluate.Inputs.from_arrays(model, variables, MEAN, STD, images,
-                                       np.arange(80) % 10, images[:30], np.arange(30) % 10,
-                                       {"noise": images[30:50]})
+  inputs = suites.Inputs.from_arrays(model, variables, MEAN, STD, images,
+                                     np.arange(80) % 10, images[:30], np.arange(30) % 10,
+                                     {"noise": images[30:50]})
   inputs.ood["own"] = _OwnSource(rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8))
   assert feature_cache.source_key(inputs.ood["own"]) is None
-  evaluate.run_evaluation(None, inputs=inputs, methods=["energy"], batch_size=16,
-                          cache_dir=tmp_path / "cache", progress=False)
+  run_evaluation(None, inputs=inputs, methods=["energy"], batch_size=16,
+                 cache_dir=tmp_path / "cache", progress=False)
   descriptions = [json.loads(p.read_text())["description"]
                   for p in (tmp_path / "cache").glob("*.json")]
   assert sorted(d.split(":")[0] for d in descriptions) == ["id", "noise", "train"]

@@ -11,9 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from line_jax import _protocols
 from line_jax import fit
+from line_jax import resumable
+from line_jax import runs
 from line_jax import scorers
+from line_jax import suites
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 256 images in 8 batches of 32, a checkpoint after each: many kill points.
@@ -50,7 +52,7 @@ def _start(out, log):
 
 def _saved_steps(out):
   try:
-    return [int(n) for n in os.listdir(out / fit.PROGRESS_DIR) if n.isdigit()]
+    return [int(n) for n in os.listdir(out / resumable.PROGRESS_DIR) if n.isdigit()]
   except FileNotFoundError:
     return []
 
@@ -69,7 +71,7 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_p
   out = tmp_path / "run"
   kill_points = [
       # Right after the arguments are claimed: during model load or batch 1.
-      lambda: (out / fit.ARGS_FILE).exists(),
+      lambda: (out / runs.fit.ARGS_FILE).exists(),
       # Mid-stream, with some batches saved.
       lambda: max(_saved_steps(out), default=0) >= 3,
       # After the stream, while the states are being written.
@@ -89,17 +91,17 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(reference, tmp_p
     first = re.search(r"features: (\d+)/256", text)
     assert first and int(first.group(1)) > 0, text[-2000:]
   for name in scorers.names():
-    assert state_bytes(fit.load_state(out, name)) == state_bytes(
-        fit.load_state(reference, name)), name
+    assert state_bytes(runs.fit.load_state(out, name)) == state_bytes(
+        runs.fit.load_state(reference, name)), name
 
 
 def test_states_score_like_a_fresh_in_memory_fit(reference):
   """The streamed states are the scorers' own fits on the same features."""
-  config = json.loads((reference / fit.ARGS_FILE).read_text())
-  features = np.load(reference / fit.FEATURES_FILE)
-  from line_jax import _checkpoint
+  config = json.loads((reference / runs.fit.ARGS_FILE).read_text())
+  features = np.load(reference / resumable.FEATURES_FILE)
+  from line_jax import models
   from line_jax.data import read_fashion_mnist
-  _, variables, _ = _checkpoint.load_model(config["checkpoint"])
+  _, variables, _ = models.load_checkpoint(config["checkpoint"])
   labels = read_fashion_mnist("train")[1][:256].astype(np.int32)
   np.testing.assert_array_equal(np.load(reference / "labels.npy"), labels)
   kernel = variables["params"]["fc"]["kernel"]
@@ -107,9 +109,9 @@ def test_states_score_like_a_fresh_in_memory_fit(reference):
   assert config["benchmark"] == "fashion_mnist"  # --dataset fashion_mnist's own.
   for name in ("line", "mahalanobis", "react", "vim", "knn"):
     scorer = scorers.get(name)
-    hparams = _protocols.hparams_for("fashion_mnist", name, config["hparams"].get(name))
+    hparams = suites.hparams_for("fashion_mnist", name, config["hparams"].get(name))
     want = scorer.score(scorer.fit(features, labels, kernel, bias, **hparams), features[:64])
-    got = scorer.score(fit.load_state(reference, name), features[:64])
+    got = scorer.score(runs.fit.load_state(reference, name), features[:64])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -123,4 +125,4 @@ def test_resume_with_other_arguments_is_refused(reference, capsys):
 
 def test_missing_state_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="no fitted state 'line'"):
-    fit.load_state(tmp_path, "line")
+    runs.fit.load_state(tmp_path, "line")

@@ -48,7 +48,7 @@ def test_foreign_missing_and_corrupt_folders_are_named(tmp_path):
   with pytest.raises(ValueError, match="state.json: corrupt"):
     line_jax.load(tmp_path / "s")
   (tmp_path / "s" / "state.json").write_text(json.dumps({"format": "other"}))
-  with pytest.raises(ValueError, match="not a line_jax.state/1 file"):
+  with pytest.raises(ValueError, match="not a line_jax.state/2 file"):
     line_jax.load(tmp_path / "s")
 
 

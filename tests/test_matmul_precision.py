@@ -5,6 +5,8 @@ the precision each `dot_general` of a traced score asks for, so they hold
 the GPU's behaviour on the CPU that CI has.
 """
 
+import functools
+
 import jax
 from jax.extend import core as jex_core
 import numpy as np
@@ -12,9 +14,10 @@ import pytest
 
 from conftest import random_problem
 from line_jax import _matmul
+from line_jax import layout
 from line_jax import line
 from line_jax import scorers
-from line_jax import tune
+from line_jax.runs import tune
 from line_jax.scorers import _vim
 
 HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
@@ -96,10 +99,11 @@ def test_tuning_grids_ask_for_float32_products(problem, method):
   assert precisions and all(p == HIGHEST for p in precisions), precisions
 
 
-def test_vim_fitting_products_ask_for_float32(problem):
+@pytest.mark.parametrize("device", [layout.CPU, layout.ACCELERATOR])
+def test_vim_fitting_products_ask_for_float32(problem, device):
   features, labels, kernel, bias, _ = problem
   acc = _vim.init(kernel, bias, dim=4)
   with jax.enable_x64(True):  # as `_vim.update` runs them: float32 products, float64 sums
-    first = _traced(_vim._first, acc, features)
+    first = _traced(functools.partial(_vim._first, layout=device), acc, features)
     second = _traced(_vim._second, acc.replace(second=True), features)
   assert first == [HIGHEST] and second == [HIGHEST]

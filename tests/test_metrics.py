@@ -19,7 +19,7 @@ def _cases():
 def test_against_scikit_learn(score_id, score_ood):
   y = np.r_[np.ones(score_id.size), np.zeros(score_ood.size)]
   s = np.r_[score_id, score_ood]
-  got = metrics.evaluate(score_id, score_ood)
+  got = metrics.ood_metrics(score_id, score_ood)
   assert got["auroc"] == pytest.approx(skm.roc_auc_score(y, s), abs=1e-12)
   assert got["aupr_in"] == pytest.approx(skm.average_precision_score(y, s), abs=1e-12)
   assert got["aupr_out"] == pytest.approx(skm.average_precision_score(1 - y, -s), abs=1e-12)
@@ -39,13 +39,13 @@ def test_auroc_counts_ties_as_half():
 
 
 def test_perfect_and_inverted_separation():
-  good = metrics.evaluate([2.0, 3.0], [0.0, 1.0])
+  good = metrics.ood_metrics([2.0, 3.0], [0.0, 1.0])
   assert good == {"fpr95": 0.0, "auroc": 1.0, "aupr_in": 1.0, "aupr_out": 1.0}
-  assert metrics.evaluate([0.0, 1.0], [2.0, 3.0])["fpr95"] == 1.0
+  assert metrics.ood_metrics([0.0, 1.0], [2.0, 3.0])["fpr95"] == 1.0
 
 
 @pytest.mark.parametrize("bad,message", [
     ([], "score_id is empty"), ([np.nan], "score_id contains NaN"), ([[1.0]], "score_id must be 1-D")])
 def test_bad_scores(bad, message):
   with pytest.raises(ValueError, match=message):
-    metrics.evaluate(bad, [1.0])
+    metrics.ood_metrics(bad, [1.0])

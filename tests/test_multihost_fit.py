@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from line_jax import fit
+from line_jax import resumable
+from line_jax import runs
 from line_jax import scorers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def _kill(procs):
 
 def _steps(out):
   try:  # One orbax step holds every process's accumulators and position.
-    return [int(n) for n in os.listdir(out / fit.PROGRESS_DIR) if n.isdigit()]
+    return [int(n) for n in os.listdir(out / resumable.PROGRESS_DIR) if n.isdigit()]
   except FileNotFoundError:
     return []
 
@@ -87,7 +88,7 @@ def test_two_processes_killed_and_resumed_write_the_one_process_states(tmp_path)
     assert p.returncode == 0, (tmp_path / f"second{pid}.log").read_text()[-3000:]
   identical = []
   for name in scorers.names():
-    pair, one = fit.load_state(out, name), fit.load_state(reference, name)
+    pair, one = runs.fit.load_state(out, name), runs.fit.load_state(reference, name)
     if _leaves(pair) == _leaves(one):
       identical.append(name)
       continue
@@ -102,8 +103,8 @@ def test_two_processes_killed_and_resumed_write_the_one_process_states(tmp_path)
 
 @pytest.mark.parametrize("n, batch, count", [(200, 32, 2), (7, 3, 4), (5, 8, 3), (1000, 256, 3)])
 def test_batch_shards_cover_every_record_in_whole_batches(n, batch, count):
-  from line_jax import _cli
-  shards = [_cli.batch_shard(n, batch, i, count) for i in range(count)]
+  from line_jax import distributed
+  shards = [distributed.batch_shard(n, batch, i, count) for i in range(count)]
   assert shards[0][0] == 0 and shards[-1][1] == n
   for (_, stop), (start, _) in zip(shards[:-1], shards[1:]):
     assert stop == start and (stop % batch == 0 or stop == n)

@@ -66,8 +66,9 @@ def test_the_wheel_holds_line_jax_and_its_checkpoint_only(installed):
 
 def test_installed_copy_is_what_runs_and_benchmarks_is_not_there(installed, tmp_path):
   _, target = installed
-  probe = ("import json, line_jax, line_jax._cli as c, line_jax.evaluation as e; "
-           "print(json.dumps([line_jax.__file__, c.DEFAULT_CHECKPOINT, e.DEFAULT_CHECKPOINT]))")
+  probe = ("import json, line_jax, line_jax.models as m, line_jax.runs as r; "
+           "print(json.dumps([line_jax.__file__, m.DEFAULT_CHECKPOINT, "
+           "r.BenchmarkData().checkpoint]))")
   done = _run(target, "-c", probe, cwd=tmp_path)
   assert done.returncode == 0, done.stderr
   for path in json.loads(done.stdout):

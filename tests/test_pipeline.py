@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from line_jax import data
-from line_jax.data import _pipeline
+from line_jax import distributed
 
 RGB224 = data.Preprocess(224, 256, 3)
 GRAY28 = data.Preprocess(28, 28, 1)
@@ -97,7 +97,7 @@ def test_pixels_equal_torchvision_on_real_jpegs(jpeg_folder, pre):
 
 def test_real_cifar10_jpegs_equal_the_reference():
   root = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                      "cifar10-jpeg", "test")
+                      "cifar10", "test")
   if not os.path.isdir(root):
     pytest.skip(f"{root} absent (the shared CIFAR-10 JPEGs are not in a clone)")
   # Only the first file of each class: listing all 10,000 is enough work.
@@ -395,4 +395,4 @@ def test_workers_default_to_the_cpu_count_and_prefetch_to_two_batches():
   options = batches.dataset._parent._read_options  # pylint: disable=protected-access
   assert options.num_threads == os.cpu_count()
   assert options.prefetch_buffer_size == 2 * batches.chunks.per_batch  # Two batches.
-  assert _pipeline.SHARD_MODES == ("contiguous", "strided")
+  assert distributed.SHARD_MODES == ("contiguous", "strided")

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from line_jax import scorers
-from line_jax.scorers import _protocol
+from line_jax import fold as fold_lib
 
 N, M, C = 150, 10, 4
 SMALL = {"knn": {"k": 9}, "vim": {"dim": 5}, "nnguide": {"k": 9}}
@@ -38,9 +38,9 @@ def _split(train, labels, edges):
 @pytest.mark.parametrize("name", scorers.names())
 def test_every_scorer_is_a_fold(name):
   scorer = scorers.get(name)
-  assert isinstance(scorer.fold, _protocol.Fold)
+  assert isinstance(scorer.fold, fold_lib.Fold)
   _, _, kernel, bias = _problem()
-  assert _protocol.passes_of(scorer.fold, scorer.fold.init(kernel, bias)) in (1, 2)
+  assert fold_lib.passes_of(scorer.fold, scorer.fold.init(kernel, bias)) in (1, 2)
   params = inspect.signature(scorer.fold.init).parameters.values()
   assert dict(scorer.defaults) == {
       p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
@@ -57,7 +57,7 @@ def test_merged_parts_equal_the_whole(name, edges):
   scorer = scorers.get(name)
   hparams = SMALL.get(name, {})
   whole = scorer.fit(train, labels, kernel, bias, **hparams)
-  merged = _protocol.run_parts(scorer.fold, _split(train, labels, edges), kernel, bias,
+  merged = fold_lib.fit_parts(scorer.fold, _split(train, labels, edges), kernel, bias,
                                **hparams)
   if name == "line":  # Masks are exact; the contributions' float64 sums differ in order only.
     np.testing.assert_array_equal(merged.neuron_mask, whole.neuron_mask)
@@ -72,7 +72,7 @@ def test_no_data_in_any_part_is_an_error(name):
   if not scorer.fold.reads_data:
     pytest.skip(f"{name} reads no data")
   with pytest.raises(ValueError, match="empty"):
-    _protocol.run_parts(scorer.fold, [[], []], kernel, bias, **SMALL.get(name, {}))
+    fold_lib.fit_parts(scorer.fold, [[], []], kernel, bias, **SMALL.get(name, {}))
 
 
 @pytest.mark.parametrize("name", scorers.names())
@@ -91,7 +91,7 @@ def test_accumulator_survives_an_orbax_round_trip_mid_stream(name, tmp_path):
   restored = checkpointer.restore(tmp_path / "acc", target=jax.tree.map(np.asarray, acc))
   for a in (acc, restored):
     a = fold.update(a, train[60:], labels[60:])
-    if _protocol.passes_of(fold, a) == 2:
+    if fold_lib.passes_of(fold, a) == 2:
       a = fold.next_pass(a)
       a = fold.update(fold.update(a, train[:60], labels[:60]), train[60:], labels[60:])
     chex.assert_trees_all_close(fold.finalize(a),
@@ -111,10 +111,10 @@ def test_merging_numpy_accumulators_keeps_float64(name):
   parts = []
   for a, b in ((0, 70), (70, 150)):
     acc = fold.update(fold.init(kernel, bias, **hparams), train[a:b], labels[a:b])
-    parts.append(jax.tree.map(np.asarray, acc))  # As `_protocol.gather` returns them.
-  single = _protocol.passes_of(fold, fold.init(kernel, bias, **hparams)) == 1
-  merged = fold.finalize(_protocol.merge_all(fold, parts)) if single else None
+    parts.append(jax.tree.map(np.asarray, acc))  # As `distributed.gather` returns them.
+  single = fold_lib.passes_of(fold, fold.init(kernel, bias, **hparams)) == 1
+  merged = fold.finalize(fold_lib.merge_all(fold, parts)) if single else None
   if merged is not None:
-    direct = _protocol.run_parts(fold, _split(train, labels, (0, 70, 150)), kernel, bias,
+    direct = fold_lib.fit_parts(fold, _split(train, labels, (0, 70, 150)), kernel, bias,
                                  **hparams)
     chex.assert_trees_all_equal(merged, direct)

@@ -12,10 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+from line_jax import fold as fold_lib
 from line_jax import scorers
-from line_jax import tune
-from line_jax.scorers import _common
-from line_jax.scorers import _protocol
+from line_jax.runs import tune
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -286,8 +285,8 @@ def test_nnguide_bank_is_the_seeded_hash_subset_however_the_data_arrive():
   order = np.random.default_rng(1).permutation(N)
   batches = [(train[order[a:a + 17]], labels[order[a:a + 17]]) for a in range(0, N, 17)]
   streamed = scorers.get("nnguide").fit_from_batches(batches, kernel, bias, **hp)
-  merged = _protocol.run_parts(scorers.get("nnguide").fold, [batches[:3], batches[3:]],
-                               kernel, bias, **hp)
+  merged = fold_lib.fit_parts(scorers.get("nnguide").fold, [batches[:3], batches[3:]],
+                              kernel, bias, **hp)
   chex.assert_trees_all_equal(streamed, whole)
   chex.assert_trees_all_equal(merged, whole)
   other = scorers.get("nnguide").fit(train, labels, kernel, bias, **{**hp, "seed": 8})
@@ -409,30 +408,6 @@ def test_in_distribution_scores_higher(name):
   # AUROC: the share of (ID, OOD) pairs ranked the right way.
   auroc = np.mean(id_scores[:, None] > ood_scores[None, :])
   assert auroc > 0.95, (name, auroc)
-
-
-@pytest.fixture
-def batch_major(monkeypatch):
-  monkeypatch.setattr(_common, "_CLASS_MAJOR_MAX_BATCH", -1)
-  jax.clear_caches()
-  yield
-  monkeypatch.undo()
-  jax.clear_caches()
-
-
-@pytest.fixture(scope="module")
-def class_major_scores():
-  jax.clear_caches()
-  assert _common.class_major(B)
-  return {name: _fit_score(name, k=5)[0] if name == "nnguide" else _fit_score(name)[0]
-          for name in NEW}
-
-
-@pytest.mark.parametrize("name", NEW)
-def test_both_logit_layouts_give_the_same_scores(name, class_major_scores, batch_major):
-  assert not _common.class_major(B)
-  got = _fit_score(name, k=5)[0] if name == "nnguide" else _fit_score(name)[0]
-  _close(got, class_major_scores[name], rtol=2e-5)
 
 
 BAD = [

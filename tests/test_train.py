@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from line_jax import _checkpoint
-from line_jax import train as train_lib
+from line_jax import models
+from line_jax import train as train_cli
+from line_jax.runs import train as train_lib
 
 # A 4-wide resnet_small keeps every test to a few seconds on a CPU.
 TINY = dict(model="resnet_small", num_classes=3, batch_size=16, epochs=1,
@@ -89,13 +90,13 @@ def saved(tmp_path_factory):
   config = train_lib.checkpoint_config(
       train_lib.TrainConfig(**TINY), (28, 28, 1), metrics)
   path = tmp_path_factory.mktemp("ckpt") / "model"
-  _checkpoint.save_model(path, variables, config)
+  models.save_checkpoint(path, variables, config)
   return path, variables, config
 
 
 def test_round_trip_is_bit_exact(saved):
   path, variables, config = saved
-  model, restored, restored_config = _checkpoint.load_model(path)
+  model, restored, restored_config = models.load_checkpoint(path)
   assert_trees_equal(variables, jax.device_get(restored))
   assert restored_config == config
   logits, _ = model.apply(restored, np.zeros((2, 28, 28, 1), np.float32))
@@ -120,12 +121,12 @@ def test_config_json_records_the_run(saved):
 def test_save_refuses_an_existing_folder(saved):
   path, variables, config = saved
   with pytest.raises(ValueError, match="already exists"):
-    _checkpoint.save_model(path, variables, config)
+    models.save_checkpoint(path, variables, config)
 
 
 def test_missing_folder(tmp_path):
   with pytest.raises(ValueError, match="does not exist") as e:
-    _checkpoint.load_model(tmp_path / "nowhere")
+    models.load_checkpoint(tmp_path / "nowhere")
   assert str(tmp_path / "nowhere") in str(e.value)
 
 
@@ -140,10 +141,10 @@ def test_missing_or_corrupt_config(saved, tmp_path):
   path = copy_checkpoint(saved, tmp_path)
   (path / "config.json").write_text("{not json")
   with pytest.raises(ValueError, match="config.json is not valid JSON"):
-    _checkpoint.load_model(path)
+    models.load_checkpoint(path)
   (path / "config.json").unlink()
   with pytest.raises(ValueError, match="config.json not found"):
-    _checkpoint.load_model(path)
+    models.load_checkpoint(path)
 
 
 @pytest.mark.parametrize("which", ["all", "largest"])
@@ -157,7 +158,7 @@ def test_truncated_weights(saved, tmp_path, which):
     with open(file, "r+b") as f:
       f.truncate(os.path.getsize(file) // 2)
   with pytest.raises(ValueError, match="variables") as e:
-    _checkpoint.load_model(path)
+    models.load_checkpoint(path)
   assert str(path) in str(e.value)
 
 
@@ -166,7 +167,7 @@ def test_missing_weights(saved, tmp_path):
   path = copy_checkpoint(saved, tmp_path)
   shutil.rmtree(path / "variables")
   with pytest.raises(ValueError, match="has no weights"):
-    _checkpoint.load_model(path)
+    models.load_checkpoint(path)
 
 
 @pytest.mark.parametrize("change", [
@@ -180,7 +181,7 @@ def test_config_that_does_not_match_the_weights(saved, tmp_path, change):
   config = {**saved[2], **change}
   (path / "config.json").write_text(json.dumps(config))
   with pytest.raises(ValueError, match="architecture") as e:
-    _checkpoint.load_model(path)
+    models.load_checkpoint(path)
   assert str(path) in str(e.value)
 
 
@@ -211,10 +212,10 @@ def test_main_on_an_image_folder_equals_train_on_its_arrays(tmp_path, narrow, ca
   image_folder(tmp_path / "data" / "train", images[:48], labels[:48])
   image_folder(tmp_path / "data" / "test", images[48:], labels[48:])
   out = tmp_path / "run"
-  train_lib.main(["--out", str(out), "--dataset", str(tmp_path / "data"), "--epochs", "1",
-                  "--batch-size", "16", "--seed", "3", "--workers", "0", "--quiet"])
+  train_cli.main(["--out", str(out), "--dataset", str(tmp_path / "data"), "--epochs", "1",
+                "--batch-size", "16", "--seed", "3", "--workers", "0", "--quiet"])
   assert capsys.readouterr().err == ""  # --quiet: no progress
-  model, variables, config = _checkpoint.load_model(out)
+  model, variables, config = models.load_checkpoint(out)
   # ImageFolder order: classes sorted, files sorted within each.
   order = np.lexsort((np.arange(48), labels[:48]))
   x, y = images[:48][order][..., None], labels[:48][order]
@@ -242,12 +243,12 @@ def test_main_on_fashion_mnist_reads_debians_files_never_tfds(tmp_path, narrow, 
   for name in ("load", "data_source", "builder"):
     monkeypatch.setattr(tfds, name, no_tfds)
   out = tmp_path / "run"
-  train_lib.main(["--out", str(out), "--max-examples", "32", "--epochs", "1",
-                  "--batch-size", "16"])  # --dataset fashion_mnist: the default
+  train_cli.main(["--out", str(out), "--max-examples", "32", "--epochs", "1",
+                "--batch-size", "16"])  # --dataset fashion_mnist: the default
   _, err = capsys.readouterr()
   # Not a terminal: plain progress lines, no carriage-return frames.
   assert "\r" not in err and err.splitlines()[-1].startswith("train: 32/32")
-  _, _, config = _checkpoint.load_model(out)
+  _, _, config = models.load_checkpoint(out)
   assert config["dataset"] == "fashion_mnist" and config["num_classes"] == 10
   assert config["mean"] == [0.2860] and config["std"] == [0.3530]
   assert "test_accuracy" in config and config["input_shape"] == [28, 28, 1]
@@ -258,15 +259,15 @@ def test_main_on_an_npy_folder_has_no_test_split(tmp_path, narrow):
   (tmp_path / "data").mkdir()
   np.save(tmp_path / "data" / "images.npy", images)
   np.save(tmp_path / "data" / "labels.npy", labels)
-  train_lib.main(["--out", str(tmp_path / "run"), "--dataset", str(tmp_path / "data"),
-                  "--epochs", "1", "--batch-size", "16", "--quiet"])
-  _, _, config = _checkpoint.load_model(tmp_path / "run")
+  train_cli.main(["--out", str(tmp_path / "run"), "--dataset", str(tmp_path / "data"),
+                "--epochs", "1", "--batch-size", "16", "--quiet"])
+  _, _, config = models.load_checkpoint(tmp_path / "run")
   assert "test_accuracy" not in config and config["steps"] == 2
 
 
 def _one_line_error(capsys, argv, match):
   with pytest.raises(SystemExit) as e:
-    train_lib.main(argv)
+    train_cli.main(argv)
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
@@ -293,7 +294,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
 
 def test_help_shows_the_module_and_the_defaults(capsys):
   with pytest.raises(SystemExit):
-    train_lib.main(["--help"])
+    train_cli.main(["--help"])
   text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
   assert text.startswith("usage: python -m line_jax.train")
   assert "(default: fashion_mnist)" in text and "(default: 5)" in text
@@ -303,8 +304,8 @@ def test_help_shows_the_module_and_the_defaults(capsys):
 def test_read_images_resizes_and_converts(tmp_path):
   images, labels = tiny_data(5)
   image_folder(tmp_path / "f", images, labels)
-  from line_jax.data import _named
-  x, y = train_lib.read_images(_named.open_source(str(tmp_path / "f")), image_size=14,
+  from line_jax import data
+  x, y = train_lib.read_images(data.open_source(str(tmp_path / "f")), image_size=14,
                                channels=3, workers=0)
   assert x.shape == (5, 14, 14, 3) and x.dtype == np.uint8
   np.testing.assert_array_equal(x[..., 0], x[..., 2])  # gray as RGB

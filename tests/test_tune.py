@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import random_problem
+from line_jax import data as data_lib
+from line_jax import fold as fold_lib
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
-from line_jax import tune
-from line_jax.scorers import _protocol
+from line_jax.data import _embedded_ood
+from line_jax.runs import tune
 from line_jax.scorers import _registry
 
 # Grid values that are percentiles of all training activations.
@@ -95,7 +97,7 @@ def test_each_grid_point_scores_as_the_registry_fitted_there(method, data):
   n_id = val_id.shape[0]
   for point, row, expected in zip(points, result["grid"], want):
     assert row["hparams"] == pytest.approx(_registry_hparams(method, point, train))
-    metrics = metrics_lib.evaluate(expected[:n_id], expected[n_id:])
+    metrics = metrics_lib.ood_metrics(expected[:n_id], expected[n_id:])
     assert row["metrics"] == pytest.approx(metrics, abs=1e-12), point
   best = max(result["grid"], key=lambda r: (r["metrics"]["auroc"], -r["metrics"]["fpr95"]))
   assert result["best"] == best["hparams"] and result["metrics"] == best["metrics"]
@@ -106,7 +108,7 @@ def test_best_pastes_into_fit_unchanged(method, data):
   train, n_id = data[0], data[4].shape[0]
   result = tune.tune_method(method, *data, grid=_small(tune.GRIDS[method]), check=True)
   scores = _registry_scores(method, result["best"], data)  # fit(**best), nothing else
-  got = metrics_lib.evaluate(scores[:n_id], scores[n_id:])
+  got = metrics_lib.ood_metrics(scores[:n_id], scores[n_id:])
   assert got == pytest.approx(result["metrics"], abs=1e-3)  # ties may flip in float32
   if method == "line":
     clip = result["best"]["clip"]
@@ -213,9 +215,10 @@ def _toy(update):
     del kernel, bias
     return _Acc(jnp.zeros(()), jnp.asarray(offset, jnp.float32), scale)
 
-  fold = _protocol.Fold(init=init, update=update, finalize=lambda acc: acc,
-                        merge=_protocol.add_fields("total"))
-  return scorers.Scorer("toy", fold, lambda state, f: f[:, 0], {"offset": 0.0, "scale": 1.0})
+  fold = fold_lib.Fold(init=init, update=update, finalize=lambda acc: acc,
+                       merge=fold_lib.add_fields("total"))
+  return scorers.Scorer("toy", fold, lambda state, f: f[:, 0], {"offset": 0.0, "scale": 1.0},
+                        _Acc)
 
 
 def test_fold_once_grafts_only_what_the_update_ignores(data):
@@ -232,11 +235,11 @@ def test_fold_once_grafts_only_what_the_update_ignores(data):
 
 def test_grid_points_and_validation_set():
   assert tune.grid_points({"a": (1, 2), "b": (3,)}) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
-  images = tune.validation_ood(size=12, seed=0)
+  images = data_lib.validation_ood(size=12, seed=0)
   assert images.shape == (12, 28, 28, 1) and images.dtype == np.uint8
-  np.testing.assert_array_equal(images, tune.validation_ood(size=12, seed=0))
-  assert not set(tune.VALIDATION_SOURCES) & {"brick", "grass", "gravel", "camera", "astronaut",
-                                             "coffee", "chelsea", "rocket", "coins"}
+  np.testing.assert_array_equal(images, data_lib.validation_ood(size=12, seed=0))
+  assert not set(_embedded_ood.VALIDATION_SOURCES) & {
+      "brick", "grass", "gravel", "camera", "astronaut", "coffee", "chelsea", "rocket", "coins"}
 
 
 def test_grid_points_a_model_cannot_take_are_skipped_and_reported(data):

@@ -3,7 +3,9 @@
 Streaming (any size): a random-access source (`ImageFolderSource`,
 `TfdsSource`, `npy_source`, `fashion_mnist_source`, `ArraySource`) and
 `image_batches(source, Preprocess(...), batch_size=...)`, the grain pipeline.
-In memory (small sets): `load_split`, `load_image_folder`, `ood_set`.
+In memory (small sets): `load_split`, `load_image_folder`, `ood_set`,
+`validation_ood`. `open_source(spec, split)` is the one naming every CLI
+takes ('fashion_mnist', 'tfds:NAME', a folder).
 
 The TFDS-backed names (`load_split`, `FashionMnistLocal`, ...) import
 tensorflow-datasets on first use, which registers `fashion_mnist_local`; the
@@ -13,6 +15,7 @@ pipeline names import grain on first use.
 from line_jax.data._embedded_ood import OOD_SET_NAMES
 from line_jax.data._embedded_ood import ood_set
 from line_jax.data._embedded_ood import ood_sets
+from line_jax.data._embedded_ood import validation_ood
 from line_jax.data._idx import read_idx
 from line_jax.data._idx import write_idx
 from line_jax.data._image_folder import CURATED_OOD
@@ -21,6 +24,7 @@ from line_jax.data._image_folder import download_curated
 from line_jax.data._image_folder import load_curated
 from line_jax.data._image_folder import load_image_folder
 from line_jax.data._npy import load_ood_npy
+from line_jax.data._named import open_source
 from line_jax.data._npy import parse_extra_ood
 from line_jax.data._preprocess import MEAN_STD
 from line_jax.data._preprocess import center_crop
@@ -64,6 +68,7 @@ __all__ = (
     "load_ood_npy",
     "load_split",
     "normalize",
+    "open_source",
     "npy_source",
     "ood_set",
     "ood_sets",
@@ -74,7 +79,7 @@ __all__ = (
     "resize_center_crop",
     "resize_center_crop_batch",
     "resize_shorter_side",
-    "shard_dataset",
+    "validation_ood",
     "write_idx",
 )
 
@@ -94,7 +99,6 @@ _LAZY = {
     "Preprocess": ("line_jax.data._pipeline", "Preprocess"),
     "image_batches": ("line_jax.data._pipeline", "image_batches"),
     "prefetch_to_device": ("line_jax.data._pipeline", "prefetch_to_device"),
-    "shard_dataset": ("line_jax.data._pipeline", "shard_dataset"),
 }
 
 

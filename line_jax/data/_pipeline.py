@@ -45,9 +45,9 @@ import jax
 import numpy as np
 import PIL.Image
 
+from line_jax import distributed
 from line_jax.data import _preprocess
 
-SHARD_MODES = ("contiguous", "strided")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +212,9 @@ def image_batches(
       calling thread.
     prefetch: records decoded ahead of the consumer (rounded up to whole
       chunks); None is two batches.
-    shard: None reads every record. "contiguous" gives process `i` of `n` the
-      records `[i * N // n, (i + 1) * N // n)`, a block of the files (better
-      disk locality); "strided" gives it records `i, i + n, i + 2n, ...`.
-      Either way the shards cover every record exactly once and their sizes
-      differ by at most one.
+    shard: None reads every record; "contiguous" or "strided" reads this
+      process's share (`line_jax.distributed.record_shard`: a block of the
+      files, or records `i, i + n, ...`).
     process_index, process_count: the shard to read; None takes
       `jax.process_index()` / `jax.process_count()`.
     seed: shuffle the records with this seed before sharding (the same
@@ -235,7 +233,8 @@ def image_batches(
   if seed is not None:
     records = records.shuffle(seed)
   if shard is not None:
-    records = shard_dataset(records, shard, process_index, process_count)
+    records = records[distributed.record_shard(len(records), shard, process_index,
+                                               process_count)]
   per_batch = -(-batch_size // min(MAX_CHUNK, max(1, batch_size // max(workers, 1))))
   chunks = _Chunks(len(records), batch_size, per_batch)
   prefetch = 2 * batch_size if prefetch is None else prefetch
@@ -295,21 +294,6 @@ def _concatenate(parts):
     shapes = sorted({images.shape[1:] for images, _ in parts})
     raise ValueError(f"images of one batch differ in shape {shapes}: give "
                      "Preprocess an image_size to resize and crop them") from e
-
-
-def shard_dataset(dataset: grain.MapDataset, mode: str, index: int | None = None,
-                  count: int | None = None) -> grain.MapDataset:
-  """Process `index` of `count`'s share of `dataset`; see `image_batches`."""
-  if mode not in SHARD_MODES:
-    raise ValueError(f"shard must be one of {SHARD_MODES}, got {mode!r}")
-  index = jax.process_index() if index is None else index
-  count = jax.process_count() if count is None else count
-  if not 0 <= index < count:
-    raise ValueError(f"process index {index} out of range for {count} processes")
-  if mode == "strided":
-    return dataset[index::count]
-  n = len(dataset)
-  return dataset[index * n // count:(index + 1) * n // count]
 
 
 def prefetch_to_device(batches: Iterable[Any], size: int = 2,

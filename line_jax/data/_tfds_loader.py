@@ -127,7 +127,7 @@ def load_split(
   if count == 0:
     raise ValueError(f"{name} split {split!r} is empty")
   images, labels = None, np.empty((count,), np.int32)
-  # One record at a time: `__getitems__` would be ~30% faster but TFDS's own
+  # One record at a time: `__getitems__` would be faster but TFDS's own
   # `mock_data` breaks it, and these loaders are tested under `mock_data`.
   for i in range(count):
     example = source[i]

@@ -12,9 +12,11 @@ head. Two exact ways to apply them without a `[batch, classes, features]` or
   the ImageNet head, batch 256), so grouped is the CPU default.
 * "dense": one fused masked reduction over features for all samples at once.
   No data-dependent loop; on GPU XLA fuses it into one reduction kernel
-  (7.8 MiB temporary at the ImageNet head) and it ran 2-9x faster than grouped
-  on an H200 at every head shape (benchmarks/results/nvidia-h200), so it is
-  the default off the CPU.
+  (7.8 MiB temporary at the ImageNet head) and it ran faster than grouped on
+  an H200 at every head shape (benchmarks/results/nvidia-h200), so it is the
+  default off the CPU.
+
+`line_jax.layout` decides "auto": grouped for the CPU, dense for accelerators.
 
 Both compute the same function; tests check that they agree.
 """
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 from line_jax import _buckets
 from line_jax import _matmul
 from line_jax import _validation
+from line_jax import layout as layout_lib
 from line_jax.line._fit import LineState
 
 STRATEGIES = ("auto", "grouped", "dense")
@@ -42,10 +45,10 @@ def _tile_rows(batch: int, num_classes: int) -> int:
   return int(min(batch, max(8, rows)))
 
 
-def _choose(strategy: str) -> str:
+def _choose(strategy: str, layout: layout_lib.Layout | None) -> str:
   if strategy != "auto":
     return strategy
-  return "grouped" if jax.default_backend() == "cpu" else "dense"
+  return "grouped" if layout_lib.resolve(layout).cpu else "dense"
 
 
 def _masked_head(state: LineState, cls: jax.Array) -> jax.Array:
@@ -85,15 +88,17 @@ def _dense_logits(state: LineState, kept: jax.Array, pred: jax.Array) -> jax.Arr
   return jnp.sum(terms, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("strategy",))
-def _score(state: LineState, features: jax.Array, *, strategy: str = "auto") -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("strategy", "layout"))
+def _score(state: LineState, features: jax.Array, layout: layout_lib.Layout | None = None, *,
+           strategy: str = "auto") -> jax.Array:
   """LINe scores; higher = more in-distribution.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` pooled penultimate activations.
-    strategy: "auto" (grouped on CPU, dense elsewhere), "grouped" or "dense";
-      all give the same scores.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default
+      backend's); "auto" is grouped on the CPU, dense elsewhere.
+    strategy: "auto", "grouped" or "dense"; all give the same scores.
 
   Returns:
     `[batch]` float32 energies `logsumexp(masked logits)`.
@@ -105,7 +110,7 @@ def _score(state: LineState, features: jax.Array, *, strategy: str = "auto") -> 
   clipped = jnp.minimum(features.astype(jnp.float32), state.clip)
   pred = jnp.argmax(_matmul.dot(clipped, state.kernel) + state.bias, axis=-1)
   kept = jnp.where(state.neuron_mask[pred], clipped, 0.0)
-  if _choose(strategy) == "grouped":
+  if _choose(strategy, layout) == "grouped":
     logits = _grouped_logits(state, kept, pred)
   else:
     logits = _dense_logits(state, kept, pred)

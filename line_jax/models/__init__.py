@@ -5,9 +5,15 @@ final Dense layer `fc`, non-negative after ReLU): what line_jax's scorers take,
 with the head `head_params(variables, head="fc")`. Any other Flax Linen or NNX
 network gives the same through its final Dense layer's name
 (`feature_apply`, `head_params`); `load_torch_checkpoint` imports PyTorch
-`state_dict`s (torchvision's ResNets among them) into these models.
+`state_dict`s (torchvision's ResNets among them) into these models;
+`save_checkpoint` / `load_checkpoint` keep a model with its config (orbax, no
+pickle), the form every CLI's `--checkpoint` takes.
 """
 
+from line_jax.models._checkpoint import DEFAULT_CHECKPOINT
+from line_jax.models._checkpoint import load_checkpoint
+from line_jax.models._checkpoint import read_checkpoint_config
+from line_jax.models._checkpoint import save_checkpoint
 from line_jax.models._densenet import DenseNet
 from line_jax.models._densenet import DenseNetBC100
 from line_jax.models._head import dense_layers
@@ -31,6 +37,7 @@ from line_jax.models._torch_import import read_torch_state_dict
 from line_jax.models._torch_import import variables_from_state_dict
 
 __all__ = (
+    "DEFAULT_CHECKPOINT",
     "BasicBlock",
     "BottleneckBlock",
     "DenseNet",
@@ -48,8 +55,11 @@ __all__ = (
     "ResNetSmall",
     "get_model",
     "input_shapes",
+    "load_checkpoint",
     "load_torch_checkpoint",
+    "read_checkpoint_config",
     "read_torch_state_dict",
     "registry",
+    "save_checkpoint",
     "variables_from_state_dict",
 )

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
+from line_jax.scorers import _select
 from line_jax.scorers import _shaping
 
 PERCENTILE_P = 60.0
@@ -32,18 +35,33 @@ PERCENTILE_S = 90.0
 GRID = {"percentile": (50.0, 60.0, 70.0, 80.0, 90.0, 95.0)}
 
 
+@flax.struct.dataclass
+class AshPState(_shaping.ShapingState):
+  """ASH-P's fitted state (`ShapingState`)."""
 
-FOLD_P = _shaping.fold(PERCENTILE_P)
-FOLD_B = _shaping.fold(PERCENTILE_B)
-FOLD_S = _shaping.fold(PERCENTILE_S)
+
+@flax.struct.dataclass
+class AshBState(_shaping.ShapingState):
+  """ASH-B's fitted state (`ShapingState`)."""
 
 
-def shape(features: jax.Array, k, variant: str) -> jax.Array:
+@flax.struct.dataclass
+class AshSState(_shaping.ShapingState):
+  """ASH-S's fitted state (`ShapingState`)."""
+
+
+FOLD_P = _shaping.shaping_fold(PERCENTILE_P, AshPState)
+FOLD_B = _shaping.shaping_fold(PERCENTILE_B, AshBState)
+FOLD_S = _shaping.shaping_fold(PERCENTILE_S, AshSState)
+
+
+def shape(features: jax.Array, k, variant: str, *, unroll: bool | None = None) -> jax.Array:
   """ASH-`variant` keeping the `k` largest of `[batch, features]` float32 rows.
 
-  `k` (from `_shaping.kept_count`) is an int or a traced int32 scalar.
+  `k` (from `_shaping.kept_count`) is an int or a traced int32 scalar;
+  `unroll` is `_select`'s (speed only).
   """
-  mask = _shaping.top_k_mask(features, k)
+  mask = _shaping.top_k_mask(features, k, unroll=unroll)
   before = jnp.sum(features, axis=1, keepdims=True)
   if variant == "b":
     return jnp.where(mask, before / jnp.asarray(k, jnp.float32), 0.0)
@@ -57,13 +75,22 @@ def shape(features: jax.Array, k, variant: str) -> jax.Array:
   return pruned * jnp.exp(ratio)
 
 
-def _score(state: _shaping.ShapingState, features: jax.Array, *, variant: str) -> jax.Array:
-  """`[batch]` energies of the shaped features; higher = more ID."""
+def _score(state: _shaping.ShapingState, features: jax.Array,
+           layout: layout_lib.Layout | None = None, *, variant: str) -> jax.Array:
+  """`[batch]` energies of the shaped features; higher = more ID.
+
+  Args:
+    state: from `fit`.
+    features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
+    variant: "p", "b" or "s".
+  """
   _common.check_width(features, state.weight.shape[1])
-  shaped = shape(features.astype(jnp.float32), state.kept, variant)
-  return _common.head_energy(state, shaped)
+  shaped = shape(features.astype(jnp.float32), state.kept, variant,
+                 unroll=_select.unrolled(layout))
+  return _common.head_energy(state, shaped, layout)
 
 
-score_p = jax.jit(functools.partial(_score, variant="p"))
-score_b = jax.jit(functools.partial(_score, variant="b"))
-score_s = jax.jit(functools.partial(_score, variant="s"))
+score_p = _common.score_jit(functools.partial(_score, variant="p"))
+score_b = _common.score_jit(functools.partial(_score, variant="b"))
+score_s = _common.score_jit(functools.partial(_score, variant="s"))

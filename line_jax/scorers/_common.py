@@ -8,7 +8,8 @@ check.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+import functools
 import numbers
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 
 from line_jax import _matmul
 from line_jax import _validation
+from line_jax import layout as layout_lib
 
 
 @flax.struct.dataclass
@@ -49,14 +51,21 @@ def head_state(kernel, bias) -> HeadState:
   return HeadState(weight=kernel.T, bias=jnp.asarray(bias, jnp.float32))
 
 
-def make_head(kernel, bias) -> HeadState:
-  """Checks a `[features, classes]` kernel and bias (or None); the `HeadState`.
+def head_init(cls: type) -> Callable[[Any, Any], HeadState]:
+  """`init(kernel, bias) -> cls` of a scorer that fits nothing from data.
 
-  The whole fit of a scorer that learns nothing from data (MSP, MaxLogit,
-  Energy, GradNorm): its accumulator is its state.
+  The whole fit of MSP, MaxLogit, Energy, GradNorm and Entropy: checks a
+  `[features, classes]` kernel and bias (or None); the accumulator is the
+  state, of the scorer's own `HeadState` subclass (so a saved state says
+  whose it is).
   """
-  check_head(kernel, bias)
-  return head_state(kernel, bias)
+
+  def init(kernel, bias) -> HeadState:
+    check_head(kernel, bias)
+    head = head_state(kernel, bias)
+    return cls(head.weight, head.bias)
+  init.__name__ = f"init_{cls.__name__}"
+  return init
 
 
 # --- inputs: NumPy, JAX, lists, PyTorch tensors -> arrays (`_validation.as_array`) -----------
@@ -87,7 +96,7 @@ class _ArrayBatches:
 def array_batches(batches: Iterable) -> Iterable:
   """`(features, labels)` batches converted one by one as they are read.
 
-  One-shot stays one-shot (so `batches_of` still tells a generator from a
+  One-shot stays one-shot (so the fold still tells a generator from a
   re-iterable), re-iterable stays re-iterable.
   """
   if isinstance(batches, Iterator):
@@ -143,38 +152,6 @@ def check_head(kernel, bias) -> tuple[int, int]:
   return num_features, num_classes
 
 
-def check_batch(features, labels, num_features: int, num_classes: int, *,
-                needs_labels: bool = False) -> None:
-  """Validates one streamed `(features, labels)` batch against the head."""
-  _validation.features(features, width=num_features)
-  if labels is None:
-    if needs_labels:
-      raise ValueError("labels are required: this scorer fits per-class statistics")
-  else:
-    _validation.labels(labels, features.shape[0], num_classes)
-
-
-def batches_of(batches: Iterable, *, passes: int = 1) -> Iterable:
-  """Checks that `batches` can be iterated `passes` times.
-
-  A generator or other iterator can only be read once; a scorer that needs
-  two passes over the training data says so instead of silently seeing an
-  empty second pass.
-  """
-  if passes > 1 and isinstance(batches, Iterator):
-    raise TypeError(
-        f"this scorer reads the training batches {passes} times; pass a "
-        "re-iterable (a list, or an object whose __iter__ starts over), not a "
-        "one-shot iterator or generator"
-    )
-  return batches
-
-
-def no_batches() -> ValueError:
-  """The error for a stream that held no sample."""
-  return ValueError("batches is empty: no training sample to fit on")
-
-
 def integer(name: str, value, *, low: int = 1) -> int:
   """Checks an integer hyperparameter (a count, a dimension, a seed) >= `low`."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -189,41 +166,33 @@ def check_width(features: jax.Array, num_features: int) -> None:
   _validation.feature_shape(features.shape, num_features)
 
 
-def logits(state, features: jax.Array) -> tuple[jax.Array, int]:
+# Every score is `score(state, features, layout=None)`, jitted once per
+# layout: the layout (`line_jax.layout`) is static, None meaning the default
+# backend's.
+score_jit = functools.partial(jax.jit, static_argnames=("layout",))
+
+
+def logits(state, features: jax.Array, layout: layout_lib.Layout | None = None
+           ) -> tuple[jax.Array, int]:
   """Float32 logits of the head held by `state`, and their class axis.
 
   Args:
     state: holds `weight` `[classes, features]` and `bias` `[classes]`.
     features: `[batch, features]`.
-
-  Returns:
-    `(z, axis)`: on CPU for batches up to `_CLASS_MAJOR_MAX_BATCH`, `z` is
-    class-major `[classes, batch]` and `axis` is 0; otherwise `z` is
-    `[batch, classes]` and `axis` is 1. Reduce over `axis`.
+    layout: where `layout.class_major(batch)` (CPU batches up to a few
+      thousand rows, whose fused reductions run faster over class-major
+      logits), `z` is `[classes, batch]` and `axis` is 0; otherwise `z` is
+      `[batch, classes]` and `axis` is 1 (accelerators, where both are one
+      GEMM). Reduce over `axis`.
   """
   h = features.astype(jnp.float32)
-  if class_major(h.shape[0]):
+  if layout_lib.resolve(layout).class_major(h.shape[0]):
     return _matmul.dot(state.weight, h.T) + state.bias[:, None], 0
   return _matmul.dot(h, state.weight.T) + state.bias, 1
 
 
-# On XLA:CPU, scores fused over class-major logits `weight @ h^T` run faster
-# than over `h @ kernel` at batch 256 (measured against PyTorch in the same
-# process: MaxLogit 0.96-1.10x -> 1.17-1.21x at 100 x 342, 1.68x -> 2.16x at
-# 1000 x 2048; GradNorm 0.99-1.04x -> 1.09-1.32x at 100 x 342). At 4096 x
-# 1000 x 2048 the class-major product is the slower one for MaxLogit, MSP and
-# GradNorm (1.4x against 1.8x PyTorch), so large batches stay batch-major; so
-# do accelerators, where both layouts are one GEMM.
-_CLASS_MAJOR_MAX_BATCH = 2048
-
-
-def class_major(batch: int) -> bool:
-  """Whether `logits` of a `batch`-row input come class-major (trace time)."""
-  return jax.default_backend() == "cpu" and batch <= _CLASS_MAJOR_MAX_BATCH
-
-
 def logit_scorer(of_logits, doc: str):
-  """A jitted `score(state, features)` that is `of_logits(*logits(...))`.
+  """A jitted `score(state, features, layout=None)` that is `of_logits(*logits(...))`.
 
   For the scorers that only read the logits of the head their state holds
   (MSP, MaxLogit, Energy; DICE's sparsified head); `of_logits(z, axis)`
@@ -231,16 +200,17 @@ def logit_scorer(of_logits, doc: str):
   `[batch]` scores are.
   """
 
-  @jax.jit
-  def score(state, features: jax.Array) -> jax.Array:
+  @score_jit
+  def score(state, features: jax.Array, layout: layout_lib.Layout | None = None) -> jax.Array:
     check_width(features, state.weight.shape[1])
-    return of_logits(*logits(state, features))
+    return of_logits(*logits(state, features, layout))
 
   score.__doc__ = doc + """
 
   Args:
     state: from `fit` (the head).
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   return score
 
@@ -254,6 +224,7 @@ def energy(logits_: jax.Array, axis: int = -1) -> jax.Array:
   return jax.nn.logsumexp(logits_, axis=axis)
 
 
-def head_energy(state, features: jax.Array) -> jax.Array:
+def head_energy(state, features: jax.Array, layout: layout_lib.Layout | None = None
+                ) -> jax.Array:
   """`[batch]` energies of `features` under the head held by `state`."""
-  return energy(*logits(state, features))
+  return energy(*logits(state, features, layout))

@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _validation
+from line_jax import fold
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
 SPARSITY = 70.0
 # The tuning grid (`python -m line_jax.tune`).
 GRID = {"p": (10.0, 30.0, 50.0, 70.0, 90.0)}
-
 
 
 @flax.struct.dataclass
@@ -87,8 +86,8 @@ def finalize(acc: DiceAcc) -> DiceState:
   return DiceState(jnp.where(jnp.asarray(keep).T, acc.head.weight, 0.0), acc.head.bias)
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize,
-                      merge=_protocol.add_fields("sums", "count"))
+FOLD = fold.Fold(init=init, update=update, finalize=finalize,
+                 merge=fold.add_fields("sums", "count"))
 
 
 # Energy under the sparsified head: the same scorer as Energy, over DiceState.

@@ -6,11 +6,18 @@ NeurIPS 2020. Temperature 1, as the paper uses for pretrained models.
 
 from __future__ import annotations
 
+import flax.struct
 
+from line_jax import fold
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
-FOLD = _protocol.head_fold(_common.make_head)
+
+@flax.struct.dataclass
+class EnergyState(_common.HeadState):
+  """Energy's fitted state: the head (`HeadState`)."""
+
+
+FOLD = fold.head_fold(_common.head_init(EnergyState))
 
 
 score = _common.logit_scorer(

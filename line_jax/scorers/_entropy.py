@@ -14,13 +14,20 @@ and such a class adds its exact limit 0.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from line_jax import fold
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
-FOLD = _protocol.head_fold(_common.make_head)
+
+@flax.struct.dataclass
+class EntropyState(_common.HeadState):
+  """Entropy's fitted state: the head (`HeadState`)."""
+
+
+FOLD = fold.head_fold(_common.head_init(EntropyState))
 
 
 def negative_entropy(z: jax.Array, axis: int) -> jax.Array:

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
 # The tuning grid (`python -m line_jax.tune`): OpenOOD v1.5's sweep.
 GRID = {"centred": (True, False)}
@@ -117,22 +118,24 @@ def finalize(acc: FdbdAcc) -> FdbdState:
                    jnp.asarray(center, jnp.float32))
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize,
-                      merge=_protocol.add_fields("sums", "count"))
+FOLD = fold.Fold(init=init, update=update, finalize=finalize,
+                 merge=fold.add_fields("sums", "count"))
 
 
-@jax.jit
-def score(state: FdbdState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: FdbdState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` summed distances to the decision boundaries over `||h - mu||`;
   higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)
-  z, axis = _common.logits(state, h)
+  z, axis = _common.logits(state, h, layout)
   top = jnp.max(z, axis=axis, keepdims=True)
   rows = state.inverse_gaps[jnp.argmax(z, axis=axis)]  # [batch, classes]
   if axis == 0:

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from line_jax import _validation
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 from line_jax.scorers import _select
 
 GAMMA = 0.1
@@ -71,10 +72,11 @@ def init(kernel, bias, *, gamma=GAMMA, m=M) -> GenState:
                   jnp.asarray(m, jnp.int32))
 
 
-FOLD = _protocol.head_fold(init)
+FOLD = fold.head_fold(init)
 
 
-def generalized_entropy(z: jax.Array, axis: int, gamma, m) -> jax.Array:
+def generalized_entropy(z: jax.Array, axis: int, gamma, m, *,
+                        unroll: bool | None = None) -> jax.Array:
   """`sum over the m largest p of p^gamma (1 - p)^gamma`, `p = softmax(z)`.
 
   Args:
@@ -94,7 +96,7 @@ def generalized_entropy(z: jax.Array, axis: int, gamma, m) -> jax.Array:
   log_rest = jnp.where(first_top, rest - log_total, jnp.log1p(-jnp.exp(log_p)))
   terms = jnp.exp(gamma * (log_p + log_rest))
   # Probabilities order as logits: the m-th largest logit marks the top m.
-  kth = _select.kth_largest_per_column(z if axis == 0 else z.T, m)
+  kth = _select.kth_largest_per_column(z if axis == 0 else z.T, m, unroll=unroll)
   kth = jnp.expand_dims(kth, axis)
   above = z > kth
   count = jnp.sum(above, axis=axis, dtype=jnp.int32)
@@ -102,14 +104,16 @@ def generalized_entropy(z: jax.Array, axis: int, gamma, m) -> jax.Array:
   return jnp.sum(jnp.where(above, terms, 0.0), axis=axis) + (m - count) * tied
 
 
-@jax.jit
-def score(state: GenState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: GenState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` minus the generalized entropy of the top-M softmax; higher = more ID.
 
   Args:
     state: from `fit` (the head, gamma and M).
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
-  z, axis = _common.logits(state, features)
-  return -generalized_entropy(z, axis, state.gamma, state.m)
+  z, axis = _common.logits(state, features, layout)
+  return -generalized_entropy(z, axis, state.gamma, state.m, unroll=_select.unrolled(layout))

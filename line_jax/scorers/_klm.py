@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _matmul
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
 
 @flax.struct.dataclass
@@ -111,20 +112,22 @@ def finalize(acc: KlmAcc) -> KlmState:
                   jnp.asarray(offsets, jnp.float32))
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize,
-                      merge=_protocol.add_fields("sums", "counts"))
+FOLD = fold.Fold(init=init, update=update, finalize=finalize,
+                 merge=fold.add_fields("sums", "counts"))
 
 
-@jax.jit
-def score(state: KlmState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: KlmState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` minus the smallest KL divergence to a class template; higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
-  z, axis = _common.logits(state, features)
+  z, axis = _common.logits(state, features, layout)
   log_p = jax.nn.log_softmax(z, axis=axis)
   p = jnp.exp(log_p)
   neg_entropy = jnp.sum(p * log_p, axis=axis)

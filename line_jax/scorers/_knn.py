@@ -28,10 +28,9 @@ A score call walks the blocks with `lax.scan`, merging each block's
 similarities into a running exact top-k (`[batch, k]`), so its temporaries
 are `[batch, block_rows + k]` floats whatever the bank size. Work is
 `2 x batch x bank x features` flops for the products plus one top-k per
-block: with the full ImageNet bank (1,281,167 x 2048, 40 blocks) and k = 1000
-a batch of 1,024 took 0.16 s on an H200 (0.046 s for 256); with a 1 % bank
-and k = 10, 2.2 ms. A bank of one block skips the merge; on CPU it selects the
-k-th value by radix selection, faster than XLA's sort-based `top_k` there.
+block (timings: `benchmarks/results/`). A bank of one block skips the merge;
+on CPU it selects the k-th value by radix selection, faster than XLA's
+sort-based `top_k` there.
 
 The bank subsample is seeded and counter-based: sample i of the training
 stream is kept iff `uniform(fold_in(key(seed), i)) < bank_fraction`, so the
@@ -48,8 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _validation
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 from line_jax.scorers import _select
 
 K = None  # One neighbour per 1,000 bank rows (`default_k`), resolved at finalize.
@@ -199,7 +199,7 @@ def _appended(rows: np.ndarray, new: np.ndarray) -> np.ndarray:
 
   The bank is a prefix view of a buffer that doubles when full, so a fit of
   n rows copies O(n) rows in all, not O(n^2) as concatenating every batch
-  would (3.2 s for 60,000 x 512 rows, 39 s for 200,000). The view is the
+  would. The view is the
   accumulator's leaf: it has the bank's exact shape, saves and merges as
   before. An update appends in place only from the buffer's newest view, so
   an older accumulator that is updated again gets a copy, and neither sees
@@ -246,7 +246,7 @@ def finalize(acc: KnnAcc) -> KnnState:
                   size, min(k_max, size))
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge)
+FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge)
 
 
 def _affinity(z: jax.Array, block: jax.Array, sq_norms: jax.Array) -> jax.Array:
@@ -259,21 +259,22 @@ def _kth(best: jax.Array, k: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(best, k - 1, axis=1, keepdims=False)
 
 
-def _kth_one_block(state: KnnState, z: jax.Array, *, radix: bool | None = None) -> jax.Array:
+def _kth_one_block(state: KnnState, z: jax.Array, layout: layout_lib.Layout | None = None, *,
+                   radix: bool | None = None) -> jax.Array:
   """`[batch]` k-th largest affinity to a one-block bank.
 
-  `radix` (default: on CPU) selects by radix selection down the bank-major
-  `[rows, batch]` affinities, the layout it reduces fastest, with the traced k
-  itself; otherwise by `lax.top_k` (width `k_max`) along `[batch, rows]`,
-  which an H200 ran 1.6x faster than the (unrolled) radix selection at
-  1024 x 2048, k = 50 (288 vs 459 us; benchmarks/kernel_variants.py).
+  `radix` (default: the CPU layout's) selects by radix selection down the
+  bank-major `[rows, batch]` affinities, the layout it reduces fastest, with
+  the traced k itself; otherwise by `lax.top_k` (width `k_max`) along
+  `[batch, rows]`, which a GPU runs faster than the unrolled radix selection
+  (`benchmarks/kernel_variants.py`).
   """
   bank, sq_norms = state.bank[0], state.sq_norms[0]
   if radix is None:
-    radix = jax.default_backend() == "cpu"
+    radix = layout_lib.resolve(layout).cpu
   if radix:
     affinity = 2.0 * jnp.matmul(bank, z.T, precision=_PRECISION) - sq_norms[:, None]
-    return _select.kth_largest_per_column(affinity, state.k)
+    return _select.kth_largest_per_column(affinity, state.k, unroll=_select.unrolled(layout))
   return _kth(jax.lax.top_k(_affinity(z, bank, sq_norms), state.k_max)[0], state.k)
 
 
@@ -294,18 +295,20 @@ def _kth_blocks(state: KnnState, z: jax.Array) -> jax.Array:
   return _kth(best, state.k)
 
 
-@jax.jit
-def score(state: KnnState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: KnnState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` minus the distance to the k-th nearest bank row; higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.bank.shape[2])
   z = _normalise(features)
   if state.bank.shape[0] == 1:
-    kth = _kth_one_block(state, z)
+    kth = _kth_one_block(state, z, layout)
   else:
     kth = _kth_blocks(state, z)
   sq_distance = jnp.sum(z * z, axis=1) - kth

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 
 from line_jax import _validation
+from line_jax import fold
 from line_jax import line
 from line_jax.line import _contributions
 from line_jax.line import _fit as line_fit
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 from line_jax.scorers import _quantile
 
 P_W = 10.0
@@ -116,9 +116,9 @@ def finalize(acc: LineAcc) -> line.LineState:
                                      p_a=acc.p_a, clip=clip)
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge,
-                      passes=lambda acc: 1 if acc.histograms is None else 2,
-                      next_pass=next_pass, needs_labels=True)
+FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge,
+                 passes=lambda acc: 1 if acc.histograms is None else 2,
+                 next_pass=next_pass, needs_labels=True)
 
 
 # Already jitted; `[batch]` LINe energies, higher = more ID.

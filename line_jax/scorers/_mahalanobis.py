@@ -18,12 +18,13 @@ in float64 with Chan et al.'s update (no `sum x x^T - n mu mu^T` cancellation),
 so memory is O(classes x features + features^2), work per batch
 O((batch + classes) x features^2), and the result equals the in-memory fit.
 The float64 products, most of the fit's cost, run in row chunks on CPU
-(`scatter`).
+(`scatter`; `line_jax.layout`), over the whole batch on accelerators.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import flax.struct
 import jax
@@ -31,8 +32,9 @@ import jax.numpy as jnp
 import jax.scipy.linalg
 
 from line_jax import _validation
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
 # Expanded quadratic forms cancel; TF32 or bf16 passes on accelerators would
 # cost digits that the distances need.
@@ -103,25 +105,19 @@ def _chan(acc: ClassMoments, batch_counts, batch_means, batch_scatter) -> ClassM
 
 # Rows per chunk of the float64 products on CPU: each chunk is transposed,
 # centred and multiplied while it is still in cache (2,048 x 342 float64 is
-# 5.6 MB; 4,096-row chunks ran slower, measured at 50,000 x 342).
+# 5.6 MB; larger chunks fall out of it).
 _CHUNK_ROWS = 2048
 _MINOR = (((1,), (1,)), ((), ()))  # dot_general contracting the minor axes
 # Up to this many classes a one-hot product picks each row's class mean
-# faster than a gather (at 50,000 x 342 on CPU: 10 classes 105 vs 116 ms for
-# the centred products, 100 classes 124 vs 106 ms; measured).
+# faster than a gather on CPU; above it the gather wins.
 _ONE_HOT_CLASSES = 32
 
 
-def _chunk_rows(num_rows: int) -> int:
-  # Accelerators run one product over the whole batch best.
-  return _CHUNK_ROWS if jax.default_backend() == "cpu" else max(num_rows, 1)
-
-
-def _by_chunks(fn, init, num_rows: int):
+def _by_chunks(fn, init, num_rows: int, layout: layout_lib.Layout | None):
   """`fn(carry, start, size)` over consecutive row chunks `[start, start + size)`
   of `num_rows` rows (trace time): full chunks in a `fori_loop`, a shorter
-  last one after it."""
-  rows = _chunk_rows(num_rows)
+  last one after it. Accelerators run one chunk of every row."""
+  rows = layout_lib.resolve(layout).rows_per_chunk(num_rows, _CHUNK_ROWS)
   full, tail = divmod(num_rows, rows)
   carry = jax.lax.fori_loop(0, full, lambda i, c: fn(c, i * rows, rows), init) if full else init
   return fn(carry, full * rows, tail) if tail else carry
@@ -134,8 +130,8 @@ def _columns(x: jax.Array, start, size: int, offset=None) -> jax.Array:
 
   The transposed chunk is its own array (transposed in float32, in cache):
   XLA:CPU then hands float64 products contracting the rows, the minor axis
-  of both operands, to YNNPACK, which ran them 1.5-1.8x faster than Eigen's
-  product over the leading axis at 50,000 x 342 (measured).
+  of both operands, to YNNPACK, faster there than Eigen's product over the
+  leading axis.
   """
   chunk = jax.lax.dynamic_slice_in_dim(x, start, size).astype(jnp.float32)
   if offset is not None:
@@ -143,7 +139,8 @@ def _columns(x: jax.Array, start, size: int, offset=None) -> jax.Array:
   return jax.lax.optimization_barrier(chunk.T).astype(jnp.float64)
 
 
-def scatter(x: jax.Array, shift=None, offset=None) -> jax.Array:
+def scatter(x: jax.Array, shift=None, offset=None, *,
+            layout: layout_lib.Layout | None = None) -> jax.Array:
   """`(x - shift)^T (x - shift)`, float64 `[features, features]` (trace time, x64 on).
 
   Args:
@@ -154,6 +151,7 @@ def scatter(x: jax.Array, shift=None, offset=None) -> jax.Array:
       `[start, start + size)` of `x`.
     offset: None, or a float32 `[features]` subtracted from every row in
       float32 first, chunk by chunk (no `[rows, features]` copy).
+    layout: where the chunks are (`line_jax.layout`; None: the default's).
 
   The product is symmetric: its blocks `[a; b]^T [a b]` at half the features
   are three products, `a^T a`, `a^T b`, `b^T b`, 3/4 of the full one's work.
@@ -172,7 +170,7 @@ def scatter(x: jax.Array, shift=None, offset=None) -> jax.Array:
             carry[1] + jax.lax.dot_general(top, bottom, _MINOR),
             carry[2] + jax.lax.dot_general(bottom, bottom, _MINOR))
 
-  aa, ab, bb = _by_chunks(add, init, x.shape[0])
+  aa, ab, bb = _by_chunks(add, init, x.shape[0], layout)
   return jnp.concatenate([jnp.concatenate([aa, ab], axis=1),
                           jnp.concatenate([ab.T, bb], axis=1)], axis=0)
 
@@ -183,34 +181,36 @@ def _one_hot_t(labels: jax.Array, start, size: int, num_classes: int, dtype) -> 
   return (chunk[None, :] == jnp.arange(num_classes)[:, None]).astype(dtype)
 
 
-def class_sums(x: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+def class_sums(x: jax.Array, labels: jax.Array, num_classes: int, *,
+               layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[classes, features]` float64 sums of the rows of `x` (read as float32)
   per label (trace time, x64 on).
 
   A one-hot float64 product per chunk (every term and product exact), on
-  CPU faster than XLA's scatter-add (about 1.7x at 50,000 x 342 with 10
-  classes, as fast with 100; measured).
+  CPU faster than XLA's scatter-add.
   """
   def add(sums, start, size):
     one_hot = _one_hot_t(labels, start, size, num_classes, jnp.float64)
     return sums + jax.lax.dot_general(one_hot, _columns(x, start, size), _MINOR)
 
-  return _by_chunks(add, jnp.zeros((num_classes, x.shape[1]), jnp.float64), x.shape[0])
+  return _by_chunks(add, jnp.zeros((num_classes, x.shape[1]), jnp.float64), x.shape[0],
+                    layout)
 
 
-@jax.jit
-def _merge_batch(acc: ClassMoments, features: jax.Array, labels: jax.Array) -> ClassMoments:
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _merge_batch(acc: ClassMoments, features: jax.Array, labels: jax.Array,
+                 layout: layout_lib.Layout) -> ClassMoments:
   num_classes = acc.counts.shape[0]
   batch_counts = jnp.bincount(labels, length=num_classes).astype(jnp.int64)
-  sums = class_sums(features, labels, num_classes)
+  sums = class_sums(features, labels, num_classes, layout=layout)
   batch_means = sums / jnp.maximum(batch_counts, 1).astype(jnp.float64)[:, None]
   # Rows are centred at their class mean as the sum of two float32 parts
   # (48 bits of it), picked exactly by a one-hot float32 product up to
   # `_ONE_HOT_CLASSES` classes, by a gather of float32 rows above (gathering
   # float64 rows took a third of the fit on CPU). Around a point d_c off the
   # mean a class's scatter gains exactly n_c d_c d_c^T (the cross terms sum
-  # to zero), taken off below. One float32 part alone left 5-25x the
-  # rounding error of exact centring in the products (measured).
+  # to zero), taken off below. One float32 part alone left several times
+  # the rounding error of exact centring in the products.
   high = batch_means.astype(jnp.float32)
   low = (batch_means - high.astype(jnp.float64)).astype(jnp.float32)
   parts = jnp.concatenate([high, low], axis=1)  # [classes, 2 features]
@@ -226,14 +226,15 @@ def _merge_batch(acc: ClassMoments, features: jax.Array, labels: jax.Array) -> C
             + picked[num_features:].astype(jnp.float64))
 
   offset = batch_means - (high.astype(jnp.float64) + low.astype(jnp.float64))
-  batch_scatter = scatter(features, shift_of) - (offset.T * batch_counts) @ offset
+  batch_scatter = (scatter(features, shift_of, layout=layout)
+                   - (offset.T * batch_counts) @ offset)
   return _chan(acc, batch_counts, batch_means, batch_scatter)
 
 
 def update(acc: ClassMoments, features, labels) -> ClassMoments:
   """Adds a validated batch (`[batch, features]`, `[batch]` labels)."""
   with jax.enable_x64(True):
-    return _merge_batch(acc, features, labels)
+    return _merge_batch(acc, features, labels, layout_lib.for_arrays(acc.scatter))
 
 
 update_moments = update
@@ -249,27 +250,26 @@ def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
 def from_moments(acc: ClassMoments) -> MahalanobisState:
   """The scorer from accumulated moments (pseudo-inverse in float64)."""
   _validation.nonempty_classes(acc.counts)
-  with jax.enable_x64(True), one_blas_thread():
+  with jax.enable_x64(True), one_blas_thread(layout_lib.for_arrays(acc.scatter)):
     return jax.block_until_ready(_state(acc))
 
 
 @contextlib.contextmanager
-def one_blas_thread():
+def one_blas_thread(layout: layout_lib.Layout | None = None):
   """Host LAPACK calls (eigh, pinv, Cholesky) inside run on one BLAS thread.
 
   On CPU, jaxlib's LAPACK kernels run on scipy's OpenBLAS, whose idle
   threads spin for a while after each call; on 2 cores that slowed the
-  XLA computation right after it by up to half (ViM's fit at 50,000 x 342:
-  about 200 ms, 125 ms with one OpenBLAS thread, measured), and a 342 x 342
+  XLA computation right after it by up to half, and a few-hundred-wide
   factorisation gains little from a second thread. threadpoolctl (a
   scikit-learn dependency) sets the limit where it is installed; elsewhere,
-  and off the CPU, nothing changes. Block on the results inside.
+  and off the CPU (`layout`), nothing changes. Block on the results inside.
   """
   try:
     import threadpoolctl  # pylint: disable=g-import-not-at-top
   except ImportError:
     threadpoolctl = None
-  if threadpoolctl is None or jax.default_backend() != "cpu":
+  if threadpoolctl is None or not layout_lib.resolve(layout).cpu:
     yield
     return
   with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
@@ -281,8 +281,8 @@ def pinv_covariance(covariance: jax.Array) -> jax.Array:
 
   `pinv` drops the eigenvalues at most `rcond = 10 * features * eps` times
   the largest; when none is that small it is the inverse, which a Cholesky
-  factorisation gives for a fraction of the eigendecomposition's work
-  (several times faster at 342 features on CPU, measured). `||A||_F ||A^-1||_F` bounds the
+  factorisation gives for a fraction of the eigendecomposition's work.
+  `||A||_F ||A^-1||_F` bounds the
   condition number from above, so the inverse is taken only where that
   bound stays 100x below `1 / rcond` (condition numbers up to about
   `1 / (100 rcond features)`, 4e7 at 342 features); otherwise, or where
@@ -316,17 +316,19 @@ def _state(acc: ClassMoments) -> MahalanobisState:
   )
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=from_moments, merge=merge,
-                      needs_labels=True)
+FOLD = fold.Fold(init=init, update=update, finalize=from_moments, merge=merge,
+                 needs_labels=True)
 
 
-@jax.jit
-def score(state: MahalanobisState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: MahalanobisState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` minus the smallest squared Mahalanobis distance; higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.precision.shape[0])
   x = features.astype(jnp.float32) - state.center

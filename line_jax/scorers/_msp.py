@@ -6,13 +6,20 @@ Out-of-Distribution Examples in Neural Networks", ICLR 2017.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
+from line_jax import fold
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
-FOLD = _protocol.head_fold(_common.make_head)
+
+@flax.struct.dataclass
+class MspState(_common.HeadState):
+  """MSP's fitted state: the head (`HeadState`)."""
+
+
+FOLD = fold.head_fold(_common.head_init(MspState))
 
 
 def _max_softmax(z: jax.Array, axis: int) -> jax.Array:

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
 ALPHA = 1e-4
 # The tuning grid (`python -m line_jax.tune`): the official sweep.
@@ -98,22 +99,24 @@ def finalize(acc: NciAcc) -> NciState:
   return NciState(acc.head.weight, acc.head.bias, jnp.asarray(mean, jnp.float32), acc.alpha)
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize,
-                      merge=_protocol.add_fields("sums", "count"))
+FOLD = fold.Fold(init=init, update=update, finalize=finalize,
+                 merge=fold.add_fields("sums", "count"))
 
 
-@jax.jit
-def score(state: NciState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: NciState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` proximity to the predicted class's weight plus `alpha ||h||_1`;
   higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)
-  z, axis = _common.logits(state, h)
+  z, axis = _common.logits(state, h, layout)
   centred = h - state.mean
   proximity = jnp.sum(centred * state.weight[jnp.argmax(z, axis=axis)], axis=1)
   proximity = proximity / jnp.linalg.norm(centred, axis=1)

@@ -42,8 +42,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _matmul
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
+from line_jax.scorers import _select
 from line_jax.scorers import _shaping
 
 K = 10
@@ -187,7 +189,7 @@ def finalize(acc: NnguideAcc) -> NnguideState:
                       jnp.asarray(acc.k, jnp.int32), size, min(acc.k_max, size))
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge)
+FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge)
 
 
 def _top_k_sum_blocks(state: NnguideState, z: jax.Array) -> jax.Array:
@@ -206,20 +208,23 @@ def _top_k_sum_blocks(state: NnguideState, z: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(jnp.arange(state.k_max) < state.k, best, 0.0), axis=1)
 
 
-@jax.jit
-def score(state: NnguideState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: NnguideState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` energy times the mean of the k largest bank similarities;
   higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.bank.shape[2])
   h = features.astype(jnp.float32)
   z = normalise(h)
   if state.bank.shape[0] == 1:
-    top = _shaping.top_k_sum(_matmul.dot(z, state.bank[0].T), state.k)
+    top = _shaping.top_k_sum(_matmul.dot(z, state.bank[0].T), state.k,
+                             unroll=_select.unrolled(layout))
   else:
     top = _top_k_sum_blocks(state, z)
-  return _common.head_energy(state, h) * (top / state.k.astype(jnp.float32))
+  return _common.head_energy(state, h, layout) * (top / state.k.astype(jnp.float32))

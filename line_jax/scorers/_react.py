@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from line_jax import _validation
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 from line_jax.scorers import _quantile
 
 PERCENTILE = 90.0
 # The tuning grid (`python -m line_jax.tune`).
 GRID = {"percentile": (70.0, 80.0, 85.0, 90.0, 95.0, 99.0)}
-
 
 
 @flax.struct.dataclass
@@ -74,35 +74,36 @@ def finalize(acc: ReactAcc) -> ReactState:
 # Two passes: the threshold is the exact percentile of every training
 # activation, found with two 65,536-bin histograms of float32 bit patterns
 # (see `_quantile`); memory stays O(1) in the number of samples.
-FOLD = _protocol.Fold(
+FOLD = fold.Fold(
     init=init, update=update, finalize=finalize,
     merge=lambda a, b: a.replace(histograms=_quantile.merge(a.histograms, b.histograms)),
     passes=2,
     next_pass=lambda acc: acc.replace(histograms=_quantile.next_pass(acc.histograms)))
 
 
-@jax.jit
-def score(state: ReactState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: ReactState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` energies of the clipped features; higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
+  layout = layout_lib.resolve(layout)
   features = features.astype(jnp.float32)
   batch = features.shape[0]
-  rows = _CHUNK_ROWS if _common.class_major(batch) else max(batch, 1)
+  rows = _CHUNK_ROWS if layout.class_major(batch) else max(batch, 1)
   return jnp.concatenate([
-      _common.head_energy(state, jnp.minimum(features[i:i + rows], state.threshold))
+      _common.head_energy(state, jnp.minimum(features[i:i + rows], state.threshold), layout)
       for i in range(0, max(batch, 1), rows)])
 
 
 # XLA:CPU runs a standalone clip of a batch as a fusion split over two
-# threads, and the hand-off costs more than the clip (0.83x PyTorch at 256 x
-# 342 features, measured). Clipping 64-row chunks, each followed by its own
-# class-major matmul, keeps every fusion under the split size: 1.2-1.8x
-# PyTorch at batch 256 (against 1.0-1.2x clipping the batch whole). Where
-# `logits` goes batch-major (large CPU batches, accelerators) the batch stays
-# whole.
+# threads, and the hand-off costs more than the clip. Clipping 64-row chunks,
+# each followed by its own class-major matmul, keeps every fusion under the
+# split size. Where `logits` goes batch-major (large CPU batches,
+# accelerators) the batch stays whole.
 _CHUNK_ROWS = 64

@@ -29,8 +29,10 @@ from __future__ import annotations
 import flax.struct
 import jax
 
+from line_jax import fold
+from line_jax import layout as layout_lib
+from line_jax.scorers import _common
 from line_jax.scorers import _dice
-from line_jax.scorers import _protocol
 from line_jax.scorers import _react
 
 P = 15.0
@@ -107,17 +109,19 @@ def finalize(acc: ReactDiceAcc) -> ReactDiceState:
   return ReactDiceState(head.weight, head.bias, _react.finalize(acc.react).threshold)
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge,
-                      passes=2, next_pass=next_pass)
+FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge,
+                 passes=2, next_pass=next_pass)
 
 
-@jax.jit
-def score(state: ReactDiceState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: ReactDiceState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` energies of the clipped features under the sparsified head;
   higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
-  return _react.score(state, features)
+  return _react.score(state, features, layout)

@@ -1,8 +1,9 @@
 """The registry: canonical scorer names -> `Scorer` (fit, score, defaults).
 
 A plain dict, filled once at import. Each method's module declares its `Fold`
-(`_protocol`) and its jitted `score`; `fit` and `fit_from_batches` are the one
-fold (`_protocol.run`) over one batch and over a stream. Hyperparameters are
+(`line_jax.fold`) and its jitted `score`; `fit` and `fit_from_batches` are
+the one fold (`line_jax.fold.fit`) over one batch and over a stream.
+Hyperparameters are
 the keyword-only parameters of the fold's `init`; a misspelt one is an error
 that lists the valid ones, never silently ignored.
 """
@@ -14,11 +15,12 @@ import inspect
 import types
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
 from line_jax import _buckets
 from line_jax import _validation
+from line_jax import fold as fold_lib
+from line_jax import line
 from line_jax.scorers import _ash
 from line_jax.scorers import _common
 from line_jax.scorers import _dice
@@ -35,14 +37,17 @@ from line_jax.scorers import _maxlogit
 from line_jax.scorers import _msp
 from line_jax.scorers import _nci
 from line_jax.scorers import _nnguide
-from line_jax.scorers import _protocol
-from line_jax.scorers._quantile import TrainPercentile
 from line_jax.scorers import _react
 from line_jax.scorers import _react_dice
 from line_jax.scorers import _rmds
 from line_jax.scorers import _scale
 from line_jax.scorers import _she
 from line_jax.scorers import _vim
+from line_jax.scorers._quantile import TrainPercentile
+
+
+# Rows per call of `Scorer.score_all`: bounds KNN's `[chunk, bank block]` temporary.
+SCORE_CHUNK = 2048
 
 
 class Scorer(NamedTuple):
@@ -57,14 +62,17 @@ class Scorer(NamedTuple):
       Features may be NumPy, JAX, a list or a PyTorch tensor.
     defaults: the hyperparameters and their defaults (`fold.init`'s
       keyword-only parameters).
+    state_type: the class of its fitted states (its own: a state says whose
+      it is, and `line_jax.save` records the scorer's name).
     grid: `{hyperparameter: values}` that `line_jax.tune` searches, kept
       next to the method (empty: nothing to tune).
   """
 
   name: str
-  fold: _protocol.Fold
+  fold: fold_lib.Fold
   score: Callable[[Any, Any], Any]
   defaults: Mapping[str, Any]
+  state_type: type
   grid: Mapping[str, tuple] = types.MappingProxyType({})
 
   @property
@@ -85,12 +93,13 @@ class Scorer(NamedTuple):
     Each array may be NumPy, JAX, a list or a PyTorch tensor; anything else
     is a TypeError that names it.
     """
-    self._check(hparams)
+    self.check_hparams(hparams)
     features, labels, kernel, bias = _validation.train_arrays(features, labels, kernel, bias)
     _common.check_train(features, labels, kernel, bias,
                         needs_labels=self.fold.needs_labels)
-    return _protocol.run(self.fold, [(features, labels)], kernel, bias,
-                         validate=False, **hparams)
+    # In-memory data is the whole training set, on every process alike.
+    return fold_lib.fit(self.fold, [(features, labels)], kernel, bias, validate=False,
+                        across_processes=False, **hparams)
 
   def fit_from_batches(self, batches, kernel, bias, **hparams) -> Any:
     """The fold over an iterable of `(features, labels)` batches.
@@ -99,16 +108,32 @@ class Scorer(NamedTuple):
     the sample count; a re-iterable (not a generator) where `fold.passes > 1`.
     After `jax.distributed.initialize`, each process passes only its own
     batches and every process gets the state of all processes' batches
-    (`_protocol.run_processes`). Arrays as in `fit`.
+    (merged in process order after each pass). Arrays as in `fit`.
     """
-    self._check(hparams)
+    self.check_hparams(hparams)
     kernel, bias = _common.head_arrays(kernel, bias)
-    batches = _common.array_batches(batches)
-    if jax.process_count() > 1:
-      return _protocol.run_processes(self.fold, batches, kernel, bias, **hparams)
-    return _protocol.run(self.fold, batches, kernel, bias, **hparams)
+    return fold_lib.fit(self.fold, _common.array_batches(batches), kernel, bias, **hparams)
 
-  def _check(self, hparams: Mapping[str, Any]) -> None:
+  def score_all(self, state: Any, features) -> np.ndarray:
+    """`[n]` float64 scores of any number of rows, `SCORE_CHUNK` at a time.
+
+    `features` is any sliceable `[n, features]` array (a memmap is read chunk
+    by chunk). Every chunk has one shape (the last padded by repeating real
+    rows: zeros would be NaN for ASH-S), so a set of any size compiles once.
+    """
+    n = features.shape[0]
+    chunk = min(SCORE_CHUNK, n)
+    out = []
+    for start in range(0, n, chunk):
+      part = np.asarray(features[start:start + chunk])
+      valid = part.shape[0]
+      if valid < chunk:
+        part = np.concatenate([part, np.repeat(part[-1:], chunk - valid, axis=0)])
+      out.append(np.asarray(self.score(state, part))[:valid])
+    return np.concatenate(out).astype(np.float64)
+
+  def check_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """Raises ValueError for a hyperparameter name this scorer does not take."""
     unknown = sorted(set(hparams) - set(self.defaults))
     if unknown:
       valid = ", ".join(self.defaults) if self.defaults else "none"
@@ -123,43 +148,49 @@ def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
   return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _scorer(name: str, fold: _protocol.Fold, score, grid=None) -> Scorer:
+def _scorer(name: str, module: types.ModuleType, state_type: type, *, fold=None, score=None,
+            grid=None) -> Scorer:
+  """The registry entry of the method in `module` (its `FOLD`, `score`, `GRID`)."""
+  fold = fold or module.FOLD
+  grid = getattr(module, "GRID", None) if grid is None else grid
   defaults = _defaults(fold.init)
   if set(grid or ()) - set(defaults):
     raise AssertionError(f"{name}: grid names unknown hyperparameters")
-  return Scorer(name=name, fold=fold, score=_buckets.bucketed(score),
-                defaults=types.MappingProxyType(defaults),
+  return Scorer(name=name, fold=fold, score=_buckets.bucketed(score or module.score),
+                defaults=types.MappingProxyType(defaults), state_type=state_type,
                 grid=types.MappingProxyType(dict(grid or {})))
 
 
 _REGISTRY: dict[str, Scorer] = {
     s.name: s
     for s in (
-        _scorer("msp", _msp.FOLD, _msp.score),
-        _scorer("maxlogit", _maxlogit.FOLD, _maxlogit.score),
-        _scorer("energy", _energy.FOLD, _energy.score),
-        _scorer("react", _react.FOLD, _react.score, _react.GRID),
-        _scorer("dice", _dice.FOLD, _dice.score, _dice.GRID),
-        _scorer("ash_p", _ash.FOLD_P, _ash.score_p, _ash.GRID),
-        _scorer("ash_b", _ash.FOLD_B, _ash.score_b, _ash.GRID),
-        _scorer("ash_s", _ash.FOLD_S, _ash.score_s, _ash.GRID),
-        _scorer("scale", _scale.FOLD, _scale.score, _scale.GRID),
-        _scorer("mahalanobis", _mahalanobis.FOLD, _mahalanobis.score),
-        _scorer("knn", _knn.FOLD, _knn.score, _knn.GRID),
-        _scorer("vim", _vim.FOLD, _vim.score, _vim.GRID),
-        _scorer("gradnorm", _gradnorm.FOLD, _gradnorm.score),
-        _scorer("line", _line.FOLD, _line.score, _line.GRID),
-        _scorer("gen", _gen.FOLD, _gen.score, _gen.GRID),
-        _scorer("entropy", _entropy.FOLD, _entropy.score),
-        _scorer("klm", _klm.FOLD, _klm.score),
-        _scorer("rmds", _rmds.FOLD, _rmds.score),
-        _scorer("she", _she.FOLD, _she.score),
-        _scorer("nnguide", _nnguide.FOLD, _nnguide.score, _nnguide.GRID),
-        _scorer("fdbd", _fdbd.FOLD, _fdbd.score, _fdbd.GRID),
-        _scorer("nci", _nci.FOLD, _nci.score, _nci.GRID),
-        _scorer("react_dice", _react_dice.FOLD, _react_dice.score, _react_dice.GRID),
+        _scorer("msp", _msp, _msp.MspState),
+        _scorer("maxlogit", _maxlogit, _maxlogit.MaxLogitState),
+        _scorer("energy", _energy, _energy.EnergyState),
+        _scorer("react", _react, _react.ReactState),
+        _scorer("dice", _dice, _dice.DiceState),
+        _scorer("ash_p", _ash, _ash.AshPState, fold=_ash.FOLD_P, score=_ash.score_p),
+        _scorer("ash_b", _ash, _ash.AshBState, fold=_ash.FOLD_B, score=_ash.score_b),
+        _scorer("ash_s", _ash, _ash.AshSState, fold=_ash.FOLD_S, score=_ash.score_s),
+        _scorer("scale", _scale, _scale.ScaleState),
+        _scorer("mahalanobis", _mahalanobis, _mahalanobis.MahalanobisState),
+        _scorer("knn", _knn, _knn.KnnState),
+        _scorer("vim", _vim, _vim.VimState),
+        _scorer("gradnorm", _gradnorm, _gradnorm.GradNormState),
+        _scorer("line", _line, line.LineState),
+        _scorer("gen", _gen, _gen.GenState),
+        _scorer("entropy", _entropy, _entropy.EntropyState),
+        _scorer("klm", _klm, _klm.KlmState),
+        _scorer("rmds", _rmds, _rmds.RmdsState),
+        _scorer("she", _she, _she.SheState),
+        _scorer("nnguide", _nnguide, _nnguide.NnguideState),
+        _scorer("fdbd", _fdbd, _fdbd.FdbdState),
+        _scorer("nci", _nci, _nci.NciState),
+        _scorer("react_dice", _react_dice, _react_dice.ReactDiceState),
     )
 }
+_BY_STATE = {s.state_type: s.name for s in _REGISTRY.values()}
+assert len(_BY_STATE) == len(_REGISTRY), "every scorer needs a state class of its own"
 
 
 def resolved_hparams(hparams: Mapping[str, Any], state: Any) -> dict[str, Any]:
@@ -181,6 +212,18 @@ def resolved_hparams(hparams: Mapping[str, Any], state: Any) -> dict[str, Any]:
     else:
       out[key] = value
   return out
+
+
+def name_of(state: Any) -> str:
+  """The registered name of the scorer whose fitted state `state` is.
+
+  Raises:
+    TypeError: for anything but a registered scorer's state.
+  """
+  name = _BY_STATE.get(type(state))
+  if name is None:
+    raise TypeError(f"{type(state).__name__} is not the fitted state of a registered scorer")
+  return name
 
 
 def names() -> tuple[str, ...]:

@@ -26,9 +26,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
 from line_jax.scorers import _mahalanobis
-from line_jax.scorers import _protocol
 
 # Quadratic forms, as Mahalanobis's: TF32 would cost digits the distances need.
 _PRECISION = jax.lax.Precision.HIGHEST
@@ -79,19 +80,21 @@ def finalize(acc: _mahalanobis.ClassMoments) -> RmdsState:
                    mean.astype(jnp.float32), precision.astype(jnp.float32))
 
 
-FOLD = _protocol.Fold(init=init, update=_mahalanobis.update, finalize=finalize,
-                      merge=_mahalanobis.merge, needs_labels=True)
+FOLD = fold.Fold(init=init, update=_mahalanobis.update, finalize=finalize,
+                 merge=_mahalanobis.merge, needs_labels=True)
 
 
-@jax.jit
-def score(state: RmdsState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: RmdsState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` minus the smallest relative Mahalanobis distance; higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.background_precision.shape[0])
   x = features.astype(jnp.float32) - state.background_mean
   xp = jnp.matmul(x, state.background_precision, precision=_PRECISION)
-  return _mahalanobis.score(state, features) + jnp.sum(xp * x, axis=1)
+  return _mahalanobis.score(state, features, layout) + jnp.sum(xp * x, axis=1)

@@ -3,8 +3,8 @@
 Each finite float32 maps to a uint32 key with the same order (flip all bits
 of negatives, the sign bit of the rest). The k-th largest key is then built
 bit by bit from the top: 32 fused compare-and-count passes and no sort. On
-CPU this is several times faster than XLA's sort-based `top_k` (and than
-`torch.topk` at 2048 values) when only the k-th value is needed.
+CPU this beats XLA's sort-based `top_k` (and `torch.topk` at wide rows) when
+only the k-th value is needed (`benchmarks/kernel_variants.py`).
 
 The counts run down the leading axis, so each pass is a column reduction that
 vectorises across the other axis; `kth_largest` takes rows and transposes.
@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from line_jax import layout as layout_lib
 
 _SIGN = np.uint32(1 << 31)
 
@@ -31,16 +33,14 @@ def from_key(key: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def unrolled() -> bool:
-  """Whether the 32 passes are unrolled (trace time): off CPU, yes.
+def unrolled(layout: layout_lib.Layout | None = None) -> bool:
+  """Whether the 32 passes are unrolled (trace time): on accelerators, yes.
 
-  Measured with `benchmarks/kernel_variants.py` at batch 1024
-  (`benchmarks/results/<device>/variants.md`): on an H200 the unrolled passes
-  ran 3.5-4.6x faster than the rolled loop (208 vs 727 us at 2048 features,
-  155 vs 715 us at 342); on this project's 2-core CPU they ran 21x slower at
-  2048 features and 3.9x at 342.
+  Unrolled passes are one kernel each on a GPU, far faster there than the
+  rolled loop; on the CPU they are many times slower
+  (`benchmarks/kernel_variants.py`, `benchmarks/results/<device>/variants.md`).
   """
-  return jax.default_backend() != "cpu"
+  return not layout_lib.resolve(layout).cpu
 
 
 def kth_largest_key_per_column(keys: jax.Array, k: int, *,

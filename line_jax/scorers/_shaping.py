@@ -1,8 +1,8 @@
 """What ASH and SCALE share: their state and per-sample top-k masks.
 
 ASH and SCALE keep the `k = n - round(n p / 100)` largest activations of each
-sample, as their code does with `torch.topk`. XLA's `top_k` sorts on CPU (5x
-slower than `torch.topk` at 2048 features); only the k-th largest value is
+sample, as their code does with `torch.topk`. XLA's `top_k` sorts on CPU
+(slower than `torch.topk` at wide features); only the k-th largest value is
 needed, which `_select` finds by radix selection. A mask then keeps every
 entry above it plus the first tied entries until exactly k are kept (lowest
 index first, the order a stable sort gives).
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _validation
+from line_jax import fold
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 from line_jax.scorers import _select
 
 def kept_count(num_features: int, percentile: float) -> int:
@@ -55,22 +55,23 @@ class ShapingState(_common.HeadState):
   kept: jax.Array
 
 
-def shaping_state(kernel, bias, *, percentile) -> ShapingState:
+def shaping_state(kernel, bias, *, percentile, cls: type = ShapingState) -> ShapingState:
   """Checks the head and the percentile; the state of ASH or SCALE."""
   num_features, _ = _common.check_head(kernel, bias)
   p = check_percentile(percentile, num_features)
   head = _common.head_state(kernel, bias)
-  return ShapingState(head.weight, head.bias, jnp.asarray(p, jnp.float32),
+  return cls(head.weight, head.bias, jnp.asarray(p, jnp.float32),
                       jnp.asarray(kept_count(num_features, p), jnp.int32))
 
 
-def fold(default_percentile: float) -> _protocol.Fold:
-  """The `Fold` of ASH or SCALE at `default_percentile`: nothing from data."""
+def shaping_fold(default_percentile: float, cls: type) -> fold.Fold:
+  """The `Fold` of ASH or SCALE at `default_percentile`: nothing from data;
+  its state is `cls`, the scorer's own `ShapingState` subclass."""
 
   def init(kernel, bias, *, percentile=default_percentile) -> ShapingState:
-    return shaping_state(kernel, bias, percentile=percentile)
+    return shaping_state(kernel, bias, percentile=percentile, cls=cls)
 
-  return _protocol.head_fold(init)
+  return fold.head_fold(init)
 
 
 def top_k_sum(x: jax.Array, k, *, unroll: bool | None = None) -> jax.Array:
@@ -104,9 +105,8 @@ def top_k_mask(x: jax.Array, k, *, branch: bool = True,
   def first_ties(_):
     return above | (tied & (jnp.cumsum(tied, axis=1, dtype=jnp.int32) <= missing))
 
-  # Ties at the k-th value are rare off zero; skip the cumsum when none spill.
-  # Faster than always taking it on CPU (9.1 vs 12.6 ms at 1024 x 2048) and
-  # on an H200 too (254 vs 272 us; benchmarks/results/*/variants.md).
+  # Ties at the k-th value are rare off zero; skip the cumsum when none spill:
+  # faster than always taking it, on CPU and GPU (benchmarks/kernel_variants.py).
   if not branch:
     return first_ties(None)
   spill = jnp.any(jnp.sum(tied, axis=1, keepdims=True, dtype=jnp.int32) > missing)

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _matmul
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _protocol
 
 
 @flax.struct.dataclass
@@ -102,20 +103,22 @@ def finalize(acc: SheAcc) -> SheState:
                   jnp.asarray(counts, jnp.int32))
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize,
-                      merge=_protocol.add_fields("sums", "counts"), needs_labels=True)
+FOLD = fold.Fold(init=init, update=update, finalize=finalize,
+                 merge=fold.add_fields("sums", "counts"), needs_labels=True)
 
 
-@jax.jit
-def score(state: SheState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: SheState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` inner products with the predicted class's stored pattern; higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)
-  z, axis = _common.logits(state, h)
+  z, axis = _common.logits(state, h, layout)
   pred = jnp.argmax(z, axis=axis)
   return jnp.sum(h * state.patterns[pred], axis=1)

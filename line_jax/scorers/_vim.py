@@ -37,9 +37,10 @@ import jax
 import jax.numpy as jnp
 
 from line_jax import _matmul
+from line_jax import fold
+from line_jax import layout as layout_lib
 from line_jax.scorers import _common
 from line_jax.scorers import _mahalanobis
-from line_jax.scorers import _protocol
 
 DIM = None  # The official rule, resolved on the head's width (`default_dim`).
 # The tuning grid (`python -m line_jax.tune`).
@@ -108,7 +109,7 @@ def _origin(kernel, bias) -> jax.Array:
   kernel = jnp.asarray(kernel, jnp.float32)
   if bias is None:
     return jnp.zeros((kernel.shape[0],), jnp.float32)
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread():
+  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(kernel)):
     return jax.block_until_ready(_origin_of(kernel, jnp.asarray(bias, jnp.float32)))
 
 
@@ -169,12 +170,12 @@ def init(kernel, bias, *, dim=DIM) -> VimAcc:
         norm_sum=zero, dim=dim)
 
 
-@jax.jit
-def _first(acc: VimAcc, features: jax.Array) -> VimAcc:
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _first(acc: VimAcc, features: jax.Array, layout: layout_lib.Layout) -> VimAcc:
   h = features.astype(jnp.float32)
   # `h - o` rounded to float32 as the official code's NumPy computes it,
   # then float64 products (in row chunks on CPU, as Mahalanobis').
-  scatter = _mahalanobis.scatter(h, offset=acc.origin)
+  scatter = _mahalanobis.scatter(h, offset=acc.origin, layout=layout)
   max_logits = jnp.max(_matmul.dot(h, acc.head.kernel) + acc.head.bias, axis=-1)
   return acc.replace(scatter=acc.scatter + scatter,
                      max_logit_sum=acc.max_logit_sum + jnp.sum(max_logits.astype(jnp.float64)),
@@ -193,13 +194,15 @@ def update(acc: VimAcc, features, labels) -> VimAcc:
   residual norms."""
   del labels
   with jax.enable_x64(True):
-    return (_second if acc.second else _first)(acc, features)
+    if acc.second:
+      return _second(acc, features)
+    return _first(acc, features, layout_lib.for_arrays(acc.scatter))
 
 
 def next_pass(acc: VimAcc) -> VimAcc:
   """The residual basis: eigenvectors of the `features - D` smallest
   eigenvalues of the covariance around the origin (float64)."""
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread():
+  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(acc.scatter)):
     residual = jax.block_until_ready(_residual(acc.scatter, acc.count, acc.dim))
   return acc.replace(residual=residual, second=True)
 
@@ -232,17 +235,19 @@ def finalize(acc: VimAcc) -> VimState:
   )
 
 
-FOLD = _protocol.Fold(init=init, update=update, finalize=finalize, merge=merge,
-                      passes=2, next_pass=next_pass)
+FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge,
+                 passes=2, next_pass=next_pass)
 
 
-@jax.jit
-def score(state: VimState, features: jax.Array) -> jax.Array:
+@_common.score_jit
+def score(state: VimState, features: jax.Array,
+          layout: layout_lib.Layout | None = None) -> jax.Array:
   """`[batch]` `logsumexp(logits) - alpha * ||residual||`; higher = more ID.
 
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
+    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.projection.shape[0])
   z = _matmul.dot(features.astype(jnp.float32), state.projection)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
-import json
 import os
 from typing import Any
 
 import jax
 
+from line_jax import _files
 from line_jax import _progress
 from line_jax import plots
 
@@ -35,9 +35,12 @@ def format_table(result: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def timings(cached: Mapping[str, Any], fit_seconds: Mapping[str, float],
+def timings(cached: Mapping[str, Any], fit_seconds: Mapping[str, Any],
             total_seconds: float) -> dict[str, Any]:
   """Feature extraction per set (images, seconds, images/s), fits, total.
+
+  `fit_seconds` is `fit_and_score`'s: the one fold of every scorer
+  (`fold_s`), then each scorer's finalize and scores.
 
   A set read back from the cache reports the time its extraction took in the
   run that wrote it (`"cached": true`); `extracted_now` counts the images
@@ -56,7 +59,7 @@ def timings(cached: Mapping[str, Any], fit_seconds: Mapping[str, float],
                      "images_per_s": images / seconds if seconds else None,
                      "extracted_now": sum(s["images"] for s in sets.values() if not s["cached"]),
                      "sets": sets},
-      "fit_and_score_s": dict(fit_seconds),
+      **fit_seconds,
   }
 
 
@@ -68,31 +71,27 @@ def _jsonable(value: Any) -> Any:
   return repr(value)
 
 
-def write_outputs(out_dir, result, scores, used, timing=None, *, ablation=None,
-                  make_plots=True, progress=True) -> None:
-  """Writes metrics.json, hparams.json, table.md, timings.json, the ablation
-  (ablation.json, .md, .png) and (optionally) the PNGs into `out_dir`."""
-  from line_jax import ablation as ablation_lib
+def write_json(path: str, value: Any) -> None:
+  """`value` as JSON, in its own key order; a hyperparameter left for the
+  fold to resolve is written as its fields (`_jsonable`)."""
+  _files.write_json(path, value, sort_keys=False, default=_jsonable)
 
+
+def write_outputs(out_dir, result, scores, used, timing=None, *, make_plots=True,
+                  progress=True) -> None:
+  """Writes metrics.json, hparams.json, table.md, timings.json and
+  (optionally) the PNGs into `out_dir`."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   files = {"metrics.json": result, "hparams.json": used}
   if timing is not None:
     files["timings.json"] = timing
-  if ablation is not None:
-    files["ablation.json"] = ablation
   for name, value in files.items():
-    with open(os.path.join(out_dir, name), "w") as f:
-      json.dump(value, f, indent=2, default=_jsonable)
+    write_json(os.path.join(out_dir, name), value)
   with open(os.path.join(out_dir, "table.md"), "w") as f:
     f.write(format_table(result))
-  if ablation is not None:
-    with open(os.path.join(out_dir, "ablation.md"), "w") as f:
-      f.write(ablation_lib.format_ablation(ablation))
   if not make_plots:
     return
   plots.plot_roc(scores, os.path.join(out_dir, "roc.png"))
-  if ablation is not None:
-    plots.plot_ablation(ablation, os.path.join(out_dir, "ablation.png"))
   for method, _ in _progress.iterate(scores, "plots", enabled=progress):
     plots.plot_histograms(method, scores[method], os.path.join(out_dir, f"hist_{method}.png"))

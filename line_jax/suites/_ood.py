@@ -1,10 +1,10 @@
 """The OOD sets of a benchmark as sources: the paper's, offline, or a user's.
 
 The paper's sets are read from `--data-dir` where present (see
-`line_jax._protocols`): SVHN from torchvision's `test_32x32.mat` with the
+`line_jax.suites`): SVHN from torchvision's `test_32x32.mat` with the
 official per-label selection, curated folders as image-folder sources,
-Places365 from TFDS. Where a protocol has none of them, its offline sets
-(`line_jax.data._embedded_ood`, built at the network's input shape) stand in.
+Places365 from TFDS. Where a suite has none of them, its offline sets
+(`line_jax.data.ood_set`, built at the network's input shape) stand in.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import os
 
 import numpy as np
 
-from line_jax import _protocols
+from line_jax import data
+from line_jax.suites import _catalog
 
 
 def load_svhn_mat(path: str | os.PathLike, per_label: int | None = None
@@ -37,15 +38,13 @@ def load_svhn_mat(path: str | os.PathLike, per_label: int | None = None
   labels = mat["y"].reshape(-1).astype(np.int32)
   if per_label is not None:
     # On the file's own labels (1..10), as the official loop; 10 -> 0 after.
-    keep = _protocols.first_per_label(labels, per_label)
+    keep = _catalog.first_per_label(labels, per_label)
     images, labels = images[keep], labels[keep]
   return np.ascontiguousarray(images, dtype=np.uint8), labels % 10
 
 
-def paper_set(source: _protocols.OodSource, data_dir: str) -> Sequence:
+def paper_set(source: _catalog.OodSource, data_dir: str) -> Sequence:
   """One of the paper's OOD sets under `data_dir`, as a record source."""
-  from line_jax import data
-
   if source.kind == "svhn_mat":
     images, labels = load_svhn_mat(source.path(data_dir), source.per_label)
     return data.ArraySource(images[:source.max_images], labels[:source.max_images],
@@ -58,35 +57,30 @@ def paper_set(source: _protocols.OodSource, data_dir: str) -> Sequence:
 
 
 def _first(source: Sequence, count: int) -> Sequence:
-  from line_jax.data import Subset
-
-  return Subset(source, np.arange(min(count, len(source))))
+  return data.Subset(source, np.arange(min(count, len(source))))
 
 
-def offline_sets(protocol: _protocols.Protocol, size: int = 2000, seed: int = 0
+def offline_sets(suite: _catalog.Suite, size: int = 2000, seed: int = 0
                  ) -> dict[str, Sequence]:
-  """The protocol's offline OOD sets, built at its input shape, in memory."""
-  from line_jax import data
-  from line_jax.data import _embedded_ood
-
+  """The suite's offline OOD sets, built at its input shape, in memory."""
   return {name: data.ArraySource(
-      _embedded_ood.ood_set(name, size, seed, side=protocol.image_size,
-                            channels=protocol.channels), name=name)
-          for name in protocol.offline_ood}
+      data.ood_set(name, size, seed, side=suite.image_size, channels=suite.channels),
+      name=name)
+          for name in suite.offline_ood}
 
 
-def protocol_sets(protocol: _protocols.Protocol, data_dir: str | None, size: int = 2000
-                  ) -> dict[str, Sequence]:
+def suite_sets(suite: _catalog.Suite, data_dir: str | None, size: int = 2000
+               ) -> dict[str, Sequence]:
   """The paper's sets present under `data_dir`; the offline ones if none is.
 
   Raises:
     FileNotFoundError: when neither is available, listing what is missing.
   """
-  present, absent = _protocols.paper_ood(protocol, data_dir)
+  present, absent = _catalog.paper_ood(suite, data_dir)
   if present:
     return {s.name: paper_set(s, data_dir) for s in present}
-  if protocol.offline_ood:
-    return offline_sets(protocol, size)
+  if suite.offline_ood:
+    return offline_sets(suite, size)
   raise FileNotFoundError("no OOD set found:\n  - " + "\n  - ".join(absent))
 
 
@@ -95,9 +89,6 @@ def extra_sets(specs: Sequence[str | tuple[str, str]], image_shape: tuple[int, i
   """Reads `--extra-ood NAME=PATH` sets: a `.npy` of uint8 images of the
   benchmark's shape, or a folder of image files of any size (resized and
   cropped for the model by the pipeline); errors name the path and problem."""
-  import os  # pylint: disable=g-import-not-at-top
-  from line_jax import data
-
   out = {}
   for spec in specs:
     name, path = data.parse_extra_ood(spec) if isinstance(spec, str) else spec

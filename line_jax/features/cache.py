@@ -1,4 +1,4 @@
-"""Features of a (model, data set, preprocessing), extracted once and reused.
+"""Features of a (backbone, data set), extracted once and reused.
 
 `python -m line_jax.fit`, `tune` and `evaluate` all need a training set's
 features, and the network is by far the slowest stage (DenseNet-BC-100 on a
@@ -7,9 +7,9 @@ CPU: tens of images per second). So a set's features and labels are kept as
 `~/.cache/line_jax/features`), under a key that digests everything they
 depend on:
 
-* the model: its module's description, every variable, the normalisation
-  and the head it is cut at;
-* the preprocessing: crop size, resize size, channels, decoder;
+* the backbone (`Backbone.key`): its module's description, every variable,
+  the normalisation, the head it is cut at, and its preprocessing (crop
+  size, resize size, channels, decoder);
 * the records: an array source's pixels and labels (for a memory-mapped
   file over 4 GiB, its path, size and modification time), a folder's file
   paths, sizes and modification times, a TFDS split's name, folder and length, and a
@@ -27,7 +27,7 @@ to reclaim its space.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import json
@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from line_jax import features as features_lib
+from line_jax import resumable
 
 ENV = "LINE_JAX_CACHE"
 
@@ -69,27 +69,10 @@ class CachedSet:
   def __len__(self) -> int:
     return self.features.shape[0]
 
-  def batches(self, batch_size: int = 4096) -> "MemmapBatches":
-    """The re-iterable `(features, labels)` stream `fit_from_batches` takes."""
-    return MemmapBatches(self.features, self.labels, batch_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class MemmapBatches:
-  """Re-iterable `(features [b, m], labels [b])` slices of cached arrays.
-
-  Two-pass scorers (ReAct, ViM) iterate it twice; each pass reads the memmap
-  again instead of holding the set.
-  """
-
-  features: np.ndarray
-  labels: np.ndarray
-  batch_size: int = 4096
-
-  def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    for start in range(0, self.features.shape[0], self.batch_size):
-      stop = start + self.batch_size
-      yield np.asarray(self.features[start:stop]), np.asarray(self.labels[start:stop])
+  def batches(self, batch_size: int = resumable.ROWS_PER_BATCH) -> resumable.StoredRows:
+    """The re-iterable `(features, labels)` stream `fit_from_batches` takes
+    (each pass reads the memmaps again instead of holding the set)."""
+    return resumable.StoredRows(self.features, self.labels, batch_size)
 
 
 def fingerprint(*parts: Any) -> str:
@@ -106,29 +89,11 @@ def fingerprint(*parts: Any) -> str:
   return digest.hexdigest()[:16]
 
 
-def model_key(model: Any, variables: Any, *, mean: Sequence[float], std: Sequence[float],
-              preprocess: Any, head: str | None = None) -> str:
-  """The digest of what turns a record into features (see the module docstring).
-
-  Args:
-    model, variables: the network (a Flax module or an apply function) and
-      its variables.
-    mean, std: `[C]` normalisation in [0, 1] pixel units (lists, tuples or
-      arrays: the same numbers give the same key).
-    preprocess: the `line_jax.data.Preprocess` of its input pipeline.
-    head: the Dense layer the features are cut at (None: the model's own).
-  """
-  numbers = [[float(np.float32(x)) for x in np.ravel(v)] for v in (mean, std)]
-  size = preprocess.image_size
-  steps = [size, preprocess.resize_size or size, preprocess.channels, preprocess.fast_decode]
-  return fingerprint(repr(model), variables, numbers, steps, head)
-
-
-def key(model: str, source: Sequence) -> str | None:
-  """The entry key of `model`'s (a `model_key`) features of `source`; None
-  where the source is of a kind this module cannot key (`source_key`)."""
+def key(backbone_key: str, source: Sequence) -> str | None:
+  """The entry key of a backbone's (its `Backbone.key`) features of `source`;
+  None where the source is of a kind this module cannot key (`source_key`)."""
   records = source_key(source)
-  return None if records is None else fingerprint(model, records)
+  return None if records is None else fingerprint(backbone_key, records)
 
 
 def source_key(source: Sequence) -> Any | None:
@@ -199,34 +164,27 @@ def _write_meta(paths: dict[str, str], key: str, images: int, seconds: float,
 
 
 def extract(
+    backbone: Any,
     batches: Sequence[tuple[np.ndarray, np.ndarray]],
     num_images: int,
-    model: Any,
-    variables: Any,
     *,
-    mean: Sequence[float],
-    std: Sequence[float],
     folder: str | os.PathLike,
     key: str,
-    head: str | None = None,
     description: str = "",
     progress: bool | str = True,
 ) -> CachedSet:
-  """The entry `key`, read back, or made by running the network over `batches`.
+  """The entry `key`, read back, or made by running `backbone` over `batches`.
 
   Args:
+    backbone: the `line_jax.features.Backbone` the features come from.
     batches: an iterable of `(images, labels)`, uint8 `[b, H, W, C]` and
       `[b]`, no batch larger than the first (the input pipeline's); run by
-      `line_jax.features.iter_extract_batches` (one compilation).
+      the one dispatch-ahead loop (`iter_extract_batches`, one compilation).
     num_images: images in the stream.
-    model, variables: the network and its variables.
-    mean, std: `[C]` normalisation in [0, 1] pixel units.
     folder: the cache folder (made if needed).
-    key: the entry's key (`key(model_key(...), source)`).
-    head: the network's final Dense layer, for one that does not return
-      `(logits, features)` itself (`line_jax.features.extract`).
+    key: the entry's key (`key(backbone.key, source)`).
     description: what the set is, kept in the entry's `.json`.
-    progress: a tqdm bar (a string is its label).
+    progress: a progress bar (a string is its label).
 
   Returns:
     The `CachedSet`, memory-mapped; `cached` says whether it was read back.
@@ -242,9 +200,7 @@ def extract(
   label = (progress if isinstance(progress, str) else f"features: {description or key}"
            ) if progress else False
   # The pipeline's threads decode the next batches while the network runs.
-  for _, feats, labels in features_lib.iter_extract_batches(
-      model, variables, batches, mean=mean, std=std, progress=label, total=num_images,
-      head=head):
+  for _, feats, labels in backbone.run(batches, progress=label, total=num_images):
     valid = feats.shape[0]
     if out is None:
       out = {"features": _open(paths["features"], (num_images, feats.shape[1])),

@@ -52,9 +52,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from line_jax import _progress
-from line_jax.models import _head
+from line_jax import models
 
 BATCH_AXIS = "batch"
+# Images per network call, the default of every extraction and run.
+IMAGES_PER_CALL = 256
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -101,7 +103,7 @@ def iter_extract(
     *,
     mean: Sequence[float],
     std: Sequence[float],
-    batch_size: int = 512,
+    batch_size: int = IMAGES_PER_CALL,
     mesh: Mesh | None = None,
     dtype=None,
     progress: bool | str = True,
@@ -199,7 +201,7 @@ def _check_mesh(mesh: Mesh | None) -> None:
 def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress, total,
             head):
   """The shared loop: pad, dispatch, fetch one behind; see `iter_extract_batches`."""
-  forward, variables = _head.feature_apply(_with_dtype(model, dtype), variables, head=head)
+  forward, variables = models.feature_apply(_with_dtype(model, dtype), variables, head=head)
   channels = len(mean)
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
@@ -244,7 +246,7 @@ def _fetch(out, valid: int, rest: tuple, bar) -> tuple[Any, ...]:
 
 
 def extract(model: Any, variables: Any, images, *, mean: Sequence[float],
-            std: Sequence[float], batch_size: int = 512, mesh: Mesh | None = None,
+            std: Sequence[float], batch_size: int = IMAGES_PER_CALL, mesh: Mesh | None = None,
             dtype=None, progress: bool | str = True,
             head: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Logits and pooled features of every image; arguments as `iter_extract`.

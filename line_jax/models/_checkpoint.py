@@ -2,7 +2,7 @@
 
 A checkpoint is a folder holding `variables/` (written by orbax's
 `StandardCheckpointer`) and `config.json` (how the model was built and
-trained). The config is what lets `load_model` rebuild the Flax module and an
+trained). The config is what lets `load_checkpoint` rebuild the Flax module and an
 abstract target of the right shapes, so nothing is unpickled.
 """
 
@@ -17,16 +17,20 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from line_jax.models import get_model
+from line_jax.models._registry import get_model
 
+# The committed Fashion-MNIST model (package data): every CLI's default.
+DEFAULT_CHECKPOINT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "checkpoints", "fashion_mnist_resnet_small")
 CONFIG_FILE = "config.json"
 VARIABLES_DIR = "variables"
-# Keys `load_model` needs to rebuild the module; the rest of the config
+# Keys `load_checkpoint` needs to rebuild the module; the rest of the config
 # (seed, epochs, accuracy, ...) is a record for people.
 REQUIRED_KEYS = ("model", "num_classes", "input_shape")
 
 
-def save_model(directory: str | os.PathLike, variables: Any,
+def save_checkpoint(directory: str | os.PathLike, variables: Any,
                config: dict[str, Any]) -> None:
   """Writes `variables` with orbax and `config` as `config.json`.
 
@@ -59,7 +63,7 @@ def save_model(directory: str | os.PathLike, variables: Any,
     f.write(text + "\n")
 
 
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
   """Reads and checks a checkpoint's `config.json`.
 
   Raises:
@@ -97,8 +101,8 @@ def build_model(config: dict[str, Any]) -> tuple[nn.Module, Any]:
   return model, abstract
 
 
-def load_model(directory: str | os.PathLike) -> tuple[nn.Module, Any, dict]:
-  """Restores a checkpoint written by `save_model`.
+def load_checkpoint(directory: str | os.PathLike) -> tuple[nn.Module, Any, dict]:
+  """Restores a checkpoint written by `save_checkpoint`.
 
   Args:
     directory: the checkpoint folder.
@@ -115,7 +119,7 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, Any, dict]:
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     raise ValueError(f"checkpoint folder {directory} does not exist")
-  config = read_config(directory)
+  config = read_checkpoint_config(directory)
   try:
     model, abstract = build_model(config)
   except (TypeError, ValueError) as e:

@@ -10,21 +10,35 @@ to None, so nothing is reimplemented.
     table = line_ablation(train_batches, kernel, bias, {"id": f_id, "svhn": f_svhn},
                           p_w=90, p_a=90, clip=1.0)
     print(format_ablation(table))
+    ablation.run(ablation.Config(BenchmarkData("cifar10", ...)), "out/")  # a benchmark's
+
+`run` reads the benchmark's features as `evaluate` does (the same feature
+cache: run after `evaluate`, no network runs again) and writes
+`ablation.json`, `ablation.md` and `ablation.png`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import dataclasses
 import itertools
+import os
 from typing import Any
 
+import jax
 import numpy as np
 
+from line_jax import distributed
 from line_jax import metrics as metrics_lib
+from line_jax import plots
 from line_jax import scorers
+from line_jax import suites
+from line_jax.runs import _report
+from line_jax.runs._benchmark import BenchmarkData
+from line_jax.runs._benchmark import features_of
+from line_jax.runs._shared import Runtime
 
 PARTS = ("clip", "weights", "neurons")  # Activation clipping, weight pruning, neuron pruning.
-_METRICS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 
 
 def variants() -> list[tuple[bool, bool, bool]]:
@@ -58,8 +72,6 @@ def line_ablation(train_batches: Iterable, kernel, bias, sets: Mapping[str, Any]
     `{"settings": {p_w, p_a, clip}, "variants": {name: {"clip", "weights",
     "neurons": bool, "metrics": {ood_set: metrics, "average": ...}}}}`.
   """
-  from line_jax.evaluation import score_all  # The evaluation's chunked scoring.
-
   if "id" not in sets:
     raise ValueError("sets needs the ID test features under 'id'")
   line = scorers.get("line")
@@ -68,10 +80,11 @@ def line_ablation(train_batches: Iterable, kernel, bias, sets: Mapping[str, Any]
     hp = dict(zip(("clip", "p_w", "p_a"), (clip, p_w, p_a)))
     hp = {k: (v if flag else None) for (k, v), flag in zip(hp.items(), on)}
     state = line.fit_from_batches(train_batches, kernel, bias, **hp)
-    score_id = score_all(line, state, sets["id"])
-    rows = {name: metrics_lib.evaluate(score_id, score_all(line, state, f))
+    score_id = line.score_all(state, sets["id"])
+    rows = {name: metrics_lib.ood_metrics(score_id, line.score_all(state, f))
             for name, f in sets.items() if name != "id"}
-    rows["average"] = {m: float(np.mean([r[m] for r in rows.values()])) for m in _METRICS}
+    rows["average"] = {m: float(np.mean([r[m] for r in rows.values()]))
+                       for m in metrics_lib.NAMES}
     out[variant_name(on)] = {**dict(zip(PARTS, on)), "metrics": rows}
   return {"settings": {"p_w": p_w, "p_a": p_a, "clip": clip}, "variants": out}
 
@@ -95,3 +108,48 @@ def format_ablation(table: Mapping[str, Any]) -> str:
              for s in sets]
     lines.append(f"| {name} | " + " | ".join(marks + cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A benchmark's LINe ablation.
+
+  Attributes:
+    data: the benchmark's model and data (as `evaluate.Config.data`).
+    hparams: `{"line": {name: value}}` over the benchmark's LINe settings.
+    plots: write `ablation.png`.
+  """
+
+  data: BenchmarkData = BenchmarkData()
+  hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  plots: bool = True
+
+
+def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
+        inputs: suites.Inputs | None = None, runtime: Runtime = Runtime()) -> dict[str, Any]:
+  """LINe's ablation on a benchmark at its LINe settings (`suites.hparams_for`).
+
+  Writes `ablation.json`, `ablation.md` and (with `config.plots`)
+  `ablation.png` into `workdir` (None: nothing). Runs on one process.
+
+  Returns:
+    The `line_ablation` table.
+  """
+  if jax.process_count() > 1:
+    raise ValueError("the ablation runs on one process; run it without --coordinator")
+  with features_of(config.data, runtime, inputs=inputs) as (inputs, cached):
+    train = cached.pop("train")
+    kernel, bias = inputs.backbone.head_params()
+    hp = suites.hparams_for(config.data.suite, "line", config.hparams.get("line"),
+                            train.features)
+    table = line_ablation(train.batches(), kernel, bias,
+                          {name: c.features for name, c in cached.items()}, **hp)
+  if workdir is not None and distributed.is_primary():
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _report.write_json(os.path.join(workdir, "ablation.json"), table)
+    with open(os.path.join(workdir, "ablation.md"), "w") as f:
+      f.write(format_ablation(table))
+    if config.plots:
+      plots.plot_ablation(table, os.path.join(workdir, "ablation.png"))
+  return table

@@ -1,0 +1,33 @@
+"""Images to features: any network, one extraction loop, one cache.
+
+`Backbone` carries a network, its variables, normalisation, head and
+preprocessing; `Backbone.run` is the one jitted, dispatch-ahead extraction
+loop, `Backbone.read` reads a set's features through `cache` (shared by
+`fit`, `tune` and `evaluate`). `extract`, `iter_extract`, `iter_extract_batches`,
+`FeatureBatches` and `PipelineFeatures` are the same loop as functions of a
+model and its variables.
+"""
+
+from line_jax.features import cache
+from line_jax.features._backbone import Backbone
+from line_jax.features._backbone import FeatureStream
+from line_jax.features._extract import BATCH_AXIS
+from line_jax.features._extract import FeatureBatches
+from line_jax.features._extract import IMAGES_PER_CALL
+from line_jax.features._extract import PipelineFeatures
+from line_jax.features._extract import extract
+from line_jax.features._extract import iter_extract
+from line_jax.features._extract import iter_extract_batches
+
+__all__ = (
+    "BATCH_AXIS",
+    "Backbone",
+    "FeatureBatches",
+    "FeatureStream",
+    "IMAGES_PER_CALL",
+    "PipelineFeatures",
+    "cache",
+    "extract",
+    "iter_extract",
+    "iter_extract_batches",
+)

@@ -1,0 +1,165 @@
+"""A `Backbone`: a network, its variables, its head and how its inputs are made.
+
+Everything that turns a record of a data set into features travels together:
+
+    backbone = Backbone.from_checkpoint("line_jax/checkpoints/fashion_mnist_resnet_small")
+    kernel, bias = backbone.head_params()                 # what the scorers take
+    batches = backbone.batches(source, batch_size=256)    # the grain pipeline, preprocessed
+    for logits, features, labels in backbone.run(batches):
+      ...
+    cached = backbone.read(source, cache_dir=cache.default_dir())  # extracted once
+
+`run` is the one extraction loop (jitted once per model and batch shape,
+the next batch dispatched before the last is fetched); `stream` is the same
+loop as the resumable `Stream` a fit folds; `key` digests everything the
+features depend on, for `line_jax.features.cache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+import dataclasses
+import functools
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from line_jax.features import _extract
+from line_jax.features import cache
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Backbone:
+  """A network that gives `(logits, features)`, and what it takes.
+
+  Attributes:
+    model: a Linen module returning `(logits, features)` (every
+      `line_jax.models` network), any Linen or NNX module with `head`, or a
+      function `apply(variables, x) -> (logits, features)`.
+    variables: its variables (None for an NNX module).
+    mean, std: `[C]` normalisation in [0, 1] pixel units.
+    preprocess: the `line_jax.data.Preprocess` of its input (crop, resize,
+      channels); None for a backbone fed ready uint8 batches only.
+    head: path of the final Dense layer ("fc", "head/fc") of a network that
+      does not return `(logits, features)` itself; its input is the
+      features. None: the network returns them, and its head is "fc".
+  """
+
+  model: Any
+  variables: Any
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  preprocess: Any = None
+  head: str | None = None
+
+  def __post_init__(self):
+    # The same numbers in a list, tuple or array are one normalisation.
+    for name in ("mean", "std"):
+      object.__setattr__(self, name, tuple(float(x) for x in np.ravel(getattr(self, name))))
+    if len(self.mean) != len(self.std):
+      raise ValueError(f"mean has {len(self.mean)} channels and std {len(self.std)}")
+
+  @classmethod
+  def from_checkpoint(cls, path: str | os.PathLike) -> "Backbone":
+    """A line_jax checkpoint folder (`line_jax.models.save_checkpoint`): its
+    model, weights, normalisation, input shape and head ("head" in its config)."""
+    from line_jax import data  # pylint: disable=g-import-not-at-top
+    from line_jax import models  # pylint: disable=g-import-not-at-top
+    model, variables, config = models.load_checkpoint(path)
+    if "mean" not in config or "std" not in config:
+      raise ValueError(f"{path}/config.json has no 'mean' and 'std': "
+                       "the normalisation the model was trained with is unknown")
+    height, width, channels = config["input_shape"]
+    if height != width:
+      raise ValueError(f"the model takes {height}x{width} inputs; only square crops are made")
+    return cls(model, variables, config["mean"], config["std"],
+               data.Preprocess(image_size=height, channels=channels), config.get("head"))
+
+  def head_params(self) -> tuple[Any, Any]:
+    """`(kernel [features, classes], bias [classes] or None)` of the network."""
+    from line_jax import models  # pylint: disable=g-import-not-at-top
+    return models.head_params(self.model if self.variables is None else self.variables,
+                              head=self.head or "fc")
+
+  @property
+  def num_classes(self) -> int:
+    return int(np.shape(self.head_params()[0])[1])
+
+  @functools.cached_property
+  def key(self) -> str:
+    """The digest of what turns a record into features (`cache`): the
+    module's description, every variable, normalisation, head, preprocessing."""
+    numbers = [[float(np.float32(x)) for x in v] for v in (self.mean, self.std)]
+    p = self.preprocess
+    steps = [p.image_size, p.resize_size or p.image_size, p.channels, p.fast_decode]
+    return cache.fingerprint(repr(self.model), self.variables, numbers, steps, self.head)
+
+  def batches(self, source: Sequence, batch_size: int, *, workers: int | None = None):
+    """The grain pipeline over `source`, preprocessed for this network
+    (`line_jax.data.image_batches`); batches never larger than the set."""
+    from line_jax import data  # pylint: disable=g-import-not-at-top
+    return data.image_batches(source, self.preprocess,
+                              batch_size=max(1, min(batch_size, len(source))), workers=workers)
+
+  def run(self, batches: Iterable[tuple[Any, ...]], *, progress: bool | str = False,
+          total: int | None = None, mesh=None, dtype=None):
+    """`(logits, features, *rest)` of each `(images, *rest)` batch, in order
+    (`line_jax.features.iter_extract_batches`: the one extraction loop)."""
+    return _extract.iter_extract_batches(
+        self.model, self.variables, batches, mean=self.mean, std=self.std, mesh=mesh,
+        dtype=dtype, progress=progress, total=total, head=self.head)
+
+  def stream(self, batches, *, progress: bool | str = False) -> "FeatureStream":
+    """This network's features over re-iterable `(images, labels)` batches:
+    what `Scorer.fit_from_batches` takes, and over an `ImageBatches`
+    pipeline the resumable stream `python -m line_jax.fit` folds."""
+    return FeatureStream(self, batches, progress=progress)
+
+  def read(self, source: Sequence, *, cache_dir: str | os.PathLike,
+           batch_size: int = _extract.IMAGES_PER_CALL,
+           workers: int | None = None, scratch: str | os.PathLike | None = None,
+           description: str = "", progress: bool | str = False) -> cache.CachedSet:
+    """This network's features of `source`, memory-mapped: from the cache in
+    `cache_dir` where it holds them, else through the pipeline and the
+    network into it. A source the cache cannot key (a Sequence of your own)
+    is extracted into `scratch` (default: `cache_dir`) under a key of this
+    call alone."""
+    key, folder = cache.key(self.key, source), cache_dir
+    if key is None:
+      key = cache.fingerprint(self.key, [repr(source), os.getpid(), time.time_ns()])
+      folder = scratch or cache_dir
+    return cache.extract(self, self.batches(source, batch_size, workers=workers), len(source),
+                         folder=folder, key=key, description=description or repr(source),
+                         progress=progress)
+
+
+class FeatureStream:
+  """A backbone's features over re-iterable `(images, labels)` batches.
+
+  Iterating gives `(features [b, m], labels [b] or None)` batches, the
+  network run afresh on each pass (memory: a few batches, whatever the
+  set's size), as `Scorer.fit_from_batches` takes them. Over an
+  `ImageBatches` pipeline it is also a resumable `line_jax.resumable.Stream`:
+  `batches(position)` yields `(features, labels, position)`, the position
+  the pipeline's (grain's), taken as each batch of images is read, so it
+  resumes after the last batch whose features were folded.
+  """
+
+  def __init__(self, backbone: Backbone, batches, *, progress: bool | str = False):
+    self._backbone, self._batches, self._progress = backbone, batches, progress
+    self.num_samples = getattr(batches, "num_records", None)
+    self.num_batches = len(batches) if hasattr(batches, "__len__") else None
+    self.stored = None
+
+  def __iter__(self):
+    for _, features, labels in self._backbone.run(self._batches, progress=self._progress,
+                                                  total=self.num_samples):
+      yield features, None if labels is None else np.asarray(labels)
+
+  def batches(self, position=None):
+    iterator = self._batches.iterator(position)
+    pulled = ((images, labels, self._batches.position(iterator)) for images, labels in iterator)
+    for _, features, labels, after in self._backbone.run(pulled):
+      yield features, np.asarray(labels, np.int32), after

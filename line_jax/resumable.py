@@ -1,0 +1,247 @@
+"""A fold over a long stream that survives being killed: orbax progress steps.
+
+`accumulate(fold, acc, stream, folder)` is `line_jax.fold.accumulate_parts`
+over a `Stream` of `(features, labels)` batches (a model over an image
+pipeline, or stored rows), with what a run of hours needs:
+
+* every `save_every` batches the accumulator and the stream's position go
+  to one orbax `CheckpointManager` step in `folder/progress/` (atomic: a
+  step is visible only once whole), after the feature rows before it are
+  flushed. Killed at any moment and run again, the fold restarts from the
+  last step; the batches after it are read again, identically, so the
+  result is bit-identical to that of an uninterrupted run;
+* passes after the first read the features again from `features.npy` /
+  `labels.npy` (float32 `[n, features]` and int32 `[n]` memory maps written
+  during the first pass, where a later pass or `keep_rows` needs them), or
+  from a stream's own stored rows: the model does not run twice, and
+  nothing is held in memory whole;
+* on multi-host each process folds its own stream and its own rows
+  (`features.pI.npy`); a save is collective (every process's accumulator
+  and position in one step, process 0 writes it), so saves fall on batch
+  indices every process reaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+import json
+import os
+from typing import Any, Protocol
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from line_jax import distributed
+from line_jax import fold as fold_lib
+
+FEATURES_FILE = "features.npy"
+LABELS_FILE = "labels.npy"
+PROGRESS_DIR = "progress"
+ROWS_PER_BATCH = 4096  # Stored rows read per batch by a later pass.
+
+
+class Stream(Protocol):
+  """A resumable stream of `(features, labels)` NumPy batches.
+
+  `batches(position)` iterates from `position` (None: the start), yielding
+  `(features [b, m] float32, labels [b] int, position_after)`, where
+  `position_after` is a JSON-able value that resumes after that batch.
+  `num_samples` and `num_batches` are the stream's length in samples and
+  in batches. `stored` is None, or `(features, labels)` arrays of the whole
+  stream that later passes read instead of a copy.
+  """
+
+  num_samples: int
+  num_batches: int
+  stored: tuple[np.ndarray, np.ndarray] | None
+
+  def batches(self, position: Any | None) -> Iterator[tuple[np.ndarray, np.ndarray, Any]]:
+    ...
+
+
+class StoredRows:
+  """A `Stream` over stored features (`[n, m]` float32, `[n]` int32; memmaps
+  are read batch by batch). Its position is the next row."""
+
+  def __init__(self, features: np.ndarray, labels: np.ndarray,
+               batch_size: int = ROWS_PER_BATCH):
+    self.stored = (features, labels)
+    self._batch_size = batch_size
+    self.num_samples = features.shape[0]
+    self.num_batches = -(-self.num_samples // batch_size)
+
+  def batches(self, position=None):
+    features, labels = self.stored
+    for start in range(position or 0, self.num_samples, self._batch_size):
+      stop = min(start + self._batch_size, self.num_samples)
+      yield (np.asarray(features[start:stop]), np.asarray(labels[start:stop], np.int32), stop)
+
+  def __iter__(self):
+    """The `(features, labels)` batches, as `fit_from_batches` takes them."""
+    for features, labels, _ in self.batches():
+      yield features, labels
+
+
+def rows_files(folder: str) -> tuple[str, str]:
+  """This process's `(features.npy, labels.npy)` paths in `folder`."""
+  suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
+  return (os.path.join(folder, FEATURES_FILE.replace(".npy", suffix + ".npy")),
+          os.path.join(folder, LABELS_FILE.replace(".npy", suffix + ".npy")))
+
+
+def resumed(folder: str) -> bool:
+  """Whether `folder` holds a saved step of an earlier run's stream."""
+  progress = os.path.join(folder, PROGRESS_DIR)
+  return os.path.isdir(progress) and any(n.isdigit() for n in os.listdir(progress))
+
+
+def _memmap(path: str, shape: tuple[int, ...], dtype, fresh: bool) -> np.memmap:
+  if fresh or not os.path.isfile(path):
+    tmp = path + ".tmp"
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+    os.replace(tmp, path)
+  array = np.lib.format.open_memmap(path, mode="r+")
+  if array.shape != shape or array.dtype != dtype:
+    raise ValueError(f"{path} has {array.dtype} {array.shape}, expected {np.dtype(dtype)} "
+                     f"{shape}: delete it and its progress/ folder to start over")
+  return array
+
+
+class _Progress:
+  """The orbax steps of one run: what was folded, and where the stream stands."""
+
+  def __init__(self, folder: str, save_every: int, num_batches: int):
+    self.manager = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(folder), PROGRESS_DIR),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False))
+    self.save_every = save_every
+    self.step = self.manager.latest_step()
+    # Saves are collective: up to the shortest shard's batch count, and the
+    # last one (the same step number everywhere) at the end of the stream.
+    self.common = distributed.smallest(num_batches)
+    self.final = distributed.largest(num_batches)
+
+  def restore(self, acc: Any) -> tuple[Any, Any, int]:
+    """`(acc, position, rows)` of the latest step (`acc` itself where none)."""
+    if self.step is None:
+      return acc, None, 0
+    saved = self.manager.restore(self.step, args=ocp.args.StandardRestore())
+    mine = flax.serialization.msgpack_restore(
+        np.asarray(saved[f"p{jax.process_index()}"]).tobytes())
+    return (flax.serialization.from_state_dict(acc, mine["acc"]),
+            json.loads(mine["position"]), int(mine["rows"]))
+
+  def due(self, index: int) -> bool:
+    return index % self.save_every == 0 and index <= self.common and index < self.final
+
+  def save(self, index: int, acc: Any, position: Any, rows: int) -> None:
+    mine = flax.serialization.msgpack_serialize({
+        "acc": flax.serialization.to_state_dict(jax.tree.map(np.asarray, acc)),
+        "position": json.dumps(position), "rows": rows})
+    parts = distributed.gather_bytes(mine)
+    self.manager.save(index, args=ocp.args.StandardSave(
+        {f"p{i}": np.frombuffer(part, np.uint8) for i, part in enumerate(parts)}))
+
+  def close(self) -> None:
+    if self.manager is not None:
+      self.manager.wait_until_finished()
+      self.manager.close()
+      self.manager = None
+
+
+def accumulate(
+    fold: fold_lib.Fold,
+    acc: Any,
+    stream: Stream,
+    folder: str,
+    *,
+    num_features: int,
+    check: Callable[[Any, Any], None] | None = None,
+    save_every: int = 20,
+    on_batch: Callable[[int], None] | None = None,
+    keep_rows: bool = False,
+    on_stream_end: Callable[[], None] | None = None,
+) -> Any:
+  """`fold` over `stream` from `acc`, resumably, in `folder`; not finalized.
+
+  Args:
+    fold: the `Fold` (usually a `line_jax.fold.chain`).
+    acc: its `init` accumulator (replaced by the latest saved step's).
+    stream: this process's training features (see `Stream`).
+    folder: for `progress/` (orbax steps) and the feature rows.
+    num_features: the width of the stream's features.
+    check: called on every batch of the first pass.
+    save_every: batches between progress saves.
+    on_batch: called with the sample count of each batch (progress bars).
+    keep_rows: write `features.npy` / `labels.npy` even where no later pass
+      reads them (`rows_files` names them).
+    on_stream_end: called once the stream is read whole and its rows are on
+      disk, before any later pass or `finalize` (which may still fail).
+
+  Returns:
+    The accumulator of every pass, merged over processes.
+  """
+  if not fold.reads_data:
+    return acc
+  progress = _Progress(folder, save_every, stream.num_batches)
+  acc, position, done = progress.restore(acc)
+  stored = getattr(stream, "stored", None)
+  rows = labels = None
+  if (fold_lib.passes_of(fold, acc) > 1 and stored is None) or keep_rows:
+    features_path, labels_path = rows_files(folder)
+    n, fresh = stream.num_samples, progress.step is None
+    rows = _memmap(features_path, (n, num_features), np.float32, fresh)
+    labels = _memmap(labels_path, (n,), np.int32, fresh)
+  state = {"position": position, "done": done, "index": progress.step or 0}
+  if done and on_batch is not None:
+    on_batch(done)  # Resumed: progress starts where the saved step ended.
+
+  def first_pass():
+    if state["done"] >= stream.num_samples:
+      return
+    for features, labels_, position_ in stream.batches(state["position"]):
+      size = features.shape[0]
+      if rows is not None:
+        rows[state["done"]:state["done"] + size] = features
+        labels[state["done"]:state["done"] + size] = labels_
+      state["position"], state["done"] = position_, state["done"] + size
+      yield features, labels_
+    if state["done"] != stream.num_samples:
+      raise ValueError(f"the stream held {state['done']} samples, expected "
+                       f"{stream.num_samples}")
+
+  def flush():
+    if rows is not None:  # The rows a saved step vouches for are on disk first.
+      rows.flush()
+      labels.flush()
+
+  def after_batch(part_acc, size):
+    state["index"] += 1
+    if on_batch is not None:
+      on_batch(size)
+    if progress.due(state["index"]):
+      flush()
+      progress.save(state["index"], part_acc, state["position"], state["done"])
+
+  def after_pass(index, part_acc):
+    if index:
+      return
+    if progress.step != progress.final:
+      flush()
+      progress.save(progress.final, part_acc, state["position"], state["done"])
+    progress.close()
+    if on_stream_end is not None and distributed.total(state["done"]):
+      on_stream_end()
+
+  def read(index):
+    if index == 0:
+      return [first_pass()]
+    return [StoredRows(*(stored or (rows, labels)))]
+
+  try:
+    return fold_lib.accumulate_parts(fold, acc, read, check=check, resumed_samples=done,
+                                     on_batch=after_batch, on_pass_end=after_pass)
+  finally:
+    progress.close()

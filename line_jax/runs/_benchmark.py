@@ -1,0 +1,111 @@
+"""What `evaluate` and `ablation` read: a benchmark's backbone and its sets' features.
+
+    with features_of(BenchmarkData("cifar10", ...), runtime) as (inputs, sets):
+      sets["train"], sets["id"], sets["svhn"], ...     # memory-mapped CachedSets
+
+The training, test and OOD sets stream through the input pipeline and the
+backbone into the feature cache (`Backbone.read`), or are read back from it.
+On multi-host each process reads its own contiguous shard of whole batches
+of every set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+import contextlib
+import dataclasses
+import os
+import tempfile
+
+from line_jax import features
+from line_jax import models
+from line_jax import suites
+from line_jax.features import cache
+from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import own_shard
+from line_jax.runs._shared import Runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkData:
+  """Which benchmark's model and data a run reads.
+
+  Attributes:
+    benchmark: a key of `suites.SUITES`.
+    checkpoint: line_jax checkpoint folder (the Fashion-MNIST suites).
+    torch_checkpoint: PyTorch state_dict of a paper suite's network.
+    data_dir: TFDS datasets and the paper's OOD sets.
+    id_folder: ID `train/` and `test/` in ImageFolder layout (else TFDS).
+    max_train, max_test: evenly spaced subsets of this size (quick runs).
+    ood_size: images per offline OOD set.
+    extra_ood: more OOD sets, `NAME=PATH` (a uint8 `.npy` of the suite's
+      input shape, or a folder of images of any size) or `(name, path)`.
+    batch_size: images per network call.
+  """
+
+  benchmark: str = "fashion_mnist"
+  checkpoint: str = models.DEFAULT_CHECKPOINT
+  torch_checkpoint: str | None = None
+  data_dir: str | None = None
+  id_folder: str | None = None
+  max_train: int | None = None
+  max_test: int | None = None
+  ood_size: int = 2000
+  extra_ood: tuple = ()
+  batch_size: int = features.IMAGES_PER_CALL
+
+  @property
+  def suite(self) -> suites.Suite:
+    return suites.get(self.benchmark)
+
+  def inputs(self) -> suites.Inputs:
+    """The suite's backbone and sources, from local files."""
+    check_positive(batch_size=self.batch_size, max_train=self.max_train,
+                   max_test=self.max_test, ood_size=self.ood_size)
+    if self.benchmark.startswith("fashion_mnist"):
+      return suites.fashion_mnist_inputs(self.checkpoint, max_train=self.max_train,
+                                         max_test=self.max_test, ood_size=self.ood_size)
+    return suites.paper_inputs(self.suite, self.data_dir, self.torch_checkpoint,
+                               id_folder=self.id_folder, max_train=self.max_train,
+                               max_test=self.max_test, ood_size=self.ood_size)
+
+
+def _image_shape(data: BenchmarkData, inputs: suites.Inputs | None) -> tuple[int, int, int]:
+  if inputs is not None:
+    return inputs.image_shape
+  suite = data.suite
+  return (suite.image_size, suite.image_size, suite.channels)
+
+
+@contextlib.contextmanager
+def features_of(data: BenchmarkData, runtime: Runtime, *, inputs: suites.Inputs | None = None
+                ) -> Iterator[tuple[suites.Inputs, dict[str, cache.CachedSet]]]:
+  """`(inputs, sets)`: the benchmark's inputs and every set's features.
+
+  `sets` holds "train", "id" (the ID test set), each OOD set in column
+  order, then the extra ones; this process's shard of each on multi-host.
+  Features live in `runtime.cache_dir`, or in a temporary folder removed
+  when the context exits.
+
+  Args:
+    data: the benchmark.
+    runtime: decoding threads, cache, progress.
+    inputs: ready `suites.Inputs` (custom data) instead of the suite's.
+  """
+  # The user's files are checked before the (slow) loading of everything else.
+  taken = list(inputs.ood) if inputs is not None else (
+      [s.name for s in data.suite.ood] + list(data.suite.offline_ood))
+  extra = suites.extra_sets(data.extra_ood, _image_shape(data, inputs), taken)
+  if inputs is None:
+    inputs = data.inputs()
+  sources: dict[str, Sequence] = {"train": inputs.train, "id": inputs.test, **inputs.ood,
+                                  **extra}
+  with tempfile.TemporaryDirectory(prefix="line_jax_features_") as tmp:
+    folder = os.fspath(runtime.cache_dir or tmp)
+    sets = {name: inputs.backbone.read(
+        own_shard(source, data.batch_size), cache_dir=folder, scratch=tmp,
+        batch_size=data.batch_size, workers=runtime.workers,
+        description=f"{name}: {source!r}",
+        progress=f"features: {name}" if runtime.progress else False)
+            for name, source in sources.items()}
+    yield inputs, sets

@@ -1,0 +1,178 @@
+"""A benchmark end to end: features once, every scorer fitted and scored, metrics.
+
+    result = evaluate.run(evaluate.Config(BenchmarkData("cifar10", id_folder="cifar10",
+                          torch_checkpoint="densenet100_cifar10.pth.tar")), "out/")
+
+    features (cached) ──> each scorer's fold ──> scores per set ──> metrics, table, plots
+
+What `python -m line_jax.evaluate` runs. The training, test and OOD sets
+stream through the input pipeline and the backbone into the feature cache
+(`runs._benchmark.features_of`), then every scorer is fitted from batches of
+the cached training features, with the benchmark's hyperparameters
+(`suites.hparams_for`, the rule `fit` follows too), and scores each set.
+On multi-host each process extracts and scores its own shard of every set;
+the fits merge across processes, the scores are gathered, and process 0
+alone writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from line_jax import _progress
+from line_jax import distributed
+from line_jax import fold
+from line_jax import metrics as metrics_lib
+from line_jax import scorers
+from line_jax import suites
+from line_jax.features import cache
+from line_jax.runs import _report
+from line_jax.runs._benchmark import BenchmarkData
+from line_jax.runs._benchmark import features_of
+from line_jax.runs._report import format_table  # noqa: F401  Part of this module's API.
+from line_jax.runs._shared import Runtime
+
+METRICS = metrics_lib.NAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """What an evaluation computes.
+
+  Attributes:
+    data: the benchmark's model and data.
+    scorers: registered scorer names; empty: every one.
+    hparams: `{scorer: {name: value}}` over the benchmark's settings.
+    plots: write the PNGs (ROC curves, score histograms).
+  """
+
+  data: BenchmarkData = BenchmarkData()
+  scorers: tuple[str, ...] = ()
+  hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  plots: bool = True
+
+  def scorer_names(self) -> list[str]:
+    """The scorers to run, checked with their hyperparameters before any work."""
+    names = list(self.scorers or scorers.names())
+    for name in names:
+      scorers.get(name)  # Unknown names fail here, listing the valid ones.
+    for name, hparams in self.hparams.items():
+      if name not in names:
+        raise ValueError(f"hyperparameters for {name!r}, which this evaluation does not run")
+      scorers.get(name).check_hparams(hparams)
+    return names
+
+
+def fit_and_score(names: Sequence[str], suite: suites.Suite | str | None,
+                  train: cache.CachedSet, kernel, bias, sets: Mapping[str, Any], *,
+                  overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                  progress: bool = True
+                  ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict], dict[str, Any]]:
+  """Fits every scorer in one fold over the cached training set; scores every set.
+
+  The scorers fold side by side (`fold.chain`), so the training features are
+  read once per pass for all of them, merged across processes after each.
+
+  Args:
+    names: scorer names.
+    suite: gives the hyperparameters (`suites.hparams_for`).
+    train: the cached training features and labels.
+    kernel: `[features, classes]`; bias: `[classes]`.
+    sets: name -> `[n_set, features]` (memmaps), "id" first.
+    overrides: `{scorer: {hyperparameter: value}}` over the suite's.
+
+  Returns:
+    `(scores, hparams, seconds)`: scorer -> set -> `[n_set]` float64 scores
+    (every process's rows), scorer -> the hyperparameters it ran with, and
+    `{"fold_s": the shared fold, "finalize_and_score_s": {scorer: s}}`.
+  """
+  hparams = {name: suites.hparams_for(suite, name, (overrides or {}).get(name),
+                                      train.features) for name in names}
+  for name, hp in hparams.items():
+    scorers.get(name).check_hparams(hp)
+  folds = {name: scorers.get(name).fold for name in names}
+  chained = fold.chain(folds)
+  start = time.perf_counter()
+  acc = chained.init(kernel, bias, **hparams)
+  if chained.reads_data:
+    acc = fold.accumulate(chained, acc, train.batches(),
+                          check=fold.batch_check(chained, kernel, bias))
+  seconds = {"fold_s": time.perf_counter() - start, "finalize_and_score_s": {}}
+  scores, used = {}, {}
+  for name, bar in _progress.iterate(names, "scorers", enabled=progress):
+    bar.set_postfix_str(name)
+    start = time.perf_counter()
+    scorer = scorers.get(name)
+    state = folds[name].finalize(acc.accs[name])
+    scores[name] = {set_name: distributed.gather_rows(scorer.score_all(state, f))
+                    for set_name, f in sets.items()}
+    used[name] = scorers.resolved_hparams(hparams[name], state)
+    seconds["finalize_and_score_s"][name] = time.perf_counter() - start
+  return scores, used, seconds
+
+
+def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict]:
+  """scorer -> {ood_set: metrics, "average": mean of each metric over sets}."""
+  out = {}
+  for name, by_set in scores.items():
+    rows = {set_name: metrics_lib.ood_metrics(by_set["id"], s)
+            for set_name, s in by_set.items() if set_name != "id"}
+    rows["average"] = {m: float(np.mean([r[m] for r in rows.values()])) for m in METRICS}
+    out[name] = rows
+  return out
+
+
+def correct(cached: cache.CachedSet, kernel, bias, chunk: int = 8192) -> np.ndarray:
+  """`[n]` float64, 1 where the head `features @ kernel + bias` predicts the label."""
+  kernel = np.asarray(kernel, np.float32)
+  bias = 0.0 if bias is None else np.asarray(bias, np.float32)
+  hits = [np.argmax(np.asarray(cached.features[i:i + chunk]) @ kernel + bias, axis=1)
+          == cached.labels[i:i + chunk] for i in range(0, len(cached), chunk)]
+  return np.concatenate(hits).astype(np.float64)
+
+
+def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
+        inputs: suites.Inputs | None = None, runtime: Runtime = Runtime()) -> dict[str, Any]:
+  """Runs a benchmark end to end.
+
+  Writes (when `workdir` is set) `metrics.json` (`{"id_accuracy", "methods":
+  {scorer: {ood_set: {"fpr95", "auroc", "aupr_in", "aupr_out"}, "average"}}}`,
+  fractions; "average" is the mean over every OOD set of the run, extra ones
+  included), `table.md` (FPR95 / AUROC in %), `hparams.json`, `timings.json`,
+  and with `config.plots` `roc.png` and `hist_<scorer>.png`.
+
+  Args:
+    config: what to evaluate.
+    workdir: output folder (made if needed); None writes nothing.
+    inputs: ready `suites.Inputs` (custom data) instead of the benchmark's;
+      the benchmark still gives the hyperparameters.
+    runtime: decoding threads, the feature cache (None: a temporary folder,
+      removed at the end), progress output.
+
+  Returns:
+    The metrics.json dict: `{"id_accuracy", "methods"}`.
+  """
+  start = time.perf_counter()
+  names = config.scorer_names()
+  suite = config.data.suite
+  with features_of(config.data, runtime, inputs=inputs) as (inputs, cached):
+    train = cached.pop("train")
+    kernel, bias = inputs.backbone.head_params()
+    sets = {name: c.features for name, c in cached.items()}
+    scores, used, fit_seconds = fit_and_score(names, suite, train, kernel, bias, sets,
+                                              overrides=config.hparams,
+                                              progress=runtime.progress)
+    hits = distributed.gather_rows(correct(cached["id"], kernel, bias))
+    result = {"id_accuracy": float(np.mean(hits)), "methods": metrics_of(scores)}
+  timings = _report.timings({"train": train, **cached}, fit_seconds,
+                            time.perf_counter() - start)
+  if workdir is not None and distributed.is_primary():
+    _report.write_outputs(workdir, result, scores, used, timings, make_plots=config.plots,
+                          progress=runtime.progress)
+  return result

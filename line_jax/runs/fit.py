@@ -1,0 +1,205 @@
+"""Fit scorers on a backbone's features of a data set, streaming and resumable.
+
+    states = fit.run(fit.Config(dataset="path/to/imagefolder"), "fits/mine",
+                     runtime=Runtime(cache_dir=features.cache.default_dir()))
+    state = fit.load_state("fits/mine", "line")
+
+What `python -m line_jax.fit` runs. Images stream through the grain pipeline
+and the checkpoint's network, whose config decides the size and channels;
+every scorer folds over the one stream (`line_jax.fold.chain`), resumably
+(`line_jax.resumable`). A run lives in one folder: `args.json` (its
+`Config`; a resume with another one is refused), `progress/` (orbax steps),
+`features.npy` / `labels.npy` (the rows later passes and the feature cache
+read), `<scorer>/` (each state, `line_jax.load`) and `hparams.json` (the
+settings each scorer ran with, resolved: they paste into `Scorer.fit`).
+
+Hyperparameters follow the one rule of every run (`suites.hparams_for`):
+registry defaults, then the benchmark's, then `Config.hparams`. Where the
+feature cache already holds this backbone's features of this data set, the
+network does not run at all. On multi-host each process reads its own
+contiguous shard of whole batches; the accumulators merge in process order
+after each pass, and process 0 writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+
+from line_jax import _files
+from line_jax import _progress
+from line_jax import distributed
+from line_jax import features
+from line_jax import fold
+from line_jax import io
+from line_jax import models
+from line_jax import resumable
+from line_jax import scorers
+from line_jax import suites
+from line_jax.features import Backbone
+from line_jax.features import cache
+from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import open_dataset
+from line_jax.runs._shared import own_shard
+from line_jax.runs._shared import Runtime
+
+ARGS_FILE = "args.json"
+HPARAMS_FILE = "hparams.json"
+CACHED_DIR = "cached"  # Progress of a fit folded from the feature cache.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """What a fit computes (stored in `args.json`).
+
+  Attributes:
+    checkpoint: a line_jax checkpoint folder (`models.save_checkpoint`).
+    dataset: 'fashion_mnist', 'tfds:NAME' or a folder (`data.open_source`).
+    scorers: registered scorer names; empty: every one.
+    benchmark: whose settings the scorers take (`suites.SUITES` or "none");
+      None: "fashion_mnist" for that data set, else "none".
+    hparams: `{scorer: {name: value}}` over the benchmark's settings.
+    batch_size: images per network call.
+    save_every: batches between progress saves.
+    max_examples: only the first this many images (None: all).
+  """
+
+  checkpoint: str = models.DEFAULT_CHECKPOINT
+  dataset: str = "fashion_mnist"
+  scorers: tuple[str, ...] = ()
+  benchmark: str | None = None
+  hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  batch_size: int = features.IMAGES_PER_CALL
+  save_every: int = 20
+  max_examples: int | None = None
+
+  def resolved(self) -> "Config":
+    """Paths absolute, names checked, defaults filled in."""
+    names = tuple(self.scorers or scorers.names())
+    for name in names:
+      scorers.get(name)  # Unknown names fail here, listing the valid ones.
+    if len(set(names)) != len(names):
+      raise ValueError(f"scorers must be distinct, got {', '.join(names)}")
+    for name in self.hparams:
+      if name not in names:
+        raise ValueError(f"hyperparameters for {name!r}, which this fit does not run")
+    check_positive(batch_size=self.batch_size, save_every=self.save_every,
+                   max_examples=self.max_examples)
+    dataset = os.path.abspath(self.dataset) if os.path.isdir(self.dataset) else self.dataset
+    benchmark = self.benchmark or (
+        "fashion_mnist" if self.dataset == "fashion_mnist" else suites.NO_BENCHMARK)
+    if benchmark != suites.NO_BENCHMARK:
+      suites.get(benchmark)
+    return dataclasses.replace(self, checkpoint=os.path.abspath(self.checkpoint),
+                               dataset=dataset, scorers=names, benchmark=benchmark,
+                               hparams={k: dict(v) for k, v in self.hparams.items()})
+
+  def record(self) -> dict[str, Any]:
+    """The JSON of `args.json`; a resume must have the same."""
+    record = json.loads(json.dumps(dataclasses.asdict(self)))
+    if jax.process_count() > 1:  # A resume must keep the process count (the shards).
+      record["num_processes"] = jax.process_count()
+    return record
+
+
+def claim(out: str, record: dict[str, Any]) -> None:
+  """Writes args.json (process 0), or checks that a resumed run has the same record."""
+  path = os.path.join(out, ARGS_FILE)
+  resumed = os.path.exists(path)
+  distributed.barrier("line_jax.fit:claim")  # Everyone has looked before process 0 writes.
+  if distributed.is_primary() and not resumed:
+    os.makedirs(out, exist_ok=True)
+    _files.write_json(path, record)
+  distributed.barrier("line_jax.fit:claimed")
+  if resumed:
+    with open(path) as f:
+      stored = json.load(f)
+    if stored != record:
+      diff = [f"{k}: {stored.get(k)!r} -> {record.get(k)!r}"
+              for k in sorted(set(stored) | set(record)) if stored.get(k) != record.get(k)]
+      raise ValueError(
+          f"{out} holds a run started with other arguments ({'; '.join(diff)}); "
+          "run again with the same arguments to resume, or choose another --out")
+
+
+def run(config: Config, workdir: str | os.PathLike, *,
+        runtime: Runtime = Runtime()) -> dict[str, Any]:
+  """Streams the training set, folds every scorer, saves the states in `workdir`.
+
+  Args:
+    config: what to fit.
+    workdir: the run's folder (resumed where it holds an unfinished run of
+      the same `config`).
+    runtime: decoding threads, the feature cache, progress output. With a
+      cache, where it holds the backbone's features of the data set (on every
+      process) they are folded instead of running the network (progress in
+      `workdir/cached/`); otherwise the features the fit streams are added
+      to it once the stream is read.
+
+  Returns:
+    `{scorer name: fitted state}`.
+  """
+  config = config.resolved()
+  out = os.path.abspath(os.fspath(workdir))
+  backbone = Backbone.from_checkpoint(config.checkpoint)
+  kernel, bias = backbone.head_params()
+  source = own_shard(open_dataset(config.dataset, "train", backbone.num_classes,
+                                  limit=config.max_examples), config.batch_size, allow_empty=True)
+  hparams = {name: suites.hparams_for(config.benchmark, name, config.hparams.get(name))
+             for name in config.scorers}
+  for name, hp in hparams.items():
+    scorers.get(name).check_hparams(hp)
+  chained = fold.chain({name: scorers.get(name).fold for name in config.scorers})
+  acc = chained.init(kernel, bias, **hparams)  # A bad value fails before `out` is claimed.
+  claim(out, config.record())
+  key = None if runtime.cache_dir is None else cache.key(backbone.key, source)
+  hit = None if key is None else cache.lookup(runtime.cache_dir, key)
+  hit = hit if distributed.everyone(hit is not None) else None
+  start = time.perf_counter()
+  with _progress.counting(len(source), "features" if hit is None else "cached features",
+                          enabled=runtime.progress) as on_batch:
+    if hit is not None:
+      stream = resumable.StoredRows(hit.features, hit.labels, config.batch_size)
+      folder = os.path.join(out, CACHED_DIR)
+    else:
+      stream = backbone.stream(backbone.batches(source, config.batch_size,
+                                                workers=runtime.workers))
+      folder = out
+    # Rows are published only where this run kept all of them: a run resumed
+    # from one that kept none (started with no cache) has no rows before its
+    # resume point.
+    publish = key is not None and hit is None and (
+        not resumable.resumed(out) or os.path.isfile(resumable.rows_files(out)[0]))
+
+    def add_to_cache():  # Before the finalizes: their failure does not lose the rows.
+      cache.publish(runtime.cache_dir, key, *resumable.rows_files(out),
+                    seconds=time.perf_counter() - start,
+                    description=f"{config.dataset} (train) through {config.checkpoint}")
+
+    acc = resumable.accumulate(
+        chained, acc, stream, folder, num_features=int(kernel.shape[0]),
+        check=fold.batch_check(chained, kernel, bias), save_every=config.save_every,
+        on_batch=on_batch, keep_rows=publish, on_stream_end=add_to_cache if publish else None)
+  states = chained.finalize(acc)
+  for name, state in states.items():
+    io.save(os.path.join(out, name), state)  # Collective; process 0 writes.
+  if distributed.is_primary():
+    _files.write_json(os.path.join(out, HPARAMS_FILE),
+                      {name: scorers.resolved_hparams(hparams[name], states[name])
+                       for name in states})
+  return states
+
+
+def load_state(out: str | os.PathLike, name: str) -> Any:
+  """The state `run` (`python -m line_jax.fit --out OUT`) wrote for scorer `name`."""
+  path = os.path.join(os.fspath(out), name)
+  if not os.path.isdir(path):
+    raise ValueError(f"{out} holds no fitted state {name!r} (run python -m "
+                     "line_jax.fit to the end first)")
+  return io.load(path)

@@ -1,0 +1,440 @@
+"""Train an in-distribution classifier with optax, saved as an orbax checkpoint.
+
+    variables, metrics = train.train(train.TrainConfig(epochs=5), images, labels)
+    train.run(train.TrainConfig(dataset="path/to/imagefolder", image_size=32), "ckpt/")
+
+What `python -m line_jax.train` runs. Data sets are named as in every
+line_jax CLI (`line_jax.data.open_source`): 'fashion_mnist' reads Debian's
+files (`dataset-fashion-mnist`), 'tfds:NAME' a prepared TFDS set, or a
+folder; nothing is downloaded. The images are read into memory once (uint8)
+and the test split, where there is one, is scored at the end.
+Normalisation: the published statistics of a known set
+(`line_jax.data.MEAN_STD`), else those of the training images.
+
+AdamW with linear warmup and cosine decay (peak 3e-3, weight decay 5e-4)
+reached 92.5 % test accuracy with `resnet_small` on Fashion-MNIST in 5 epochs
+in a GPU trial. Training is deterministic for a seed: the shuffle comes from
+`np.random.default_rng(seed)` and every augmentation key is folded from the
+seed and the step, so two runs on one machine give bit-identical parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from line_jax import _progress
+from line_jax import data
+from line_jax import features
+from line_jax import models
+from line_jax.data import MEAN_STD
+from line_jax.models import get_model
+from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import Runtime
+
+# Pixels an image may move in each direction (zero padding, random crop).
+MAX_SHIFT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything that determines a run; saved as the checkpoint's config.
+
+  Attributes:
+    model: a `line_jax.models` registry name.
+    num_classes: outputs of the head.
+    dataset: the data set's name (as `--dataset` takes it), recorded in the
+      config.
+    epochs: passes over the training set.
+    batch_size: images per step; the last partial batch of an epoch is
+      dropped so every step has one shape (one compilation).
+    lr: peak learning rate, reached after the warmup.
+    warmup_fraction: share of all steps spent warming up linearly from 0.
+    weight_decay: AdamW's decoupled weight decay.
+    seed: seeds initialisation, shuffling and augmentation.
+    mean: per-channel normalisation mean, in [0, 1] pixel units.
+    std: per-channel normalisation standard deviation.
+    model_kwargs: further model attributes, e.g. `{"num_filters": 8}`.
+    image_size: `run` resizes and center-crops to this square (None: the
+      images as stored).
+    channels: `run` reads 1 (gray) or 3 (RGB) channels (None: the first
+      image's).
+    max_examples: `run` reads only the first this many images of each split.
+  """
+
+  model: str = "resnet_small"
+  num_classes: int = 10
+  dataset: str = "fashion_mnist"
+  epochs: int = 5
+  batch_size: int = 128
+  lr: float = 3e-3
+  warmup_fraction: float = 0.1
+  weight_decay: float = 5e-4
+  seed: int = 0
+  mean: tuple[float, ...] = MEAN_STD["fashion_mnist"][0]
+  std: tuple[float, ...] = MEAN_STD["fashion_mnist"][1]
+  model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  image_size: int | None = None
+  channels: int | None = None
+  max_examples: int | None = None
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def _as_nhwc(images: np.ndarray) -> np.ndarray:
+  """uint8 `[N, H, W]` (grayscale) or `[N, H, W, C]` -> `[N, H, W, C]`."""
+  images = np.asarray(images)
+  return images[..., None] if images.ndim == 3 else images
+
+
+def _normalize(images: jax.Array, mean: jax.Array, std: jax.Array):
+  return (images.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def augment(key: jax.Array, images: jax.Array) -> jax.Array:
+  """Random horizontal flips and shifts of up to `MAX_SHIFT` pixels.
+
+  Args:
+    key: a PRNG key.
+    images: `[batch, height, width, channels]` raw pixels (any dtype); the
+      border that a shift uncovers is 0, Fashion-MNIST's background.
+
+  Returns:
+    `[batch, height, width, channels]`, same dtype.
+  """
+  batch, height, width, _ = images.shape
+  flip_key, shift_key = jax.random.split(key)
+  flip = jax.random.bernoulli(flip_key, 0.5, (batch,))
+  images = jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+  pad = MAX_SHIFT
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  offsets = jax.random.randint(shift_key, (batch, 2), 0, 2 * pad + 1)
+
+  def crop(image, offset):
+    return jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], 0), (height, width, image.shape[-1]))
+
+  return jax.vmap(crop)(padded, offsets)
+
+
+# Built once at module level: every caller (and every test) shares the
+# compilation, keyed on the model held in `state.apply_fn`.
+@jax.jit
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
+               key: jax.Array, mean: jax.Array, std: jax.Array):
+  """One AdamW step on an augmented batch.
+
+  Args:
+    state: parameters, BatchNorm statistics and optimiser state.
+    images: uint8 `[batch, height, width, channels]`.
+    labels: int `[batch]`.
+    key: augmentation key for this step.
+    mean: `[channels]` normalisation mean; std: `[channels]`.
+
+  Returns:
+    `(state, loss)`: the updated state and the scalar batch loss before it.
+  """
+  x = _normalize(augment(key, images), mean, std)
+
+  def loss_fn(params):
+    (logits, _), updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+        mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return loss.mean(), updates
+
+  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads,
+                                batch_stats=updates["batch_stats"])
+  return state, loss
+
+
+def accuracy(model: nn.Module, variables: Any, images: np.ndarray,
+             labels: np.ndarray, mean: Sequence[float], std: Sequence[float],
+             batch_size: int = 512) -> float:
+  """Top-1 accuracy with BatchNorm's running statistics.
+
+  Args:
+    model: the Flax module.
+    variables: its `{"params", "batch_stats"}`.
+    images: uint8 `[N, height, width]` or `[N, height, width, channels]`.
+    labels: int `[N]`.
+    mean, std: per-channel normalisation, as in `TrainConfig`.
+    batch_size: images per forward pass; the last batch is padded (and
+      masked) so every pass has one shape.
+
+  Returns:
+    The fraction of `labels` predicted correctly.
+  """
+  images, labels = _as_nhwc(images), np.asarray(labels, np.int32)
+  if len(labels) == 0:
+    raise ValueError("cannot evaluate on an empty set")
+  # The shared batched forward pass (padded last batch, one compilation).
+  logits, _ = features.extract(model, variables, images, mean=mean, std=std,
+                               batch_size=min(batch_size, len(labels)), progress=False)
+  return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def create_state(config: TrainConfig, input_shape: Sequence[int],
+                 total_steps: int) -> TrainState:
+  """Initialises the model (from `config.seed`) and AdamW with its schedule."""
+  model = get_model(config.model, config.num_classes, **config.model_kwargs)
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32))
+  warmup = max(1, round(config.warmup_fraction * total_steps))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.lr, warmup, max(total_steps, warmup + 1))
+  tx = optax.adamw(schedule, weight_decay=config.weight_decay)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                           batch_stats=variables["batch_stats"], tx=tx)
+
+
+def train(config: TrainConfig, train_images: np.ndarray,
+          train_labels: np.ndarray, test_images: np.ndarray | None = None,
+          test_labels: np.ndarray | None = None, *,
+          max_steps: int | None = None, progress: bool = True,
+          on_images: Callable[[int], None] | None = None):
+  """Trains a classifier from scratch.
+
+  Args:
+    config: the run's settings.
+    train_images: uint8 `[N, height, width]` or `[N, height, width, channels]`.
+    train_labels: int `[N]` in `[0, config.num_classes)`.
+    test_images, test_labels: evaluated once at the end; None skips it.
+    max_steps: stop after this many steps (tests, smoke runs); the schedule
+      still spans `config.epochs`.
+    progress: report images trained on, with rate and ETA (a bar on a
+      terminal, plain lines in a log).
+    on_images: called with the images of each step instead (then `progress`
+      is ignored).
+
+  Returns:
+    `(variables, metrics)`: `{"params", "batch_stats"}` as NumPy arrays, and
+    a dict with `losses` (one float per step), `final_loss`, `steps` and,
+    if test data was given, `test_accuracy`.
+  """
+  images = _as_nhwc(train_images)
+  labels = np.asarray(train_labels, np.int32)
+  if len(images) != len(labels):
+    raise ValueError(f"{len(images)} images but {len(labels)} labels")
+  if labels.size and (labels.min() < 0 or labels.max() >= config.num_classes):
+    raise ValueError(f"labels must lie in [0, {config.num_classes})")
+  steps_per_epoch = len(labels) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"{len(labels)} training images is less than one batch "
+                     f"of {config.batch_size}")
+  total_steps = steps_per_epoch * config.epochs
+  num_steps = total_steps if max_steps is None else min(max_steps, total_steps)
+  state = create_state(config, images.shape[1:], total_steps)
+  mean = jnp.asarray(config.mean, jnp.float32)
+  std = jnp.asarray(config.std, jnp.float32)
+  rng = np.random.default_rng(config.seed)
+  aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  # Losses stay on the device until the end: reading one each step would
+  # make the host wait for the device every step.
+  losses = []
+  with _progress.counting(num_steps * config.batch_size, "train", unit="img",
+                          enabled=progress and on_images is None) as bar:
+    on_images = on_images or bar
+    step = 0
+    while step < num_steps:
+      order = rng.permutation(len(labels))
+      for i in range(steps_per_epoch):
+        if step == num_steps:
+          break
+        idx = order[i * config.batch_size:(i + 1) * config.batch_size]
+        state, loss = train_step(state, images[idx], labels[idx],
+                                 jax.random.fold_in(aug_key, step), mean, std)
+        losses.append(loss)
+        step += 1
+        on_images(config.batch_size)
+  variables = jax.device_get({"params": state.params,
+                              "batch_stats": state.batch_stats})
+  losses = [float(x) for x in jax.device_get(losses)]
+  metrics = {"losses": losses, "final_loss": losses[-1], "steps": num_steps}
+  if test_images is not None:
+    model = get_model(config.model, config.num_classes, **config.model_kwargs)
+    metrics["test_accuracy"] = accuracy(model, variables, test_images,
+                                        test_labels, config.mean, config.std)
+  return variables, metrics
+
+
+def checkpoint_config(config: TrainConfig, input_shape: Sequence[int],
+                      metrics: dict[str, Any]) -> dict[str, Any]:
+  """The JSON dict saved beside the weights: settings plus results."""
+  record = dataclasses.asdict(config)
+  record["input_shape"] = [int(d) for d in input_shape]
+  record["mean"], record["std"] = list(config.mean), list(config.std)
+  record.update({k: v for k, v in metrics.items() if k != "losses"})
+  return record
+
+
+def read_images(source, *, image_size: int | None = None, channels: int | None = None,
+                limit: int | None = None, workers: int | None = None, quiet: bool = True,
+                desc: str = "read") -> tuple[np.ndarray, np.ndarray]:
+  """A source's images and labels in memory: uint8 `[N, H, W, C]`, int32 `[N]`.
+
+  Args:
+    source: a random-access source (`line_jax.data`, `data.open_source`).
+    image_size: resize the shorter side and center-crop to this square
+      (torchvision's Resize + CenterCrop); None keeps the images as they are
+      (they must then share one size).
+    channels: 1 (grayscale) or 3 (RGB); None is the first image's.
+    limit: only the first `limit` records.
+    workers: decoding threads of the grain pipeline.
+    quiet: no progress output.
+    desc: what the progress output calls this read.
+
+  Raises:
+    ValueError: for an empty source, or images of several sizes and no
+      `image_size`.
+  """
+  n = len(source) if limit is None else min(limit, len(source))
+  if n == 0:
+    raise ValueError(f"{source!r} holds no image")
+  if channels is None:
+    channels = _channels(source[0][0])
+  images = getattr(source, "images", None)
+  if images is not None and image_size is None and _channels(images[0]) == channels:
+    # Pixels already in memory (or memory-mapped), in the right mode.
+    return _as_nhwc(np.asarray(images[:n])), np.asarray(source.labels[:n], np.int32)
+  if limit is not None:
+    source = data.Subset.range(source, 0, n)
+  batches = data.image_batches(source, data.Preprocess(image_size=image_size, channels=channels),
+                               batch_size=256, workers=workers)
+  parts, labels = [], []
+  with _progress.counting(n, desc, enabled=not quiet) as on_batch:
+    try:
+      for batch_images, batch_labels in batches:
+        parts.append(np.asarray(batch_images))
+        labels.append(np.asarray(batch_labels))
+        on_batch(len(batch_labels))
+    except ValueError as e:
+      if image_size is None and "shape" in str(e):
+        raise ValueError(f"the images of {source!r} differ in size; pass --image-size "
+                         "to resize and crop them to one") from e
+      raise
+  return np.concatenate(parts), np.concatenate(labels).astype(np.int32)
+
+
+def _channels(image) -> int:
+  """1 or 3: the mode a record's image (pixels or a file) converts to."""
+  if isinstance(image, (str, os.PathLike)):
+    import PIL.Image  # pylint: disable=g-import-not-at-top
+    with PIL.Image.open(image) as pil:
+      return 1 if pil.mode in ("1", "L", "I", "I;16", "F") else 3
+  image = np.asarray(image)
+  return 1 if image.ndim == 2 or image.shape[-1] == 1 else 3
+
+
+def has_split(spec: str, split: str) -> bool:
+  """Whether `spec` names a `split` of its own: a folder needs `SPLIT/` in it.
+
+  (`open_source` reads the whole folder for any split of a folder without
+  one, which would test on the training images.)
+  """
+  if os.path.isdir(spec):
+    return os.path.isdir(os.path.join(spec, split))
+  return True
+
+
+def mean_std(spec: str, images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per-channel normalisation: `MEAN_STD`'s for a known set, else `images`'.
+
+  Args:
+    spec: the data set's name: 'fashion_mnist' and 'tfds:NAME' with NAME in
+      `MEAN_STD` use the published values.
+    images: uint8 `[N, H, W, C]` training images.
+
+  Returns:
+    `(mean, std)` in [0, 1] pixel units, `C` values each (rounded to 4
+    decimals, as the published ones are).
+  """
+  name = spec.removeprefix("tfds:")
+  if not os.path.isdir(spec) and name in MEAN_STD:
+    return MEAN_STD[name]
+  total = np.zeros(images.shape[-1]), np.zeros(images.shape[-1])
+  for start in range(0, len(images), 4096):  # float64 sums without a float copy of it all
+    chunk = images[start:start + 4096].reshape(-1, images.shape[-1]).astype(np.float64) / 255
+    total = total[0] + chunk.sum(0), total[1] + (chunk * chunk).sum(0)
+  count = images.size // images.shape[-1]
+  mean = total[0] / count
+  std = np.sqrt(np.maximum(total[1] / count - mean * mean, 0.0))
+  if np.any(std == 0):
+    raise ValueError(f"the training images of {spec!r} are constant in a channel")
+  return tuple(round(float(m), 4) for m in mean), tuple(round(float(v), 4) for v in std)
+
+
+def load_dataset(spec: str, *, image_size: int | None = None, channels: int | None = None,
+                 limit: int | None = None, workers: int | None = None, quiet: bool = True):
+  """`(train_images, train_labels, test_images, test_labels)` of `spec`.
+
+  `spec` is a data set name as every CLI takes it (`data.open_source`);
+  the test pair is None where `spec` has no test split (`has_split`).
+  Images are uint8 `[N, H, W, C]` (`read_images`); `limit` caps each split.
+  """
+  kwargs = dict(image_size=image_size, channels=channels, limit=limit, workers=workers,
+                quiet=quiet)
+  source = data.open_source(spec, "train")
+  known = getattr(source, "labels", None)  # Folders and arrays know them before decoding.
+  if known is not None:
+    _check_labelled(spec, np.asarray(known))
+  train_x, train_y = read_images(source, desc="read train", **kwargs)
+  _check_labelled(spec, train_y)
+  if not has_split(spec, "test"):
+    return train_x, train_y, None, None
+  kwargs["channels"] = train_x.shape[-1]
+  test_x, test_y = read_images(data.open_source(spec, "test"), desc="read test", **kwargs)
+  return train_x, train_y, test_x, test_y
+
+
+def _check_labelled(spec: str, labels: np.ndarray) -> None:
+  if labels.size and labels.min() < 0:
+    raise ValueError(f"dataset {spec!r} has no labels: training needs class subfolders "
+                     "(or labels.npy)")
+
+
+def run(config: TrainConfig, workdir: str | os.PathLike, *,
+        runtime: Runtime = Runtime()) -> dict[str, Any]:
+  """Reads `config.dataset`, trains, and saves the checkpoint to `workdir`.
+
+  `config.num_classes`, `mean` and `std` are replaced by the data set's (its
+  largest label + 1; `mean_std`), and `config.dataset` by its absolute path
+  where it is a folder.
+
+  Args:
+    config: the model and its training settings.
+    workdir: the checkpoint folder to create (`models.save_checkpoint`); it
+      must not exist.
+    runtime: decoding threads and progress output.
+
+  Returns:
+    The training metrics (`train`'s), as saved in the checkpoint's config.
+  """
+  if os.path.exists(workdir):  # Fail before training, not after.
+    raise ValueError(f"--out {workdir} already exists")
+  check_positive(epochs=config.epochs, batch_size=config.batch_size,
+                 max_examples=config.max_examples, image_size=config.image_size)
+  dataset = os.path.abspath(config.dataset) if os.path.isdir(config.dataset) else config.dataset
+  train_x, train_y, test_x, test_y = load_dataset(
+      dataset, image_size=config.image_size, channels=config.channels,
+      limit=config.max_examples, workers=runtime.workers, quiet=not runtime.progress)
+  mean, std = mean_std(dataset, train_x)
+  config = dataclasses.replace(config, num_classes=int(np.max(train_y)) + 1, dataset=dataset,
+                               mean=tuple(mean), std=tuple(std))
+  variables, metrics = train(config, train_x, train_y, test_x, test_y,
+                             progress=runtime.progress)
+  models.save_checkpoint(workdir, variables,
+                         checkpoint_config(config, train_x.shape[1:], metrics))
+  return metrics

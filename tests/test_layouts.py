@@ -1,0 +1,124 @@
+"""The CPU's and an accelerator's layouts of every computation agree.
+
+`line_jax.layout` is the one switch: class-major logits for CPU batches up
+to `Layout.CLASS_MAJOR_MAX_BATCH` rows (ReAct clipping 64-row chunks), radix
+selection rolled on the CPU and unrolled elsewhere, KNN's radix selection
+against `lax.top_k`, LINe's grouped walk against its dense reduction,
+Mahalanobis' and ViM's row chunks against one product. Tests pick a layout
+by argument; both must give the same scores, chunk boundaries included.
+"""
+
+from conftest import random_problem
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from line_jax import layout
+from line_jax import line
+from line_jax import scorers
+from line_jax.scorers import _common
+from line_jax.scorers import _mahalanobis
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+HEAD_SCORERS = ("msp", "maxlogit", "energy", "gradnorm", "dice", "react", "ash_p",
+                "ash_b", "ash_s", "scale")
+SMALL = {"knn": {"k": 3}, "nnguide": {"k": 5}, "vim": {"dim": 8}}
+# 150 rows: two full 64-row ReAct chunks and a partial one.
+N, M, C, B = 200, 24, 7, 150
+
+
+def _problem():
+  train, labels, kernel, bias = random_problem(C, M, N, seed=3)
+  test = np.abs(np.random.default_rng(4).normal(size=(B, M))).astype(np.float32) * 1.5
+  return train, labels, kernel, bias, test
+
+
+def _scores(name, where):
+  train, labels, kernel, bias, test = _problem()
+  scorer = scorers.get(name)
+  state = scorer.fit(train, labels, kernel, bias, **SMALL.get(name, {}))
+  return np.asarray(scorer.score(state, test, layout=where))
+
+
+def test_cpu_small_batches_are_class_major():
+  assert layout.CPU.class_major(256)
+  assert layout.CPU.class_major(layout.Layout.CLASS_MAJOR_MAX_BATCH)
+  assert not layout.CPU.class_major(layout.Layout.CLASS_MAJOR_MAX_BATCH + 1)
+  assert not layout.ACCELERATOR.class_major(256)
+  _, _, kernel, bias, test = _problem()
+  state = _common.head_state(kernel, bias)
+  z, axis = _common.logits(state, test, layout.CPU)
+  assert (z.shape, axis) == ((C, B), 0)
+  np.testing.assert_allclose(np.asarray(z).T, test @ kernel + bias, rtol=1e-5, atol=1e-5)
+  z, axis = _common.logits(state, test, layout.ACCELERATOR)
+  assert (z.shape, axis) == ((B, C), 1)
+
+
+def test_head_state_keeps_the_flax_kernel_view():
+  _, _, kernel, bias, _ = _problem()
+  state = _common.head_state(kernel, bias)
+  assert state.weight.shape == (C, M)
+  np.testing.assert_array_equal(np.asarray(state.kernel), kernel)
+
+
+@pytest.mark.parametrize("name", scorers.names())
+def test_accelerator_layout_scores_equal_cpu_layout_scores(name):
+  rtol, atol = (1e-5, 1e-6) if name in HEAD_SCORERS else (2e-5, 2e-5)
+  np.testing.assert_allclose(_scores(name, layout.ACCELERATOR), _scores(name, layout.CPU),
+                             rtol=rtol, atol=atol)
+
+
+def test_react_in_chunks_matches_numpy():
+  train, labels, kernel, bias, test = _problem()
+  state = scorers.get("react").fit(train, labels, kernel, bias)
+  z = np.minimum(test, float(state.threshold)).astype(np.float64) @ kernel + bias
+  top = z.max(axis=1)
+  want = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+  np.testing.assert_allclose(_scores("react", layout.CPU), want, rtol=1e-5)
+  assert np.any(test > float(state.threshold))  # the clip did something
+
+
+def test_line_auto_strategy_follows_the_layout():
+  train, labels, kernel, bias, test = _problem()
+  state = line.fit(train, labels, kernel, bias, p_w=50, p_a=50, clip=1.0)
+  raw = line.score.__wrapped__
+
+  def loops(where):
+    return "while" in str(jax.make_jaxpr(lambda s, x: raw(s, x, layout=where))(state, test))
+
+  assert loops(layout.CPU) and not loops(layout.ACCELERATOR)
+  np.testing.assert_array_equal(np.asarray(line.score(state, test, layout=layout.CPU)),
+                                np.asarray(line.score(state, test, strategy="grouped")))
+  np.testing.assert_array_equal(
+      np.asarray(line.score(state, test, layout=layout.ACCELERATOR)),
+      np.asarray(line.score(state, test, strategy="dense")))
+
+
+def test_float64_row_chunks_equal_one_product():
+  # 5,000 rows: two full 2,048-row CPU chunks and a partial one.
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(5000, 9)).astype(np.float32))
+  labels = jnp.asarray(rng.integers(0, 4, 5000))
+  with jax.enable_x64(True):
+    want = np.asarray(x, np.float64).T @ np.asarray(x, np.float64)
+    for where in (layout.CPU, layout.ACCELERATOR):
+      np.testing.assert_allclose(np.asarray(_mahalanobis.scatter(x, layout=where)), want,
+                                 rtol=1e-12)
+      sums = np.asarray(_mahalanobis.class_sums(x, labels, 4, layout=where))
+      np.testing.assert_allclose(
+          sums, [np.asarray(x, np.float64)[np.asarray(labels) == c].sum(0) for c in range(4)],
+          rtol=1e-12, atol=1e-12)
+
+
+def test_the_layout_of_an_array_is_its_device():
+  assert layout.for_arrays(np.zeros(3)) == layout.default()
+  on_cpu = jax.device_put(jnp.zeros(3), jax.devices("cpu")[0])
+  assert layout.for_arrays(on_cpu) == layout.CPU
+  assert layout.for_arrays(None, [1.0], on_cpu) == layout.CPU
+  traced = []
+  jax.jit(lambda x: traced.append(layout.for_arrays(x)) or x)(jnp.zeros(3))
+  assert traced == [layout.default()]
+  assert layout.resolve(None) == layout.default()
+  assert layout.resolve(layout.ACCELERATOR) is layout.ACCELERATOR
