@@ -8,7 +8,7 @@ On the same folder of JPEGs, in the same run, images/s of:
   processes over the same files, with torchvision's PIL transforms
   (`pil_loader`, `Grayscale`, `Resize`, `CenterCrop`, restated with Pillow
   so that torchvision need not be installed) and its default collation;
-* `line_jax old loader`: `line_jax.data.load_image_folder`, the
+* `line_jax old loader`: `benchmarks.legacy_loaders.load_image_folder`, the
   single-threaded loader that decodes a whole folder into one array;
 * `line_jax fast_decode`: the pipeline with `Preprocess(fast_decode=True)`
   (`PIL.Image.draft`: faster, pixels not torchvision's), for reference;
@@ -51,6 +51,7 @@ import PIL.Image
 if __package__ in (None, ""):  # `python benchmarks/input_pipeline.py`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from benchmarks import legacy_loaders  # pylint: disable=wrong-import-position
 from benchmarks import report  # pylint: disable=wrong-import-position
 from benchmarks import timing  # pylint: disable=wrong-import-position
 from line_jax import data  # pylint: disable=wrong-import-position
@@ -175,7 +176,7 @@ def run_torch(source, pre: data.Preprocess, *, workers: int, batch_size: int) ->
 
 def run_old(source, pre: data.Preprocess, **_) -> int:
   """The single-threaded `load_image_folder` over the same folder."""
-  images = data.load_image_folder(source.root, pre.image_size, resize_size=pre.resize_size,
+  images = legacy_loaders.load_image_folder(source.root, pre.image_size, resize_size=pre.resize_size,
                                   grayscale=pre.channels == 1)
   return images.shape[0]
 

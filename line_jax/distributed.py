@@ -1,22 +1,13 @@
-"""Everything that crosses JAX processes, in one place.
+"""Everything that crosses JAX processes, in one place (the only user of
+`multihost_utils`).
 
-After `jax.distributed.initialize` (or `initialize` here) every process runs
-the same program over its own share of the data. What they exchange:
-
-* `barrier`: every process waits until all reach it;
-* `gather_bytes` / `gather`: every process's bytes or pytree, in process
-  order (pytrees as msgpack bytes through `process_allgather`: they may
-  differ in shape between processes, and nothing is pickled);
-* `counts` (and `smallest`, `largest`, `total`): one int from each process;
-* `everyone`: whether a condition holds on every process (one decision for
-  all);
-* `gather_rows`: every process's rows of an array, concatenated in order.
-
-How the data is split: `batch_shard` (contiguous shards of whole batches,
-what every line_jax run reads, so the model sees the batches one process
-would) and `record_shard` (the pipeline's contiguous or strided record
-shards). On one process every function is the identity or a no-op and
-imports nothing more.
+After `initialize` every process runs the same program on its own share of
+the data and exchanges: `barrier`; `gather_bytes` / `gather` / `gather_rows`
+(bytes, pytrees as msgpack, array rows; in process order, nothing pickled);
+`counts` (and `smallest`, `largest`, `total`, `everyone`) of one int each.
+The split: `batch_shard` (contiguous shards of whole batches, so the model
+sees the batches one process would) and `record_shard` (the pipeline's
+contiguous or strided shards). On one process each is the identity.
 """
 
 from __future__ import annotations
@@ -124,11 +115,7 @@ def gather(tree: Any) -> list[Any]:
 
 def gather_rows(local: np.ndarray) -> np.ndarray:
   """Every process's rows of `local` (`[n_i, ...]`), concatenated in process order."""
-  if jax.process_count() == 1:
-    return local
-  import flax.serialization  # pylint: disable=g-import-not-at-top
-  parts = gather_bytes(flax.serialization.msgpack_serialize(np.asarray(local)))
-  return np.concatenate([flax.serialization.msgpack_restore(p) for p in parts])
+  return local if jax.process_count() == 1 else np.concatenate(gather(np.asarray(local)))
 
 
 def batch_shard(num_records: int, batch_size: int, index: int | None = None,

@@ -7,30 +7,21 @@
 
 A shell over `line_jax.runs.evaluate` (see there for the files it writes)
 and, with `--ablation`, `line_jax.runs.ablation`. Features come from the
-feature cache `fit` and `tune` share (`--cache-dir`), and the scorers take
-the benchmark's settings by the rule `fit` follows (`--hparam` over them).
-
-Multi-host: the same command in every process with `--coordinator HOST:PORT
---num-processes N --process-id I`: each process extracts and scores its own
-shard of every set, the fits merge across processes, and process 0 writes
-the outputs.
+feature cache `fit` and `tune` share (`--cache-dir`); the scorers take the
+benchmark's settings, `--hparam` over them. Multi-host: the same command in
+every process with `--coordinator HOST:PORT --num-processes N --process-id I`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-import dataclasses
 import sys
-import tempfile
 import time
-
-import jax
 
 from line_jax import _cli
 from line_jax import distributed
 from line_jax import suites
 from line_jax.runs import BenchmarkData
-from line_jax.runs import ablation
 from line_jax.runs import evaluate
 
 
@@ -71,18 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_dir=args.data_dir, id_folder=args.id_folder, max_train=args.max_train,
         max_test=args.max_test, ood_size=args.ood_size, extra_ood=tuple(args.extra_ood),
         batch_size=args.batch_size)
-    if args.ablation and jax.process_count() > 1:
-      raise ValueError("--ablation runs on one process; run it without --coordinator")
-    with tempfile.TemporaryDirectory() as tmp:
-      # Without a cache the ablation still reads the features evaluate extracted.
-      runtime = _cli.runtime(args)
-      runtime = dataclasses.replace(runtime, cache_dir=runtime.cache_dir or (
-          tmp if args.ablation else None))
-      result = evaluate.run(evaluate.Config(data, tuple(names), hparams, not args.no_plots),
-                            args.out, runtime=runtime)
-      if args.ablation:
-        ablation.run(ablation.Config(data, hparams, not args.no_plots), args.out,
-                     runtime=runtime)
+    result = evaluate.run(evaluate.Config(data, tuple(names), hparams, not args.no_plots,
+                                          args.ablation), args.out, runtime=_cli.runtime(args))
   if distributed.is_primary():
     print(evaluate.format_table(result))
     if not args.quiet:

@@ -3,24 +3,16 @@
     python -m line_jax.fit --out fits/fmnist                 # all scorers
     python -m line_jax.fit --out DIR --dataset path/to/imagefolder --scorers line,knn
 
-Images stream through the grain pipeline (`--workers` decoding threads) and a
-checkpoint's model; the checkpoint's config decides the size and channels,
-so a folder of colour JPEGs of any size feeds a 28x28 grayscale model. Every
-scorer folds over the one stream; `DIR/<scorer>` holds each fitted state
-(`line_jax.load`) and `DIR/hparams.json` the settings each ran with,
-resolved (they paste into `--hparam` and `Scorer.fit`). The settings follow
-the one rule `evaluate` follows too: registry defaults, then `--benchmark`'s,
-then `--hparam`'s. Killed at any moment and run again with the same
-arguments, the run resumes from its last saved batch to bit-identical
-states; other arguments on a resume are refused. Features go to the feature
-cache `tune` and `evaluate` share (`--cache-dir`): where it already holds
-this checkpoint's features of this dataset, the model does not run at all.
-
-Multi-host: run the same command in every process with `--coordinator
-HOST:PORT --num-processes N --process-id I` (or `--coordinator auto` on Cloud
-TPU, SLURM, Open MPI). Each process reads its own contiguous shard of the
-dataset into the shared `--out` (`features.pI.npy`); process 0 writes the
-states. A shell over `line_jax.runs.fit`.
+Images stream through a checkpoint's network (its config decides the size
+and channels) and every scorer folds over the one stream. `DIR/<scorer>`
+holds each state (`line_jax.load`), `DIR/hparams.json` the settings each ran
+with, resolved: registry defaults, then `--benchmark`'s, then `--hparam`'s,
+the rule `evaluate` follows too. Killed and run again with the same
+arguments, a run resumes to bit-identical states. Where the feature cache
+(`--cache-dir`) holds the network's features of the data set, it does not
+run at all. Multi-host: the same command in every process, with
+`--coordinator HOST:PORT --num-processes N --process-id I` (or `auto`).
+A shell over `line_jax.runs.fit`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,15 @@
 """The one switch between the CPU's and an accelerator's layout of a computation.
 
-A few computations are fastest in one shape on XLA:CPU and in another on a
-GPU or TPU: logits class-major for small batches, row chunks that stay in
-cache, radix selection in a rolled loop, LINe's grouped walk over classes.
-Each such choice reads a `Layout`, a hashable value passed down to jitted
-functions as a static argument, so one program can be traced for either
-device and tests pick one without touching private constants:
+Some computations are fastest in one shape on XLA:CPU and another on a GPU or
+TPU: class-major logits for small batches, cache-sized row chunks, radix
+selection in a rolled loop, LINe's grouped walk over classes. Each reads a
+`Layout`, a static argument of the jitted functions, so tests pick one
+without patching anything:
 
-    scorer.score(state, features)                        # the layout of features' device
+    scorer.score(state, features)                        # features' device's layout
     scorer.score(state, features, layout=layout.ACCELERATOR)
 
-`for_arrays` picks the layout of the device an array lives on; NumPy input
-and traced values (no device yet) take the default backend's. This module
-is the only place line_jax asks JAX which backend it runs on.
+The only module that asks JAX for the backend (`default`, `for_arrays`).
 """
 
 from __future__ import annotations

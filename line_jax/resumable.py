@@ -1,24 +1,19 @@
 """A fold over a long stream that survives being killed: orbax progress steps.
 
-`accumulate(fold, acc, stream, folder)` is `line_jax.fold.accumulate_parts`
-over a `Stream` of `(features, labels)` batches (a model over an image
-pipeline, or stored rows), with what a run of hours needs:
+`accumulate(fold, acc, stream, folder)` is `fold.accumulate_parts` over a
+`Stream` of `(features, labels)` batches (a model over an image pipeline, or
+stored rows), with what a run of hours needs:
 
 * every `save_every` batches the accumulator and the stream's position go
-  to one orbax `CheckpointManager` step in `folder/progress/` (atomic: a
-  step is visible only once whole), after the feature rows before it are
-  flushed. Killed at any moment and run again, the fold restarts from the
-  last step; the batches after it are read again, identically, so the
-  result is bit-identical to that of an uninterrupted run;
-* passes after the first read the features again from `features.npy` /
-  `labels.npy` (float32 `[n, features]` and int32 `[n]` memory maps written
-  during the first pass, where a later pass or `keep_rows` needs them), or
-  from a stream's own stored rows: the model does not run twice, and
-  nothing is held in memory whole;
-* on multi-host each process folds its own stream and its own rows
-  (`features.pI.npy`); a save is collective (every process's accumulator
-  and position in one step, process 0 writes it), so saves fall on batch
-  indices every process reaches.
+  to one atomic orbax step in `folder/progress/`, after the feature rows
+  before them are flushed; killed and run again, the fold restarts from the
+  last step and reads the rest identically: a bit-identical result;
+* later passes read the features from `features.npy` / `labels.npy` memory
+  maps written in the first pass (or the stream's own stored rows): the
+  model runs once, and nothing is held in memory whole;
+* on multi-host each process folds its own stream into its own rows; a
+  save is collective (process 0 writes every process's part), so saves fall
+  on batch indices every process reaches.
 """
 
 from __future__ import annotations

@@ -3,38 +3,24 @@
 Every line_jax computation treats samples independently (scores) or sums over
 them (fit statistics), so splitting the batch axis over a 1-D mesh is all it
 takes: a jitted function given a batch-sharded array runs one shard per device
-and XLA inserts the cross-device sums (the float64 ones of `line.update_sums`
-included, which run under `jax.enable_x64` wherever their inputs live).
+and XLA inserts the cross-device sums (float64 ones included).
 
     mesh = sharding.batch_mesh()                       # all devices, axis 'batch'
     state = sharding.fit("line", features, labels, kernel, bias, mesh)
     scores = sharding.score(line.score, state, test_features, mesh)
 
-Multi-host contract (tested with two processes in tests/test_multihost.py):
-after `jax.distributed.initialize()`, each process passes only its own data.
-`scorers.get(name).fit_from_batches(local_batches, kernel, bias, **hparams)`,
-with that process's own `(features, labels)` batches of any sizes and count,
-returns on every process the state one process gets from all processes'
-batches (each process folds its own batches, then the accumulators are
-exchanged and merged in process order after every pass: LINe's masks are
-bit-identical, other leaves equal up to float64 summation order).
-`score(score_fn, state, local_features, mesh)` returns the scores of that
-process's own rows. KNN's `bank_fraction < 1` subsample is drawn per process.
+Fit statistics are exact without padding tricks: `Batches` cuts each batch
+into a prefix of a multiple of the device count, which is sharded, and a
+remainder, which is not; streaming fits equal in-memory fits for any cut.
+Scores are padded (zero rows) and the padding is dropped.
 
-Multi-host (TPU pods, multi-node GPU): call `jax.distributed.initialize()` in
-every process before anything else touches JAX (on Cloud TPU and under SLURM
-or Open MPI it finds its peers itself; elsewhere pass `coordinator_address`,
-`num_processes` and `process_id`). `jax.devices()` then lists the devices of
-every host, `batch_mesh()` spans them all, and `shard_batch` takes each
-process's own slice of the global batch
-(`jax.make_array_from_process_local_data`), so process i feeds rows it
-loaded itself and no host ever holds the whole batch.
-
-Fit statistics are exact under sharding without padding tricks: `Batches`
-cuts each batch into a prefix of a multiple of the device count, which is
-sharded, and a remainder of fewer rows than devices, which is not. Streaming
-fits equal in-memory fits for any cut, so no padded row ever reaches a
-statistic. Scores are padded (zero rows) and the padding is dropped.
+Multi-host (TPU pods, multi-node GPU), after `jax.distributed.initialize()`
+in every process: `batch_mesh()` spans every host's devices, `shard_batch`
+takes each process's own rows of the global batch
+(`jax.make_array_from_process_local_data`), `score` scores each process's own
+rows on its own devices, and a scorer's `fit_from_batches` over each
+process's own batches returns the state of all of them on every process
+(`line_jax.fold`; tested with two processes in tests/test_multihost.py).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ LAYERS = (
     ("library", {"suites", "features", "sharding", "odin", "plots", "io", "scorers", "line",
                  "metrics"}),
     ("core", {"fold", "resumable", "distributed", "layout", "_validation", "_buckets",
-              "_matmul", "_progress", "_files", "data", "models"}),
+              "_matmul", "_progress", "data", "models"}),
 )
 RANK = {unit: rank for rank, (_, units) in enumerate(LAYERS) for unit in units}
 
@@ -96,6 +96,13 @@ def test_no_import_cycle():
 
   for unit in sorted(graph):
     visit(unit, [])
+
+
+@pytest.mark.parametrize("cli", sorted(LAYERS[0][1] - {"_cli"}))
+def test_each_cli_is_a_thin_shell(cli):
+  source = open(os.path.join(ROOT, f"{cli}.py")).read()
+  assert len(source.splitlines()) <= 80
+  assert f"from line_jax.runs import {cli}" in source  # One run, called once.
 
 
 @pytest.mark.parametrize("needle, owner", [("default_backend", "layout.py"),

@@ -1,12 +1,12 @@
-"""Tests for the `fashion_mnist_local` builder and its IDX source."""
+"""Debian's Fashion-MNIST IDX files: the reader, and the legacy TFDS builder over them."""
 
 import os
 
 import numpy as np
 import pytest
 
+from benchmarks.legacy_loaders import load_split
 from line_jax.data import DEBIAN_FASHION_MNIST_DIR
-from line_jax.data import load_split
 from line_jax.data import read_fashion_mnist
 from line_jax.data import write_idx
 

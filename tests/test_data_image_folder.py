@@ -6,12 +6,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from benchmarks.legacy_loaders import load_curated
+from benchmarks.legacy_loaders import load_image_folder
 from line_jax.data import CURATED_OOD
 from line_jax.data import CuratedSet
 from line_jax.data import download_curated
-from line_jax.data import load_curated
-from line_jax.data import load_image_folder
-from line_jax.data import _image_folder
 
 
 def _write_images(folder, sizes, fmt="png"):
@@ -66,7 +65,7 @@ def test_download_curated_from_a_local_archive(tmp_path, monkeypatch):
   with tarfile.open(archive, "w:gz") as tar:
     tar.add(staging / "iSUN", arcname="iSUN")
   fake = CuratedSet(archive.as_uri(), "iSUN.tar.gz", "iSUN", 32, 32)
-  monkeypatch.setitem(_image_folder.CURATED_OOD, "isun", fake)
+  monkeypatch.setitem(CURATED_OOD, "isun", fake)
   root = tmp_path / "downloads"
   folder = download_curated("isun", root)
   assert folder == root / "iSUN" and (root / "iSUN.tar.gz").is_file()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from benchmarks.legacy_loaders import load_split
 from line_jax.data import STOCK_DATASETS
-from line_jax.data import load_split
 
 _FIXED = {
     "cifar10": (32, 32, 3),

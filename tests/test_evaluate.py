@@ -15,9 +15,8 @@ from line_jax import scorers
 from line_jax import suites
 from line_jax.models import get_model
 
-from _runs import run_evaluation
-
 MEAN, STD = (0.286,), (0.353,)
+QUIET = runs.Runtime(progress=False)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A few methods keep the test fast; every registered one runs in the default CLI.
 METHODS = ("energy", "react", "ash_s", "knn", "line")
@@ -41,6 +40,11 @@ def _inputs():
   return suites.Inputs.from_arrays(**_arrays())
 
 
+def _evaluate(out=None, *, inputs=None, scorers=(), plots=True, runtime=QUIET, **data):
+  """`runs.evaluate.run` of the benchmark `BenchmarkData(**data)` (default: Fashion-MNIST)."""
+  config = runs.evaluate.Config(runs.BenchmarkData(**data), tuple(scorers), plots=plots)
+  return runs.evaluate.run(config, out, inputs=inputs, runtime=runtime)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -48,9 +52,8 @@ def run(tmp_path_factory):
   extra = np.random.default_rng(1).integers(0, 256, (25, 28, 28), dtype=np.uint8)
   np.save(out / "mine.npy", extra)
   arrays = _arrays()
-  result = run_evaluation(out, inputs=suites.Inputs.from_arrays(**arrays),
-                          extra_ood=[f"mine={out / 'mine.npy'}"],
-                          methods=METHODS, batch_size=32, progress=False)
+  result = _evaluate(out, inputs=suites.Inputs.from_arrays(**arrays),
+                     extra_ood=(f"mine={out / 'mine.npy'}",), scorers=METHODS, batch_size=32)
   return out, result, arrays, extra
 
 
@@ -128,15 +131,15 @@ def test_extra_ood_errors(tmp_path):
   bad = tmp_path / "bad.npy"
   np.save(bad, np.zeros((3, 28, 28), np.float32))
   with pytest.raises(ValueError, match="uint8"):
-    run_evaluation(None, inputs=inputs, extra_ood=[f"x={bad}"], progress=False)
+    _evaluate(inputs=inputs, extra_ood=(f"x={bad}",))
   wrong = tmp_path / "wrong.npy"
   np.save(wrong, np.zeros((3, 32, 32, 3), np.uint8))
   with pytest.raises(ValueError, match="shape"):
-    run_evaluation(None, inputs=inputs, extra_ood=[f"x={wrong}"], progress=False)
+    _evaluate(inputs=inputs, extra_ood=(f"x={wrong}",))
   with pytest.raises(ValueError, match="already taken"):
-    run_evaluation(None, inputs=inputs, extra_ood=[f"dark={wrong}"], progress=False)
+    _evaluate(inputs=inputs, extra_ood=(f"dark={wrong}",))
   with pytest.raises(ValueError, match="NAME=PATH"):
-    run_evaluation(None, inputs=inputs, extra_ood=["nopath"], progress=False)
+    _evaluate(inputs=inputs, extra_ood=("nopath",))
 
 
 def test_cli_rejects_a_missing_file_before_loading(tmp_path, capsys):
@@ -149,31 +152,31 @@ def test_cli_rejects_a_missing_file_before_loading(tmp_path, capsys):
 
 def test_paper_benchmark_names_what_is_missing(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
-    run_evaluation(None, benchmark="cifar10", data_dir=str(tmp_path), progress=False)
+    _evaluate(benchmark="cifar10", data_dir=str(tmp_path))
   message = str(e.value)
   assert "--torch-checkpoint" in message
   assert "'cifar10' is not prepared" in message and "--id-folder" in message
   # CIFAR's OOD sets are optional (offline stand-ins); ImageNet's are not.
   assert "lsun_c" not in message
   with pytest.raises(FileNotFoundError) as e:
-    run_evaluation(None, benchmark="imagenet", data_dir=str(tmp_path), progress=False)
+    _evaluate(benchmark="imagenet", data_dir=str(tmp_path))
   assert "inaturalist" in str(e.value)
   with pytest.raises(FileNotFoundError, match="no test/ folder"):
     (tmp_path / "id" / "train").mkdir(parents=True)
-    run_evaluation(None, benchmark="cifar10", id_folder=str(tmp_path / "id"),
-                   torch_checkpoint=__file__, progress=False)
+    _evaluate(benchmark="cifar10", id_folder=str(tmp_path / "id"), torch_checkpoint=__file__)
 
 
 def test_unknown_method():
   with pytest.raises(ValueError, match="unknown scorer"):
-    run_evaluation(None, inputs=_inputs(), methods=["nope"], progress=False)
+    _evaluate(inputs=_inputs(), scorers=["nope"])
 
 
 def test_timings_and_cache_reuse(tmp_path):
   arrays = _arrays()
-  kw = dict(inputs=suites.Inputs.from_arrays(**arrays), methods=["energy"], batch_size=32,
-            cache_dir=tmp_path / "cache", make_plots=False, progress=False)
-  first = run_evaluation(tmp_path / "a", **kw)
+  kw = dict(inputs=suites.Inputs.from_arrays(**arrays), scorers=["energy"], batch_size=32,
+            runtime=runs.Runtime(cache_dir=str(tmp_path / "cache"), progress=False),
+            plots=False)
+  first = _evaluate(tmp_path / "a", **kw)
   with open(tmp_path / "a" / "timings.json") as f:
     timing = json.load(f)
   assert set(timing["extraction"]["sets"]) == {"train", "id", "dark", "noise"}
@@ -188,7 +191,7 @@ def test_timings_and_cache_reuse(tmp_path):
     assert (tmp_path / "cache" / f"{key}.features.npy").is_file()
     assert (tmp_path / "cache" / f"{key}.labels.npy").is_file()
   # A second run reads the memmaps back: same result, nothing extracted.
-  second = run_evaluation(tmp_path / "b", **kw)
+  second = _evaluate(tmp_path / "b", **kw)
   assert second == first
   with open(tmp_path / "b" / "timings.json") as f:
     again = json.load(f)["extraction"]
@@ -199,14 +202,18 @@ def test_timings_and_cache_reuse(tmp_path):
   # Other pixels, another key: extracted again.
   arrays["ood"]["dark"] = arrays["ood"]["dark"] + 1
   kw["inputs"] = suites.Inputs.from_arrays(**arrays)
-  run_evaluation(tmp_path / "c", **kw)
+  _evaluate(tmp_path / "c", **kw)
   with open(tmp_path / "c" / "timings.json") as f:
     assert json.load(f)["extraction"]["extracted_now"] == 30
 
 
 def test_ablation_variants_and_the_energy_equivalence(tmp_path):
-  result = run_evaluation(tmp_path, inputs=_inputs(), methods=["energy", "line"],
-                          batch_size=32, ablation=True, progress=False)
+  # The ablation reads the features evaluate put in the cache.
+  runtime, inputs = runs.Runtime(cache_dir=str(tmp_path / "cache"), progress=False), _inputs()
+  result = _evaluate(tmp_path, inputs=inputs, scorers=["energy", "line"], batch_size=32,
+                     runtime=runtime)
+  runs.ablation.run(runs.ablation.Config(runs.BenchmarkData(batch_size=32)), tmp_path,
+                    inputs=inputs, runtime=runtime)
   with open(tmp_path / "ablation.json") as f:
     table = json.load(f)
   names = list(table["variants"])
@@ -221,6 +228,11 @@ def test_ablation_variants_and_the_energy_equivalence(tmp_path):
   assert "| clip | x |  |  |" in md
   with open(tmp_path / "ablation.png", "rb") as f:
     assert f.read(8) == PNG_MAGIC
+  # The evaluation's own --ablation: the same table from the same features.
+  config = runs.evaluate.Config(runs.BenchmarkData(batch_size=32), ("energy", "line"),
+                                plots=False, ablation=True)
+  runs.evaluate.run(config, tmp_path / "one", inputs=inputs, runtime=runtime)
+  assert json.loads((tmp_path / "one" / "ablation.json").read_text()) == table
 
 
 def test_svhn_mat_official_selection_and_paper_sets_replace_offline_ones(tmp_path):
@@ -255,7 +267,7 @@ def test_extra_ood_takes_a_folder_of_images(tmp_path):
   for i in range(12):
     pixels = rng.integers(0, 256, (40 + i, 33, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(folder / f"{i:02d}.{'png' if i % 2 else 'jpg'}")
-  result = run_evaluation(
-      tmp_path / "out", methods=["energy"], extra_ood=[f"pngs={folder}"], max_train=256,
-      max_test=64, ood_size=16, batch_size=64, make_plots=False, progress=False)
+  result = _evaluate(
+      tmp_path / "out", scorers=["energy"], extra_ood=(f"pngs={folder}",), max_train=256,
+      max_test=64, ood_size=16, batch_size=64, plots=False)
   assert 0.0 <= result["methods"]["energy"]["pngs"]["auroc"] <= 1.0

@@ -5,6 +5,7 @@ else; one extraction serves all three CLIs; fit and evaluate give the same
 hyperparameters for the same benchmark.
 """
 
+import dataclasses
 import json
 import os
 
@@ -23,8 +24,6 @@ from line_jax import suites
 from line_jax.features import cache as feature_cache
 from line_jax.models import get_model
 
-from _runs import run_evaluation
-from _runs import run_tuning
 
 MEAN, STD = (0.286,), (0.353,)
 N_TRAIN = 300
@@ -152,9 +151,9 @@ def test_fit_publishes_and_a_second_fit_reads_the_cache(shared, capsys):
 def test_tune_reads_the_training_features_fit_cached(shared):
   _, cache, _, _, _ = shared
   before = _entries(cache)
-  result = run_tuning(["vim"], dataset=str(shared[0] / "dataset"), val_size=60,
-                      ood_size=40, check=False, batch_size=64, cache_dir=str(cache),
-                      progress=False)
+  config = runs.tune.Config(scorers=("vim",), dataset=str(shared[0] / "dataset"),
+                            val_size=60, ood_size=40, check=False, batch_size=64)
+  result = runs.tune.run(config, runtime=runs.Runtime(cache_dir=str(cache), progress=False))
   assert result["vim"]["best"]["dim"] in runs.tune.GRIDS["vim"]["dim"]
   added = [e for e in _entries(cache) if e not in before]
   # Only the validation OOD set was extracted; the training set was read back.
@@ -169,8 +168,10 @@ def test_evaluate_reads_them_too_and_uses_fits_hyperparameters(shared, tmp_path)
                                      images, labels, images[:50], labels[:50],
                                      {"noise": np.random.default_rng(2).integers(
                                          0, 256, (30, 28, 28, 1), dtype=np.uint8)})
-  run_evaluation(tmp_path, inputs=inputs, methods=["line", "knn", "vim", "react"],
-                 batch_size=64, cache_dir=cache, make_plots=False, progress=False)
+  config = runs.evaluate.Config(runs.BenchmarkData(batch_size=64),
+                                ("line", "knn", "vim", "react"), plots=False)
+  runs.evaluate.run(config, tmp_path, inputs=inputs,
+                    runtime=runs.Runtime(cache_dir=str(cache), progress=False))
   timings = json.loads((tmp_path / "timings.json").read_text())["extraction"]["sets"]
   assert timings["train"]["cached"]  # fit's features.
   used = json.loads((tmp_path / "hparams.json").read_text())
@@ -262,10 +263,12 @@ def test_a_source_the_cache_cannot_key_is_extracted_but_not_cached(tmp_path):
   inputs = suites.Inputs.from_arrays(model, variables, MEAN, STD, images,
                                      np.arange(80) % 10, images[:30], np.arange(30) % 10,
                                      {"noise": images[30:50]})
-  inputs.ood["own"] = _OwnSource(rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8))
+  own = _OwnSource(rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8))
+  inputs = dataclasses.replace(inputs, ood={**inputs.ood, "own": own})
   assert feature_cache.source_key(inputs.ood["own"]) is None
-  run_evaluation(None, inputs=inputs, methods=["energy"], batch_size=16,
-                 cache_dir=tmp_path / "cache", progress=False)
+  runs.evaluate.run(runs.evaluate.Config(runs.BenchmarkData(batch_size=16), ("energy",)), None,
+                    inputs=inputs,
+                    runtime=runs.Runtime(cache_dir=str(tmp_path / "cache"), progress=False))
   descriptions = [json.loads(p.read_text())["description"]
                   for p in (tmp_path / "cache").glob("*.json")]
   assert sorted(d.split(":")[0] for d in descriptions) == ["id", "noise", "train"]

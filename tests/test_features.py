@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from benchmarks import legacy_loaders
 from line_jax import features
 from line_jax import scorers
 from line_jax.models import get_model
@@ -59,8 +60,8 @@ def test_feature_batches_feed_fit_from_batches(tiny):
   labels = np.arange(37) % 10
   kernel = variables["params"]["fc"]["kernel"]
   bias = variables["params"]["fc"]["bias"]
-  stream = features.FeatureBatches(model, variables, images, MEAN, STD, labels,
-                                    {"batch_size": 16, "progress": False})
+  batches = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, 37, 16)]
+  stream = features.Backbone(model, variables, MEAN, STD).stream(batches)
   # Re-iterable: ReAct reads it twice.
   react = scorers.get("react")
   streamed = react.fit_from_batches(stream, kernel, bias)
@@ -136,10 +137,9 @@ def test_pipeline_features_from_a_jpeg_folder_feed_fit_from_batches(tiny, tmp_pa
       PIL.Image.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.jpg")
   batches = data.image_batches(data.ImageFolderSource(tmp_path), data.Preprocess(28, 30, 1),
                                batch_size=8, workers=2)
-  stream = features.PipelineFeatures(model, variables, batches, MEAN, STD,
-                                     {"progress": False})
+  stream = features.Backbone(model, variables, MEAN, STD).stream(batches)
   # The same images decoded whole by the old loader, then extracted at once.
-  images = data.load_image_folder(tmp_path, 28, resize_size=30, grayscale=True)
+  images = legacy_loaders.load_image_folder(tmp_path, 28, resize_size=30, grayscale=True)
   _, direct = features.extract(model, variables, images, mean=MEAN, std=STD, progress=False)
   streamed = list(stream)
   np.testing.assert_allclose(np.concatenate([f for f, _ in streamed]), direct,

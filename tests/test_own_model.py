@@ -145,21 +145,20 @@ def test_dict_output_keyword_call_and_lifted_transform():
   np.testing.assert_allclose(feats, np.asarray(out["aux"]), rtol=1e-5, atol=1e-6)
 
 
-def test_pipeline_features_and_feature_batches_take_head(cnn):
+def test_a_backbones_feature_stream_takes_head(cnn):
   model, variables = cnn
   images = _images(n=9)
   labels = np.arange(9) % 3
   _, want = features.extract(model, variables, images, mean=MEAN, std=STD, head="head/fc",
                              progress=False)
   batches = [(images[:4], labels[:4]), (images[4:8], labels[4:8]), (images[8:], labels[8:])]
-  stream = features.PipelineFeatures(model, variables, batches, MEAN, STD,
-                                     {"progress": False}, head="head/fc")
-  got = list(stream)
+  backbone = features.Backbone(model, variables, MEAN, STD, head="head/fc")
+  got = list(backbone.stream(batches))
   np.testing.assert_allclose(np.concatenate([f for f, _ in got]), want, rtol=1e-6)
   np.testing.assert_array_equal(np.concatenate([l for _, l in got]), labels)
-  cached = features.FeatureBatches(model, variables, images, MEAN, STD, labels,
-                                   {"batch_size": 4, "progress": False}, head="head/fc")
-  np.testing.assert_allclose(np.concatenate([f for f, _ in cached]), want, rtol=1e-6)
+  # Read again: each pass runs the network afresh.
+  again = list(backbone.stream(batches))
+  np.testing.assert_allclose(np.concatenate([f for f, _ in again]), want, rtol=1e-6)
 
 
 def test_nnx_module_with_head_and_returning_a_pair():

@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from benchmarks import legacy_loaders
 from line_jax import data
 from line_jax import distributed
 
@@ -113,7 +114,7 @@ def test_real_cifar10_jpegs_equal_the_reference():
 
 def test_pipeline_equals_the_old_single_threaded_loader(jpeg_folder):
   for gray, pre in ((False, RGB224), (True, GRAY28)):
-    old = data.load_image_folder(jpeg_folder, pre.image_size,
+    old = legacy_loaders.load_image_folder(jpeg_folder, pre.image_size,
                                  resize_size=pre.resize_size, grayscale=gray)
     new, _ = _all(data.image_batches(data.ImageFolderSource(jpeg_folder), pre,
                                      batch_size=5, workers=2))

@@ -1,4 +1,16 @@
-"""Registry, parity with independent NumPy computations, and equivalences."""
+"""The scorer registry and what every scorer shares.
+
+Registry names and the papers' defaults; finite float32 batch scores from
+every scorer; in-distribution samples scored above out-of-distribution ones on
+a toy; bad hyperparameter values, unknown hyperparameter names, and scorers
+that need labels and every class; the tuning grids through the registry; the
+equivalences between methods (ReAct at percentile 100 and LINe with every part
+off are Energy, DICE at p = 0 drops one weight, ASH-P at percentile 0 is
+Energy, ASH-S and SCALE at 0 scale by e); the exact selections under the
+scorers (top_k_mask, top_k_sum, kth_largest); and the streamed percentile
+behind TrainPercentile. Each detector against its own reference is in
+test_scorers_logits.py and test_scorers_features.py.
+"""
 
 import chex
 import jax
@@ -6,63 +18,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _scorer_references import B
+from _scorer_references import BIG_N
+from _scorer_references import _big_problem
+from _scorer_references import _energy
+from _scorer_references import _fit_score
+from _scorer_references import _logits
+from _scorer_references import _problem
+from _scorer_references import _top_k_mask
 from conftest import random_problem
-from line_jax import line
 from line_jax import scorers
-from line_jax.scorers import _vim
-from line_jax.scorers import _knn
+from line_jax.runs import tune
 from line_jax.scorers import _quantile
 from line_jax.scorers import _select
 from line_jax.scorers import _shaping
 
 pytestmark = pytest.mark.filterwarnings("error")
 
-N, M, C, B = 120, 12, 5, 16
 EXPECTED = (
     "msp", "maxlogit", "energy", "react", "dice", "ash_p", "ash_b", "ash_s",
     "scale", "mahalanobis", "knn", "vim", "gradnorm", "line",
     "gen", "entropy", "klm", "rmds", "she", "nnguide", "fdbd", "nci", "react_dice",
 )
-SMALL = {"knn": {"k": 7}, "vim": {"dim": 6}}
+# The nine scorers registered after the first fourteen (the registry's last nine).
+NEW = ("gen", "entropy", "klm", "rmds", "she", "nnguide", "fdbd", "nci", "react_dice")
 
 
-def _problem(seed=0):
-  rng = np.random.default_rng(seed)
-  train = np.abs(rng.normal(size=(N, M))).astype(np.float32)
-  labels = np.arange(N) % C
-  train += np.eye(C, M, dtype=np.float32)[labels] * 2  # class structure
-  kernel = rng.normal(size=(M, C)).astype(np.float32)
-  bias = rng.normal(size=(C,)).astype(np.float32)
-  test = np.abs(rng.normal(size=(B, M))).astype(np.float32) * 1.5
-  return train, labels, kernel, bias, test
-
-
-def _fit_score(name, **hparams):
-  train, labels, kernel, bias, test = _problem()
-  scorer = scorers.get(name)
-  state = scorer.fit(train, labels, kernel, bias, **{**SMALL.get(name, {}), **hparams})
-  return np.asarray(scorer.score(state, test)), state
-
-
-# Independent float64 NumPy references, written from each paper's definition.
-def _logits(h, kernel, bias):
-  return h.astype(np.float64) @ kernel.astype(np.float64) + bias
-
-
-def _energy(z):
-  top = z.max(axis=1)
-  return top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-
-
-def _top_k_mask(h, k):
-  order = np.argsort(-h, axis=1, kind="stable")[:, :k]
-  mask = np.zeros(h.shape, bool)
-  np.put_along_axis(mask, order, True, axis=1)
-  return mask
-
-
-def _kept(m, p):
-  return m - int(np.round(m * p / 100.0))
+# ---- The registry ------------------------------------------------------------
 
 
 def test_registry_names_are_canonical_and_complete():
@@ -90,6 +72,31 @@ def test_registry_defaults_follow_the_papers():
     assert defaults[name] == {}
 
 
+def test_registered_with_the_papers_defaults():
+  for name in NEW:
+    scorer = scorers.get(name)
+    assert scorer.name == name and name in scorers.names()
+    assert isinstance(scorer.score_fn, type(jax.jit(lambda x: x)))
+  defaults = {name: dict(scorers.get(name).defaults) for name in NEW}
+  assert defaults["gen"] == {"gamma": 0.1, "m": 100}
+  assert defaults["nnguide"] == {"k": 10, "bank_size": 12_811, "seed": 0, "block_rows": 32768,
+                                 "k_max": None}
+  assert defaults["fdbd"] == {"centred": True}
+  assert defaults["nci"] == {"alpha": 1e-4}
+  assert defaults["react_dice"] == {"p": 15.0, "percentile": 90.0}
+  for name in ("entropy", "klm", "rmds", "she"):
+    assert defaults[name] == {}
+  assert scorers.get("rmds").fold.needs_labels and scorers.get("she").fold.needs_labels
+  assert not scorers.get("gen").fold.reads_data and not scorers.get("entropy").fold.reads_data
+  assert scorers.get("react_dice").fold.passes == 2
+  # Every grid is in tune's, next to its method.
+  for name in ("gen", "nnguide", "fdbd", "nci", "react_dice"):
+    assert tune.GRIDS[name] == dict(scorers.get(name).grid)
+
+
+# ---- Every scorer ------------------------------------------------------------
+
+
 @pytest.mark.parametrize("name", EXPECTED)
 def test_every_scorer_returns_finite_batch_scores(name):
   scores, _ = _fit_score(name)
@@ -98,225 +105,94 @@ def test_every_scorer_returns_finite_batch_scores(name):
   assert np.all(np.isfinite(scores))
 
 
-def test_msp_maxlogit_energy_match_numpy():
-  train, labels, kernel, bias, test = _problem()
-  z = _logits(test, kernel, bias)
-  probs = np.exp(z - _energy(z)[:, None])
-  np.testing.assert_allclose(_fit_score("msp")[0], probs.max(axis=1), rtol=1e-5)
-  np.testing.assert_allclose(_fit_score("maxlogit")[0], z.max(axis=1), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(_fit_score("energy")[0], _energy(z), rtol=1e-5, atol=1e-5)
+def _toy(seed=0):
+  """ID: a block of strong units per class, the head aligned with it; OOD: flat noise."""
+  rng = np.random.default_rng(seed)
+  n, m, c = 400, 16, 4
+  labels = np.arange(n) % c
+  blocks = np.repeat(np.eye(c), m // c, axis=1)  # [classes, features]
+  prototypes = 3.0 * blocks
+  train = (prototypes[labels] + rng.uniform(0, 1, (n, m))).astype(np.float32)
+  kernel = (blocks.T + 0.05 * rng.normal(size=(m, c))).astype(np.float32)
+  bias = np.zeros(c, np.float32)
+  test_id = (prototypes[np.arange(200) % c] + rng.uniform(0, 1, (200, m))).astype(np.float32)
+  test_ood = rng.uniform(0, 2, (200, m)).astype(np.float32)
+  return train, labels, kernel, bias, test_id, test_ood
 
 
-def test_react_matches_numpy():
-  train, labels, kernel, bias, test = _problem()
-  threshold = np.percentile(train.ravel().astype(np.float64), 80)
-  scores, state = _fit_score("react", percentile=80)
-  assert float(state.threshold) == np.float32(threshold)
-  want = _energy(_logits(np.minimum(test, threshold), kernel, bias))
-  np.testing.assert_allclose(scores, want, rtol=1e-5)
-  assert np.any(test > threshold)  # the clip did something
+@pytest.mark.parametrize("name", NEW)
+def test_in_distribution_scores_higher(name):
+  train, labels, kernel, bias, test_id, test_ood = _toy()
+  scorer = scorers.get(name)
+  state = scorer.fit(train, labels, kernel, bias)
+  id_scores = np.asarray(scorer.score(state, test_id))
+  ood_scores = np.asarray(scorer.score(state, test_ood))
+  # AUROC: the share of (ID, OOD) pairs ranked the right way.
+  auroc = np.mean(id_scores[:, None] > ood_scores[None, :])
+  assert auroc > 0.95, (name, auroc)
 
 
-def test_dice_matches_numpy():
-  train, labels, kernel, bias, test = _problem()
-  contrib = train.astype(np.float64).mean(axis=0)[:, None] * kernel
-  mask = contrib > np.percentile(contrib, 60)
-  scores, state = _fit_score("dice", p=60)
-  np.testing.assert_array_equal(np.asarray(state.kernel) != 0, mask)
-  want = _energy(_logits(test, kernel * mask, bias))
-  np.testing.assert_allclose(scores, want, rtol=1e-5)
+# ---- Hyperparameters and labels ----------------------------------------------
 
 
-@pytest.mark.parametrize("variant", ["p", "b", "s"])
-@pytest.mark.parametrize("percentile", [0.0, 37.0, 65.0, 95.0])
-def test_ash_matches_numpy(variant, percentile):
-  train, labels, kernel, bias, test = _problem()
-  k = _kept(M, percentile)
-  mask = _top_k_mask(test, k)
-  before = test.astype(np.float64).sum(axis=1, keepdims=True)
-  pruned = np.where(mask, test, 0.0)
-  if variant == "p":
-    shaped = pruned
-  elif variant == "b":
-    shaped = np.where(mask, before / k, 0.0)
-  else:
-    shaped = pruned * np.exp(before / pruned.sum(axis=1, keepdims=True))
-  scores, _ = _fit_score(f"ash_{variant}", percentile=percentile)
-  np.testing.assert_allclose(scores, _energy(_logits(shaped, kernel, bias)), rtol=2e-5)
+BAD = [
+    ("gen", {"gamma": 0.0}, ValueError, "gamma must be a positive finite number"),
+    ("gen", {"gamma": "0.1"}, TypeError, "gamma must be a real number"),
+    ("gen", {"m": 0}, ValueError, "m must be at least 1"),
+    ("gen", {"m": 2.5}, TypeError, "m must be an integer"),
+    ("nnguide", {"k": 0}, ValueError, "k must be at least 1"),
+    ("nnguide", {"k": BIG_N + 1}, ValueError,
+     f"k = {BIG_N + 1} needs at least {BIG_N + 1} bank rows"),
+    ("nnguide", {"k": 5, "bank_size": 4}, ValueError, "k = 5 needs at least 5 bank rows"),
+    ("nnguide", {"bank_size": 0}, ValueError, "bank_size must be at least 1"),
+    ("nnguide", {"seed": -1}, ValueError, "seed must be at least 0"),
+    ("nnguide", {"block_rows": 1.5}, TypeError, "block_rows must be an integer"),
+    ("nnguide", {"k": 5, "k_max": 4}, ValueError, "k_max must be at least k = 5, got 4"),
+    ("fdbd", {"centred": "yes"}, TypeError, "centred must be True or False"),
+    ("nci", {"alpha": -1e-3}, ValueError, "alpha must be a non-negative finite number"),
+    ("nci", {"alpha": float("nan")}, ValueError, "alpha must be a non-negative finite number"),
+    ("nci", {"alpha": None}, TypeError, "alpha must be a real number"),
+    ("react_dice", {"p": 101}, ValueError, "p must be a percentile in \\[0, 100\\]"),
+    ("react_dice", {"percentile": -1}, ValueError,
+     "percentile must be a percentile in \\[0, 100\\]"),
+]
 
 
-def test_scale_matches_numpy():
-  train, labels, kernel, bias, test = _problem()
-  k = _kept(M, 85)
-  h = test.astype(np.float64)
-  factor = np.exp(h.sum(axis=1) / np.where(_top_k_mask(test, k), h, 0).sum(axis=1))
-  scores, _ = _fit_score("scale")
-  np.testing.assert_allclose(scores, _energy(_logits(h * factor[:, None], kernel, bias)), rtol=2e-5)
+@pytest.mark.parametrize("name, hparams, error, message", BAD)
+def test_bad_hyperparameters(name, hparams, error, message):
+  train, labels, kernel, bias, _ = _big_problem()
+  scorer = scorers.get(name)
+  with pytest.raises(error, match=message):
+    scorer.fit(train, labels, kernel, bias, **hparams)
+  with pytest.raises(error, match=message):
+    scorer.fit_from_batches([(train, labels)], kernel, bias, **hparams)
 
 
-def test_mahalanobis_matches_numpy():
-  train, labels, kernel, bias, test = _problem()
-  x = train.astype(np.float64)
-  means = np.stack([x[labels == c].mean(axis=0) for c in range(C)])
-  centred = x - means[labels]
-  precision = np.linalg.pinv(centred.T @ centred / N)
-  diff = test[:, None, :] - means[None]
-  distances = np.einsum("bcm,mn,bcn->bc", diff, precision, diff)
-  scores, _ = _fit_score("mahalanobis")
-  np.testing.assert_allclose(scores, -distances.min(axis=1), rtol=1e-4)
+def test_unknown_hyperparameter_names_the_valid_ones():
+  train, labels, kernel, bias, _ = _big_problem()
+  with pytest.raises(ValueError, match="valid: gamma, m$"):
+    scorers.get("gen").fit(train, labels, kernel, bias, M=10)
 
 
-def test_knn_matches_numpy():
-  train, labels, kernel, bias, test = _problem()
-  normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
-  bank, z = normalise(train.astype(np.float64)), normalise(test.astype(np.float64))
-  distances = np.linalg.norm(z[:, None] - bank[None], axis=2)
-  want = -np.sort(distances, axis=1)[:, 6]
-  scores, state = _fit_score("knn", k=7)
-  np.testing.assert_allclose(scores, want, atol=2e-6)
-  # The one-block bank's two selections (radix on CPU, lax.top_k elsewhere).
-  z32 = jnp.asarray(z, jnp.float32)
-  for radix in (True, False):
-    kth = np.asarray(_knn._kth_one_block(state, z32, radix=radix), np.float64)
-    np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - kth, 0.0)), want, atol=2e-6)
+def test_rmds_needs_labels_and_every_class():
+  train, labels, kernel, bias, _ = _big_problem()
+  with pytest.raises(ValueError, match="labels are required"):
+    scorers.get("rmds").fit(train, None, kernel, bias)
+  with pytest.raises(ValueError, match="have no training sample: 4"):
+    scorers.get("rmds").fit(train, labels % 4, kernel, bias)
+  with pytest.raises(ValueError, match="labels are required"):
+    scorers.get("she").fit(train, None, kernel, bias)
 
 
-@pytest.mark.parametrize("block_rows", [None, 32])  # one block; four, the last padded
-def test_knn_scores_under_vmap_over_k_as_each_k_alone(block_rows):
-  train, labels, kernel, bias, test = _problem()
-  knn = scorers.get("knn")
-  blocks = {} if block_rows is None else {"block_rows": block_rows}
-  ks = (1, 3, 7)
-  states = [knn.fit(train, labels, kernel, bias, k=k, k_max=max(ks), **blocks) for k in ks]
-  assert {s.k_max for s in states} == {7} and [int(s.k) for s in states] == list(ks)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-  z = jnp.asarray(test / (np.linalg.norm(test, axis=1, keepdims=True) + 1e-10), jnp.float32)
-  for k, state in zip(ks, states):
-    alone = knn.fit(train, labels, kernel, bias, k=k, **blocks)  # k_max = k
-    assert alone.k_max == k
-    want = np.asarray(knn.score(alone, test))
-    np.testing.assert_allclose(np.asarray(knn.score(state, test)), want, rtol=1e-6, atol=1e-6)
-    if block_rows is None:  # both one-block selections, traced k
-      for radix in (True, False):
-        kth = jax.vmap(lambda s: _knn._kth_one_block(s, z, radix=radix))(stacked)
-        np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - np.asarray(kth[ks.index(k)]), 0)),
-                                   want, atol=2e-6)
-  vmapped = np.asarray(jax.vmap(knn.score, in_axes=(0, None))(stacked, test))
-  for row, k in zip(vmapped, ks):
-    np.testing.assert_allclose(row, np.asarray(knn.score(knn.fit(
-        train, labels, kernel, bias, k=k, **blocks), test)), rtol=1e-6, atol=1e-6)
+def test_grids_tune_through_the_registry():
+  train, labels, kernel, bias, test_id, test_ood = _toy()
+  result = tune.tune_method("nci", train, labels, kernel, bias, test_id[:50], test_ood[:50])
+  assert result["grid_size"] == 4 and result["metrics"]["auroc"] > 0.95
 
 
-@pytest.mark.parametrize("size, want", [(1, 1), (999, 1), (1500, 2), (50_000, 50),
-                                        (1_281_167, 1281)])
-def test_knn_default_k_is_one_neighbour_per_thousand_rows(size, want):
-  from line_jax.scorers import _knn  # pylint: disable=g-import-not-at-top
-  assert _knn.default_k(size) == want
+# ---- Equivalences between methods --------------------------------------------
 
 
-def test_knn_default_k_resolves_on_the_bank_and_pastes_back():
-  train, labels, kernel, bias, test = _problem()
-  scorer = scorers.get("knn")
-  state = scorer.fit(train, labels, kernel, bias)  # k=None
-  assert int(state.k) == max(1, round(N / 1000)) and state.k_max == int(state.k)
-  resolved = scorers.resolved_hparams(dict(scorer.defaults), state)
-  assert resolved["k"] == int(state.k)
-  again = scorer.fit(train, labels, kernel, bias, **resolved)
-  np.testing.assert_array_equal(np.asarray(scorer.score(again, test)),
-                                np.asarray(scorer.score(state, test)))
-
-
-def test_knn_bank_grows_in_place_yet_each_accumulator_keeps_its_own_rows():
-  from line_jax.scorers import _knn  # pylint: disable=g-import-not-at-top
-  train, labels, kernel, bias, _ = _problem()
-  rng = np.random.default_rng(7)
-  batches = [rng.random((n, M)).astype(np.float32) for n in (5, 700, 3, 400)]
-  acc = _knn.init(kernel, bias, k=3)
-  history = [acc]
-  for batch in batches:
-    history.append(_knn.update(history[-1], batch, None))
-  normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
-  want = normalise(np.concatenate(batches))
-  np.testing.assert_allclose(history[-1].rows, want, rtol=1e-6)
-  # Appends share one buffer until it is full (1,024 rows), then it doubles...
-  assert history[1].rows.base is history[2].rows.base is history[3].rows.base
-  assert history[4].rows.base is not history[3].rows.base
-  # ...yet an older accumulator updated again gets rows of its own: the newer
-  # ones keep theirs.
-  branch = _knn.update(history[2], batches[0], None)
-  np.testing.assert_allclose(branch.rows[705:], normalise(batches[0]), rtol=1e-6)
-  np.testing.assert_allclose(history[3].rows[705:], normalise(batches[2]), rtol=1e-6)
-  np.testing.assert_allclose(history[-1].rows, want, rtol=1e-6)
-  state = _knn.finalize(history[-1])
-  assert state.size == 1108
-
-
-def test_knn_k_max_is_at_least_k_and_capped_at_the_bank():
-  train, labels, kernel, bias, _ = _problem()
-  knn = scorers.get("knn")
-  with pytest.raises(ValueError, match="k_max must be at least k = 5, got 4"):
-    knn.fit(train, labels, kernel, bias, k=5, k_max=4)
-  assert knn.fit(train, labels, kernel, bias, k=5, k_max=10 * N).k_max == N
-
-
-def test_vim_matches_numpy_as_the_official_code_computes_it():
-  train, labels, kernel, bias, test = _problem()
-  w = kernel.T.astype(np.float64)  # PyTorch layout
-  origin = -np.linalg.pinv(w) @ bias
-  centred = train - origin
-  values, vectors = np.linalg.eig(centred.T @ centred / N)
-  null = vectors.real[:, np.argsort(-values.real)[6:]]
-  residual = lambda x: np.linalg.norm((x - origin) @ null, axis=-1)
-  alpha = _logits(train, kernel, bias).max(axis=1).mean() / residual(train).mean()
-  want = _energy(_logits(test, kernel, bias)) - alpha * residual(test)
-  scores, state = _fit_score("vim", dim=6)
-  np.testing.assert_allclose(float(state.alpha), alpha, rtol=1e-5)
-  np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
-
-
-def test_vim_dim_at_or_above_the_feature_count_is_refused():
-  train, labels, kernel, bias, _ = _problem()
-  for dim in (M, 512):
-    with pytest.raises(ValueError, match=f"dim={dim} must be below the feature count {M}"):
-      scorers.get("vim").fit(train, labels, kernel, bias, dim=dim)
-
-
-@pytest.mark.parametrize("width, want", [(4096, 1000), (2048, 1000), (2047, 512), (768, 512),
-                                         (767, 383), (342, 171), (128, 64), (2, 1)])
-def test_vim_default_dim_follows_the_official_rule(width, want):
-  assert _vim.default_dim(width) == want
-
-
-def test_vim_default_dim_resolves_on_the_head():
-  _, state = _fit_score("vim")  # dim=None
-  chex.assert_shape(state.residual, (M, M - M // 2))
-
-
-def test_gradnorm_matches_numpy_and_the_gradient_of_the_kl():
-  train, labels, kernel, bias, test = _problem()
-  z = _logits(test, kernel, bias)
-  probs = np.exp(z - _energy(z)[:, None])
-  closed = np.abs(test).sum(axis=1) * np.abs(probs - 1 / C).sum(axis=1)
-  scores, _ = _fit_score("gradnorm")
-  np.testing.assert_allclose(scores, closed, rtol=1e-5)
-
-  def kl_uniform(k, h):  # KL(u || softmax(h k + b)) for one sample
-    log_p = jax.nn.log_softmax(h @ k + bias)
-    return jnp.sum((1.0 / C) * (jnp.log(1.0 / C) - log_p))
-
-  grads = jax.vmap(jax.grad(kl_uniform), (None, 0))(jnp.asarray(kernel), jnp.asarray(test))
-  np.testing.assert_allclose(scores, np.abs(np.asarray(grads)).sum(axis=(1, 2)), rtol=1e-4)
-
-
-def test_line_scorer_is_line_jax_line():
-  train, labels, kernel, bias, test = _problem()
-  scores, state = _fit_score("line", p_w=90, p_a=10, clip=1.0)
-  direct = line.fit(train, labels, kernel, bias, p_w=90, p_a=10, clip=1.0)
-  np.testing.assert_array_equal(scores, np.asarray(line.score(direct, test)))
-  assert state.p_w == 90 and state.p_a == 10
-
-
-# Equivalences between methods.
 def test_react_at_percentile_100_is_energy():
   chex.assert_trees_all_close(_fit_score("react", percentile=100)[0], _fit_score("energy")[0])
 
@@ -349,7 +225,9 @@ def test_ash_s_and_scale_at_percentile_0_scale_every_activation_by_e():
   np.testing.assert_allclose(_fit_score("scale", percentile=0)[0], want, rtol=1e-5)
 
 
-# The exact selections under the scorers.
+# ---- The exact selections under the scorers ----------------------------------
+
+
 TIES = [[3.0, 1.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0], [-1.0, 2.0, -1.0, 5.0, -3.0]]
 
 
@@ -369,21 +247,6 @@ def test_top_k_sum_counts_ties_up_to_k(unroll):
       np.asarray(_shaping.top_k_sum(jnp.array(TIES), 3, unroll=unroll)), [5.0, 6.0, 6.0])
 
 
-def test_ash_on_sparse_features_keeps_exactly_k_with_zero_ties():
-  # Post-ReLU features: fewer positives than k, so zeros tie at the k-th value
-  # and ASH-B must fill exactly k entries (the first zeros by index).
-  train, labels, kernel, bias, _ = _problem()
-  rng = np.random.default_rng(5)
-  test = np.maximum(rng.normal(size=(B, M)) - 0.8, 0.0).astype(np.float32)
-  k = _kept(M, 50)
-  assert np.all((test > 0).sum(axis=1) < k)
-  mask = _top_k_mask(test, k)
-  shaped = np.where(mask, test.astype(np.float64).sum(axis=1, keepdims=True) / k, 0.0)
-  state = scorers.get("ash_b").fit(train, labels, kernel, bias, percentile=50)
-  np.testing.assert_allclose(np.asarray(scorers.get("ash_b").score(state, test)),
-                             _energy(_logits(shaped, kernel, bias)), rtol=1e-5)
-
-
 def test_kth_largest_matches_numpy_on_signed_values_and_ties():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(6, 50)).astype(np.float32)
@@ -396,6 +259,9 @@ def test_kth_largest_matches_numpy_on_signed_values_and_ties():
         np.asarray(_select.kth_largest(jnp.asarray(x), k, unroll=True)), want)
 
 
+# ---- Percentiles of the training features ------------------------------------
+
+
 @pytest.mark.parametrize("p", [0.0, 12.5, 50.0, 90.0, 99.9, 100.0])
 def test_streamed_percentile_is_numpy_percentile_exactly(p):
   rng = np.random.default_rng(2)
@@ -403,7 +269,13 @@ def test_streamed_percentile_is_numpy_percentile_exactly(p):
   values[1][:, :3] = 0.0  # repeated values
   values[2][0] = np.float32(1e-30)
   want = np.percentile(np.concatenate(values).ravel().astype(np.float64), p)
-  assert _quantile.percentile_from_batches(lambda: values, p) == want
+  acc = _quantile.init(p)  # Two passes of the histograms over the batches.
+  for x in values:
+    acc = _quantile.update(acc, x)
+  acc = _quantile.next_pass(acc)
+  for x in values:
+    acc = _quantile.update(acc, x)
+  assert _quantile.value(acc) == want
 
 
 @pytest.mark.parametrize("p", [12.5, 37.5, 90.0, 100.0])

@@ -47,7 +47,7 @@ def data():
 
 def _registry_hparams(method, point, train):
   """`point` with each percentile turned into the threshold, by NumPy."""
-  return {name: (float(np.percentile(train.astype(np.float64), value))
+  return {name: (float(np.percentile(train.astype(np.float64), value.percentile))
                  if (method, name) in PERCENTILES and value is not None else value)
           for name, value in point.items()}
 
@@ -139,13 +139,14 @@ def test_shaping_grids_on_an_all_zero_row_are_the_registry_s_finite_scores(metho
 
 def test_clip_percentiles_resolve_to_thresholds(data):
   train = data[0]
-  points = [{"p_w": 10.0, "p_a": 50.0, "clip": 90.0}, {"p_w": 10.0, "p_a": 50.0, "clip": None}]
-  (clipped, source), (off, none) = tune.resolve("line", points, train)
+  points = [{"p_w": 10.0, "p_a": 50.0, "clip": scorers.TrainPercentile(90.0)},
+            {"p_w": 10.0, "p_a": 50.0, "clip": None}]
+  (clipped, source), (off, none) = tune.resolve(points, train)
   assert clipped == {"p_w": 10.0, "p_a": 50.0,
                      "clip": pytest.approx(np.percentile(train.astype(np.float64), 90.0))}
   assert source == {"clip_percentile": 90.0}
   assert off == points[1] and none == {}
-  assert tune.resolve("react", [{"percentile": 90.0}], train) == [({"percentile": 90.0}, {})]
+  assert tune.resolve([{"percentile": 90.0}], train) == [({"percentile": 90.0}, {})]
   table = tune.format_table({"line": {
       "best": clipped, "best_percentiles": source, "metrics": {"fpr95": 0.5, "auroc": 0.5},
       "grid_size": 2, "vmapped_s": 0.1, "vmapped_compile_s": 1.0, "loop_s": None}})

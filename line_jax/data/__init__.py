@@ -3,26 +3,25 @@
 Streaming (any size): a random-access source (`ImageFolderSource`,
 `TfdsSource`, `npy_source`, `fashion_mnist_source`, `ArraySource`) and
 `image_batches(source, Preprocess(...), batch_size=...)`, the grain pipeline.
-In memory (small sets): `load_split`, `load_image_folder`, `ood_set`,
-`validation_ood`. `open_source(spec, split)` is the one naming every CLI
-takes ('fashion_mnist', 'tfds:NAME', a folder).
+In memory (small sets): `ood_set`, `validation_ood`. `open_source(spec,
+split)` is the one naming every CLI takes ('fashion_mnist', 'tfds:NAME', a
+folder).
 
-The TFDS-backed names (`load_split`, `FashionMnistLocal`, ...) import
-tensorflow-datasets on first use, which registers `fashion_mnist_local`; the
-pipeline names import grain on first use.
+The pipeline names import grain on first use.
 """
 
 from line_jax.data._embedded_ood import OOD_SET_NAMES
 from line_jax.data._embedded_ood import ood_set
 from line_jax.data._embedded_ood import ood_sets
 from line_jax.data._embedded_ood import validation_ood
+from line_jax.data._fashion_mnist import CLASS_NAMES as FASHION_MNIST_CLASSES
+from line_jax.data._fashion_mnist import DEBIAN_FASHION_MNIST_DIR
+from line_jax.data._fashion_mnist import read_fashion_mnist
 from line_jax.data._idx import read_idx
 from line_jax.data._idx import write_idx
 from line_jax.data._image_folder import CURATED_OOD
 from line_jax.data._image_folder import CuratedSet
 from line_jax.data._image_folder import download_curated
-from line_jax.data._image_folder import load_curated
-from line_jax.data._image_folder import load_image_folder
 from line_jax.data._npy import load_ood_npy
 from line_jax.data._named import open_source
 from line_jax.data._npy import parse_extra_ood
@@ -40,6 +39,8 @@ from line_jax.data._sources import Subset
 from line_jax.data._sources import TfdsSource
 from line_jax.data._sources import fashion_mnist_source
 from line_jax.data._sources import npy_source
+from line_jax.data._stock_datasets import STOCK_DATASETS
+from line_jax.data._stock_datasets import StockDataset
 
 __all__ = (
     "ArraySource",
@@ -47,7 +48,6 @@ __all__ = (
     "CuratedSet",
     "DEBIAN_FASHION_MNIST_DIR",
     "FASHION_MNIST_CLASSES",
-    "FashionMnistLocal",
     "IMG_EXTENSIONS",
     "ImageBatches",
     "ImageFolderSource",
@@ -63,10 +63,7 @@ __all__ = (
     "download_curated",
     "fashion_mnist_source",
     "image_batches",
-    "load_curated",
-    "load_image_folder",
     "load_ood_npy",
-    "load_split",
     "normalize",
     "open_source",
     "npy_source",
@@ -87,13 +84,6 @@ __all__ = (
 # line_jax.data (IDX files, OOD sets, preprocessing) works where TFDS is absent,
 # e.g. on an accelerator VM with only JAX installed.
 _LAZY = {
-    "FASHION_MNIST_CLASSES": ("line_jax.data._fashion_mnist_local", "CLASS_NAMES"),
-    "DEBIAN_FASHION_MNIST_DIR": ("line_jax.data._fashion_mnist_local", "DEBIAN_FASHION_MNIST_DIR"),
-    "FashionMnistLocal": ("line_jax.data._fashion_mnist_local", "FashionMnistLocal"),
-    "read_fashion_mnist": ("line_jax.data._fashion_mnist_local", "read_fashion_mnist"),
-    "STOCK_DATASETS": ("line_jax.data._tfds_loader", "STOCK_DATASETS"),
-    "StockDataset": ("line_jax.data._tfds_loader", "StockDataset"),
-    "load_split": ("line_jax.data._tfds_loader", "load_split"),
     # grain is imported only by those who stream.
     "ImageBatches": ("line_jax.data._pipeline", "ImageBatches"),
     "Preprocess": ("line_jax.data._pipeline", "Preprocess"),

@@ -23,13 +23,13 @@ from typing import Callable, Iterable
 import numpy as np
 import PIL.Image
 
+from line_jax.data import _fashion_mnist
 from line_jax.data import _glyphs
 from line_jax.data import _idx
 
 SIDE = 28
-# Where Debian's dataset-fashion-mnist puts the IDX files (as in
-# _fashion_mnist_local, which this module does not import: it loads TFDS).
-FASHION_MNIST_TEST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+FASHION_MNIST_TEST = os.path.join(_fashion_mnist.DEBIAN_FASHION_MNIST_DIR,
+                                  "t10k-images-idx3-ubyte.gz")
 
 
 def _resize(image: np.ndarray, side: int) -> np.ndarray:

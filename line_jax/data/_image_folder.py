@@ -1,9 +1,8 @@
 """Image-folder OOD sets: the curated archives the OOD literature shares.
 
 These sets are not in TFDS. Each is a tarball of image files; `download_curated`
-fetches and unpacks one, `load_curated` / `load_image_folder` turn the folder
-into a uint8 array, resized and center-cropped like torchvision's
-`Resize(resize_size)` + `CenterCrop(image_size)`.
+fetches and unpacks one, which the benchmarks then read as an
+`ImageFolderSource` through the input pipeline.
 
 | Name          | Benchmark | Images | Archive (folder inside)                       |
 |---------------|-----------|--------|-----------------------------------------------|
@@ -27,13 +26,6 @@ import os
 import pathlib
 import tarfile
 import urllib.request
-
-import numpy as np
-import PIL.Image
-
-from line_jax.data import _preprocess
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,54 +72,6 @@ CURATED_OOD = {
 }
 
 
-def list_images(directory: str | os.PathLike) -> list[pathlib.Path]:
-  """All image files under `directory`, recursively, in sorted path order."""
-  root = pathlib.Path(directory)
-  if not root.is_dir():
-    raise FileNotFoundError(f"image folder {root} does not exist")
-  return sorted(
-      p for p in root.rglob("*")
-      if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def load_image_folder(
-    directory: str | os.PathLike,
-    image_size: int,
-    *,
-    resize_size: int | None = None,
-    grayscale: bool = False,
-    max_images: int | None = None,
-) -> np.ndarray:
-  """Decodes every image under `directory` into one array.
-
-  Args:
-    directory: a folder of image files (subfolders are searched too).
-    image_size: side of the square center crop.
-    resize_size: shorter side before the crop; defaults to `image_size`.
-    grayscale: decode to one channel (Pillow's "L") instead of RGB.
-    max_images: keep only the first this many files (in sorted order).
-
-  Returns:
-    uint8 `[N, image_size, image_size, C]`, C = 1 if `grayscale` else 3.
-
-  Raises:
-    FileNotFoundError: if the folder is missing.
-    ValueError: if it holds no image file.
-  """
-  paths = list_images(directory)[:max_images]
-  if not paths:
-    raise ValueError(
-        f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {directory}")
-  mode, channels = ("L", 1) if grayscale else ("RGB", 3)
-  out = np.empty((len(paths), image_size, image_size, channels), np.uint8)
-  for i, path in enumerate(paths):
-    with PIL.Image.open(path) as pil:
-      image = np.asarray(pil.convert(mode)).reshape(pil.height, pil.width, channels)
-    out[i] = _preprocess.resize_center_crop(
-        image, resize_size or image_size, image_size)
-  return out
-
-
 def _safe_extract(archive: pathlib.Path, root: pathlib.Path) -> None:
   with tarfile.open(archive) as tar:
     if hasattr(tarfile, "data_filter"):
@@ -164,35 +108,6 @@ def download_curated(name: str, root: str | os.PathLike) -> pathlib.Path:
   if not folder.is_dir():
     _safe_extract(archive, root)
   return folder
-
-
-def load_curated(
-    name: str,
-    root: str | os.PathLike,
-    *,
-    image_size: int | None = None,
-    resize_size: int | None = None,
-    max_images: int | None = None,
-) -> np.ndarray:
-  """Loads a curated set already unpacked under `root`.
-
-  Args:
-    name: a key of `CURATED_OOD`, e.g. "lsun_c" or "inaturalist".
-    root: the folder `download_curated` unpacked into.
-    image_size: crop side; defaults to the set's benchmark (32 or 224).
-    resize_size: shorter side before the crop; defaults to the set's own
-      (32 or 256) when `image_size` is None too, else to `image_size`.
-    max_images: keep only the first this many files.
-
-  Returns:
-    uint8 `[N, image_size, image_size, 3]`.
-  """
-  spec = _spec(name)
-  if image_size is None:
-    image_size, resize_size = spec.image_size, resize_size or spec.resize_size
-  return load_image_folder(
-      pathlib.Path(root) / spec.folder, image_size,
-      resize_size=resize_size, max_images=max_images)
 
 
 def _spec(name: str) -> CuratedSet:

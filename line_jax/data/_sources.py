@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from line_jax.data import _fashion_mnist
+
 # torchvision's `IMG_EXTENSIONS` (datasets/folder.py) plus GIF; compared to
 # the lower-cased file name, as torchvision does.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif",
@@ -238,11 +240,8 @@ def fashion_mnist_source(split: str = "train", source_dir: str | os.PathLike | N
   Raises:
     FileNotFoundError: naming a missing file and the Debian package.
   """
-  # The reader sits beside the TFDS builder (importing it imports TFDS, but
-  # uses no TensorFlow); one reader, so the checks cannot drift apart.
-  from line_jax.data import _fashion_mnist_local  # pylint: disable=g-import-not-at-top
-  images, labels = _fashion_mnist_local.read_fashion_mnist(
-      split, source_dir or _fashion_mnist_local.DEBIAN_FASHION_MNIST_DIR)
+  images, labels = _fashion_mnist.read_fashion_mnist(
+      split, source_dir or _fashion_mnist.DEBIAN_FASHION_MNIST_DIR)
   return ArraySource(images, labels, name=f"Fashion-MNIST {split}")
 
 
@@ -259,7 +258,7 @@ class TfdsSource(Sequence):
     """Opens the split.
 
     Args:
-      name: a TFDS name, e.g. "fashion_mnist_local" or "imagenet2012".
+      name: a TFDS name, e.g. "cifar10" or "imagenet2012".
       split: any TFDS split string ("train", "test[:1000]").
       data_dir: TFDS data folder; None is TFDS's default.
       image_key, label_key: the features holding the image and the label;
@@ -271,7 +270,6 @@ class TfdsSource(Sequence):
       ValueError: if the split is empty.
     """
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from line_jax.data import _fashion_mnist_local  # noqa: F401  Registers it.
     self.name, self.split = name, split
     self.image_key, self.label_key = image_key, label_key
     self.data_dir = None if data_dir is None else os.fspath(data_dir)

@@ -3,8 +3,9 @@
 `Backbone` carries a network, its variables, normalisation, head and
 preprocessing; `Backbone.run` is the one jitted, dispatch-ahead extraction
 loop, `Backbone.read` reads a set's features through `cache` (shared by
-`fit`, `tune` and `evaluate`). `extract`, `iter_extract`, `iter_extract_batches`,
-`FeatureBatches` and `PipelineFeatures` are the same loop as functions of a
+`fit`, `tune` and `evaluate`), and `Backbone.stream` gives the re-iterable
+`(features, labels)` batches `Scorer.fit_from_batches` takes. `extract`,
+`iter_extract` and `iter_extract_batches` are the same loop as functions of a
 model and its variables.
 """
 
@@ -12,9 +13,7 @@ from line_jax.features import cache
 from line_jax.features._backbone import Backbone
 from line_jax.features._backbone import FeatureStream
 from line_jax.features._extract import BATCH_AXIS
-from line_jax.features._extract import FeatureBatches
 from line_jax.features._extract import IMAGES_PER_CALL
-from line_jax.features._extract import PipelineFeatures
 from line_jax.features._extract import extract
 from line_jax.features._extract import iter_extract
 from line_jax.features._extract import iter_extract_batches
@@ -22,10 +21,8 @@ from line_jax.features._extract import iter_extract_batches
 __all__ = (
     "BATCH_AXIS",
     "Backbone",
-    "FeatureBatches",
     "FeatureStream",
     "IMAGES_PER_CALL",
-    "PipelineFeatures",
     "cache",
     "extract",
     "iter_extract",

@@ -30,18 +30,16 @@ A model that returns anything else is an error that names what it returned.
 * with a `mesh` each batch is split over its 'batch' axis (data parallel) and
   the variables are replicated.
 
-`iter_extract` yields the batches instead of stacking them, and
-`FeatureBatches` wraps it as the re-iterable `(features, labels)` stream that
-`Scorer.fit_from_batches` takes, for training sets whose features do not fit
-in memory. `iter_extract_batches` and `PipelineFeatures` do the same over a
-stream of batches, such as `line_jax.data.image_batches` decoding images from
-disk, for sets whose images do not fit in memory either.
+`iter_extract` yields the batches instead of stacking them;
+`iter_extract_batches` runs the same loop over a stream of batches, such as
+`line_jax.data.image_batches` decoding images from disk, for sets whose
+images do not fit in memory (`Backbone.stream` makes it the re-iterable
+`(features, labels)` stream `Scorer.fit_from_batches` takes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-import dataclasses
 import functools
 from typing import Any
 
@@ -265,74 +263,3 @@ def extract(model: Any, variables: Any, images, *, mean: Sequence[float],
     raise ValueError("images is empty: no image to extract features from")
   return (np.concatenate([p[0] for p in parts]),
           np.concatenate([p[1] for p in parts]))
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureBatches:
-  """Re-iterable `(features, labels)` batches for `Scorer.fit_from_batches`.
-
-  Each pass runs the model again, so memory is one batch of features whatever
-  the set's size; scorers that read the data twice (ReAct, ViM) cost two
-  passes of the network.
-
-  Attributes:
-    model, variables, images, mean, std: as in `iter_extract`.
-    labels: `[N]` integer labels, or None for scorers that use none.
-    kwargs: further `iter_extract` arguments (batch_size, mesh, dtype, ...).
-    head: as in `iter_extract`: the final Dense layer of a model that does not
-      return `(logits, features)` itself.
-  """
-
-  model: Any
-  variables: Any
-  images: Any
-  mean: Sequence[float]
-  std: Sequence[float]
-  labels: Any = None
-  kwargs: dict = dataclasses.field(default_factory=dict)
-  head: str | None = None
-
-  def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    start = 0
-    for _, features in iter_extract(self.model, self.variables, self.images,
-                                    mean=self.mean, std=self.std,
-                                    **{"head": self.head, **self.kwargs}):
-      stop = start + features.shape[0]
-      labels = None if self.labels is None else np.asarray(self.labels[start:stop])
-      start = stop
-      yield features, labels
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineFeatures:
-  """Re-iterable `(features, labels)` over an image pipeline.
-
-  What `Scorer.fit_from_batches` takes, streamed from images on disk: each
-  pass starts a fresh pass of `batches` (decoding the images again) and runs
-  the model, so memory is a few batches whatever the set's size.
-
-      batches = data.image_batches(data.ImageFolderSource(root),
-                                   data.Preprocess(28, 28, 1), batch_size=256)
-      stream = PipelineFeatures(model, variables, batches, mean, std)
-      state = scorers.get("react").fit_from_batches(stream, kernel, bias)
-
-  Attributes:
-    model, variables, mean, std, head: as in `iter_extract`.
-    batches: re-iterable `(images, labels)` batches, e.g. an `ImageBatches`.
-    kwargs: further `iter_extract_batches` arguments (mesh, dtype, progress).
-  """
-
-  model: Any
-  variables: Any
-  batches: Iterable[tuple[Any, Any]]
-  mean: Sequence[float]
-  std: Sequence[float]
-  kwargs: dict = dataclasses.field(default_factory=dict)
-  head: str | None = None
-
-  def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    kwargs = {"total": getattr(self.batches, "num_records", None), "head": self.head,
-              **self.kwargs}
-    for _, features, labels in iter_extract_batches(
-        self.model, self.variables, self.batches, mean=self.mean, std=self.std, **kwargs):
-      yield features, np.asarray(labels)

@@ -9,9 +9,9 @@ from typing import Any
 
 import jax
 
-from line_jax import _files
 from line_jax import _progress
 from line_jax import plots
+from line_jax.runs import _shared
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -74,7 +74,7 @@ def _jsonable(value: Any) -> Any:
 def write_json(path: str, value: Any) -> None:
   """`value` as JSON, in its own key order; a hyperparameter left for the
   fold to resolve is written as its fields (`_jsonable`)."""
-  _files.write_json(path, value, sort_keys=False, default=_jsonable)
+  _shared.write_json(path, value, sort_keys=False, default=_jsonable)
 
 
 def write_outputs(out_dir, result, scores, used, timing=None, *, make_plots=True,

@@ -1,9 +1,12 @@
-"""What every run shares: how it runs, and the named data sets it reads."""
+"""What every run shares: how it runs, the named data sets it reads, atomic JSON."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import json
+import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -68,3 +71,16 @@ def own_shard(source: Sequence, batch_size: int, *, allow_empty: bool = False) -
     raise ValueError(f"a set of {len(source)} images leaves this process no batch of "
                      f"{batch_size}; use a smaller --batch-size or fewer processes")
   return data.Subset.range(source, start, stop)
+
+
+def write_json(path: str | os.PathLike, value: Any, *, sort_keys: bool = True,
+               default=None) -> None:
+  """`value` as JSON, atomically: a reader sees the old file or the whole new one.
+  `default` turns what JSON cannot hold into what it can (`json.dump`'s)."""
+  tmp = os.fspath(path) + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=2, sort_keys=sort_keys, default=default)
+    f.write("\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

@@ -30,7 +30,7 @@ import numpy as np
 
 from line_jax import distributed
 from line_jax import metrics as metrics_lib
-from line_jax import plots
+from line_jax import plots as plots_lib
 from line_jax import scorers
 from line_jax import suites
 from line_jax.runs import _report
@@ -145,11 +145,16 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
     table = line_ablation(train.batches(), kernel, bias,
                           {name: c.features for name, c in cached.items()}, **hp)
   if workdir is not None and distributed.is_primary():
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    _report.write_json(os.path.join(workdir, "ablation.json"), table)
-    with open(os.path.join(workdir, "ablation.md"), "w") as f:
-      f.write(format_ablation(table))
-    if config.plots:
-      plots.plot_ablation(table, os.path.join(workdir, "ablation.png"))
+    write(table, workdir, plots=config.plots)
   return table
+
+
+def write(table: Mapping[str, Any], workdir: str | os.PathLike, *, plots: bool = True) -> None:
+  """`ablation.json`, `ablation.md` and (with `plots`) `ablation.png` in `workdir`."""
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _report.write_json(os.path.join(workdir, "ablation.json"), table)
+  with open(os.path.join(workdir, "ablation.md"), "w") as f:
+    f.write(format_ablation(table))
+  if plots:
+    plots_lib.plot_ablation(table, os.path.join(workdir, "ablation.png"))

@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 from line_jax import _progress
@@ -33,6 +34,7 @@ from line_jax import scorers
 from line_jax import suites
 from line_jax.features import cache
 from line_jax.runs import _report
+from line_jax.runs import ablation
 from line_jax.runs._benchmark import BenchmarkData
 from line_jax.runs._benchmark import features_of
 from line_jax.runs._report import format_table  # noqa: F401  Part of this module's API.
@@ -50,12 +52,15 @@ class Config:
     scorers: registered scorer names; empty: every one.
     hparams: `{scorer: {name: value}}` over the benchmark's settings.
     plots: write the PNGs (ROC curves, score histograms).
+    ablation: also run LINe's ablation on the same features
+      (`runs.ablation`; one process).
   """
 
   data: BenchmarkData = BenchmarkData()
   scorers: tuple[str, ...] = ()
   hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   plots: bool = True
+  ablation: bool = False
 
   def scorer_names(self) -> list[str]:
     """The scorers to run, checked with their hyperparameters before any work."""
@@ -145,7 +150,8 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   {scorer: {ood_set: {"fpr95", "auroc", "aupr_in", "aupr_out"}, "average"}}}`,
   fractions; "average" is the mean over every OOD set of the run, extra ones
   included), `table.md` (FPR95 / AUROC in %), `hparams.json`, `timings.json`,
-  and with `config.plots` `roc.png` and `hist_<scorer>.png`.
+  with `config.plots` `roc.png` and `hist_<scorer>.png`, and with
+  `config.ablation` the files of `runs.ablation`.
 
   Args:
     config: what to evaluate.
@@ -161,6 +167,8 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   start = time.perf_counter()
   names = config.scorer_names()
   suite = config.data.suite
+  if config.ablation and jax.process_count() > 1:
+    raise ValueError("--ablation runs on one process; run it without --coordinator")
   with features_of(config.data, runtime, inputs=inputs) as (inputs, cached):
     train = cached.pop("train")
     kernel, bias = inputs.backbone.head_params()
@@ -170,9 +178,14 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
                                               progress=runtime.progress)
     hits = distributed.gather_rows(correct(cached["id"], kernel, bias))
     result = {"id_accuracy": float(np.mean(hits)), "methods": metrics_of(scores)}
+    if config.ablation:
+      hp = suites.hparams_for(suite, "line", config.hparams.get("line"), train.features)
+      table = ablation.line_ablation(train.batches(), kernel, bias, sets, **hp)
   timings = _report.timings({"train": train, **cached}, fit_seconds,
                             time.perf_counter() - start)
   if workdir is not None and distributed.is_primary():
     _report.write_outputs(workdir, result, scores, used, timings, make_plots=config.plots,
                           progress=runtime.progress)
+    if config.ablation:
+      ablation.write(table, workdir, plots=config.plots)
   return result

@@ -4,21 +4,14 @@
                      runtime=Runtime(cache_dir=features.cache.default_dir()))
     state = fit.load_state("fits/mine", "line")
 
-What `python -m line_jax.fit` runs. Images stream through the grain pipeline
-and the checkpoint's network, whose config decides the size and channels;
-every scorer folds over the one stream (`line_jax.fold.chain`), resumably
-(`line_jax.resumable`). A run lives in one folder: `args.json` (its
-`Config`; a resume with another one is refused), `progress/` (orbax steps),
-`features.npy` / `labels.npy` (the rows later passes and the feature cache
-read), `<scorer>/` (each state, `line_jax.load`) and `hparams.json` (the
-settings each scorer ran with, resolved: they paste into `Scorer.fit`).
-
-Hyperparameters follow the one rule of every run (`suites.hparams_for`):
-registry defaults, then the benchmark's, then `Config.hparams`. Where the
-feature cache already holds this backbone's features of this data set, the
-network does not run at all. On multi-host each process reads its own
-contiguous shard of whole batches; the accumulators merge in process order
-after each pass, and process 0 writes.
+What `python -m line_jax.fit` runs: every scorer folds over one stream of the
+checkpoint's features (`fold.chain`, resumably: `line_jax.resumable`), or
+over the feature cache's rows where it holds them. A run's folder holds
+`args.json` (its `Config`; a resume with another is refused), `progress/`,
+`features.npy` / `labels.npy`, `<scorer>/` (each state, `line_jax.load`) and
+`hparams.json` (the settings each scorer ran with, resolved: they paste into
+`Scorer.fit`). On multi-host each process reads its own shard of whole
+batches, and process 0 writes.
 """
 
 from __future__ import annotations
@@ -32,7 +25,6 @@ from typing import Any
 
 import jax
 
-from line_jax import _files
 from line_jax import _progress
 from line_jax import distributed
 from line_jax import features
@@ -48,6 +40,7 @@ from line_jax.runs._shared import check_positive
 from line_jax.runs._shared import open_dataset
 from line_jax.runs._shared import own_shard
 from line_jax.runs._shared import Runtime
+from line_jax.runs._shared import write_json
 
 ARGS_FILE = "args.json"
 HPARAMS_FILE = "hparams.json"
@@ -115,7 +108,7 @@ def claim(out: str, record: dict[str, Any]) -> None:
   distributed.barrier("line_jax.fit:claim")  # Everyone has looked before process 0 writes.
   if distributed.is_primary() and not resumed:
     os.makedirs(out, exist_ok=True)
-    _files.write_json(path, record)
+    write_json(path, record)
   distributed.barrier("line_jax.fit:claimed")
   if resumed:
     with open(path) as f:
@@ -190,7 +183,7 @@ def run(config: Config, workdir: str | os.PathLike, *,
   for name, state in states.items():
     io.save(os.path.join(out, name), state)  # Collective; process 0 writes.
   if distributed.is_primary():
-    _files.write_json(os.path.join(out, HPARAMS_FILE),
+    write_json(os.path.join(out, HPARAMS_FILE),
                       {name: scorers.resolved_hparams(hparams[name], states[name])
                        for name in states})
   return states

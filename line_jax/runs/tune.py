@@ -2,31 +2,20 @@
 
     results = tune.run(tune.Config(scorers=("line", "knn")), "out/tune")
 
-What `python -m line_jax.tune` runs. Data (never the test sets of
-`evaluate`):
+What `python -m line_jax.tune` runs. The training split but its last
+`val_size` images fits; those last images are the ID validation set (the
+test split is never touched), and `line_jax.data.validation_ood`, disjoint
+from every test OOD set, the OOD one; features come from the shared cache.
 
-* fit: the training images but the last `val_size` (5,000: the first
-  55,000 of Fashion-MNIST by default); ID validation: those last images
-  (the test split is not touched). Their features come from the feature
-  cache `fit` and `evaluate` share (`line_jax.features.cache`);
-* OOD validation: `line_jax.data.validation_ood`, a seeded set disjoint
-  from the seven embedded test sets, through the backbone's own
-  preprocessing (resized, channels converted).
-
-Every registered scorer with a grid (`scorers.get(name).grid`, declared next
-to the method) is tuned the same way. The registry fits a state at each grid
-point (folding the data once where the points share its statistics), the
-states stack into one pytree with a leading grid axis (hyperparameters that
-change no shape are leaves), and one jitted `jax.vmap(scorer.score,
-in_axes=(0, None))` scores the whole grid: the registry's own `score`, no
-copy of it. States that do not stack (ViM's D sizes its arrays) are scored by
-a Python loop of the registry's `fit` / `score`. With `check`, that loop also
-runs for stacked grids and must agree (asserted); both times are reported.
-Best = highest AUROC, ties broken by lower FPR95.
-
-Reported hyperparameters paste into `fit` unchanged: a grid of percentiles
-of the training activations (LINe's clip) is resolved to the threshold
-itself, and the percentile it came from is reported as `clip_percentile`.
+Every scorer with a grid (`Scorer.grid`) is tuned alike: a state is fitted
+at each point (one fold where the points share the data's statistics), the
+states stack into one pytree with a leading grid axis, and one jitted
+`jax.vmap` of the registry's own `score` scores the whole grid. States that
+do not stack (ViM's D sizes its arrays) are scored by a loop of the
+registry's `fit` / `score`; with `check` that loop runs for every grid and
+must agree. Best = highest AUROC, then lower FPR95. Reported settings paste
+into `fit`: a percentile grid (LINe's clip) is resolved to the threshold,
+with the percentile reported as `clip_percentile`.
 """
 
 from __future__ import annotations
@@ -47,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from line_jax import _files
 from line_jax import data
 from line_jax import features
 from line_jax import fold
@@ -58,17 +46,13 @@ from line_jax.features import Backbone
 from line_jax.runs._shared import check_positive
 from line_jax.runs._shared import open_dataset
 from line_jax.runs._shared import Runtime
+from line_jax.runs._shared import write_json
 
 CHUNK = 512  # validation samples per vmapped step: bounds [grid, chunk, m, C]
 
 # Each method's grid lives next to it (`scorers.get(name).grid`).
 GRIDS: dict[str, dict[str, tuple]] = {
     name: dict(scorers.get(name).grid) for name in scorers.names() if scorers.get(name).grid}
-
-# Grids whose plain numbers are percentiles of all training activations, as
-# `scorers/_line.py` declares its clip grid. A grid of `TrainPercentile`
-# values needs no entry here.
-_PERCENTILE_GRIDS: dict[str, tuple[str, ...]] = {"line": ("clip",)}
 
 # Training rows of the probe batch that `_fold_once` folds per point.
 _PROBE_ROWS = 64
@@ -106,26 +90,21 @@ def feasible(method: str, points: Sequence[Mapping[str, Any]], kernel, bias
 # ---- Grids of fitted states ------------------------------------------------
 
 
-def resolve(method: str, points: Sequence[Mapping[str, Any]], train_features
+def resolve(points: Sequence[Mapping[str, Any]], train_features
             ) -> list[tuple[dict[str, Any], dict[str, float]]]:
   """Grid points -> `(hyperparameters, percentiles)` of each.
 
   The hyperparameters paste into `scorers.get(method).fit` unchanged: a grid
   value that is a percentile of the training activations (a
-  `TrainPercentile`, or a name in `_PERCENTILE_GRIDS`) becomes that
-  threshold, in feature units, and the percentile it came from is kept
-  under `"<name>_percentile"` in the second dict. Each percentile is computed
-  once for the whole grid.
+  `TrainPercentile`) becomes that threshold, in feature units, and the
+  percentile it came from is kept under `"<name>_percentile"` in the second
+  dict. Each percentile is computed once for the whole grid.
   """
-  names = _PERCENTILE_GRIDS.get(method, ())
-
-  def percentile_of(name, value):
-    if isinstance(value, scorers.TrainPercentile):
-      return float(value.percentile)
-    return float(value) if name in names and value is not None else None
+  def percentile_of(value):
+    return float(value.percentile) if isinstance(value, scorers.TrainPercentile) else None
 
   wanted = sorted({p for point in points for name, value in point.items()
-                   if (p := percentile_of(name, value)) is not None})
+                   if (p := percentile_of(value)) is not None})
   values = {}
   if wanted:
     flat = np.asarray(train_features, np.float64).reshape(-1)
@@ -134,7 +113,7 @@ def resolve(method: str, points: Sequence[Mapping[str, Any]], train_features
   for point in points:
     hparams, percentiles = {}, {}
     for name, value in point.items():
-      p = percentile_of(name, value)
+      p = percentile_of(value)
       if p is not None:
         value, percentiles[f"{name}_percentile"] = values[p], p
       hparams[name] = value
@@ -267,7 +246,7 @@ def vmapped_grid(method: str, points: Sequence[Mapping[str, Any]], train_feature
   (`resolve`) and fitted (`fit_grid`) first.
   """
   scorer = scorers.get(method)
-  hparams = [h for h, _ in resolve(method, points, train_features)]
+  hparams = [h for h, _ in resolve(points, train_features)]
   states = fit_grid(method, hparams, train_features, train_labels, kernel, bias)
   probe = jax.ShapeDtypeStruct((CHUNK, np.shape(train_features)[1]), jnp.float32)
   stacked = stack(scorer.score, states, probe)
@@ -339,7 +318,7 @@ def tune_method(method: str, train_features, train_labels, kernel, bias,
                              kernel, bias)
   if not points:
     raise ValueError(f"no point of {method}'s grid works on this model: {skipped[0]['why']}")
-  resolved = resolve(method, points, train_features)
+  resolved = resolve(points, train_features)
   hparams = [h for h, _ in resolved]
   val = np.concatenate([val_id, val_ood]).astype(np.float32)
   result: dict[str, Any] = {"grid_size": len(points), "skipped": skipped, "vmapped_s": None,
@@ -453,7 +432,7 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
 
 def write_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
   """`run`'s results as JSON (atomically)."""
-  _files.write_json(path, results, sort_keys=False)
+  write_json(path, results, sort_keys=False)
 
 
 def _row(method: str, r: Mapping[str, Any]) -> str:

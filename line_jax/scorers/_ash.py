@@ -82,7 +82,6 @@ def _score(state: _shaping.ShapingState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
     variant: "p", "b" or "s".
   """
   _common.check_width(features, state.weight.shape[1])

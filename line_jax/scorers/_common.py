@@ -16,9 +16,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from line_jax import _matmul
 from line_jax import _validation
+from line_jax import fold
 from line_jax import layout as layout_lib
 
 
@@ -104,25 +106,54 @@ def array_batches(batches: Iterable) -> Iterable:
   return _ArrayBatches(batches)
 
 
-@jax.jit
-def _add_feature_sums(sums: jax.Array, count: jax.Array, features: jax.Array):
-  total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
-  return sums + total, count + features.shape[0]
+@flax.struct.dataclass
+class MeanAcc:
+  """The accumulator of a scorer fitted from the training mean (DICE, fDBD, NCI).
 
-
-def add_feature_sums(acc, features, labels):
-  """The `update` of a training-mean accumulator (DICE, fDBD, NCI).
-
-  `acc` has `sums` (`[features]` float64) and `count` (int64 scalar); the
-  `[batch, features]` batch is added in float64, labels unused.
+  Attributes:
+    head: the `HeadState`.
+    sums: `[features]` float64 sum of the training features.
+    count: int64 scalar, samples seen.
+    setting: float64 scalar, the scorer's hyperparameter (DICE's p, fDBD's
+      centring, NCI's alpha).
   """
-  del labels
-  # Arrays in and out, the accumulator rebuilt outside the jit: DICE's, fDBD's
-  # and NCI's accumulators flatten to equal tree structures, so a jit taking
-  # them whole could hand one scorer's class back to another from its cache.
+
+  head: HeadState
+  sums: jax.Array
+  count: jax.Array
+  setting: jax.Array
+
+  @property
+  def mean(self) -> np.ndarray:
+    """`[features]` float64 training mean, on the host."""
+    return np.asarray(self.sums) / int(self.count)
+
+
+@jax.jit
+def _add_feature_sums(acc: MeanAcc, features: jax.Array) -> MeanAcc:
+  total = jnp.sum(features.astype(jnp.float32).astype(jnp.float64), axis=0)
+  return acc.replace(sums=acc.sums + total, count=acc.count + features.shape[0])
+
+
+def mean_fold(init: Callable[..., MeanAcc], finalize: Callable[[MeanAcc], Any]) -> fold.Fold:
+  """The `Fold` of a scorer fitted from the training mean: `init` checks its
+  hyperparameter and calls `mean_acc`, `finalize` builds its state."""
+
+  def update(acc: MeanAcc, features, labels) -> MeanAcc:
+    del labels
+    with jax.enable_x64(True):
+      return _add_feature_sums(acc, features)
+
+  return fold.Fold(init=init, update=update, finalize=finalize,
+                   merge=fold.add_fields("sums", "count"))
+
+
+def mean_acc(kernel, bias, setting: float) -> MeanAcc:
+  """An empty `MeanAcc` for a checked head."""
+  num_features, _ = check_head(kernel, bias)
   with jax.enable_x64(True):
-    sums, count = _add_feature_sums(acc.sums, acc.count, features)
-  return acc.replace(sums=sums, count=count)
+    return MeanAcc(head_state(kernel, bias), jnp.zeros((num_features,), jnp.float64),
+                   jnp.zeros((), jnp.int64), jnp.asarray(setting, jnp.float64))
 
 
 def check_train(features, labels, kernel, bias, *, needs_labels: bool = False) -> int:
@@ -210,7 +241,6 @@ def logit_scorer(of_logits, doc: str):
   Args:
     state: from `fit` (the head).
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   return score
 

@@ -15,12 +15,10 @@ The only statistic is the training-mean feature, a float64 running sum, so
 from __future__ import annotations
 
 import flax.struct
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _validation
-from line_jax import fold
 from line_jax.scorers import _common
 
 SPARSITY = 70.0
@@ -40,24 +38,7 @@ class DiceState(_common.HeadState):
   """
 
 
-@flax.struct.dataclass
-class DiceAcc:
-  """DICE's accumulator: the head and the running sum of features.
-
-  Attributes:
-    head: the `HeadState` to sparsify.
-    sums: `[features]` float64 sum of the training features.
-    count: int64 scalar, samples seen.
-    p: static sparsity percentile.
-  """
-
-  head: _common.HeadState
-  sums: jax.Array
-  count: jax.Array
-  p: float = flax.struct.field(pytree_node=False)
-
-
-def init(kernel, bias, *, p=SPARSITY) -> DiceAcc:
+def init(kernel, bias, *, p=SPARSITY) -> _common.MeanAcc:
   """Starts DICE's fit.
 
   Args:
@@ -65,29 +46,20 @@ def init(kernel, bias, *, p=SPARSITY) -> DiceAcc:
     bias: `[classes]` head bias or None.
     p: sparsity percentile in [0, 100].
   """
-  num_features, _ = _common.check_head(kernel, bias)
-  p = _validation.percentile("p", p)
-  with jax.enable_x64(True):
-    return DiceAcc(_common.head_state(kernel, bias),
-                   jnp.zeros((num_features,), jnp.float64), jnp.zeros((), jnp.int64), p)
+  _common.check_head(kernel, bias)
+  return _common.mean_acc(kernel, bias, _validation.percentile("p", p))
 
 
-# Adds a `[batch, features]` batch to the running float64 sums.
-update = _common.add_feature_sums
-
-
-def finalize(acc: DiceAcc) -> DiceState:
+def finalize(acc: _common.MeanAcc) -> DiceState:
   """The sparsified head: keep `kernel[j, c]` iff `mean[j] kernel[j, c]` is
   above the p-th percentile of all of them."""
-  mean = np.asarray(acc.sums) / int(acc.count)
-  contrib = mean[:, None] * np.asarray(acc.head.kernel, np.float64)
+  contrib = acc.mean[:, None] * np.asarray(acc.head.kernel, np.float64)
   # A percentile of features x classes values, once per fit: NumPy on the host.
-  keep = contrib > np.percentile(contrib, acc.p)
+  keep = contrib > np.percentile(contrib, float(acc.setting))
   return DiceState(jnp.where(jnp.asarray(keep).T, acc.head.weight, 0.0), acc.head.bias)
 
 
-FOLD = fold.Fold(init=init, update=update, finalize=finalize,
-                 merge=fold.add_fields("sums", "count"))
+FOLD = _common.mean_fold(init, finalize)
 
 
 # Energy under the sparsified head: the same scorer as Energy, over DiceState.

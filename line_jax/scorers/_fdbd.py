@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
 
@@ -52,24 +51,7 @@ class FdbdState(_common.HeadState):
   center: jax.Array
 
 
-@flax.struct.dataclass
-class FdbdAcc:
-  """fDBD's accumulator: the head and the running sum of features.
-
-  Attributes:
-    head: the `HeadState`.
-    sums: `[features]` float64 sum of the training features.
-    count: int64 scalar, samples seen.
-    centred: float32 scalar, 1 to centre on the mean, 0 not to.
-  """
-
-  head: _common.HeadState
-  sums: jax.Array
-  count: jax.Array
-  centred: jax.Array
-
-
-def init(kernel, bias, *, centred=True) -> FdbdAcc:
+def init(kernel, bias, *, centred=True) -> _common.MeanAcc:
   """Starts fDBD's fit.
 
   Args:
@@ -77,17 +59,10 @@ def init(kernel, bias, *, centred=True) -> FdbdAcc:
     bias: `[classes]` head bias or None.
     centred: regularise by `||h - mean||` (True, the paper's) or `||h||`.
   """
-  num_features, _ = _common.check_head(kernel, bias)
+  _common.check_head(kernel, bias)
   if not isinstance(centred, (bool, np.bool_)):
     raise TypeError(f"centred must be True or False, got {type(centred).__name__}")
-  with jax.enable_x64(True):
-    return FdbdAcc(_common.head_state(kernel, bias),
-                   jnp.zeros((num_features,), jnp.float64), jnp.zeros((), jnp.int64),
-                   jnp.asarray(float(centred), jnp.float32))
-
-
-# Adds a `[batch, features]` batch to the running float64 sums.
-update = _common.add_feature_sums
+  return _common.mean_acc(kernel, bias, float(centred))
 
 
 def inverse_gaps(weight) -> np.ndarray:
@@ -109,17 +84,15 @@ def inverse_gaps(weight) -> np.ndarray:
   return np.divide(1.0, gaps, out=np.zeros_like(gaps), where=apart)
 
 
-def finalize(acc: FdbdAcc) -> FdbdState:
+def finalize(acc: _common.MeanAcc) -> FdbdState:
   """The state: the mean (if centred) and the inverse boundary normals."""
-  mean = np.asarray(acc.sums) / int(acc.count)
-  center = mean * float(acc.centred)
+  center = acc.mean * float(acc.setting)
   return FdbdState(acc.head.weight, acc.head.bias,
                    jnp.asarray(inverse_gaps(acc.head.weight), jnp.float32),
                    jnp.asarray(center, jnp.float32))
 
 
-FOLD = fold.Fold(init=init, update=update, finalize=finalize,
-                 merge=fold.add_fields("sums", "count"))
+FOLD = _common.mean_fold(init, finalize)
 
 
 @_common.score_jit
@@ -131,7 +104,6 @@ def score(state: FdbdState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)

@@ -112,7 +112,6 @@ def score(state: GenState, features: jax.Array,
   Args:
     state: from `fit` (the head, gamma and M).
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
   z, axis = _common.logits(state, features, layout)

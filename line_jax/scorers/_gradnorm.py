@@ -40,7 +40,6 @@ def score(state: _common.HeadState, features: jax.Array,
   Args:
     state: from `fit` (the head).
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   num_classes, num_features = state.weight.shape
   _common.check_width(features, num_features)

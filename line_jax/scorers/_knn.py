@@ -303,7 +303,6 @@ def score(state: KnnState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.bank.shape[2])
   z = _normalise(features)

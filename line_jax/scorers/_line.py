@@ -29,10 +29,10 @@ from line_jax.scorers import _quantile
 P_W = 10.0
 P_A = 10.0
 CLIP = _quantile.TrainPercentile(90.0)
-# The tuning grid (`python -m line_jax.tune`); clip values are percentiles of
-# the training activations (None: no clipping), resolved when tuning.
+# The tuning grid (`python -m line_jax.tune`); clips are percentiles of the
+# training activations (None: no clipping), resolved when tuning.
 GRID = {"p_w": (10.0, 50.0, 70.0, 90.0), "p_a": (10.0, 50.0, 70.0, 90.0),
-        "clip": (80.0, 90.0, 95.0, 99.0, None)}
+        "clip": (*map(_quantile.TrainPercentile, (80.0, 90.0, 95.0, 99.0)), None)}
 
 
 

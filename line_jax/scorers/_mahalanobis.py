@@ -328,7 +328,6 @@ def score(state: MahalanobisState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.precision.shape[0])
   x = features.astype(jnp.float32) - state.center

@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
 
@@ -52,16 +51,6 @@ class NciState(_common.HeadState):
   alpha: jax.Array
 
 
-@flax.struct.dataclass
-class NciAcc:
-  """NCI's accumulator: the head, alpha and the running sum of features."""
-
-  head: _common.HeadState
-  sums: jax.Array
-  count: jax.Array
-  alpha: jax.Array
-
-
 def _alpha(value) -> float:
   if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
     raise TypeError(f"alpha must be a real number, got {type(value).__name__}")
@@ -73,7 +62,7 @@ def _alpha(value) -> float:
   return value
 
 
-def init(kernel, bias, *, alpha=ALPHA) -> NciAcc:
+def init(kernel, bias, *, alpha=ALPHA) -> _common.MeanAcc:
   """Starts NCI's fit.
 
   Args:
@@ -81,26 +70,17 @@ def init(kernel, bias, *, alpha=ALPHA) -> NciAcc:
     bias: `[classes]` head bias or None.
     alpha: non-negative weight of the L1-norm term (0: proximity alone).
   """
-  num_features, _ = _common.check_head(kernel, bias)
-  alpha = _alpha(alpha)
-  with jax.enable_x64(True):
-    return NciAcc(_common.head_state(kernel, bias),
-                  jnp.zeros((num_features,), jnp.float64), jnp.zeros((), jnp.int64),
-                  jnp.asarray(alpha, jnp.float32))
+  _common.check_head(kernel, bias)
+  return _common.mean_acc(kernel, bias, _alpha(alpha))
 
 
-# Adds a `[batch, features]` batch to the running float64 sums.
-update = _common.add_feature_sums
-
-
-def finalize(acc: NciAcc) -> NciState:
+def finalize(acc: _common.MeanAcc) -> NciState:
   """The state: the training mean (float64 on the host, stored float32)."""
-  mean = np.asarray(acc.sums) / int(acc.count)
-  return NciState(acc.head.weight, acc.head.bias, jnp.asarray(mean, jnp.float32), acc.alpha)
+  return NciState(acc.head.weight, acc.head.bias, jnp.asarray(acc.mean, jnp.float32),
+                  jnp.asarray(acc.setting, jnp.float32))
 
 
-FOLD = fold.Fold(init=init, update=update, finalize=finalize,
-                 merge=fold.add_fields("sums", "count"))
+FOLD = _common.mean_fold(init, finalize)
 
 
 @_common.score_jit
@@ -112,7 +92,6 @@ def score(state: NciState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)

@@ -17,8 +17,6 @@ The histograms are an accumulator (`init`, `update`, `next_pass`, `merge`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import dataclasses
 
 import flax.struct
@@ -182,38 +180,3 @@ def value(acc: Histograms) -> float:
     return _from_key((b << _BITS) | key_low)
 
   return float(_percentile.numpy_lerp(stat(previous, 0), stat(following, 1), gamma))
-
-
-def percentile_from_batches(
-    batches: Callable[[], Iterable[jax.Array]], p: float
-) -> float:
-  """`np.percentile` (method "linear") of all values of all batches, exactly.
-
-  Args:
-    batches: called twice, each call returns an iterable over the same
-      finite float arrays (any shape, read as float32) in the same order;
-      fewer than 2**31 values per array.
-    p: percentile in [0, 100].
-
-  Returns:
-    The float64 percentile, equal to `np.percentile(np.concatenate(all
-    values flattened).astype(np.float64), p)`.
-
-  Raises:
-    ValueError: if there is no value, or the second pass differs in size.
-  """
-  acc = init(p)
-  for x in batches():
-    acc = update(acc, x)
-  acc = next_pass(acc)
-  first = int(np.asarray(acc.high).sum())
-  seen = 0
-  for x in batches():
-    seen += int(np.prod(np.shape(x)))
-    acc = update(acc, x)
-  if seen != first:
-    raise ValueError(
-        f"the second pass over the batches saw {seen} values, the first "
-        f"{first}: batches must yield the same data each time"
-    )
-  return value(acc)

@@ -63,7 +63,7 @@ class ReactDiceAcc:
     second: static; whether the second pass has begun.
   """
 
-  dice: _dice.DiceAcc
+  dice: _common.MeanAcc
   react: _react.ReactAcc
   second: bool = flax.struct.field(pytree_node=False, default=False)
 
@@ -86,7 +86,7 @@ def update(acc: ReactDiceAcc, features, labels) -> ReactDiceAcc:
   react = _react.update(acc.react, features, labels)
   if acc.second:
     return acc.replace(react=react)
-  return acc.replace(dice=_dice.update(acc.dice, features, labels), react=react)
+  return acc.replace(dice=_dice.FOLD.update(acc.dice, features, labels), react=react)
 
 
 def next_pass(acc: ReactDiceAcc) -> ReactDiceAcc:
@@ -122,6 +122,5 @@ def score(state: ReactDiceState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   return _react.score(state, features, layout)

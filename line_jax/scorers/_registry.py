@@ -56,10 +56,12 @@ class Scorer(NamedTuple):
   Attributes:
     name: canonical name in the registry.
     fold: its `Fold` (init / update / finalize, passes): how it fits.
-    score: `score(state, features) -> [batch]`, the method's jitted score
-      behind bucketed padding (`line_jax._buckets`): a stream of batch sizes
-      compiles once per bucket, O(log batch) times, not once per size.
-      Features may be NumPy, JAX, a list or a PyTorch tensor.
+    score: `score(state, features, layout=None) -> [batch]`, the method's
+      jitted score behind bucketed padding (`line_jax._buckets`): a stream of
+      batch sizes compiles once per bucket, O(log batch) times, not once per
+      size. Features may be NumPy, JAX, a list or a PyTorch tensor; `layout`
+      (`line_jax.layout.CPU` or `ACCELERATOR`) defaults to that of the
+      device the features are on.
     defaults: the hyperparameters and their defaults (`fold.init`'s
       keyword-only parameters).
     state_type: the class of its fitted states (its own: a state says whose

@@ -40,7 +40,6 @@ def score(state: _shaping.ShapingState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)

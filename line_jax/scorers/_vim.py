@@ -247,7 +247,6 @@ def score(state: VimState, features: jax.Array,
   Args:
     state: from `fit`.
     features: `[batch, features]` penultimate activations.
-    layout: `line_jax.layout.CPU` or `ACCELERATOR` (None: the default backend's).
   """
   _common.check_width(features, state.projection.shape[0])
   z = _matmul.dot(features.astype(jnp.float32), state.projection)

@@ -24,8 +24,8 @@ class OodSource:
 
   Attributes:
     name: column name in the results.
-    kind: "tfds" (a TFDS dataset), "curated" (`line_jax.data.load_curated`)
-      or "svhn_mat" (torchvision's SVHN `.mat` files).
+    kind: "tfds" (a TFDS dataset), "curated" (a `line_jax.data.CURATED_OOD`
+      folder) or "svhn_mat" (torchvision's SVHN `.mat` files).
     dataset: TFDS name, curated key, or folder under the data dir
       ("svhn_mat": it holds `<split>_32x32.mat`).
     split: TFDS or SVHN split (ignored for curated sets).

@@ -1,5 +1,7 @@
-"""The accumulator protocol: every registered scorer is one `Fold`, and the
-fold over disjoint parts merged pass by pass equals the fold over the whole.
+"""The one fold: every registered scorer is a `Fold`; the fold over disjoint
+parts merged pass by pass equals the fold over the whole; a `chain` of every
+scorer over one stream fits each as it fits alone; the resumable fold over a
+stream equals the plain one.
 
 The merged fold is what a data-parallel fit computes (each process folds its
 own batches), so it must hold for every scorer, with exact LINe masks.
@@ -118,3 +120,73 @@ def test_merging_numpy_accumulators_keeps_float64(name):
     direct = fold_lib.fit_parts(fold, _split(train, labels, (0, 70, 150)), kernel, bias,
                                  **hparams)
     chex.assert_trees_all_equal(merged, direct)
+
+
+def _batches(train, labels, size=40):
+  return [(train[i:i + size], labels[i:i + size]) for i in range(0, len(train), size)]
+
+
+def test_a_chain_of_every_scorer_fits_each_as_it_fits_alone():
+  train, labels, kernel, bias = _problem()
+  folds = {name: scorers.get(name).fold for name in scorers.names()}
+  chained = fold_lib.chain(folds)
+  hparams = {name: SMALL.get(name, {}) for name in folds}
+  acc = chained.init(kernel, bias, **hparams)
+  # One-pass and two-pass members together: the chain reads the data twice.
+  assert fold_lib.passes_of(chained, acc) == 2 and chained.needs_labels
+  states = chained.finalize(fold_lib.accumulate(chained, acc, _batches(train, labels)))
+  for name, state in states.items():
+    alone = scorers.get(name).fit_from_batches(_batches(train, labels), kernel, bias,
+                                               **hparams[name])
+    chex.assert_trees_all_equal(state, alone)
+
+
+def test_a_chain_of_head_only_scorers_reads_nothing():
+  _, _, kernel, bias = _problem()
+  chained = fold_lib.chain({n: scorers.get(n).fold for n in ("msp", "energy")})
+  assert not chained.reads_data
+  states = fold_lib.fit(chained, iter(()), kernel, bias)
+  chex.assert_trees_all_equal(states["energy"], scorers.get("energy").fit(
+      np.zeros((1, M), np.float32), None, kernel, bias))
+
+
+def test_a_chain_refuses_hyperparameters_of_a_scorer_it_does_not_hold():
+  _, _, kernel, bias = _problem()
+  with pytest.raises(ValueError, match="no member knn"):
+    fold_lib.chain({"line": scorers.get("line").fold}).init(kernel, bias, knn={"k": 1})
+
+
+def test_the_resumable_fold_equals_the_plain_fold(tmp_path):
+  from line_jax import resumable
+
+  train, labels, kernel, bias = _problem()
+  names = ("line", "react", "knn", "vim")  # LINe's and ReAct's, ViM's second passes.
+  chained = fold_lib.chain({n: scorers.get(n).fold for n in names})
+  hparams = {n: SMALL.get(n, {}) for n in names}
+  plain = chained.finalize(fold_lib.accumulate(
+      chained, chained.init(kernel, bias, **hparams), _batches(train, labels)))
+  stream = resumable.StoredRows(train, labels, batch_size=40)
+  acc = resumable.accumulate(chained, chained.init(kernel, bias, **hparams), stream,
+                             str(tmp_path), num_features=M, save_every=1)
+  for name, state in chained.finalize(acc).items():
+    chex.assert_trees_all_equal(state, plain[name])
+  # Run again over the same folder: the last step resumes at the end of the stream.
+  again = resumable.accumulate(chained, chained.init(kernel, bias, **hparams), stream,
+                               str(tmp_path), num_features=M, save_every=1)
+  for name, state in chained.finalize(again).items():
+    chex.assert_trees_all_equal(state, plain[name])
+
+
+def test_a_later_pass_that_sees_other_data_is_an_error():
+  train, labels, kernel, bias = _problem()
+
+  class Shrinking:
+    def __init__(self):
+      self.passes = 0
+
+    def __iter__(self):
+      self.passes += 1
+      return iter(_batches(train, labels)[:2 if self.passes > 1 else None])
+
+  with pytest.raises(ValueError, match="pass 2 over the batches saw"):
+    scorers.get("react").fit_from_batches(Shrinking(), kernel, bias)

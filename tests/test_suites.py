@@ -1,4 +1,4 @@
-"""The benchmark protocols: pinned constants and selection rules."""
+"""The benchmark suites: pinned constants and selection rules."""
 
 import numpy as np
 import pytest
