@@ -182,7 +182,7 @@ def run_old(source, pre: data.Preprocess, **_) -> int:
 
 
 def load_checkpoint():
-  """The committed Fashion-MNIST model, as `line_jax.fit` loads it."""
+  """The committed Fashion-MNIST model (`models.load_checkpoint`)."""
   from line_jax import models  # pylint: disable=g-import-not-at-top
   model, variables, config = models.load_checkpoint(CHECKPOINT)
   return model, variables, config["mean"], config["std"]

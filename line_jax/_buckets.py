@@ -76,7 +76,7 @@ class Bucketed:
     if "layout" not in kwargs:  # The layout of the device the features are on.
       kwargs["layout"] = layout_lib.for_arrays(features)
     if isinstance(features, jax.Array) and len(features.sharding.device_set) > 1:
-      return fn(state, features, **kwargs)  # Sharded: its layout is the caller's.
+      return fn(state, features, **kwargs)  # Sharded: no padding, the split is the caller's.
     if features.ndim != 2 or bucket(features.shape[0]) == features.shape[0]:
       return fn(state, features, **kwargs)  # Nothing to pad (or its own shape error).
     n = features.shape[0]

@@ -20,9 +20,9 @@ import json
 import sys
 
 from line_jax import distributed
+from line_jax import features
 from line_jax import models
 from line_jax import scorers
-from line_jax.features import cache
 from line_jax.runs import Runtime
 
 DATASET_HELP = ("'fashion_mnist' (Debian's files), 'tfds:NAME' (a prepared TFDS set), or a "
@@ -61,7 +61,8 @@ def add_data(p: argparse.ArgumentParser, *, scorers_default: str | None,
                  help=f"comma-separated scorer names ({scorers_help})")
   p.add_argument("--checkpoint", default=models.DEFAULT_CHECKPOINT,
                  help="line_jax checkpoint folder")
-  p.add_argument("--batch-size", type=int, default=256, help="images per model call")
+  p.add_argument("--batch-size", type=int, default=features.IMAGES_PER_CALL,
+                 help="images per model call")
   p.add_argument("--workers", type=int, default=None,
                  help="decoding threads (default: one per core)")
 
@@ -71,8 +72,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--cache-dir", default=cache.default_dir(),
-                 help=f"feature cache shared by fit, tune and evaluate (${cache.ENV} "
+  p.add_argument("--cache-dir", default=features.cache.default_dir(),
+                 help=f"feature cache shared by fit, tune and evaluate (${features.cache.ENV} "
                       "sets the default)")
   p.add_argument("--no-cache", action="store_true",
                  help="neither read nor write the feature cache")

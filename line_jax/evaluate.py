@@ -62,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_dir=args.data_dir, id_folder=args.id_folder, max_train=args.max_train,
         max_test=args.max_test, ood_size=args.ood_size, extra_ood=tuple(args.extra_ood),
         batch_size=args.batch_size)
-    result = evaluate.run(evaluate.Config(data, tuple(names), hparams, not args.no_plots,
-                                          args.ablation), args.out, runtime=_cli.runtime(args))
+    config = evaluate.Config(data=data, scorers=tuple(names), hparams=hparams,
+                             plots=not args.no_plots, ablation=args.ablation)
+    result = evaluate.run(config, args.out, runtime=_cli.runtime(args))
   if distributed.is_primary():
     print(evaluate.format_table(result))
     if not args.quiet:

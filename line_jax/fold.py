@@ -206,7 +206,7 @@ def accumulate_parts(
     if on_pass_end is not None:
       on_pass_end(index, acc)
     if across_processes and jax.process_count() > 1:
-      acc = merge_all(fold, distributed.gather(acc))
+      acc = merge_all(fold, _gathered(acc))
       seen = distributed.total(seen)
     if first is None:
       if seen == 0:
@@ -219,6 +219,16 @@ def accumulate_parts(
     if index + 1 < passes:
       acc = fold.next_pass(acc)
   return acc
+
+
+def _gathered(acc: Any) -> list[Any]:
+  """Every process's accumulator, in process order. Of a `chain`, only the
+  members still reading travel: the others are already merged, the same
+  everywhere (a bank would otherwise cross every process again)."""
+  if not isinstance(acc, Chained):
+    return distributed.gather(acc)
+  parts = distributed.gather({name: acc.accs[name] for name in acc.active()})
+  return [acc.replace(accs={**acc.accs, **part}) for part in parts]
 
 
 def accumulate(fold: Fold, acc: Any, batches: Iterable, **kwargs) -> Any:

@@ -149,7 +149,7 @@ def save(path: str | os.PathLike, state: Any) -> None:
   tmp = path + ".tmp"
   # On multi-host every process calls `save` with the same state; process 0
   # alone touches the files, orbax's save is collective.
-  primary = jax.process_index() == 0
+  primary = distributed.is_primary()
   if primary:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -191,7 +191,7 @@ def load(path: str | os.PathLike) -> Any:
   cls = _class(meta["state"], path, classes, v1)  # Refused before any array is read.
   if meta.get("scorer") is not None:
     if scorers.get(meta["scorer"]).state_type is not cls:
-      raise ValueError(f"{meta_path}: a {cls.__name__} is not a state of scorer "
+      raise ValueError(f"{meta_path}: its {cls.__name__} is not a state of scorer "
                        f"{meta['scorer']!r}")
   checkpointer = ocp.StandardCheckpointer()
   try:

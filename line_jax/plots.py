@@ -154,7 +154,7 @@ def plot_ablation(table: Mapping, path: str | os.PathLike) -> str:
   """LINe's ablation: average AUROC and FPR95 of each variant, as bars.
 
   Args:
-    table: `line_jax.ablation.line_ablation`'s result.
+    table: `line_jax.runs.ablation.line_ablation`'s result.
     path: the PNG to write.
 
   Returns:

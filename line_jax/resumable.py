@@ -125,6 +125,9 @@ class _Progress:
     saved = self.manager.restore(self.step, args=ocp.args.StandardRestore())
     mine = flax.serialization.msgpack_restore(
         np.asarray(saved[f"p{jax.process_index()}"]).tobytes())
+    if "acc" not in mine:
+      raise ValueError(f"{self.manager.directory} holds progress of an older line_jax; "
+                       "delete it (and the run's folder) to start the fit over")
     return (flax.serialization.from_state_dict(acc, mine["acc"]),
             json.loads(mine["position"]), int(mine["rows"]))
 
@@ -227,7 +230,7 @@ def accumulate(
       flush()
       progress.save(progress.final, part_acc, state["position"], state["done"])
     progress.close()
-    if on_stream_end is not None and distributed.total(state["done"]):
+    if distributed.total(state["done"]) and on_stream_end is not None:
       on_stream_end()
 
   def read(index):

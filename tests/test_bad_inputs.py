@@ -1,6 +1,6 @@
 """Bad inputs that reach the fit command line get errors that name the problem.
 
-The table in README.md (Bad inputs) lists every bad input and its error; the cases
+The table in docs/bad_inputs.md lists every bad input and its error; the cases
 tested elsewhere (line.fit's validation, scorers, checkpoints, OOD .npy files)
 are referenced there, the command-line ones are here. Every case fails before
 any batch is streamed, so each costs about a checkpoint load.

@@ -82,10 +82,10 @@ def test_metrics_equal_metrics_evaluate_on_the_scores(run):
   logits, test = features.extract(model, variables, arrays["test_images"], **kw)
   mine = features.extract(model, variables, extra[..., None], **kw)[1]
   head = variables["params"]["fc"]
-  protocol = suites.get("fashion_mnist")
+  suite = suites.get("fashion_mnist")
   for method in ("energy", "line", "knn"):
     scorer = scorers.get(method)
-    hp = suites.hparams_for(protocol, method, None, train)
+    hp = suites.hparams_for(suite, method, None, train)
     state = scorer.fit(train, arrays["train_labels"], head["kernel"], head["bias"], **hp)
     expected = metrics.ood_metrics(scorer.score(state, test), scorer.score(state, mine))
     for key, value in expected.items():
@@ -93,7 +93,7 @@ def test_metrics_equal_metrics_evaluate_on_the_scores(run):
   assert result["id_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == arrays["test_labels"]))
 
 
-def test_line_uses_the_protocol_clip(run):
+def test_line_uses_the_suites_clip(run):
   out, _, _, _ = run
   with open(out / "hparams.json") as f:
     used = json.load(f)
@@ -239,7 +239,7 @@ def test_svhn_mat_official_selection_and_paper_sets_replace_offline_ones(tmp_pat
   from scipy import io
 
   from line_jax.suites import load_svhn_mat
-  from line_jax.suites import suite_sets as protocol_sets
+  from line_jax.suites import suite_sets
 
   rng = np.random.default_rng(0)
   n = 60
@@ -252,9 +252,9 @@ def test_svhn_mat_official_selection_and_paper_sets_replace_offline_ones(tmp_pat
   assert np.array_equal(images, np.moveaxis(pixels, 3, 0)[keep])
   assert np.array_equal(got, labels[keep] % 10) and got.max() <= 9
   assert np.all(np.bincount(got, minlength=10) <= 3)
-  sets = protocol_sets(suites.get("cifar10"), str(tmp_path))
+  sets = suite_sets(suites.get("cifar10"), str(tmp_path))
   assert list(sets) == ["svhn"] and len(sets["svhn"]) == n  # < 1,000 of each label: all.
-  assert list(protocol_sets(suites.get("cifar10"), None, size=5)) == list(
+  assert list(suite_sets(suites.get("cifar10"), None, size=5)) == list(
       suites.get("cifar10").offline_ood)
 
 

@@ -190,3 +190,23 @@ def test_a_later_pass_that_sees_other_data_is_an_error():
 
   with pytest.raises(ValueError, match="pass 2 over the batches saw"):
     scorers.get("react").fit_from_batches(Shrinking(), kernel, bias)
+
+
+def test_progress_of_an_older_layout_is_refused_not_misread(tmp_path):
+  import json as json_lib
+
+  import flax.serialization
+  from line_jax import resumable
+
+  train, labels, kernel, bias = _problem()
+  manager = ocp.CheckpointManager(str(tmp_path / resumable.PROGRESS_DIR))
+  old = flax.serialization.msgpack_serialize(  # The previous release's step.
+      {"accs": {}, "position": json_lib.dumps(None), "rows": 0})
+  manager.save(1, args=ocp.args.StandardSave({"p0": np.frombuffer(old, np.uint8)}))
+  manager.wait_until_finished()
+  manager.close()
+  chained = fold_lib.chain({"energy": scorers.get("energy").fold,
+                            "react": scorers.get("react").fold})
+  with pytest.raises(ValueError, match="progress of an older line_jax"):
+    resumable.accumulate(chained, chained.init(kernel, bias), resumable.StoredRows(
+        train, labels, 40), str(tmp_path), num_features=M)

@@ -55,3 +55,37 @@ def test_foreign_missing_and_corrupt_folders_are_named(tmp_path):
 def test_only_states_can_be_saved(tmp_path):
   with pytest.raises(TypeError, match="takes a fitted scorer state"):
     line_jax.save(tmp_path / "x", {"a": np.zeros(2)})
+
+
+def test_state_json_names_the_scorer_and_no_module_path(tmp_path):
+  features, labels, kernel, bias = random_problem(3, 6, 30)
+  for name in ("energy", "msp", "ash_b", "line"):
+    line_jax.save(tmp_path / name, scorers.get(name).fit(features, labels, kernel, bias))
+    meta = json.loads((tmp_path / name / "state.json").read_text())
+    assert meta["format"] == "line_jax.state/2" and meta["scorer"] == name
+    assert meta["state"]["class"] == scorers.get(name).state_type.__name__
+    assert "line_jax" not in json.dumps(meta["state"])  # No module path anywhere.
+    assert scorers.name_of(line_jax.load(tmp_path / name)) == name
+
+
+def test_save_replaces_only_a_saved_state(tmp_path):
+  features, labels, kernel, bias = random_problem(3, 6, 30)
+  state = scorers.get("energy").fit(features, labels, kernel, bias)
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "keep.txt").write_text("x")
+  (tmp_path / "file").write_text("y")
+  for path in (tmp_path / "notes", tmp_path / "file"):
+    with pytest.raises(ValueError, match="exists and is not a saved line_jax state"):
+      line_jax.save(path, state)
+  assert (tmp_path / "notes" / "keep.txt").read_text() == "x"
+  assert (tmp_path / "file").read_text() == "y"
+
+
+def test_a_state_whose_class_is_not_its_scorers_is_refused(tmp_path):
+  features, labels, kernel, bias = random_problem(3, 6, 30)
+  line_jax.save(tmp_path / "s", scorers.get("energy").fit(features, labels, kernel, bias))
+  meta = json.loads((tmp_path / "s" / "state.json").read_text())
+  meta["scorer"] = "msp"  # An EnergyState is not MSP's.
+  (tmp_path / "s" / "state.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match="its EnergyState is not a state of scorer .msp."):
+    line_jax.load(tmp_path / "s")

@@ -9,15 +9,15 @@ from line_jax.data import MEAN_STD
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_protocols_normalise_with_the_official_line_dice_constants(name):
+def test_cifar_suites_normalise_with_the_official_line_dice_constants(name):
   # LINe's and DICE's ood_eval.py / precompute.py: transforms.Normalize(
   #   (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)).
-  protocol = suites.get(name)
-  mean, std = MEAN_STD[protocol.mean_std]
+  suite = suites.get(name)
+  mean, std = MEAN_STD[suite.mean_std]
   assert mean == (0.4914, 0.4822, 0.4465)
   assert std == (0.2023, 0.1994, 0.2010)
-  assert protocol.model == "densenet100"
-  assert (protocol.image_size, protocol.resize_size, protocol.channels) == (32, 32, 3)
+  assert suite.model == "densenet100"
+  assert (suite.image_size, suite.resize_size, suite.channels) == (32, 32, 3)
 
 
 def test_cifar_line_settings_are_the_papers():
@@ -25,10 +25,10 @@ def test_cifar_line_settings_are_the_papers():
   assert suites.get("cifar100").hparams["line"] == {"p_w": 90.0, "p_a": 10.0, "clip": 1.0}
 
 
-def test_every_protocol_hparam_names_a_registered_scorer_and_a_valid_key():
-  for protocol in suites.SUITES.values():
-    for method, hp in protocol.hparams.items():
-      assert set(hp) <= set(scorers.get(method).defaults), (protocol.name, method)
+def test_every_suite_hparam_names_a_registered_scorer_and_a_valid_key():
+  for suite in suites.SUITES.values():
+    for method, hp in suite.hparams.items():
+      assert set(hp) <= set(scorers.get(method).defaults), (suite.name, method)
 
 
 def test_svhn_is_the_official_selection():
@@ -64,19 +64,19 @@ def test_cifar_offline_sets_add_fashion_mnist_and_keep_the_embedded_ones():
 
 
 def test_missing_inputs_with_an_id_folder(tmp_path):
-  protocol = suites.get("cifar10")
+  suite = suites.get("cifar10")
   ckpt = tmp_path / "w.pth"
   ckpt.write_bytes(b"")
   (tmp_path / "id" / "train").mkdir(parents=True)
-  missing = suites.missing_inputs(protocol, None, str(ckpt), str(tmp_path / "id"))
+  missing = suites.missing_inputs(suite, None, str(ckpt), str(tmp_path / "id"))
   assert len(missing) == 1 and "no test/ folder" in missing[0]
   (tmp_path / "id" / "test").mkdir()
   # OOD sets are not required: the offline ones stand in.
-  assert suites.missing_inputs(protocol, None, str(ckpt), str(tmp_path / "id")) == []
-  present, absent = suites.paper_ood(protocol, str(tmp_path))
-  assert present == () and len(absent) == len(protocol.ood)
+  assert suites.missing_inputs(suite, None, str(ckpt), str(tmp_path / "id")) == []
+  present, absent = suites.paper_ood(suite, str(tmp_path))
+  assert present == () and len(absent) == len(suite.ood)
   (tmp_path / "LSUN").mkdir()
-  present, _ = suites.paper_ood(protocol, str(tmp_path))
+  present, _ = suites.paper_ood(suite, str(tmp_path))
   assert [s.name for s in present] == ["lsun_c"]
 
 

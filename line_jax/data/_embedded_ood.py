@@ -11,7 +11,7 @@ digits are white on black like Fashion-MNIST; the photographic sets keep
 their own levels. Building the seven 28x28 sets at the default size takes
 about 2 s on one CPU core.
 
-`ood_set` documents how each set is made.
+`docs/ood_sets.md` says how each set is made.
 """
 
 from __future__ import annotations
@@ -178,36 +178,8 @@ ALL_SET_NAMES = tuple(_BUILDERS)
 
 def ood_set(name: str, size: int = 2000, seed: int = 0, *, side: int = SIDE,
             channels: int = 1) -> np.ndarray:
-  """Builds one offline OOD set, from real images already on this machine.
-
-  | Set             | Source (package)                     | Source size       | How one image is made (side S)                  |
-  |-----------------|--------------------------------------|-------------------|-------------------------------------------------|
-  | `letters`       | fonts in /usr/share/fonts, Pillow    | A-J x ~80 faces   | notMNIST-style white letter on black, random    |
-  |                 | (Debian font packages, see _glyphs)  |                   | face, size 18-32 px, shift -3..3 px             |
-  | `digits`        | `sklearn.datasets.load_digits`       | 1,797 8x8 digits  | 0-16 scaled to 0-255, bilinear to 20/28 S, put  |
-  |                 | (scikit-learn)                       |                   | in the centre (MNIST layout), shift -2..2 px    |
-  | `textures`      | `skimage.data` brick, grass, gravel  | 3 x 512x512 gray  | random square crop of S-160 px, bilinear        |
-  |                 | (scikit-image)                       |                   | (antialiased) down to S x S                     |
-  | `photos`        | `skimage.data` photos (1)            | 7 photos          | RGB (gray: luma, ITU-R 601), random square crop |
-  |                 | (scikit-image)                       |                   | of >= 48 px, bilinear down to S x S             |
-  | `faces`         | `skimage.data.lfw_subset()[:100]`    | 100 25x25 faces   | random 21-25 px crop, mirrored half the time,   |
-  |                 | (scikit-image; [100:] are non-faces) |                   | bilinear up to S x S                            |
-  | `fashion_mnist` | Debian's dataset-fashion-mnist, test | 10,000 28x28      | one test image (each once before repeats),      |
-  |                 | IDX files (not in `OOD_SET_NAMES`)   |                   | bilinear to S x S                               |
-  | `gaussian`      | NumPy                                | -                 | i.i.d. N(127.5, 64^2) per pixel, rounded and    |
-  |                 |                                      |                   | clipped to [0, 255]                             |
-  | `uniform`       | NumPy                                | -                 | i.i.d. uniform integers in [0, 255]             |
-
-  (1) camera, astronaut, coffee, chelsea, rocket, coins, stereo_motorcycle[0];
-      camera and coins are gray.
-
-  Seed: set `name` draws all its randomness from
-  `np.random.default_rng([seed, zlib.crc32(name.encode())])` (`seed` = 0 by
-  default), so a set depends only on `seed`, its name, `size`, `side` and
-  `channels`, never on which other sets are built with it; at 28x28 gray the
-  bytes are those this module built before it took a size and channel count.
-  The bytes are identical across runs given the same NumPy, Pillow and
-  scikit-learn / scikit-image data and, for `letters`, the same font files.
+  """Builds one offline OOD set from real images already on this machine
+  (`docs/ood_sets.md` says how each set is made).
 
   Args:
     name: one of `ALL_SET_NAMES`.

@@ -91,6 +91,8 @@ class Backbone:
   def key(self) -> str:
     """The digest of what turns a record into features (`cache`): the
     module's description, every variable, normalisation, head, preprocessing."""
+    if self.preprocess is None:
+      raise ValueError("this Backbone has no preprocess, so no cache key")
     numbers = [[float(np.float32(x)) for x in v] for v in (self.mean, self.std)]
     p = self.preprocess
     steps = [p.image_size, p.resize_size or p.image_size, p.channels, p.fast_decode]
@@ -98,18 +100,20 @@ class Backbone:
 
   def batches(self, source: Sequence, batch_size: int, *, workers: int | None = None):
     """The grain pipeline over `source`, preprocessed for this network
-    (`line_jax.data.image_batches`); batches never larger than the set."""
+    (`line_jax.data.image_batches`)."""
     from line_jax import data  # pylint: disable=g-import-not-at-top
-    return data.image_batches(source, self.preprocess,
-                              batch_size=max(1, min(batch_size, len(source))), workers=workers)
+    if self.preprocess is None:
+      raise ValueError("this Backbone has no preprocess: it takes ready uint8 batches only")
+    return data.image_batches(source, self.preprocess, batch_size=batch_size, workers=workers)
 
   def run(self, batches: Iterable[tuple[Any, ...]], *, progress: bool | str = False,
-          total: int | None = None, mesh=None, dtype=None):
-    """`(logits, features, *rest)` of each `(images, *rest)` batch, in order
-    (`line_jax.features.iter_extract_batches`: the one extraction loop)."""
+          total: int | None = None, batch_size: int | None = None, mesh=None, dtype=None):
+    """`(logits, features, *rest)` of each `(images, *rest)` batch, in order, each
+    computed at `batch_size` rows (None: the first batch's) by the one
+    extraction loop (`line_jax.features.iter_extract_batches`)."""
     return _extract.iter_extract_batches(
         self.model, self.variables, batches, mean=self.mean, std=self.std, mesh=mesh,
-        dtype=dtype, progress=progress, total=total, head=self.head)
+        dtype=dtype, progress=progress, total=total, head=self.head, batch_size=batch_size)
 
   def stream(self, batches, *, progress: bool | str = False) -> "FeatureStream":
     """This network's features over re-iterable `(images, labels)` batches:
@@ -130,7 +134,9 @@ class Backbone:
     if key is None:
       key = cache.fingerprint(self.key, [repr(source), os.getpid(), time.time_ns()])
       folder = scratch or cache_dir
-    return cache.extract(self, self.batches(source, batch_size, workers=workers), len(source),
+    # A set smaller than a batch is one batch of its own size.
+    batches = self.batches(source, max(1, min(batch_size, len(source))), workers=workers)
+    return cache.extract(self, batches, len(source),
                          folder=folder, key=key, description=description or repr(source),
                          progress=progress)
 
@@ -161,5 +167,7 @@ class FeatureStream:
   def batches(self, position=None):
     iterator = self._batches.iterator(position)
     pulled = ((images, labels, self._batches.position(iterator)) for images, labels in iterator)
-    for _, features, labels, after in self._backbone.run(pulled):
+    # Every batch at the pipeline's batch size, wherever the stream resumes.
+    for _, features, labels, after in self._backbone.run(pulled,
+                                                         batch_size=self._batches.batch_size):
       yield features, np.asarray(labels, np.int32), after

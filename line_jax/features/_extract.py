@@ -162,13 +162,16 @@ def iter_extract_batches(
     progress: bool | str = True,
     total: int | None = None,
     head: str | None = None,
+    batch_size: int | None = None,
 ) -> Iterator[tuple[Any, ...]]:
   """Runs the model over a stream of batches, e.g. `line_jax.data.image_batches`.
 
-  Every batch is padded to the size of the first (rounded up to the mesh's
-  'batch' axis), so a stream whose last batch is partial compiles once; the
-  next batch is dispatched before the previous one is copied back, while
-  the pipeline's threads decode the ones after it.
+  Every batch is padded to `batch_size` (None: the size of the first),
+  rounded up to the mesh's 'batch' axis, so a stream whose last batch is
+  partial compiles once, and a stream resumed at any batch computes the
+  bits an uninterrupted one does; the next batch is dispatched before the
+  previous one is copied back, while the pipeline's threads decode the ones
+  after it.
 
   Args:
     model, variables, mean, std, mesh, dtype, head: as in `iter_extract`.
@@ -187,7 +190,8 @@ def iter_extract_batches(
       as `mean`, or is larger than the first.
   """
   _check_mesh(mesh)
-  yield from _stream(model, variables, batches, mean=mean, std=std, size=None, mesh=mesh,
+  size = None if batch_size is None else _batch_size(batch_size, batch_size, mesh)
+  yield from _stream(model, variables, batches, mean=mean, std=std, size=size, mesh=mesh,
                      dtype=dtype, progress=progress, total=total, head=head)
 
 

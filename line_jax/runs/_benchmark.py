@@ -31,7 +31,8 @@ class BenchmarkData:
   """Which benchmark's model and data a run reads.
 
   Attributes:
-    benchmark: a key of `suites.SUITES`.
+    benchmark: a key of `suites.SUITES`, or "none" (with your own `Inputs`:
+      every scorer at its registry defaults).
     checkpoint: line_jax checkpoint folder (the Fashion-MNIST suites).
     torch_checkpoint: PyTorch state_dict of a paper suite's network.
     data_dir: TFDS datasets and the paper's OOD sets.
@@ -55,8 +56,9 @@ class BenchmarkData:
   batch_size: int = features.IMAGES_PER_CALL
 
   @property
-  def suite(self) -> suites.Suite:
-    return suites.get(self.benchmark)
+  def suite(self) -> suites.Suite | None:
+    """The suite; None for "none"."""
+    return None if self.benchmark == suites.NO_BENCHMARK else suites.get(self.benchmark)
 
   def inputs(self) -> suites.Inputs:
     """The suite's backbone and sources, from local files."""
@@ -68,13 +70,6 @@ class BenchmarkData:
     return suites.paper_inputs(self.suite, self.data_dir, self.torch_checkpoint,
                                id_folder=self.id_folder, max_train=self.max_train,
                                max_test=self.max_test, ood_size=self.ood_size)
-
-
-def _image_shape(data: BenchmarkData, inputs: suites.Inputs | None) -> tuple[int, int, int]:
-  if inputs is not None:
-    return inputs.image_shape
-  suite = data.suite
-  return (suite.image_size, suite.image_size, suite.channels)
 
 
 @contextlib.contextmanager
@@ -93,9 +88,15 @@ def features_of(data: BenchmarkData, runtime: Runtime, *, inputs: suites.Inputs 
     inputs: ready `suites.Inputs` (custom data) instead of the suite's.
   """
   # The user's files are checked before the (slow) loading of everything else.
-  taken = list(inputs.ood) if inputs is not None else (
-      [s.name for s in data.suite.ood] + list(data.suite.offline_ood))
-  extra = suites.extra_sets(data.extra_ood, _image_shape(data, inputs), taken)
+  suite = data.suite
+  if inputs is not None:
+    shape, taken = inputs.image_shape, list(inputs.ood)
+  elif suite is not None:
+    shape = (suite.image_size, suite.image_size, suite.channels)
+    taken = [s.name for s in suite.ood] + list(suite.offline_ood)
+  else:
+    raise ValueError("benchmark 'none' has no data of its own: pass your own Inputs")
+  extra = suites.extra_sets(data.extra_ood, shape, taken)
   if inputs is None:
     inputs = data.inputs()
   sources: dict[str, Sequence] = {"train": inputs.train, "id": inputs.test, **inputs.ood,

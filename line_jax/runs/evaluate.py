@@ -109,12 +109,13 @@ def fit_and_score(names: Sequence[str], suite: suites.Suite | str | None,
     acc = fold.accumulate(chained, acc, train.batches(),
                           check=fold.batch_check(chained, kernel, bias))
   seconds = {"fold_s": time.perf_counter() - start, "finalize_and_score_s": {}}
-  scores, used = {}, {}
+  accs, scores, used = dict(acc.accs), {}, {}
+  del acc  # Each scorer's accumulator is freed once its state is made.
   for name, bar in _progress.iterate(names, "scorers", enabled=progress):
     bar.set_postfix_str(name)
     start = time.perf_counter()
     scorer = scorers.get(name)
-    state = folds[name].finalize(acc.accs[name])
+    state = folds[name].finalize(accs.pop(name))
     scores[name] = {set_name: distributed.gather_rows(scorer.score_all(state, f))
                     for set_name, f in sets.items()}
     used[name] = scorers.resolved_hparams(hparams[name], state)

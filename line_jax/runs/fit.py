@@ -167,8 +167,8 @@ def run(config: Config, workdir: str | os.PathLike, *,
     # Rows are published only where this run kept all of them: a run resumed
     # from one that kept none (started with no cache) has no rows before its
     # resume point.
-    publish = key is not None and hit is None and (
-        not resumable.resumed(out) or os.path.isfile(resumable.rows_files(out)[0]))
+    publish = distributed.everyone(key is not None and hit is None and (
+        not resumable.resumed(out) or os.path.isfile(resumable.rows_files(out)[0])))
 
     def add_to_cache():  # Before the finalizes: their failure does not lose the rows.
       cache.publish(runtime.cache_dir, key, *resumable.rows_files(out),

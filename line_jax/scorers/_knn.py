@@ -18,7 +18,7 @@ one with the k-th largest `2 z.b - ||b||^2`: one matrix product per bank block
 and an exact selection (`||b||^2` is 1 except for all-zero features).
 
 The rank k is data (an int32 leaf of the state), so states at several k stack
-under `vmap` (`line_jax.tune`); the static `k_max` (k by default) fixes the
+under `vmap` (`line_jax.runs.tune`); the static `k_max` (k by default) fixes the
 width of the top-k a score call keeps, and the k-th nearest is entry k - 1 of
 those `k_max` best.
 

@@ -66,7 +66,7 @@ class Scorer(NamedTuple):
       keyword-only parameters).
     state_type: the class of its fitted states (its own: a state says whose
       it is, and `line_jax.save` records the scorer's name).
-    grid: `{hyperparameter: values}` that `line_jax.tune` searches, kept
+    grid: `{hyperparameter: values}` that `line_jax.runs.tune` searches, kept
       next to the method (empty: nothing to tune).
   """
 
