@@ -240,8 +240,14 @@ def train_batch(features_, labels_, num_features: int, num_classes: int, *,
                 needs_labels: bool = False) -> None:
   """Checks one streamed `(features, labels)` training batch against the head."""
   features(features_, width=num_features)
+  train_labels(labels_, features_.shape[0], num_classes, needs_labels=needs_labels)
+
+
+def train_labels(labels_, num_samples: int, num_classes: int, *,
+                 needs_labels: bool = False) -> None:
+  """Checks training labels, or their absence where a scorer needs none."""
   if labels_ is None:
     if needs_labels:
       raise ValueError("labels are required: this scorer fits per-class statistics")
   else:
-    labels(labels_, features_.shape[0], num_classes)
+    labels(labels_, num_samples, num_classes)

@@ -4,7 +4,7 @@
 After `initialize` every process runs the same program on its own share of
 the data and exchanges: `barrier`; `gather_bytes` / `gather` / `gather_rows`
 (bytes, pytrees as msgpack, array rows; in process order, nothing pickled);
-`counts` (and `smallest`, `largest`, `total`, `everyone`) of one int each.
+`counts` (and `total`, `everyone`) of one int each.
 The split: `batch_shard` (contiguous shards of whole batches, so the model
 sees the batches one process would) and `record_shard` (the pipeline's
 contiguous or strided shards). On one process each is the identity.
@@ -64,14 +64,6 @@ def counts(count: int) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray([count], np.int64)
   return np.ravel(_multihost_utils().process_allgather(np.asarray([count], np.int64)))
-
-
-def smallest(count: int) -> int:
-  return int(np.min(counts(count)))
-
-
-def largest(count: int) -> int:
-  return int(np.max(counts(count)))
 
 
 def total(count: int) -> int:

@@ -115,8 +115,8 @@ class _Progress:
     self.step = self.manager.latest_step()
     # Saves are collective: up to the shortest shard's batch count, and the
     # last one (the same step number everywhere) at the end of the stream.
-    self.common = distributed.smallest(num_batches)
-    self.final = distributed.largest(num_batches)
+    batches = distributed.counts(num_batches)
+    self.common, self.final = int(batches.min()), int(batches.max())
 
   def restore(self, acc: Any) -> tuple[Any, Any, int]:
     """`(acc, position, rows)` of the latest step (`acc` itself where none)."""

@@ -45,12 +45,13 @@ class HeadState:
     return self.weight.T
 
 
-def head_state(kernel, bias) -> HeadState:
-  """`HeadState` of a validated `[features, classes]` kernel and bias (or None)."""
+def head_state(kernel, bias, cls: type = HeadState) -> HeadState:
+  """`HeadState` (or its subclass `cls`) of a validated `[features, classes]`
+  kernel and bias (or None)."""
   kernel = jnp.asarray(kernel, jnp.float32)
   if bias is None:
     bias = jnp.zeros((kernel.shape[1],), jnp.float32)
-  return HeadState(weight=kernel.T, bias=jnp.asarray(bias, jnp.float32))
+  return cls(weight=kernel.T, bias=jnp.asarray(bias, jnp.float32))
 
 
 def head_init(cls: type) -> Callable[[Any, Any], HeadState]:
@@ -64,8 +65,7 @@ def head_init(cls: type) -> Callable[[Any, Any], HeadState]:
 
   def init(kernel, bias) -> HeadState:
     check_head(kernel, bias)
-    head = head_state(kernel, bias)
-    return cls(head.weight, head.bias)
+    return head_state(kernel, bias, cls)
   init.__name__ = f"init_{cls.__name__}"
   return init
 
@@ -149,8 +149,8 @@ def mean_fold(init: Callable[..., MeanAcc], finalize: Callable[[MeanAcc], Any]) 
 
 
 def mean_acc(kernel, bias, setting: float) -> MeanAcc:
-  """An empty `MeanAcc` for a checked head."""
-  num_features, _ = check_head(kernel, bias)
+  """An empty `MeanAcc` for a head the scorer's `init` has checked."""
+  num_features = np.shape(kernel)[0]
   with jax.enable_x64(True):
     return MeanAcc(head_state(kernel, bias), jnp.zeros((num_features,), jnp.float64),
                    jnp.zeros((), jnp.int64), jnp.asarray(setting, jnp.float64))
@@ -168,11 +168,7 @@ def check_train(features, labels, kernel, bias, *, needs_labels: bool = False) -
   """
   _validation.features(features)
   num_classes = _validation.head(kernel, bias, features.shape[1])
-  if labels is None:
-    if needs_labels:
-      raise ValueError("labels are required: this scorer fits per-class statistics")
-  else:
-    _validation.labels(labels, features.shape[0], num_classes)
+  _validation.train_labels(labels, features.shape[0], num_classes, needs_labels=needs_labels)
   return num_classes
 
 
