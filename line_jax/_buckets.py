@@ -63,12 +63,16 @@ class Bucketed:
       your own; other attribute reads, such as `lower`, go to it too).
   """
 
-  def __init__(self, fn: Callable[..., jax.Array]):
+  def __init__(self, fn: Callable[..., jax.Array],
+               check_state: Callable[[Any], None] | None = None):
     functools.update_wrapper(self, fn)
     self.__wrapped__ = fn
+    self._check_state = check_state
 
   def __call__(self, state: Any, features: Any, **kwargs) -> jax.Array:
     fn = self.__wrapped__
+    if self._check_state is not None:
+      self._check_state(state)
     if _traced((state, features)):
       return fn(state, features, **kwargs)
     # NumPy, JAX, lists and PyTorch tensors; a TypeError names anything else.
@@ -95,6 +99,10 @@ class Bucketed:
     return f"Bucketed({self.__wrapped__!r})"
 
 
-def bucketed(fn: Callable[..., jax.Array]) -> Bucketed:
-  """`fn` wrapped in `Bucketed` (once: a `Bucketed` comes back as it is)."""
-  return fn if isinstance(fn, Bucketed) else Bucketed(fn)
+def bucketed(fn: Callable[..., jax.Array],
+             check_state: Callable[[Any], None] | None = None) -> Bucketed:
+  """`fn` wrapped in `Bucketed`; `check_state(state)` raises for a state `fn`
+  must not score (a `Bucketed` is unwrapped first)."""
+  if isinstance(fn, Bucketed):
+    fn = fn.__wrapped__
+  return Bucketed(fn, check_state)

@@ -13,6 +13,10 @@ classes, never imported from a path the file gives) and its static fields
 keeps the hyperparameters, and scores identically, wherever line_jax keeps
 its modules. Array leaves keep their dtype (float64 ones included).
 
+`state.json` also holds the SHA-256 of every file under `state/`, which
+`load` checks before reading an array: flipped or truncated bytes are an
+error naming the file, never a state that scores garbage.
+
 States written before the scorer's name was recorded (`line_jax.state/1`,
 classes named by module path) still load: their paths are read from a fixed
 table, never imported.
@@ -21,6 +25,7 @@ table, never imported.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +42,9 @@ FORMAT = "line_jax.state/2"
 FORMAT_V1 = "line_jax.state/1"
 _META = "state.json"
 _ARRAYS = "state"
+# The folder a save writes before it is renamed into place, and its mark.
+_TMP_SUFFIX = ".line_jax-saving"
+_TMP_MARK = ".written-by-line_jax-save"
 
 
 def _state_classes() -> dict[str, type]:
@@ -61,6 +69,31 @@ _V1_PATHS = {
         ("react_dice", "ReactDiceState"), ("rmds", "RmdsState"), ("she", "SheState"),
         ("vim", "VimState"))},
 }
+
+
+def _checksums(folder: str) -> dict[str, str]:
+  """`{path relative to folder: SHA-256}` of every file under `folder`."""
+  sums = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      sums[os.path.relpath(path, folder).replace(os.sep, "/")] = digest.hexdigest()
+  return sums
+
+
+def _verify(arrays: str, expected: dict[str, str]) -> None:
+  """Raises ValueError naming each file of `arrays` that differs from `expected`."""
+  found = _checksums(arrays)
+  changed = sorted(p for p in expected.keys() & found.keys() if expected[p] != found[p])
+  missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+  problems = ([f"{p} changed (checksum mismatch)" for p in changed]
+              + [f"{p} missing" for p in missing] + [f"{p} not written by save" for p in extra])
+  if problems:
+    raise ValueError(f"{arrays}: corrupt state: " + "; ".join(problems))
 
 
 def _describe(node: Any, leaves: dict, classes: dict[str, type]) -> dict:
@@ -132,9 +165,14 @@ def save(path: str | os.PathLike, state: Any) -> None:
     ValueError: where `path` exists and is not a saved state.
   """
   path = os.path.abspath(os.fspath(path))
-  if os.path.lexists(path) and not os.path.isfile(os.path.join(path, _META)):
-    raise ValueError(f"{path} exists and is not a saved line_jax state: line_jax.save "
-                     "replaces only a state it wrote; choose a new folder")
+  if os.path.lexists(path):
+    if not os.path.isfile(os.path.join(path, _META)):
+      raise ValueError(f"{path} exists and is not a saved line_jax state: line_jax.save "
+                       "replaces only a state it wrote; choose a new folder")
+    foreign = sorted(set(os.listdir(path)) - {_META, _ARRAYS})
+    if foreign:
+      raise ValueError(f"{path} holds {', '.join(foreign)}, which line_jax.save did not "
+                       "write; it replaces only a state folder holding nothing else")
   leaves: dict = {}
   try:
     scorer = scorers.name_of(state)
@@ -143,24 +181,31 @@ def save(path: str | os.PathLike, state: Any) -> None:
   meta = {"format": FORMAT, "scorer": scorer,
           "state": _describe(state, leaves, _state_classes())}
   try:
-    text = json.dumps(meta, indent=2, sort_keys=True)
+    json.dumps(meta)  # Checked before any file is written.
   except TypeError as e:
     raise TypeError(f"a static field of {type(state).__name__} is not a JSON value: {e}") from e
-  tmp = path + ".tmp"
+  tmp = path + _TMP_SUFFIX
   # On multi-host every process calls `save` with the same state; process 0
   # alone touches the files, orbax's save is collective.
   primary = distributed.is_primary()
   if primary:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.lexists(tmp):  # An interrupted save's leftovers, and only those.
+      if not os.path.isfile(os.path.join(tmp, _TMP_MARK)):
+        raise ValueError(f"{tmp} exists and was not written by line_jax.save; "
+                         f"move it away to save to {path}")
+      shutil.rmtree(tmp)
     os.makedirs(tmp)
+    open(os.path.join(tmp, _TMP_MARK), "w").close()
   distributed.barrier("line_jax.save:" + path)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(tmp, _ARRAYS), leaves)
   checkpointer.wait_until_finished()
   checkpointer.close()
   if primary:
+    os.remove(os.path.join(tmp, _TMP_MARK))
+    meta["checksums"] = _checksums(os.path.join(tmp, _ARRAYS))
     with open(os.path.join(tmp, _META), "w") as f:
-      f.write(text + "\n")
+      f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # A reader sees no folder or a whole one.
   distributed.barrier("line_jax.saved:" + path)
@@ -170,13 +215,17 @@ def load(path: str | os.PathLike) -> Any:
   """The state `save` wrote to `path`, of its own class, ready to score.
 
   Raises:
-    ValueError: naming the problem when `path` is missing, is not a saved
-      state (a foreign folder), or is corrupt or truncated.
+    ValueError: naming the problem when `path` is missing, a file, not a
+      saved state (a foreign folder), or corrupt or truncated (a file whose
+      checksum differs from the one `save` recorded is named).
   """
   path = os.path.abspath(os.fspath(path))
   meta_path, arrays = os.path.join(path, _META), os.path.join(path, _ARRAYS)
-  if not os.path.isdir(path):
+  if not os.path.lexists(path):
     raise ValueError(f"{path} does not exist")
+  if not os.path.isdir(path):
+    raise ValueError(f"{path} is a file, not a saved line_jax state: a state is the "
+                     f"folder line_jax.save wrote (holding {_META} and {_ARRAYS}/)")
   if not os.path.isfile(meta_path):
     raise ValueError(f"{path} is not a saved line_jax state (no {_META}); "
                      "states are written by line_jax.save")
@@ -193,6 +242,8 @@ def load(path: str | os.PathLike) -> Any:
     if scorers.get(meta["scorer"]).state_type is not cls:
       raise ValueError(f"{meta_path}: its {cls.__name__} is not a state of scorer "
                        f"{meta['scorer']!r}")
+  if "checksums" in meta:  # States saved before checksums were recorded load unchecked.
+    _verify(arrays, meta["checksums"])
   checkpointer = ocp.StandardCheckpointer()
   try:
     saved = checkpointer.metadata(arrays).item_metadata

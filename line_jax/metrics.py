@@ -17,8 +17,11 @@ def _scores(name: str, x) -> np.ndarray:
     raise ValueError(f"{name} must be 1-D [samples], got shape {x.shape}")
   if x.size == 0:
     raise ValueError(f"{name} is empty")
-  if not np.all(np.isfinite(x)):
-    raise ValueError(f"{name} contains NaN or Inf")
+  bad = np.flatnonzero(~np.isfinite(x))
+  if bad.size:
+    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
+    raise ValueError(f"{name} contains NaN or Inf at row(s) {shown} ({bad.size} of "
+                     f"{x.size}); a scorer gives NaN to a feature row holding NaN or Inf")
   return x
 
 

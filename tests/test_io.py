@@ -89,3 +89,67 @@ def test_a_state_whose_class_is_not_its_scorers_is_refused(tmp_path):
   (tmp_path / "s" / "state.json").write_text(json.dumps(meta))
   with pytest.raises(ValueError, match="its EnergyState is not a state of scorer .msp."):
     line_jax.load(tmp_path / "s")
+
+
+def _saved(tmp_path, name="line"):
+  features, labels, kernel, bias = random_problem(3, 6, 30)
+  line_jax.save(tmp_path / "s", scorers.get(name).fit(features, labels, kernel, bias))
+  return tmp_path / "s"
+
+
+def test_flipped_bytes_in_any_array_file_are_named_not_scored(tmp_path):
+  folder = _saved(tmp_path)
+  files = sorted(p for p in (folder / "state").rglob("*") if p.is_file())
+  meta = json.loads((folder / "state.json").read_text())
+  assert sorted(meta["checksums"]) == sorted(
+      str(p.relative_to(folder / "state")) for p in files)
+  for path in files:
+    original = path.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    relative = str(path.relative_to(folder / "state"))
+    with pytest.raises(ValueError, match=f"corrupt state: {relative} changed"):
+      line_jax.load(folder)
+    path.write_bytes(original[:-1])  # Truncated.
+    with pytest.raises(ValueError, match=f"{relative} changed"):
+      line_jax.load(folder)
+    path.write_bytes(original)
+  line_jax.load(folder)  # Restored bytes load again.
+  (folder / "state" / "extra").write_text("x")
+  with pytest.raises(ValueError, match="extra not written by save"):
+    line_jax.load(folder)
+
+
+def test_a_state_saved_without_checksums_still_loads(tmp_path):
+  folder = _saved(tmp_path)
+  meta = json.loads((folder / "state.json").read_text())
+  del meta["checksums"]
+  (folder / "state.json").write_text(json.dumps(meta))
+  assert scorers.name_of(line_jax.load(folder)) == "line"
+
+
+def test_loading_a_file_says_a_state_is_a_folder(tmp_path):
+  folder = _saved(tmp_path)
+  with pytest.raises(ValueError, match="state.json is a file, not a saved line_jax state"):
+    line_jax.load(folder / "state.json")
+
+
+def test_save_keeps_a_users_file_inside_a_state_folder_and_a_foreign_temp_folder(tmp_path):
+  folder = _saved(tmp_path, "energy")
+  state = line_jax.load(folder)
+  (folder / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="holds notes.txt, which line_jax.save did not write"):
+    line_jax.save(folder, state)
+  assert (folder / "notes.txt").read_text() == "mine"
+  (folder / "notes.txt").unlink()
+  temp = tmp_path / "s.line_jax-saving"
+  temp.mkdir()
+  (temp / "keep").write_text("mine")
+  with pytest.raises(ValueError, match="s.line_jax-saving exists and was not written by"):
+    line_jax.save(folder, state)
+  assert (temp / "keep").read_text() == "mine"
+  (temp / "keep").unlink()
+  (temp / ".written-by-line_jax-save").write_text("")  # An interrupted save's leftover.
+  line_jax.save(folder, state)
+  assert not temp.exists() and scorers.name_of(line_jax.load(folder)) == "energy"

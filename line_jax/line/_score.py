@@ -23,14 +23,15 @@ Both compute the same function; tests check that they agree.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from line_jax import _buckets
 from line_jax import _matmul
+from line_jax import _scoring
 from line_jax import _validation
 from line_jax import layout as layout_lib
 from line_jax.line._fit import LineState
@@ -51,34 +52,91 @@ def _choose(strategy: str, layout: layout_lib.Layout | None) -> str:
   return "grouped" if layout_lib.resolve(layout).cpu else "dense"
 
 
-def _masked_head(state: LineState, cls: jax.Array) -> jax.Array:
+def _masked_head(kernel: jax.Array, weight_floor: jax.Array, cls: jax.Array) -> jax.Array:
   """`[features, classes]` head of predicted class `cls`, dropped weights zeroed."""
-  kernel = state.kernel
-  return jnp.where(kernel > state.weight_floor[cls][:, None], kernel, 0.0)
+  return jnp.where(kernel > weight_floor[cls][:, None], kernel, 0.0)
 
 
-def _grouped_logits(state: LineState, kept: jax.Array, pred: jax.Array) -> jax.Array:
-  batch = kept.shape[0]
-  tile = _tile_rows(batch, state.num_classes)
-  order = jnp.argsort(pred, stable=True)
-  cls = jnp.pad(pred[order], (0, tile), constant_values=-1)
-  rows = jnp.pad(kept[order], ((0, tile), (0, 0)))
-  out = jnp.zeros((batch + tile, state.num_classes), kept.dtype)
+def _walk(kernel, weight_floor, cls, batch: int, tile: int, step, acc):
+  """Walks a class-sorted batch tile by tile, one masked head per class run.
+
+  `cls` is `[batch + tile]` (padded with -1); `step(start, c, mine, head, acc)`
+  handles the rows `[start, start + tile)`, of which `mine` (`[tile]` bool)
+  are of class `c` whose masked head is `head`; the walk then moves past them.
+  """
 
   def body(carry):
-    start, head_cls, head, out = carry
+    start, head_cls, head, acc = carry
     c = cls[start]
-    head = jax.lax.cond(c == head_cls, lambda: head, lambda: _masked_head(state, c))
-    block = jax.lax.dynamic_slice_in_dim(rows, start, tile)
-    # Rows of later classes in this tile get overwritten when their turn comes.
-    out = jax.lax.dynamic_update_slice_in_dim(out, _matmul.dot(block, head), start, 0)
+    head = jax.lax.cond(c == head_cls, lambda: head,
+                        lambda: _masked_head(kernel, weight_floor, c))
     mine = jax.lax.dynamic_slice_in_dim(cls, start, tile) == c
-    return start + jnp.sum(mine), c, head, out
+    return start + jnp.sum(mine), c, head, step(start, c, mine, head, acc)
 
   first = cls[0]
-  init = (jnp.int32(0), first, _masked_head(state, first), out)
-  _, _, _, out = jax.lax.while_loop(lambda carry: carry[0] < batch, body, init)
-  return jnp.zeros((batch, state.num_classes), kept.dtype).at[order].set(out[:batch])
+  init = (jnp.int32(0), first, _masked_head(kernel, weight_floor, first), acc)
+  return jax.lax.while_loop(lambda carry: carry[0] < batch, body, init)[3]
+
+
+def _sorted(pred: jax.Array, tile: int, *rows: jax.Array):
+  """The batch order by class, the padded sorted classes and `rows` in that order."""
+  order = jnp.argsort(pred, stable=True)
+  cls = jnp.pad(pred[order], (0, tile), constant_values=-1)
+  return order, cls, [jnp.pad(r[order], ((0, tile), (0, 0))) for r in rows]
+
+
+def _grouped_forward(kernel, weight_floor, kept, pred) -> jax.Array:
+  batch, num_classes = kept.shape[0], kernel.shape[1]
+  tile = _tile_rows(batch, num_classes)
+  order, cls, (rows,) = _sorted(pred, tile, kept)
+
+  def step(start, c, mine, head, out):
+    del c, mine  # Rows of later classes in this tile get overwritten in their turn.
+    block = jax.lax.dynamic_slice_in_dim(rows, start, tile)
+    return jax.lax.dynamic_update_slice_in_dim(out, _matmul.dot(block, head), start, 0)
+
+  out = _walk(kernel, weight_floor, cls, batch, tile, step,
+              jnp.zeros((batch + tile, num_classes), kept.dtype))
+  return jnp.zeros((batch, num_classes), kept.dtype).at[order].set(out[:batch])
+
+
+# The walk is a `while_loop`, which reverse mode cannot differentiate; its
+# gradient is another walk over the same groups (exact: within a group the
+# logits are one matrix product), so LINe's score has a gradient on the CPU
+# as it has on accelerators (dense), without a `[batch, features, classes]`.
+@jax.custom_vjp
+def _grouped_logits(kernel, weight_floor, kept, pred) -> jax.Array:
+  """`[batch, classes]` logits `kept[b] @ masked_head(pred[b])`, grouped by class."""
+  return _grouped_forward(kernel, weight_floor, kept, pred)
+
+
+def _grouped_fwd(kernel, weight_floor, kept, pred):
+  return _grouped_forward(kernel, weight_floor, kept, pred), (kernel, weight_floor, kept, pred)
+
+
+def _grouped_bwd(residuals, grad):
+  kernel, weight_floor, kept, pred = residuals
+  batch, num_classes = kept.shape[0], kernel.shape[1]
+  tile = _tile_rows(batch, num_classes)
+  order, cls, (rows, grads) = _sorted(pred, tile, kept, grad)
+
+  def step(start, c, mine, head, acc):
+    d_rows, d_kernel = acc
+    g = jax.lax.dynamic_slice_in_dim(grads, start, tile)
+    x = jnp.where(mine[:, None], jax.lax.dynamic_slice_in_dim(rows, start, tile), 0.0)
+    d_rows = jax.lax.dynamic_update_slice_in_dim(d_rows, _matmul.dot(g, head.T), start, 0)
+    keep = kernel > weight_floor[c][:, None]
+    return d_rows, d_kernel + jnp.where(keep, _matmul.dot(x.T, g), 0.0)
+
+  init = (jnp.zeros_like(rows), jnp.zeros_like(kernel))
+  d_rows, d_kernel = _walk(kernel, weight_floor, cls, batch, tile, step, init)
+  d_kept = jnp.zeros_like(kept).at[order].set(d_rows[:batch])
+  # The floors are thresholds: zero gradient almost everywhere; classes are integers.
+  return (d_kernel, jnp.zeros_like(weight_floor), d_kept,
+          np.zeros(pred.shape, jax.dtypes.float0))
+
+
+_grouped_logits.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def _dense_logits(state: LineState, kept: jax.Array, pred: jax.Array) -> jax.Array:
@@ -88,9 +146,8 @@ def _dense_logits(state: LineState, kept: jax.Array, pred: jax.Array) -> jax.Arr
   return jnp.sum(terms, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("strategy", "layout"))
-def _score(state: LineState, features: jax.Array, layout: layout_lib.Layout | None = None, *,
-           strategy: str = "auto") -> jax.Array:
+def _method(state: LineState, features: jax.Array, layout: layout_lib.Layout | None = None, *,
+            strategy: str = "auto") -> jax.Array:
   """LINe scores; higher = more in-distribution.
 
   Args:
@@ -111,12 +168,13 @@ def _score(state: LineState, features: jax.Array, layout: layout_lib.Layout | No
   pred = jnp.argmax(_matmul.dot(clipped, state.kernel) + state.bias, axis=-1)
   kept = jnp.where(state.neuron_mask[pred], clipped, 0.0)
   if _choose(strategy, layout) == "grouped":
-    logits = _grouped_logits(state, kept, pred)
+    logits = _grouped_logits(state.kernel, state.weight_floor, kept, pred)
   else:
     logits = _dense_logits(state, kept, pred)
   return jax.nn.logsumexp(logits + state.bias, axis=-1)
 
 
+_score = _scoring.jit(_method, static_argnames=("strategy", "layout"))
 # Padded to a bucket of rows (`line_jax._buckets`): O(log batch) compilations
 # for a stream of batch sizes; `score.__wrapped__` is the jitted function.
 score = _buckets.bucketed(_score)

@@ -9,7 +9,6 @@ check.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-import functools
 import numbers
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _matmul
+from line_jax import _scoring
 from line_jax import _validation
 from line_jax import fold
 from line_jax import layout as layout_lib
@@ -195,8 +195,9 @@ def check_width(features: jax.Array, num_features: int) -> None:
 
 # Every score is `score(state, features, layout=None)`, jitted once per
 # layout: the layout (`line_jax.layout`) is static, None meaning the default
-# backend's.
-score_jit = functools.partial(jax.jit, static_argnames=("layout",))
+# backend's. `_scoring.jit` adds what every score does alike: the dtype check,
+# the empty batch, NaN for a row holding NaN or Inf.
+score_jit = _scoring.jit
 
 
 def logits(state, features: jax.Array, layout: layout_lib.Layout | None = None

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from line_jax import _buckets
+from line_jax import _scoring
 from line_jax import _validation
 from line_jax import fold as fold_lib
 from line_jax import line
@@ -41,6 +42,7 @@ from line_jax.scorers import _react
 from line_jax.scorers import _react_dice
 from line_jax.scorers import _rmds
 from line_jax.scorers import _scale
+from line_jax.scorers import _shaping
 from line_jax.scorers import _she
 from line_jax.scorers import _vim
 from line_jax.scorers._quantile import TrainPercentile
@@ -116,22 +118,37 @@ class Scorer(NamedTuple):
     kernel, bias = _common.head_arrays(kernel, bias)
     return fold_lib.fit(self.fold, _common.array_batches(batches), kernel, bias, **hparams)
 
-  def score_all(self, state: Any, features) -> np.ndarray:
+  def score_all(self, state: Any, features, *, nonfinite: str = "raise") -> np.ndarray:
     """`[n]` float64 scores of any number of rows, `SCORE_CHUNK` at a time.
 
     `features` is any sliceable `[n, features]` array (a memmap is read chunk
     by chunk). Every chunk has one shape (the last padded by repeating real
     rows: zeros would be NaN for ASH-S), so a set of any size compiles once.
+
+    Args:
+      state: this scorer's fitted state.
+      features: `[n, features]` floating-point rows.
+      nonfinite: "raise" (default): a row holding NaN or Inf is a ValueError
+        naming the rows (after one pass, so a memmap is read once); "nan": such rows
+        score NaN, as the jitted `score` gives them.
     """
+    if nonfinite not in ("raise", "nan"):
+      raise ValueError(f"nonfinite must be 'raise' or 'nan', got {nonfinite!r}")
     n = features.shape[0]
+    if n == 0:
+      return np.asarray(self.score(state, np.asarray(features)), np.float64)
     chunk = min(SCORE_CHUNK, n)
-    out = []
+    out, bad = [], []
     for start in range(0, n, chunk):
       part = np.asarray(features[start:start + chunk])
+      if nonfinite == "raise":
+        bad.append(start + _scoring.nonfinite_rows(part))
       valid = part.shape[0]
       if valid < chunk:
         part = np.concatenate([part, np.repeat(part[-1:], chunk - valid, axis=0)])
       out.append(np.asarray(self.score(state, part))[:valid])
+    if bad:
+      _scoring.refuse_nonfinite(np.concatenate(bad), n)
     return np.concatenate(out).astype(np.float64)
 
   def check_hparams(self, hparams: Mapping[str, Any]) -> None:
@@ -150,6 +167,11 @@ def _defaults(fn: Callable[..., Any]) -> dict[str, Any]:
   return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+# Format-1 files saved these shared base classes, which any scorer of that
+# class may score (`line_jax.io`); every other state belongs to one scorer.
+_LEGACY = (_common.HeadState, _shaping.ShapingState)
+
+
 def _scorer(name: str, module: types.ModuleType, state_type: type, *, fold=None, score=None,
             grid=None) -> Scorer:
   """The registry entry of the method in `module` (its `FOLD`, `score`, `GRID`)."""
@@ -158,7 +180,15 @@ def _scorer(name: str, module: types.ModuleType, state_type: type, *, fold=None,
   defaults = _defaults(fold.init)
   if set(grid or ()) - set(defaults):
     raise AssertionError(f"{name}: grid names unknown hyperparameters")
-  return Scorer(name=name, fold=fold, score=_buckets.bucketed(score or module.score),
+  def check_state(state: Any) -> None:
+    owner = _BY_STATE.get(type(state))
+    if isinstance(state, state_type) or (owner is None and isinstance(state, _LEGACY)
+                                         and issubclass(state_type, type(state))):
+      return
+    whose = f"the state of scorer {owner!r}" if owner else f"not a {state_type.__name__}"
+    raise TypeError(f"scorer {name!r} cannot score a {type(state).__name__}: it is {whose}")
+
+  return Scorer(name=name, fold=fold, score=_buckets.bucketed(score or module.score, check_state),
                 defaults=types.MappingProxyType(defaults), state_type=state_type,
                 grid=types.MappingProxyType(dict(grid or {})))
 
