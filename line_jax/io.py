@@ -93,7 +93,7 @@ def _verify(arrays: str, expected: dict[str, str]) -> None:
   problems = ([f"{p} changed (checksum mismatch)" for p in changed]
               + [f"{p} missing" for p in missing] + [f"{p} not written by save" for p in extra])
   if problems:
-    raise ValueError(f"{arrays}: corrupt state: " + "; ".join(problems))
+    raise ValueError(f"{arrays}: corrupt or truncated state: " + "; ".join(problems))
 
 
 def _describe(node: Any, leaves: dict, classes: dict[str, type]) -> dict:

@@ -109,7 +109,7 @@ def test_flipped_bytes_in_any_array_file_are_named_not_scored(tmp_path):
     flipped[len(flipped) // 2] ^= 0x01
     path.write_bytes(bytes(flipped))
     relative = str(path.relative_to(folder / "state"))
-    with pytest.raises(ValueError, match=f"corrupt state: {relative} changed"):
+    with pytest.raises(ValueError, match=f"corrupt or truncated state: {relative} changed"):
       line_jax.load(folder)
     path.write_bytes(original[:-1])  # Truncated.
     with pytest.raises(ValueError, match=f"{relative} changed"):
