@@ -25,6 +25,10 @@ from line_jax import models
 from line_jax import scorers
 from line_jax.runs import Runtime
 
+# The one rule every CLI takes part of a data set by (`line_jax.data.subset_of`).
+SUBSET_RULE = "each class in proportion, evenly spaced (line_jax.data.subset_of)"
+# Every CLI writes only where nothing of yours would be replaced.
+OUT_RULE = "a folder holding other files is refused"
 DATASET_HELP = ("'fashion_mnist' (Debian's files), 'tfds:NAME' (a prepared TFDS set), or a "
                 "folder: images.npy + labels.npy, train/ and test/ class folders, or one "
                 "ImageFolder")

@@ -27,7 +27,7 @@ from line_jax.runs import evaluate
 
 def _parser():
   p = _cli.parser("python -m line_jax.evaluate", __doc__)
-  p.add_argument("--out", required=True, help="output folder")
+  p.add_argument("--out", required=True, help=f"output folder; {_cli.OUT_RULE}")
   p.add_argument("--benchmark", default="fashion_mnist", choices=list(suites.SUITES),
                  help="the suite: data, model, OOD sets and settings")
   _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
@@ -38,8 +38,9 @@ def _parser():
   p.add_argument("--id-folder", default=None,
                  help="ID images as <folder>/{train,test}/<class>/<image> (else TFDS)")
   p.add_argument("--torch-checkpoint", default=None, help="PyTorch state_dict (paper benchmarks)")
-  p.add_argument("--max-train", type=int, default=None, help="evenly spaced training subset")
-  p.add_argument("--max-test", type=int, default=None, help="evenly spaced test subset")
+  for split in ("train", "test"):
+    p.add_argument(f"--max-{split}", type=int, default=None,
+                   help=f"N {split} images: {_cli.SUBSET_RULE}")
   p.add_argument("--ood-size", type=int, default=2000, help="images per offline OOD set")
   _cli.add_hparams(p, "the benchmark's settings")
   p.add_argument("--ablation", action="store_true", help="also run LINe's ablation")

@@ -28,15 +28,18 @@ from line_jax.runs import fit
 
 def _parser():
   p = _cli.parser("python -m line_jax.fit", __doc__)
-  p.add_argument("--out", required=True, help="output folder (resumed if present)")
+  p.add_argument("--out", required=True,
+                 help=f"output folder, resumed if present; {_cli.OUT_RULE}")
   p.add_argument("--dataset", default="fashion_mnist", help=_cli.DATASET_HELP)
   _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
   p.add_argument("--benchmark", default=None, choices=[*suites.SUITES, suites.NO_BENCHMARK],
                  help="whose settings the scorers take, as evaluate's --benchmark (default: "
-                      "fashion_mnist for --dataset fashion_mnist, else none: the registry's)")
+                      "fashion_mnist for the committed checkpoint on --dataset fashion_mnist, "
+                      "else none: the registry's)")
   _cli.add_hparams(p, "the benchmark's settings")
   p.add_argument("--save-every", type=int, default=20, help="batches between saves")
-  p.add_argument("--max-examples", type=int, default=None, help="only the first N images")
+  p.add_argument("--max-examples", type=int, default=None,
+                 help=f"only N images: {_cli.SUBSET_RULE}")
   _cli.add_cache(p)
   _cli.add_common(p)
   _cli.add_distributed(p)

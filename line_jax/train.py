@@ -24,7 +24,8 @@ from line_jax.runs import train
 def _parser():
   p = _cli.parser("python -m line_jax.train", __doc__)
   defaults = train.TrainConfig()
-  p.add_argument("--out", required=True, help="checkpoint folder (must not exist)")
+  p.add_argument("--out", required=True, help="checkpoint folder, replaced once trained "
+                 f"if it holds one; {_cli.OUT_RULE}")
   p.add_argument("--model", default=defaults.model, choices=sorted(models.registry),
                  help="a line_jax.models registry name")
   p.add_argument("--dataset", default=defaults.dataset, help=_cli.DATASET_HELP)
@@ -41,7 +42,7 @@ def _parser():
   p.add_argument("--seed", type=int, default=defaults.seed,
                  help="initialisation, shuffle and augmentation")
   p.add_argument("--max-examples", type=int, default=None,
-                 help="only the first N images of each split (smoke runs)")
+                 help=f"only N images of each split: {_cli.SUBSET_RULE}")
   p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding threads")
   _cli.add_common(p)
   return p

@@ -1,6 +1,7 @@
 """line_jax.evaluate end to end on a tiny random network and random images."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,8 @@ def _arrays():
               ood={"dark": images(30, 60), "noise": images(20)})
 
 
-def _inputs():
-  return suites.Inputs.from_arrays(**_arrays())
+def _inputs(**kw):
+  return suites.Inputs.from_arrays(**_arrays(), **kw)
 
 
 def _evaluate(out=None, *, inputs=None, scorers=(), plots=True, runtime=QUIET, **data):
@@ -48,12 +49,14 @@ def _evaluate(out=None, *, inputs=None, scorers=(), plots=True, runtime=QUIET, *
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("eval")
+  out, extra_dir = tmp_path_factory.mktemp("eval"), tmp_path_factory.mktemp("extra")
   extra = np.random.default_rng(1).integers(0, 256, (25, 28, 28), dtype=np.uint8)
-  np.save(out / "mine.npy", extra)
+  np.save(extra_dir / "mine.npy", extra)
   arrays = _arrays()
-  result = _evaluate(out, inputs=suites.Inputs.from_arrays(**arrays),
-                     extra_ood=(f"mine={out / 'mine.npy'}",), scorers=METHODS, batch_size=32)
+  # This tiny network is shaped like the embedded one: it takes that benchmark's settings.
+  result = _evaluate(out, inputs=suites.Inputs.from_arrays(**arrays, settings="fashion_mnist"),
+                     extra_ood=(f"mine={extra_dir / 'mine.npy'}",), scorers=METHODS,
+                     batch_size=32)
   return out, result, arrays, extra
 
 
@@ -62,7 +65,9 @@ def test_metrics_json_schema(run):
   with open(out / "metrics.json") as f:
     saved = json.load(f)
   assert saved == result
-  assert set(saved) == {"id_accuracy", "methods"}
+  assert set(saved) == {"id_accuracy", "settings", "hparams", "methods"}
+  assert saved["settings"] == "fashion_mnist"
+  assert saved["hparams"] == json.loads((out / "hparams.json").read_text())
   assert 0.0 <= saved["id_accuracy"] <= 1.0
   assert list(saved["methods"]) == list(METHODS)
   for rows in saved["methods"].values():
@@ -210,11 +215,12 @@ def test_timings_and_cache_reuse(tmp_path):
 def test_ablation_variants_and_the_energy_equivalence(tmp_path):
   # The ablation reads the features evaluate put in the cache.
   runtime, inputs = runs.Runtime(cache_dir=str(tmp_path / "cache"), progress=False), _inputs()
-  result = _evaluate(tmp_path, inputs=inputs, scorers=["energy", "line"], batch_size=32,
+  out = tmp_path / "out"  # Its own folder: the cache beside it is not an evaluation's file.
+  result = _evaluate(out, inputs=inputs, scorers=["energy", "line"], batch_size=32,
                      runtime=runtime)
-  runs.ablation.run(runs.ablation.Config(runs.BenchmarkData(batch_size=32)), tmp_path,
+  runs.ablation.run(runs.ablation.Config(runs.BenchmarkData(batch_size=32)), out,
                     inputs=inputs, runtime=runtime)
-  with open(tmp_path / "ablation.json") as f:
+  with open(out / "ablation.json") as f:
     table = json.load(f)
   names = list(table["variants"])
   assert names[0] == "energy (none)" and names[-1] == "LINe (all)" and len(names) == 8
@@ -224,9 +230,9 @@ def test_ablation_variants_and_the_energy_equivalence(tmp_path):
       for m in runs.evaluate.METRICS:
         assert table["variants"][key]["metrics"][ood][m] == pytest.approx(
             result["methods"][method][ood][m], abs=1e-6), (key, ood, m)
-  md = (tmp_path / "ablation.md").read_text()
+  md = (out / "ablation.md").read_text()
   assert "| clip | x |  |  |" in md
-  with open(tmp_path / "ablation.png", "rb") as f:
+  with open(out / "ablation.png", "rb") as f:
     assert f.read(8) == PNG_MAGIC
   # The evaluation's own --ablation: the same table from the same features.
   config = runs.evaluate.Config(runs.BenchmarkData(batch_size=32), ("energy", "line"),
@@ -271,3 +277,94 @@ def test_extra_ood_takes_a_folder_of_images(tmp_path):
       tmp_path / "out", scorers=["energy"], extra_ood=(f"pngs={folder}",), max_train=256,
       max_test=64, ood_size=16, batch_size=64, plots=False)
   assert 0.0 <= result["methods"]["energy"]["pngs"]["auroc"] <= 1.0
+
+
+# ---- Whose hyperparameters: named, recorded, printed once ----------------
+
+
+def test_own_inputs_take_the_registry_defaults_and_say_so(tmp_path, capsys):
+  result = _evaluate(tmp_path / "out", inputs=_inputs(), scorers=("react", "knn", "line"),
+                     batch_size=32, plots=False, runtime=runs.Runtime(progress=True))
+  assert result["settings"] == suites.NO_BENCHMARK
+  used = result["hparams"]
+  # Not the Fashion-MNIST suite's settings (ReAct at 80, LINe's clip at the 80th percentile).
+  assert used["react"] == {"percentile": 90.0} == scorers.get("react").defaults
+  arrays = _arrays()
+  train = features.extract(arrays["model"], arrays["variables"], arrays["train_images"],
+                           mean=MEAN, std=STD, batch_size=32, progress=False)[1]
+  assert used["line"]["clip"] == pytest.approx(np.percentile(train, 90.0), rel=1e-5)
+  assert set(used["knn"]) == set(scorers.get("knn").defaults)
+  saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  assert saved["settings"] == "none" and saved["hparams"] == used
+  err = capsys.readouterr().err
+  assert err.count("hyperparameters: the registry defaults") == 1, err
+  assert f"react: percentile={used['react']['percentile']}" in err
+
+
+def test_your_hparams_go_over_the_settings_the_run_s_over_the_inputs(capsys):
+  inputs = _inputs(settings="fashion_mnist",
+                   hparams={"knn": {"k": 3}, "react": {"percentile": 70.0}})
+  config = runs.evaluate.Config(runs.BenchmarkData(batch_size=32), ("react", "knn", "ash_s"),
+                                hparams={"react": {"percentile": 60.0}}, plots=False)
+  result = runs.evaluate.run(config, inputs=inputs, runtime=runs.Runtime(progress=True))
+  used = result["hparams"]
+  assert used["knn"]["k"] == 3 and used["react"] == {"percentile": 60.0}
+  assert used["ash_s"] == {"percentile": 50.0}  # The named benchmark's own.
+  err = capsys.readouterr().err
+  assert "the fashion_mnist benchmark's settings over the registry defaults" in err
+  assert "knn: k=3*" in err and "ash_s: percentile=50.0\n" in err
+
+
+def test_settings_that_contradict_each_other_or_do_not_exist_are_refused():
+  with pytest.raises(ValueError, match=r"BenchmarkData\('cifar10'\) with Inputs whose "
+                                       "settings are 'none'"):
+    _evaluate(inputs=_inputs(), benchmark="cifar10", scorers=("energy",))
+  with pytest.raises(ValueError, match="unknown benchmark 'mnist'"):
+    _inputs(settings="mnist")
+  with pytest.raises(ValueError, match="unknown hyperparameter"):
+    _inputs(hparams={"knn": {"kk": 3}})
+  with pytest.raises(ValueError, match="unknown scorer"):
+    _inputs(hparams={"nope": {}})
+
+
+# ---- Nothing of the user's is replaced ------------------------------------
+
+
+def test_an_out_folder_holding_a_users_file_is_refused_before_any_work(tmp_path, monkeypatch):
+  def no_work(*args, **kwargs):
+    raise AssertionError("features were read before the folder was checked")
+
+  monkeypatch.setattr(runs.evaluate, "features_of", no_work)
+  monkeypatch.setattr(runs.ablation, "features_of", no_work)
+  for name in ("notes.txt", "table.md"):  # A name evaluate writes is still the user's file.
+    out = tmp_path / name.replace(".", "_")
+    out.mkdir()
+    (out / name).write_text("mine")
+    with pytest.raises(ValueError, match=str(out)) as e:
+      _evaluate(out, inputs=_inputs(), scorers=("energy",))
+    assert name in str(e.value)
+    with pytest.raises(ValueError, match=name):
+      runs.ablation.run(runs.ablation.Config(), out, inputs=_inputs())
+    assert os.listdir(out) == [name] and (out / name).read_text() == "mine"
+
+
+def test_a_rerun_over_its_own_folder_replaces_it(tmp_path):
+  kw = dict(inputs=_inputs(), scorers=("energy",), batch_size=32,
+            runtime=runs.Runtime(cache_dir=str(tmp_path / "cache"), progress=False))
+  out = tmp_path / "out"
+  _evaluate(out, **kw)
+  before = sorted(os.listdir(out))
+  assert before == ["hist_energy.png", "hparams.json", "metrics.json", "roc.png", "table.md",
+                    "timings.json"]
+  again = _evaluate(out, **kw)
+  assert json.loads((out / "metrics.json").read_text()) == again
+  assert sorted(os.listdir(out)) == before  # Replaced in place; no temporary file left.
+
+
+def test_evaluate_cli_names_the_foreign_file(tmp_path, capsys):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--out", str(tmp_path), "--methods", "energy", "--quiet"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --out ") and "notes.txt" in err and len(err.splitlines()) == 1

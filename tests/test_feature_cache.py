@@ -96,16 +96,17 @@ def test_extract_then_lookup_and_a_partial_entry_is_redone(tmp_path):
   source = data.ArraySource(images, np.arange(40) % 10)
   batches = data.image_batches(source, data.Preprocess(28, 28, 1), batch_size=16)
   backbone = features.Backbone(model, variables, MEAN, STD, data.Preprocess(28, 28, 1))
-  kw = dict(folder=tmp_path, key="k1", progress=False)
+  key = feature_cache.fingerprint("k1")
+  kw = dict(folder=tmp_path, key=key, progress=False)
   first = feature_cache.extract(backbone, batches, 40, **kw)
   assert not first.cached and first.features.shape[0] == 40
   want = features.extract(model, variables, images, mean=MEAN, std=STD, progress=False)[1]
   np.testing.assert_allclose(first.features, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(first.labels, np.arange(40) % 10)
-  again = feature_cache.lookup(tmp_path, "k1")
+  again = feature_cache.lookup(tmp_path, key)
   assert again.cached and np.array_equal(again.features, first.features)
-  os.remove(tmp_path / "k1.json")  # As if killed before the entry was whole.
-  assert feature_cache.lookup(tmp_path, "k1") is None
+  os.remove(tmp_path / f"{key}.json")  # As if killed before the entry was whole.
+  assert feature_cache.lookup(tmp_path, key) is None
   assert not feature_cache.extract(backbone, batches, 40, **kw).cached
 
 
@@ -167,7 +168,8 @@ def test_evaluate_reads_them_too_and_uses_fits_hyperparameters(shared, tmp_path)
   inputs = suites.Inputs.from_arrays(model, variables, config["mean"], config["std"],
                                      images, labels, images[:50], labels[:50],
                                      {"noise": np.random.default_rng(2).integers(
-                                         0, 256, (30, 28, 28, 1), dtype=np.uint8)})
+                                         0, 256, (30, 28, 28, 1), dtype=np.uint8)},
+                                     settings="fashion_mnist")
   config = runs.evaluate.Config(runs.BenchmarkData(batch_size=64),
                                 ("line", "knn", "vim", "react"), plots=False)
   runs.evaluate.run(config, tmp_path, inputs=inputs,
@@ -282,3 +284,41 @@ def test_head_only_scorers_read_no_stream_and_cache_nothing(tmp_path):
             "--scorers", "energy,msp", "--quiet", "--cache-dir", str(tmp_path / "cache")])
   assert not list((tmp_path / "cache").glob("*.json"))
   assert not (tmp_path / "fit" / "features.npy").exists()
+
+
+def test_a_cache_folder_holding_a_users_files_is_refused_and_kept(tmp_path, capsys):
+  model, variables = _tiny()
+  images = np.random.default_rng(1).integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
+  source = data.ArraySource(images, np.arange(16) % 10)
+  backbone = features.Backbone(model, variables, MEAN, STD, data.Preprocess(28, 28, 1))
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("mine")
+  key = feature_cache.fingerprint("x")
+  with pytest.raises(ValueError, match=f"feature cache folder {mine} holds notes.txt"):
+    backbone.read(source, cache_dir=mine, batch_size=16)
+  np.save(tmp_path / "f.npy", np.zeros((2, 3), np.float32))
+  np.save(tmp_path / "l.npy", np.zeros(2, np.int32))
+  with pytest.raises(ValueError, match="notes.txt"):
+    feature_cache.publish(mine, key, str(tmp_path / "f.npy"), str(tmp_path / "l.npy"))
+  # Every run refuses it before any work.
+  runtime = runs.Runtime(cache_dir=str(mine), progress=False)
+  with pytest.raises(ValueError, match="notes.txt"):
+    runs.fit.run(runs.fit.Config(scorers=("energy",), max_examples=8), tmp_path / "fit",
+                 runtime=runtime)
+  with pytest.raises(ValueError, match="notes.txt"):
+    runs.tune.run(runs.tune.Config(scorers=("react",)), runtime=runtime)
+  with pytest.raises(ValueError, match="notes.txt"):
+    runs.evaluate.run(runs.evaluate.Config(scorers=("energy",)), runtime=runtime)
+  with pytest.raises(SystemExit):
+    fit.main(["--out", str(tmp_path / "fit"), "--cache-dir", str(mine), "--quiet"])
+  assert "feature cache folder" in capsys.readouterr().err
+  assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "mine"
+  assert not (tmp_path / "fit").exists()
+  # A cache of line_jax's own is used, and a key it did not make is refused.
+  entry = backbone.read(source, cache_dir=tmp_path / "cache", batch_size=16)
+  assert backbone.read(source, cache_dir=tmp_path / "cache", batch_size=16).cached
+  assert len(entry) == 16
+  with pytest.raises(ValueError, match="not 16 hex digits"):
+    feature_cache.publish(tmp_path / "cache", "../x", str(tmp_path / "f.npy"),
+                          str(tmp_path / "l.npy"))

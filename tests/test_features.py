@@ -168,3 +168,60 @@ def test_iter_extract_batches_errors(tiny):
                                        std=(1.0, 1.0), progress=False))
   assert list(features.iter_extract_batches(model, variables, [], mean=MEAN, std=STD,
                                             progress=False)) == []
+
+
+def test_a_list_of_hwc_images_is_stacked(tiny):
+  model, variables, images, logits, feats = tiny
+  got_logits, got_feats = features.extract(model, variables, list(images), mean=MEAN,
+                                           std=STD, batch_size=16, progress=False)
+  np.testing.assert_allclose(got_logits, logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got_feats, feats, rtol=1e-5, atol=1e-5)
+  out = list(features.iter_extract_batches(model, variables, [(list(images[:4]),)],
+                                           mean=MEAN, std=STD, progress=False))
+  np.testing.assert_allclose(out[0][1], feats[:4], rtol=1e-5, atol=1e-5)
+
+
+def test_a_list_that_cannot_be_stacked_is_named(tiny):
+  model, variables, images, _, _ = tiny
+  mixed = [images[0], images[1, :20]]
+  with pytest.raises(ValueError, match=r"images is a list of 2 arrays of shape "
+                     r"\[\(20, 28, 1\), \(28, 28, 1\)\].*one shape"):
+    features.extract(model, variables, mixed, mean=MEAN, std=STD, progress=False)
+  with pytest.raises(ValueError, match=r"a tuple of 2 arrays of shape \(28, 28\)"):
+    features.extract(model, variables, (images[0, ..., 0],) * 2, mean=MEAN, std=STD)
+  with pytest.raises(ValueError, match="empty list"):
+    features.extract(model, variables, [], mean=MEAN, std=STD)
+
+
+def test_channels_first_images_get_a_transpose_hint(tiny):
+  model, variables, images, _, _ = tiny
+  rgb = np.repeat(images[:4], 3, axis=-1).transpose(0, 3, 1, 2)  # [4, 3, 28, 28].
+  with pytest.raises(ValueError, match=r"28 channels but mean/std have 3; shape "
+                     r"\(4, 3, 28, 28\) looks like NCHW.*x\.transpose\(0, 2, 3, 1\)"):
+    features.extract(model, variables, rgb, mean=(0.5,) * 3, std=(0.5,) * 3)
+  with pytest.raises(ValueError, match="NCHW"):
+    list(features.iter_extract_batches(model, variables, [(rgb,)], mean=(0.5,) * 3,
+                                       std=(0.5,) * 3, progress=False))
+  with pytest.raises(ValueError, match="channels") as e:  # No NCHW look: no hint.
+    features.extract(model, variables, images, mean=(0.1, 0.2), std=(1.0, 1.0))
+  assert "NCHW" not in str(e.value)
+  with pytest.raises(ValueError, match=r"got shape \(28, 28, 1\); one image\? .*x\[None\]"):
+    features.extract(model, variables, images[0], mean=MEAN, std=STD)
+
+
+def test_pipeline_with_skipped_images_streams_the_good_ones(tiny, tmp_path):
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  from line_jax import data  # pylint: disable=g-import-not-at-top
+  model, variables, images, _, feats = tiny
+  for i in range(9):
+    PIL.Image.fromarray(images[i, ..., 0]).save(tmp_path / f"{i}.png")
+  (tmp_path / "0.png").write_text("not a png")  # In the first batch: it comes out short.
+  batches = data.image_batches(data.ImageFolderSource(tmp_path), data.Preprocess(channels=1),
+                               batch_size=4, workers=2, skip_bad_images=True)
+  stream = features.Backbone(model, variables, MEAN, STD).stream(batches)
+  with pytest.warns(UserWarning, match=r"0\.png"):
+    streamed = list(stream)
+  assert [f.shape[0] for f, _ in streamed] == [3, 4, 1]
+  np.testing.assert_allclose(np.concatenate([f for f, _ in streamed]), feats[1:9],
+                             rtol=1e-5, atol=1e-5)
+  assert [s.index for s in batches.skipped] == [0]

@@ -99,11 +99,14 @@ def test_states_score_like_a_fresh_in_memory_fit(reference):
   """The streamed states are the scorers' own fits on the same features."""
   config = json.loads((reference / runs.fit.ARGS_FILE).read_text())
   features = np.load(reference / resumable.FEATURES_FILE)
+  from line_jax import data
   from line_jax import models
-  from line_jax.data import read_fashion_mnist
   _, variables, _ = models.load_checkpoint(config["checkpoint"])
-  labels = read_fashion_mnist("train")[1][:256].astype(np.int32)
+  # --max-examples 256: the subset rule's rows (every class in proportion), not the first.
+  source = data.fashion_mnist_source("train")
+  labels = source.labels[data.subset_indices(source, 256)]
   np.testing.assert_array_equal(np.load(reference / "labels.npy"), labels)
+  assert np.bincount(labels).tolist() == [26] * 6 + [25] * 4
   kernel = variables["params"]["fc"]["kernel"]
   bias = variables["params"]["fc"]["bias"]
   assert config["benchmark"] == "fashion_mnist"  # --dataset fashion_mnist's own.
@@ -126,3 +129,51 @@ def test_resume_with_other_arguments_is_refused(reference, capsys):
 def test_missing_state_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="no fitted state 'line'"):
     runs.fit.load_state(tmp_path, "line")
+
+
+def test_an_out_folder_holding_a_users_files_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                        capsys):
+  def no_work(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the folder was checked")
+
+  monkeypatch.setattr(runs.fit.Backbone, "from_checkpoint", no_work)
+  # A name fit writes (hparams.json) is still the user's file where no args.json of fit's is.
+  for name in ("notes.txt", "hparams.json"):
+    out = tmp_path / name.replace(".", "_")
+    out.mkdir()
+    (out / name).write_text("{}")
+    with pytest.raises(SystemExit) as e:
+      fit.main(["--out", str(out), *ARGS])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} holds {name}") and len(err.splitlines()) == 1
+    assert os.listdir(out) == [name] and (out / name).read_text() == "{}"
+  (tmp_path / "file").write_text("mine")
+  with pytest.raises(ValueError, match="is a file, not a folder"):
+    runs.fit.run(runs.fit.Config(), tmp_path / "file")
+  assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_finished_run_runs_again_over_its_own_folder(reference, tmp_path, capsys):
+  import shutil
+  out = tmp_path / "again"
+  shutil.copytree(reference, out)
+  fit.main(["--out", str(out), *ARGS])
+  err = capsys.readouterr().err  # The settings each scorer ran with, said once.
+  assert err.count("hyperparameters: the fashion_mnist benchmark's settings") == 1
+  assert "  knn: k=10*" in err
+  for name in ("knn", "line"):
+    assert state_bytes(runs.fit.load_state(out, name)) == state_bytes(
+        runs.fit.load_state(reference, name)), name
+  (out / "notes.txt").write_text("mine")  # Then it is no longer line_jax's alone.
+  with pytest.raises(SystemExit):
+    fit.main(["--out", str(out), *ARGS, "--quiet"])
+  assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_only_the_committed_model_takes_the_fashion_mnist_settings_unasked(tmp_path):
+  assert runs.fit.Config().resolved().benchmark == "fashion_mnist"
+  # Another network on the same data: the registry defaults, not settings tuned for another model.
+  assert runs.fit.Config(checkpoint=str(tmp_path)).resolved().benchmark == "none"
+  assert runs.fit.Config(checkpoint=str(tmp_path),
+                         benchmark="fashion_mnist").resolved().benchmark == "fashion_mnist"

@@ -82,6 +82,14 @@ def _x(images):
   return (images.astype(np.float32) / 255 - np.float32(MEAN[0])) / np.float32(STD[0])
 
 
+def _close(got, want):
+  """`got` equals `want` to float32 rounding, relative to `want`'s largest value."""
+  # XLA:CPU float32 is not bit-identical across batch shapes or programs (other
+  # tiling, fusion, summation order: 1.4e-6 seen), so a few ulps, not bit for bit.
+  want = np.asarray(want)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
 def _penultimate(model, variables, x):
   """The reference: the CNN's forward pass written out by hand."""
   p = variables["params"]
@@ -102,10 +110,8 @@ def test_linen_head_input_is_the_features_and_its_output_the_logits(cnn):
   logits, feats = features.extract(model, variables, images, mean=MEAN, std=STD,
                                    head="head/fc", batch_size=4, progress=False)
   assert logits.shape == (11, 3) and feats.shape == (11, 5)
-  np.testing.assert_allclose(feats, _penultimate(model, variables, _x(images)), rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(logits, np.asarray(model.apply(variables, _x(images))),
-                             rtol=1e-5, atol=1e-6)
+  _close(feats, _penultimate(model, variables, _x(images)))  # Batches of 4 against 11.
+  _close(logits, model.apply(variables, _x(images)))
   kernel, bias = models.head_params(variables, head="head/fc")
   assert kernel.shape == (5, 3) and bias.shape == (3,)
   np.testing.assert_allclose(feats @ np.asarray(kernel) + np.asarray(bias), logits,
@@ -141,8 +147,8 @@ def test_dict_output_keyword_call_and_lifted_transform():
   logits, feats = features.extract(model, variables, images, mean=MEAN, std=STD,
                                    head="classifier", progress=False)
   out = model.apply(variables, _x(images))
-  np.testing.assert_allclose(logits, np.asarray(out["logits"]), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(feats, np.asarray(out["aux"]), rtol=1e-5, atol=1e-6)
+  _close(logits, out["logits"])
+  _close(feats, out["aux"])
 
 
 def test_a_backbones_feature_stream_takes_head(cnn):
@@ -154,11 +160,11 @@ def test_a_backbones_feature_stream_takes_head(cnn):
   batches = [(images[:4], labels[:4]), (images[4:8], labels[4:8]), (images[8:], labels[8:])]
   backbone = features.Backbone(model, variables, MEAN, STD, head="head/fc")
   got = list(backbone.stream(batches))
-  np.testing.assert_allclose(np.concatenate([f for f, _ in got]), want, rtol=1e-6)
+  _close(np.concatenate([f for f, _ in got]), want)  # Batches of 4 against one of 9.
   np.testing.assert_array_equal(np.concatenate([l for _, l in got]), labels)
   # Read again: each pass runs the network afresh.
   again = list(backbone.stream(batches))
-  np.testing.assert_allclose(np.concatenate([f for f, _ in again]), want, rtol=1e-6)
+  _close(np.concatenate([f for f, _ in again]), want)
 
 
 def test_nnx_module_with_head_and_returning_a_pair():
@@ -166,16 +172,15 @@ def test_nnx_module_with_head_and_returning_a_pair():
   images = _images()
   logits, feats = features.extract(model, None, images, mean=MEAN, std=STD,
                                    head="layers/1", progress=False)
-  np.testing.assert_allclose(logits, np.asarray(model(jnp.asarray(_x(images)))), rtol=1e-5,
-                             atol=1e-6)
+  _close(logits, model(jnp.asarray(_x(images))))  # Jitted against eager.
   kernel, bias = models.head_params(model, head="layers/1")
   np.testing.assert_allclose(feats @ np.asarray(kernel) + np.asarray(bias), logits,
                              rtol=1e-5, atol=1e-5)
   assert type(model.layers[1]) is nnx.Linear  # The caller's module is left as it was.
   pair = NnxCNN(nnx.Rngs(0), pair=True)
   logits2, feats2 = features.extract(pair, None, images, mean=MEAN, std=STD, progress=False)
-  np.testing.assert_allclose(logits2, logits, rtol=1e-6)
-  np.testing.assert_allclose(feats2, feats, rtol=1e-6)
+  _close(logits2, logits)  # Another program: the head recorded, or the pair returned.
+  _close(feats2, feats)
 
 
 def test_plain_apply_function(cnn):
@@ -190,7 +195,7 @@ def test_plain_apply_function(cnn):
                           head="classifier", progress=False)
   got = features.extract(apply, dict_vars, _images(), mean=MEAN, std=STD, progress=False)
   for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=1e-6)
+    _close(g, w)  # Another program: a function against the head's capture.
   with pytest.raises(ValueError, match="head= needs a Flax module"):
     features.extract(apply, dict_vars, _images(), mean=MEAN, std=STD, head="fc",
                      progress=False)

@@ -83,3 +83,24 @@ def test_missing_inputs_with_an_id_folder(tmp_path):
 def test_imagenet_still_requires_its_ood_sets(tmp_path):
   missing = suites.missing_inputs(suites.get("imagenet"), str(tmp_path), None)
   assert any("inaturalist" in line for line in missing)
+
+
+def test_inputs_name_the_settings_they_take():
+  # A user's own inputs: the registry defaults unless they name a benchmark.
+  assert suites.Inputs(None, [], [], {}).settings == suites.NO_BENCHMARK
+  named = suites.Inputs(None, [], [], {}, settings="cifar10", hparams={"knn": {"k": 5}})
+  assert named.settings == "cifar10" and named.hparams == {"knn": {"k": 5}}
+  with pytest.raises(ValueError, match="unknown benchmark"):
+    suites.Inputs(None, [], [], {}, settings="cifar")
+  with pytest.raises(ValueError, match="unknown hyperparameter"):
+    suites.Inputs(None, [], [], {}, hparams={"react": {"p": 1}})
+
+
+def test_a_benchmark_s_own_inputs_take_its_settings():
+  import os
+  from line_jax import data
+  if not os.path.isdir(data.DEBIAN_FASHION_MNIST_DIR):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  for name in ("fashion_mnist", "fashion_mnist_cifar_settings"):
+    inputs = suites.fashion_mnist_inputs(max_train=20, max_test=10, ood_size=4, settings=name)
+    assert inputs.settings == name and len(inputs.train) == 20

@@ -276,7 +276,12 @@ def _one_line_error(capsys, argv, match):
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
   out = str(tmp_path / "run")
   _one_line_error(capsys, ["--out", out, "--dataset", "nowhere"], "'nowhere' is neither")
-  _one_line_error(capsys, ["--out", str(tmp_path)], "already exists")  # before any training
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("mine")
+  # Before any training (the default data set is all of Fashion-MNIST).
+  _one_line_error(capsys, ["--out", str(mine)], "notes.txt, which line_jax did not write")
+  assert (mine / "notes.txt").read_text() == "mine"
   _one_line_error(capsys, ["--out", out, "--epochs", "0"], "--epochs must be at least 1")
   import PIL.Image
   mixed = tmp_path / "mixed"
@@ -310,3 +315,67 @@ def test_read_images_resizes_and_converts(tmp_path):
   assert x.shape == (5, 14, 14, 3) and x.dtype == np.uint8
   np.testing.assert_array_equal(x[..., 0], x[..., 2])  # gray as RGB
   assert sorted(y.tolist()) == sorted(labels.tolist())
+
+
+def _sorted_npy(root, per_class=(20, 20, 20)):
+  """A `.npy` set sorted by class, as a folder of class subfolders would be."""
+  images, _ = tiny_data(sum(per_class))
+  labels = np.repeat(np.arange(len(per_class)), per_class).astype(np.int32)
+  for i, y in enumerate(labels):  # Each image shows its own class's band.
+    images[i] = np.where(images[i] > 170, images[i] - 180, images[i])
+    images[i, 2 + 8 * y:10 + 8 * y] += 180
+  root.mkdir()
+  np.save(root / "images.npy", images)
+  np.save(root / "labels.npy", labels)
+  return images, labels
+
+
+def test_max_examples_takes_every_class_in_proportion(tmp_path, narrow):
+  from line_jax import data
+  _, labels = _sorted_npy(tmp_path / "data")
+  source = data.open_source(str(tmp_path / "data"))
+  _, y, _, _ = train_lib.load_dataset(str(tmp_path / "data"), limit=18)
+  # The subset rule, not the first 18 rows (all of class 0).
+  np.testing.assert_array_equal(y, labels[data.subset_indices(source, 18)])
+  assert np.bincount(y).tolist() == [6, 6, 6]
+  metrics = train_lib.run(narrow(dataset=str(tmp_path / "data"), epochs=1, batch_size=16,
+                                 max_examples=18), tmp_path / "run",
+                          runtime=train_lib.Runtime(progress=False))
+  _, _, config = models.load_checkpoint(tmp_path / "run")
+  assert config["num_classes"] == 3 and metrics["steps"] == 1
+
+
+def test_out_holding_a_users_files_is_refused_and_kept(tmp_path, narrow):
+  _sorted_npy(tmp_path / "data")
+  config = narrow(dataset=str(tmp_path / "data"), epochs=1, batch_size=16)
+  quiet = train_lib.Runtime(progress=False)
+  for name, text in (("notes.txt", "mine"), ("config.json", '{"lr": 1}')):
+    out = tmp_path / name.replace(".", "_")
+    out.mkdir()
+    (out / name).write_text(text)
+    with pytest.raises(ValueError, match=str(out)) as e:
+      train_lib.run(config, out, runtime=quiet)
+    assert name in str(e.value)
+    assert os.listdir(out) == [name] and (out / name).read_text() == text
+
+
+def test_a_rerun_replaces_its_own_checkpoint(tmp_path, narrow):
+  _sorted_npy(tmp_path / "data")
+  config = narrow(dataset=str(tmp_path / "data"), epochs=1, batch_size=16)
+  quiet = train_lib.Runtime(progress=False)
+  out = tmp_path / "run"
+  out.mkdir()  # An empty folder is taken.
+  train_lib.run(config, out, runtime=quiet)
+  _, first, _ = models.load_checkpoint(out)
+  train_lib.run(dataclasses.replace(config, seed=1), out, runtime=quiet)
+  _, second, saved_config = models.load_checkpoint(out)
+  assert saved_config["seed"] == 1
+  assert sorted(os.listdir(out)) == ["config.json", "variables"]
+  assert sorted(os.listdir(tmp_path)) == ["data", "run"]  # No temporary folder left.
+  assert not np.array_equal(first["params"]["fc"]["kernel"], second["params"]["fc"]["kernel"])
+
+
+def test_fewer_examples_than_classes_is_refused(tmp_path):
+  _sorted_npy(tmp_path / "data")
+  with pytest.raises(ValueError, match="--max-examples 2 keeps 2 of the 3 classes"):
+    train_lib.load_dataset(str(tmp_path / "data"), limit=2)

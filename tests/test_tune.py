@@ -251,3 +251,68 @@ def test_grid_points_a_model_cannot_take_are_skipped_and_reported(data):
   assert all("must be below the feature count 32" in s["why"] for s in result["skipped"])
   with pytest.raises(ValueError, match="no point of vim's grid works on this model"):
     tune.tune_method("vim", *data, grid={"dim": (40, 50)}, check=False)
+
+
+# ---- Where it writes: nothing of the user's is replaced -------------------
+
+
+@pytest.fixture
+def small_set(tmp_path):
+  """120 images of 28x28 (10 classes) for the committed checkpoint."""
+  rng = np.random.default_rng(0)
+  folder = tmp_path / "set"
+  folder.mkdir()
+  np.save(folder / "images.npy", rng.integers(0, 256, (120, 28, 28), dtype=np.uint8))
+  np.save(folder / "labels.npy", np.repeat(np.arange(10), 12).astype(np.int32))
+  return str(folder)
+
+
+def _tune(small_set, tmp_path, **kw):
+  from line_jax import runs
+  config = tune.Config(scorers=("react",), dataset=small_set, val_size=30, ood_size=16,
+                       check=False, batch_size=32)
+  return tune.run(config, runtime=runs.Runtime(cache_dir=str(tmp_path / "cache"),
+                                               progress=False), **kw)
+
+
+def test_users_files_are_refused_before_any_work_and_kept(small_set, tmp_path, monkeypatch):
+  import os
+
+  def no_work(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the outputs were checked")
+
+  monkeypatch.setattr(tune.Backbone, "from_checkpoint", no_work)
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match=f"--out {folder} holds notes.txt"):
+    _tune(small_set, tmp_path, workdir=folder)
+  (tmp_path / "results.json").write_text('{"mine": 1}')
+  with pytest.raises(ValueError, match="results.json exists and is not a results file"):
+    _tune(small_set, tmp_path, results_file=tmp_path / "results.json")
+  with pytest.raises(ValueError, match="is not a results file"):
+    _tune(small_set, tmp_path, results_file=folder)  # A folder where the file goes.
+  assert os.listdir(folder) == ["notes.txt"]
+  assert (tmp_path / "results.json").read_text() == '{"mine": 1}'
+
+
+def test_a_rerun_replaces_its_own_results(small_set, tmp_path, capsys):
+  import json
+  import os
+  from line_jax import tune as tune_cli
+  out = tmp_path / "results.json"
+  args = ["--dataset", small_set, "--methods", "react", "--val-size", "30", "--ood-size",
+          "16", "--no-check", "--batch-size", "32", "--quiet", "--out", str(out)]
+  for _ in range(2):
+    tune_cli.main(args)
+    assert "react" in json.loads(out.read_text())
+  first = _tune(small_set, tmp_path, workdir=tmp_path / "w")
+  again = _tune(small_set, tmp_path, workdir=tmp_path / "w")
+  assert again["react"]["best"] == first["react"]["best"]
+  assert sorted(os.listdir(tmp_path / "w")) == ["table.md", "tune.json"]
+  assert sorted(os.listdir(tmp_path)) == ["cache", "results.json", "set", "w"]  # No temporaries.
+  capsys.readouterr()
+  (tmp_path / "mine.json").write_text("[]")
+  with pytest.raises(SystemExit) as e:
+    tune_cli.main([*args[:-1], str(tmp_path / "mine.json")])
+  assert e.value.code == 2 and "mine.json exists" in capsys.readouterr().err

@@ -2,7 +2,9 @@
 
 Streaming (any size): a random-access source (`ImageFolderSource`,
 `TfdsSource`, `npy_source`, `fashion_mnist_source`, `ArraySource`) and
-`image_batches(source, Preprocess(...), batch_size=...)`, the grain pipeline.
+`image_batches(source, Preprocess(...), batch_size=...)`, the grain pipeline
+(`skip_bad_images=True` drops undecodable files). `check_class_names`
+compares a folder's classes with a model's.
 In memory (small sets): `ood_set`, `validation_ood`. `open_source(spec,
 split)` is the one naming every CLI takes ('fashion_mnist', 'tfds:NAME', a
 folder).
@@ -37,13 +39,19 @@ from line_jax.data._sources import ArraySource
 from line_jax.data._sources import ImageFolderSource
 from line_jax.data._sources import Subset
 from line_jax.data._sources import TfdsSource
+from line_jax.data._sources import check_class_names
 from line_jax.data._sources import fashion_mnist_source
 from line_jax.data._sources import npy_source
+from line_jax.data._subsets import hold_out
+from line_jax.data._subsets import known_labels
+from line_jax.data._subsets import subset_indices
+from line_jax.data._subsets import subset_of
 from line_jax.data._stock_datasets import STOCK_DATASETS
 from line_jax.data._stock_datasets import StockDataset
 
 __all__ = (
     "ArraySource",
+    "BadImageError",
     "CURATED_OOD",
     "CuratedSet",
     "DEBIAN_FASHION_MNIST_DIR",
@@ -56,13 +64,17 @@ __all__ = (
     "OOD_SET_NAMES",
     "Preprocess",
     "STOCK_DATASETS",
+    "SkippedImage",
     "StockDataset",
     "Subset",
     "TfdsSource",
     "center_crop",
+    "check_class_names",
     "download_curated",
     "fashion_mnist_source",
+    "hold_out",
     "image_batches",
+    "known_labels",
     "load_ood_npy",
     "normalize",
     "open_source",
@@ -76,6 +88,8 @@ __all__ = (
     "resize_center_crop",
     "resize_center_crop_batch",
     "resize_shorter_side",
+    "subset_indices",
+    "subset_of",
     "validation_ood",
     "write_idx",
 )
@@ -85,9 +99,11 @@ __all__ = (
 # e.g. on an accelerator VM with only JAX installed.
 _LAZY = {
     # grain is imported only by those who stream.
+    "BadImageError": ("line_jax.data._pipeline", "BadImageError"),
     "ImageBatches": ("line_jax.data._pipeline", "ImageBatches"),
     "Preprocess": ("line_jax.data._pipeline", "Preprocess"),
     "image_batches": ("line_jax.data._pipeline", "image_batches"),
+    "SkippedImage": ("line_jax.data._pipeline", "SkippedImage"),
     "prefetch_to_device": ("line_jax.data._pipeline", "prefetch_to_device"),
 }
 

@@ -30,6 +30,11 @@ An iterator's position is `batches.position(iterator)`: a small JSON-able
 dict of ints (the next batch's first record, the stream's length and batch
 size) that `batches.iterator(position)` resumes from, so the fit CLI can save
 it with orbax next to its accumulators.
+
+A file Pillow cannot decode stops the stream with a `BadImageError` naming
+it. `image_batches(..., skip_bad_images=True)` drops such records instead:
+their batches come out shorter (never padded with made-up pixels), each is
+warned about once and listed in `ImageBatches.skipped`.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, NamedTuple
+import warnings
 
 import grain
 import jax
@@ -48,6 +54,30 @@ import PIL.Image
 from line_jax import distributed
 from line_jax.data import _preprocess
 
+# Appended to a `BadImageError` when nothing skips it.
+_SKIP_HINT = ("pass skip_bad_images=True to image_batches (--skip-bad-images on the "
+              "command line) to drop undecodable images and list them in "
+              "ImageBatches.skipped")
+
+
+class BadImageError(ValueError):
+  """A record that is no image: a file Pillow cannot decode, or pixels that
+  are not uint8 `[H, W]` / `[H, W, C]`. `image_batches(skip_bad_images=True)`
+  drops the records whose `preprocess` raises it."""
+
+
+class SkippedImage(NamedTuple):
+  """A record that `image_batches(..., skip_bad_images=True)` dropped.
+
+  Attributes:
+    index: its index in the source (before any shuffle or shard).
+    path: the image file; None for a record held as pixels.
+    error: why it could not be decoded, naming the file or the record.
+  """
+
+  index: int
+  path: str | None
+  error: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +88,8 @@ class Preprocess:
   (C = 3) as torchvision's `pil_loader` does; arrays are converted through
   Pillow too, so both kinds give the same pixels. Then `Resize(resize_size)`
   and `CenterCrop(image_size)` by `line_jax.data.resize_center_crop`, which
-  matches torchvision's PIL path pixel for pixel.
+  matches torchvision's PIL path pixel for pixel. A record that is no image
+  raises `BadImageError` (a `ValueError`) naming the file.
 
   Attributes:
     image_size: side of the square center crop; None keeps images as they
@@ -113,13 +144,13 @@ class Preprocess:
         pixels = np.asarray(pil if pil.mode == self.mode else pil.convert(self.mode))
     except (OSError, SyntaxError, ValueError) as e:
       # UnidentifiedImageError and truncated files are OSErrors.
-      raise ValueError(f"cannot decode image file {os.fspath(path)}: {e}") from e
+      raise BadImageError(f"cannot decode image file {os.fspath(path)}: {e}") from e
     return pixels.reshape(*pixels.shape[:2], self.channels)
 
   def _convert(self, image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
-      raise ValueError(f"expected a uint8 [H, W] or [H, W, C] image, got "
-                       f"{image.dtype} {image.shape}")
+      raise BadImageError(f"expected a uint8 [H, W] or [H, W, C] image, got "
+                          f"{image.dtype} {image.shape}")
     if image.ndim == 3 and image.shape[2] == 1:
       image = image[:, :, 0]
     if (image.ndim == 2 and self.channels == 1) or (
@@ -140,16 +171,30 @@ class ImageBatches:
     num_records: records in this process's shard.
     batch_size: records per batch (the last batch may hold fewer).
     chunks: how batches are cut into thread tasks (grain counts those).
+    skip_bad_images: whether undecodable records are dropped (see `skipped`).
   """
 
   dataset: grain.IterDataset
   num_records: int
   batch_size: int
   chunks: _Chunks
+  skip_bad_images: bool = False
+  # Source index -> SkippedImage, filled by the batching in the consumer's
+  # thread as batches are read, over every pass.
+  _skipped: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   def __len__(self) -> int:
-    """Number of batches, the last partial one included."""
+    """Number of batches, the last partial one included.
+
+    With `skip_bad_images`, a batch whose every record was skipped is not
+    yielded, so this is an upper bound.
+    """
     return -(-self.num_records // self.batch_size)
+
+  @property
+  def skipped(self) -> tuple[SkippedImage, ...]:
+    """The records dropped so far (in the batches read), by source index."""
+    return tuple(sorted(self._skipped.values()))
 
   def __iter__(self) -> grain.DatasetIterator:
     return self.iterator()
@@ -182,7 +227,7 @@ class ImageBatches:
     """Where `iterator` is, as a JSON-able dict of ints.
 
     `next_record` is the first record of the next batch (`num_records` at
-    the end); `iterator(position)` resumes there.
+    the end), skipped records counted; `iterator(position)` resumes there.
     """
     chunk = iterator.get_state()["next_index"]
     batch = -(-chunk // self.chunks.per_batch)
@@ -201,6 +246,7 @@ def image_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     seed: int | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageBatches:
   """Builds the grain pipeline over a random-access source.
 
@@ -219,32 +265,47 @@ def image_batches(
       `jax.process_index()` / `jax.process_count()`.
     seed: shuffle the records with this seed before sharding (the same
       permutation in every process and every run); None keeps source order.
+    skip_bad_images: drop the records whose `preprocess` raises
+      `BadImageError` (a file Pillow cannot decode) from their batch, which
+      comes out shorter; each is warned about once and listed in the
+      result's `skipped`. False (default): such a record stops the stream.
 
   Returns:
     An `ImageBatches`: iterate it for `(images, labels)`, uint8
     `[b, H, W, C]` and int32 `[b]`.
+
+  Raises:
+    BadImageError: while iterating, without `skip_bad_images`, naming the
+      file (or the record index) that cannot be decoded.
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   workers = (os.cpu_count() or 1) if workers is None else workers
   if workers < 0:
     raise ValueError(f"workers must be >= 0, got {workers}")
-  records = grain.MapDataset.source(source)
+  # The stream holds source indices, so that a skipped record is reported
+  # by its index in the source (grain's shuffle depends only on the length).
+  indices = grain.MapDataset.range(len(source))
   if seed is not None:
-    records = records.shuffle(seed)
+    indices = indices.shuffle(seed)
   if shard is not None:
-    records = records[distributed.record_shard(len(records), shard, process_index,
+    indices = indices[distributed.record_shard(len(indices), shard, process_index,
                                                process_count)]
   per_batch = -(-batch_size // min(MAX_CHUNK, max(1, batch_size // max(workers, 1))))
-  chunks = _Chunks(len(records), batch_size, per_batch)
+  chunks = _Chunks(len(indices), batch_size, per_batch)
   prefetch = 2 * batch_size if prefetch is None else prefetch
   dataset = grain.MapDataset.source(chunks).map(
-      functools.partial(_decode_chunk, records, preprocess))
+      functools.partial(_decode_chunk, source, indices, preprocess, skip_bad_images))
   dataset = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=workers,
       prefetch_buffer_size=-(-max(prefetch, 0) * per_batch // batch_size)))
-  return ImageBatches(dataset.batch(per_batch, batch_fn=_concatenate),
-                      len(records), batch_size, chunks)
+  skipped = {}
+  dataset = dataset.batch(per_batch, batch_fn=functools.partial(_join_chunks, skipped))
+  if skip_bad_images:
+    # A batch whose every record was skipped; the iterator's state (the
+    # position) passes through grain's filter unchanged.
+    dataset = dataset.filter(lambda batch: batch[1].size > 0)
+  return ImageBatches(dataset, len(indices), batch_size, chunks, skip_bad_images, skipped)
 
 
 # Records per thread task at most: enough to make grain's hand-off between
@@ -280,10 +341,46 @@ class _Chunks(Sequence):
     return start + part * size // parts, start + (part + 1) * size // parts
 
 
-def _decode_chunk(records, preprocess, bounds: tuple[int, int]):
-  outputs = [preprocess(records[i]) for i in range(*bounds)]
-  return _concatenate([(image[None], np.asarray([label], np.int32))
-                       for image, label in outputs])
+def _decode_chunk(source, indices, preprocess, skip: bool, bounds: tuple[int, int]):
+  """Stream records `[start, stop)` to `(images [k, H, W, C], labels [k], skipped)`.
+
+  `k` is the records kept; with none kept `images` is an empty `[0]`.
+  """
+  parts, skipped = [], []
+  for i in range(*bounds):
+    index = int(indices[i])
+    record = source[index]
+    try:
+      image, label = preprocess(record)
+    except BadImageError as e:
+      path = record[0] if isinstance(record[0], (str, os.PathLike)) else None
+      # A file's error names it already; pixels are named by their index.
+      error = str(e) if path is not None else f"record {index} of {source!r}: {e}"
+      if not skip:
+        raise BadImageError(f"{error}; {_SKIP_HINT}") from e
+      skipped.append(SkippedImage(index, None if path is None else os.fspath(path), error))
+      continue
+    parts.append((image[None], np.asarray([label], np.int32)))
+  if not parts:
+    return np.zeros((0,), np.uint8), np.zeros((0,), np.int32), skipped
+  return (*_concatenate(parts), skipped)
+
+
+def _join_chunks(log: dict, chunks):
+  """One batch from its chunks; records and warns about each new skipped image.
+
+  Runs in the consumer's thread (grain's batching), so warnings come in
+  stream order.
+  """
+  for chunk in chunks:
+    for skipped in chunk[2]:
+      if skipped.index not in log:
+        log[skipped.index] = skipped
+        warnings.warn(f"skipped an image that cannot be decoded: {skipped.error}")
+  kept = [chunk[:2] for chunk in chunks if chunk[1].size]
+  if not kept:
+    return chunks[0][:2]
+  return _concatenate(kept)
 
 
 def _concatenate(parts):

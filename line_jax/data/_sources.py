@@ -33,16 +33,27 @@ NO_LABEL = -1
 Record = tuple[Any, int]
 
 
+def _is_hidden(name: str) -> bool:
+  # `.ipynb_checkpoints/`, `.DS_Store`, macOS's AppleDouble `._x.jpg`: never
+  # data, and a hidden folder taken for a class would shift every label.
+  return name.startswith(".")
+
+
 def _is_image(name: str) -> bool:
-  return name.lower().endswith(IMG_EXTENSIONS)
+  return not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
 
 
 def _images_under(folder: str) -> list[str]:
-  # torchvision's order: directories as `os.walk` yields them, sorted, then
-  # file names sorted within each.
-  return [os.path.join(root, name)
-          for root, _, names in sorted(os.walk(folder, followlinks=True))
-          for name in sorted(names) if _is_image(name)]
+  """Image files under `folder`, hidden names skipped at every depth.
+
+  torchvision's order: directories as `os.walk` yields them, sorted, then
+  file names sorted within each.
+  """
+  found = []
+  for root, dirs, names in os.walk(folder, followlinks=True):
+    dirs[:] = [d for d in dirs if not _is_hidden(d)]  # Not descended into.
+    found.append((root, sorted(n for n in names if _is_image(n))))
+  return [os.path.join(root, name) for root, names in sorted(found) for name in names]
 
 
 class ImageFolderSource(Sequence):
@@ -53,6 +64,12 @@ class ImageFolderSource(Sequence):
   torchvision's `ImageFolder` (files directly in `root` are ignored, as
   there). A folder with no subfolder is a flat, unlabelled set (an OOD set):
   its images, sorted, with label -1.
+
+  Hidden names, those starting with ".", are skipped at every depth, files
+  and folders alike: `.ipynb_checkpoints/` is no class (torchvision would
+  make it class 0 and shift every label), `.DS_Store` and macOS's `._x.jpg`
+  AppleDouble files are no images. `check_class_names` compares `classes`
+  with the classes a model was trained on.
 
   Attributes:
     root: the folder.
@@ -77,7 +94,8 @@ class ImageFolderSource(Sequence):
     self.root = os.fspath(root)
     if not os.path.isdir(self.root):
       raise FileNotFoundError(f"image folder {self.root} does not exist")
-    subfolders = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+    subfolders = sorted(e.name for e in os.scandir(self.root)
+                        if e.is_dir() and not _is_hidden(e.name))
     if flat is None:
       flat = not subfolders
     if flat:
@@ -110,6 +128,46 @@ class ImageFolderSource(Sequence):
   def __repr__(self) -> str:
     return (f"ImageFolderSource({self.root!r}, {len(self)} images, "
             f"{len(self.classes)} classes)")
+
+
+def check_class_names(found: Sequence[str], expected: Sequence[str], *,
+                      where: str = "the image folder", against: str = "the model") -> None:
+  """Raises unless `found` equals `expected`: the same names in the same order.
+
+  A label is a class's position in the sorted folder names, so a class more
+  or less, or the model's classes in another order, would mislabel every
+  image after it without any error.
+
+  Args:
+    found: the data's class names, e.g. `ImageFolderSource.classes`.
+    expected: the classes the model was trained on, label `i` at `i`.
+    where, against: how the message names the data and the model.
+
+  Raises:
+    ValueError: naming the classes missing from `found` and those not in
+      `expected`, or, for the same names in another order, the labels that
+      differ.
+  """
+  found, expected = [str(c) for c in found], [str(c) for c in expected]
+  if found == expected:
+    return
+  found_set, expected_set = set(found), set(expected)
+  missing = [c for c in expected if c not in found_set]
+  unexpected = [c for c in found if c not in expected_set]
+  head = (f"the classes of {where} ({len(found)}) do not match those of {against} "
+          f"({len(expected)})")
+  if missing or unexpected or len(found) != len(expected):
+    parts = ([f"in {against} but not in {where}: {missing}"] if missing else []) + (
+        [f"in {where} but not in {against}: {unexpected}"] if unexpected else [])
+    raise ValueError(f"{head}: {'; '.join(parts) or 'a name repeats'}. Labels are "
+                     "positions in the sorted class folder names, so they would not "
+                     f"be {against}'s classes")
+  differ = [i for i, (f, e) in enumerate(zip(found, expected)) if f != e]
+  shown = ", ".join(f"label {i} is {found[i]!r} here but {expected[i]!r} in {against}"
+                    for i in differ[:3])
+  raise ValueError(f"{head}: the same names in a different order ({shown}"
+                   f"{', ...' if len(differ) > 3 else ''}); labels follow the sorted "
+                   f"folder names, so {len(differ)} classes would be mislabelled")
 
 
 class ArraySource(Sequence):

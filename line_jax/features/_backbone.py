@@ -17,11 +17,12 @@ features depend on, for `line_jax.features.cache`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
 import functools
 import os
 import time
+import types
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,9 @@ class Backbone:
     head: path of the final Dense layer ("fc", "head/fc") of a network that
       does not return `(logits, features)` itself; its input is the
       features. None: the network returns them, and its head is "fc".
+    apply_kwargs: keyword arguments of every call of the network, e.g.
+      `{"train": False}` for a `__call__(x, train)` that requires it
+      (`line_jax.models.feature_apply`); None: none.
   """
 
   model: Any
@@ -53,6 +57,7 @@ class Backbone:
   std: tuple[float, ...]
   preprocess: Any = None
   head: str | None = None
+  apply_kwargs: Mapping[str, Any] | None = None
 
   def __post_init__(self):
     # The same numbers in a list, tuple or array are one normalisation.
@@ -60,6 +65,13 @@ class Backbone:
       object.__setattr__(self, name, tuple(float(x) for x in np.ravel(getattr(self, name))))
     if len(self.mean) != len(self.std):
       raise ValueError(f"mean has {len(self.mean)} channels and std {len(self.std)}")
+    if self.apply_kwargs is not None:
+      if not isinstance(self.apply_kwargs, Mapping):
+        raise TypeError(f"apply_kwargs must be a mapping, e.g. {{'train': False}}, got "
+                        f"{type(self.apply_kwargs).__name__}")
+      # A read-only copy: the caller's dict changing later must not change `key`'s features.
+      object.__setattr__(self, "apply_kwargs",
+                         types.MappingProxyType(dict(self.apply_kwargs)) or None)
 
   @classmethod
   def from_checkpoint(cls, path: str | os.PathLike) -> "Backbone":
@@ -90,13 +102,18 @@ class Backbone:
   @functools.cached_property
   def key(self) -> str:
     """The digest of what turns a record into features (`cache`): the
-    module's description, every variable, normalisation, head, preprocessing."""
+    module's description, every variable, normalisation, head, preprocessing,
+    apply kwargs."""
     if self.preprocess is None:
       raise ValueError("this Backbone has no preprocess, so no cache key")
     numbers = [[float(np.float32(x)) for x in v] for v in (self.mean, self.std)]
     p = self.preprocess
     steps = [p.image_size, p.resize_size or p.image_size, p.channels, p.fast_decode]
-    return cache.fingerprint(repr(self.model), self.variables, numbers, steps, self.head)
+    parts = [repr(self.model), self.variables, numbers, steps, self.head]
+    if self.apply_kwargs:  # Only then, so keys of backbones without them stay as they were.
+      # Pairs, not the dict: a pytree's leaves are its values, and the names matter too.
+      parts.append([[k, v] for k, v in sorted(self.apply_kwargs.items())])
+    return cache.fingerprint(*parts)
 
   def batches(self, source: Sequence, batch_size: int, *, workers: int | None = None):
     """The grain pipeline over `source`, preprocessed for this network
@@ -111,9 +128,18 @@ class Backbone:
     """`(logits, features, *rest)` of each `(images, *rest)` batch, in order, each
     computed at `batch_size` rows (None: the first batch's) by the one
     extraction loop (`line_jax.features.iter_extract_batches`)."""
+    model, variables, head = self.model, self.variables, self.head
+    if self.apply_kwargs:
+      # The loop builds its apply from (model, variables, head) alone: hand it one
+      # built here with the kwargs, which it takes as it is.
+      from line_jax import models  # pylint: disable=g-import-not-at-top
+      typed = _extract._with_dtype(model, dtype)  # pylint: disable=protected-access
+      model, variables = models.feature_apply(typed, variables, head=head,
+                                              apply_kwargs=self.apply_kwargs)
+      head = dtype = None
     return _extract.iter_extract_batches(
-        self.model, self.variables, batches, mean=self.mean, std=self.std, mesh=mesh,
-        dtype=dtype, progress=progress, total=total, head=self.head, batch_size=batch_size)
+        model, variables, batches, mean=self.mean, std=self.std, mesh=mesh,
+        dtype=dtype, progress=progress, total=total, head=head, batch_size=batch_size)
 
   def stream(self, batches, *, progress: bool | str = False) -> "FeatureStream":
     """This network's features over re-iterable `(images, labels)` batches:

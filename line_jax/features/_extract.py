@@ -76,14 +76,39 @@ def _with_dtype(model: Any, dtype) -> Any:
   return model.clone(dtype=dtype)
 
 
+def _as_images(images):
+  """A list or tuple of `[H, W, C]` arrays stacked to `[N, H, W, C]`; else `images`.
+
+  Anything else is left as it is (a memmap stays mapped).
+  """
+  if not isinstance(images, (list, tuple)):
+    return images
+  shapes = [np.shape(x) for x in images]
+  if not shapes:
+    raise ValueError(f"images is an empty {type(images).__name__}: no image to extract "
+                     "features from")
+  if len(set(shapes)) != 1 or len(shapes[0]) != 3:
+    seen = sorted(set(shapes))
+    raise ValueError(
+        f"images is a {type(images).__name__} of {len(shapes)} arrays of shape "
+        f"{seen[0] if len(seen) == 1 else seen[:4]}: expected uint8 [N, H, W, C], or a "
+        "list of [H, W, C] arrays of one shape (resize them to one, e.g. with "
+        "line_jax.data.resize_center_crop)")
+  return np.stack([np.asarray(x) for x in images])
+
+
 def _check_images(images, channels: int) -> tuple[int, int]:
   shape = tuple(getattr(images, "shape", ()))
   if len(shape) != 4:
-    raise ValueError(f"images must be [N, H, W, C], got shape {shape}")
+    one = "; one image? add a batch axis: x[None]" if len(shape) == 3 else ""
+    raise ValueError(f"images must be [N, H, W, C], got shape {shape}{one}")
   if np.asarray(images[:0]).dtype != np.uint8:
     raise ValueError(f"images must be uint8 pixels, got {np.asarray(images[:0]).dtype}")
   if channels != shape[3]:
-    raise ValueError(f"images have {shape[3]} channels but mean/std have {channels}")
+    # [N, C, H, W] from a PyTorch pipeline: name the fix, not only the clash.
+    nchw = (f"; shape {shape} looks like NCHW (channels first), but line_jax takes NHWC: "
+            "transpose with x.transpose(0, 2, 3, 1)") if shape[1] == channels else ""
+    raise ValueError(f"images have {shape[3]} channels but mean/std have {channels}{nchw}")
   return shape[0], shape[3]
 
 
@@ -116,7 +141,8 @@ def iter_extract(
       `apply(variables, x) -> (logits, features)`; see the module docstring.
     variables: its variables (`{"params": ..., "batch_stats": ...}`); None
       for an NNX module.
-    images: uint8 `[N, H, W, C]` (any array with slicing, e.g. a memmap).
+    images: uint8 `[N, H, W, C]` (any array with slicing, e.g. a memmap),
+      or a list of uint8 `[H, W, C]` arrays of one shape (stacked).
     mean: `[C]` per-channel mean in [0, 1] pixel units.
     std: `[C]` per-channel standard deviation.
     batch_size: images per device call; rounded up to a multiple of the
@@ -141,6 +167,7 @@ def iter_extract(
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   _check_mesh(mesh)
+  images = _as_images(images)
   n, _ = _check_images(images, len(mean))
   if n == 0:
     return
@@ -166,8 +193,8 @@ def iter_extract_batches(
 ) -> Iterator[tuple[Any, ...]]:
   """Runs the model over a stream of batches, e.g. `line_jax.data.image_batches`.
 
-  Every batch is padded to `batch_size` (None: the size of the first),
-  rounded up to the mesh's 'batch' axis, so a stream whose last batch is
+  Every batch is padded to `batch_size` (None: an `ImageBatches`'s own,
+  else the size of the first), rounded up to the mesh's 'batch' axis, so a stream whose last batch is
   partial compiles once, and a stream resumed at any batch computes the
   bits an uninterrupted one does; the next batch is dispatched before the
   previous one is copied back, while the pipeline's threads decode the ones
@@ -190,6 +217,10 @@ def iter_extract_batches(
       as `mean`, or is larger than the first.
   """
   _check_mesh(mesh)
+  if batch_size is None and hasattr(batches, "batch_size") and hasattr(batches, "num_records"):
+    # An `ImageBatches` knows its size up front; its first batch may be
+    # shorter (images dropped by `skip_bad_images`) and must not fix it.
+    batch_size = max(1, min(batches.batch_size, batches.num_records))
   size = None if batch_size is None else _batch_size(batch_size, batch_size, mesh)
   yield from _stream(model, variables, batches, mean=mean, std=std, size=size, mesh=mesh,
                      dtype=dtype, progress=progress, total=total, head=head)
@@ -221,7 +252,7 @@ def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress
   pending = None
   try:
     for item in batches:
-      batch, rest = np.asarray(item[0]), tuple(item[1:])
+      batch, rest = np.asarray(_as_images(item[0])), tuple(item[1:])
       valid, _ = _check_images(batch, channels)
       if size is None:  # The first batch fixes the one compiled shape.
         size = -(-max(valid, 1) // devices) * devices

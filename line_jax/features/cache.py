@@ -23,15 +23,21 @@ to float rounding, not always bit for bit. Each entry is three files:
 interrupted extraction is redone, never half read. Entries are read as
 memmaps: memory holds one batch whatever the set's size. Remove the folder
 to reclaim its space.
+
+A cache folder holds nothing else: one holding a file line_jax did not write
+is refused (`check_folder`), never written into. `refuse_foreign` is that
+rule for every folder a run writes (fit's, evaluate's, tune's, train's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -42,6 +48,9 @@ import numpy as np
 from line_jax import resumable
 
 ENV = "LINE_JAX_CACHE"
+# An entry's files: `<key>.features.npy`, `<key>.labels.npy`, `<key>.json`.
+_KEY = "[0-9a-f]" * 16
+ENTRY_FILES = tuple(_KEY + suffix for suffix in (".features.npy", ".labels.npy", ".json"))
 
 
 def default_dir() -> str:
@@ -87,6 +96,83 @@ def fingerprint(*parts: Any) -> str:
       else:
         digest.update(json.dumps(leaf, sort_keys=True, default=str).encode())
   return digest.hexdigest()[:16]
+
+
+def temporary(path: str) -> str:
+  """Where `path` is written before `os.replace` moves it in: `NAME.tmp`,
+  or `STEM.tmp.png` for a figure (matplotlib picks the format by suffix)."""
+  root, ext = os.path.splitext(path)
+  return f"{root}.tmp{ext}" if ext == ".png" else path + ".tmp"
+
+
+def _final(name: str) -> str:
+  """The name a temporary file (`temporary`) becomes."""
+  if name.endswith(".tmp"):
+    return name[:-len(".tmp")]
+  root, ext = os.path.splitext(name)
+  return root[:-len(".tmp")] + ext if root.endswith(".tmp") else name
+
+
+def refuse_foreign(folder: str | os.PathLike, owned: Sequence[str], *, what: str,
+                   marks: Mapping[str, Callable[[Any], bool]] | None = None) -> None:
+  """Raises unless `folder` holds only what line_jax writes there.
+
+  Checked before a run writes (and before its long work), so that nothing a
+  user keeps is replaced or deleted; a folder line_jax wrote is taken again
+  (a resume, a re-run). A missing or empty folder passes.
+
+  Args:
+    folder: the folder a run writes.
+    owned: glob patterns of the names it writes there; their temporary
+      files (`temporary`) and anything inside them are its own too.
+    what: how the message names the folder, e.g. "--out".
+    marks: `{JSON file: check of its value}`: a folder holding more than
+      temporary files must hold one of them, passing its check (a name
+      alone, `table.md`, could be anyone's file).
+
+  Raises:
+    ValueError: naming the folder and the entries line_jax did not write, or
+      the mark it lacks, or the file that stands where the folder belongs.
+  """
+  folder = os.fspath(folder)
+  if not os.path.lexists(folder):
+    return
+  if not os.path.isdir(folder):
+    raise ValueError(f"{what} {folder} is a file, not a folder; line_jax writes a folder "
+                     "there and replaces no file of yours: choose another path")
+  names = sorted(os.listdir(folder))
+  foreign = [name for name in names
+             if not any(fnmatch.fnmatchcase(n, p) for n in (name, _final(name)) for p in owned)]
+  if foreign:
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise ValueError(f"{what} {folder} holds {shown}, which line_jax did not write; it "
+                     "writes only into a new or empty folder, or one holding its own "
+                     "output: choose another folder or move those away")
+  if marks and any(_final(name) == name for name in names) and not any(
+      _marked(os.path.join(folder, name), check) for name, check in marks.items()):
+    raise ValueError(f"{what} {folder} holds {', '.join(names[:5])} but no "
+                     f"{' or '.join(marks)} of line_jax's, so these may be your files; "
+                     "choose another folder or move them away")
+
+
+def _marked(path: str, check: Callable[[Any], bool]) -> bool:
+  """Whether the JSON file `path` exists and passes `check`."""
+  try:
+    with open(path) as f:
+      return bool(check(json.load(f)))
+  except (OSError, ValueError):  # Absent, a folder, unreadable, not JSON.
+    return False
+
+
+def check_folder(folder: str | os.PathLike) -> None:
+  """Raises unless `folder` is a feature cache (or absent, or empty): no other files."""
+  refuse_foreign(folder, ENTRY_FILES, what="feature cache folder")
+
+
+def _check_key(key: str) -> None:
+  if not isinstance(key, str) or not re.fullmatch("[0-9a-f]{16}", key):
+    raise ValueError(f"cache key {key!r} is not 16 hex digits (`cache.key` or "
+                     "`cache.fingerprint` makes one)")
 
 
 def key(backbone_key: str, source: Sequence) -> str | None:
@@ -156,7 +242,7 @@ def lookup(folder: str | os.PathLike, key: str) -> CachedSet | None:
 
 def _write_meta(paths: dict[str, str], key: str, images: int, seconds: float,
                 description: str) -> None:
-  tmp = paths["meta"] + ".tmp"
+  tmp = temporary(paths["meta"])
   with open(tmp, "w") as f:
     json.dump({"key": key, "images": images, "seconds": seconds, "description": description,
                "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
@@ -188,8 +274,14 @@ def extract(
 
   Returns:
     The `CachedSet`, memory-mapped; `cached` says whether it was read back.
+
+  Raises:
+    ValueError: for a key that `key` / `fingerprint` did not make, or a
+      folder holding files that are not cache entries (`check_folder`).
   """
   folder = os.fspath(folder)
+  _check_key(key)
+  check_folder(folder)
   found = lookup(folder, key)
   if found is not None:
     return found
@@ -223,14 +315,20 @@ def publish(folder: str | os.PathLike, key: str, features_path: str, labels_path
 
   Hard-linked where the cache is on the same file system (no copy, and the
   fit's own files stay), copied elsewhere.
+
+  Raises:
+    ValueError: for a key that `key` / `fingerprint` did not make, or a
+      folder holding files that are not cache entries (`check_folder`).
   """
   folder = os.fspath(folder)
+  _check_key(key)
+  check_folder(folder)
   os.makedirs(folder, exist_ok=True)
   paths = _paths(folder, key)
   if os.path.exists(paths["meta"]):
     os.remove(paths["meta"])  # Stale until the new files are whole.
   for kind, src in (("features", features_path), ("labels", labels_path)):
-    tmp = paths[kind] + ".tmp"
+    tmp = temporary(paths[kind])
     if os.path.exists(tmp):
       os.remove(tmp)
     try:

@@ -14,6 +14,11 @@ output the logits, the same logits the scorers recompute as
   head's instance gets a recording subclass inside the traced call only.
 * A plain function `apply(variables, x) -> (logits, features)` is used as is.
 
+Features are an inference-mode pass: `apply_kwargs` (e.g. `{"train": False}`)
+go to every call, and a model set to train (an NNX module not `eval()`-ed,
+`train=True`) is refused before any batch runs, since its features would
+change with the batch (dropout, batch statistics).
+
 `feature_apply` returns a hashable callable, so `jax.jit` can take it as a
 static argument and callers with the same model share one compilation.
 """
@@ -21,6 +26,7 @@ static argument and callers with the same model share one compilation.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+import inspect
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -29,6 +35,13 @@ import numpy as np
 
 # Private collection the Linen interceptor sows the head's input and output into.
 _CAPTURE = "line_jax_head"
+# Call arguments that set a network's mode: their training value.
+_TRAINING = {"train": True, "training": True, "deterministic": False,
+             "use_running_average": False}
+# The NNX attributes `nnx.Module.eval()` sets True on every submodule that has them.
+_EVAL_ATTRS = ("deterministic", "use_running_average")
+# Where an error lists a network's layers in training mode, the first few make the point.
+_SHOWN = 6
 
 
 def _nnx():
@@ -218,11 +231,13 @@ def _captured(calls: Any, head: tuple, what: str, layers: Callable[[], Mapping])
 class _LinenApply(NamedTuple):
   module: nn.Module
   head: tuple[str, ...] | None
+  kwargs: tuple[tuple[str, Any], ...] = ()
 
   def __call__(self, variables, x):
     what = type(self.module).__name__
+    options = dict(self.kwargs)
     if self.head is None:
-      return _pair(self.module.apply(variables, x), what, lambda: (
+      return _pair(self.module.apply(variables, x, **options), what, lambda: (
           "pass head='<name of its final Dense layer>' to take that layer's input as the "
           f"features ({_listing(dense_layers(variables))})"))
     head = self.head
@@ -235,7 +250,7 @@ class _LinenApply(NamedTuple):
       return y
 
     with nn.intercept_methods(interceptor):
-      out, state = self.module.apply(variables, x, mutable=[_CAPTURE])
+      out, state = self.module.apply(variables, x, mutable=[_CAPTURE], **options)
     del out  # The logits are the head's output (the model's, when it is last).
     node = state.get(_CAPTURE, {})
     for part in head:
@@ -247,11 +262,13 @@ class _NnxApply(NamedTuple):
   graphdef: Any
   head: tuple[str, ...] | None
   name: str
+  kwargs: tuple[tuple[str, Any], ...] = ()
 
   def __call__(self, state, x):
     model = _nnx().merge(self.graphdef, state)
+    options = dict(self.kwargs)
     if self.head is None:
-      return _pair(model(x), self.name, lambda: (
+      return _pair(model(x, **options), self.name, lambda: (
           "pass head='<path of its final Linear>' to take that layer's input as the "
           f"features ({_listing(_nnx_dense_layers(model))})"))
     module = _nnx_submodule(model, self.head)
@@ -267,33 +284,146 @@ class _NnxApply(NamedTuple):
 
     # On the merged copy inside this trace only: the caller's module is untouched.
     module.__class__ = type(cls.__name__, (cls,), {"__call__": call})
-    model(x)
+    model(x, **options)
     return _captured(seen, self.head, self.name, lambda: _nnx_dense_layers(model))
 
 
 class _FunctionApply(NamedTuple):
-  fn: Callable[[Any, Any], Any]
+  fn: Callable[..., Any]
+  kwargs: tuple[tuple[str, Any], ...] = ()
 
   def __call__(self, variables, x):
     what = getattr(self.fn, "__name__", type(self.fn).__name__)
-    return _pair(self.fn(variables, x), what, lambda: (
+    return _pair(self.fn(variables, x, **dict(self.kwargs)), what, lambda: (
         "a function must return (logits, features); for a Flax module, pass the module "
         "itself with head='<name of its final Dense layer>'"))
 
 
-def feature_apply(model: Any, variables: Any, *, head: str | None = None
+# --- inference mode and call arguments, checked once before any batch ---------------------------
+
+
+def _static_kwargs(apply_kwargs: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+  """`{"train": False}` -> `(("train", False),)`: sorted and hashable, since the
+  apply is a static argument of `jax.jit`."""
+  if apply_kwargs is None:
+    return ()
+  if not isinstance(apply_kwargs, Mapping) or not all(isinstance(k, str) for k in apply_kwargs):
+    raise TypeError("apply_kwargs must map argument names to values, e.g. {'train': False}; "
+                    f"got {apply_kwargs!r}")
+  items = tuple(sorted(apply_kwargs.items()))
+  try:
+    hash(items)
+  except TypeError:
+    bad = [f"{k}: {type(v).__name__}" for k, v in items if not _hashable(v)]
+    raise ValueError("apply_kwargs values are static under jit, so must be hashable "
+                     f"(bool, int, str, tuple); got {', '.join(bad)}") from None
+  return items
+
+
+def _hashable(value: Any) -> bool:
+  try:
+    hash(value)
+  except TypeError:
+    return False
+  return True
+
+
+def _refuse_training_kwargs(kwargs: Mapping[str, Any], what: str, variables: Any) -> None:
+  """A call argument set to its training value (`train=True`) is refused."""
+  for name, value in kwargs.items():
+    if (name in _TRAINING and isinstance(value, (bool, np.bool_))
+        and bool(value) == _TRAINING[name]):
+      stats = (" and would update its batch_stats, which extraction holds fixed"
+               if isinstance(variables, Mapping) and "batch_stats" in variables else "")
+      raise ValueError(
+          f"apply_kwargs {name}={value!r} runs {what} in training mode{stats}: features would "
+          "change with the batch (batch statistics, dropout); pass apply_kwargs="
+          f"{{{name!r}: {not value}}}")
+
+
+def _suggest(names: list[str]) -> str:
+  """`["train"]` -> `"{'train': False}"`: inference values where the name says them."""
+  return "{" + ", ".join(
+      f"{n!r}: {not _TRAINING[n]}" if n in _TRAINING else f"{n!r}: ..." for n in names) + "}"
+
+
+def _check_call(fn: Callable, num_args: int, kwargs: Mapping[str, Any], what: str) -> None:
+  """Names an argument `fn(*num_args inputs, **kwargs)` would miss or not take.
+
+  Read from the signature, so the error comes before any batch, not as a
+  TypeError from inside the traced call.
+  """
+  try:
+    params = list(inspect.signature(fn).parameters.values())
+  except (TypeError, ValueError):
+    return  # No signature to read (no __call__, a C callable): the call will say.
+  kind = inspect.Parameter
+  named = [p for p in params if p.kind not in (kind.VAR_POSITIONAL, kind.VAR_KEYWORD)]
+  inputs = [p for p in named if p.kind != kind.KEYWORD_ONLY][:num_args]
+  missing = [p.name for p in named
+             if p not in inputs and p.default is p.empty and p.name not in kwargs]
+  if missing:
+    names = ", ".join(map(repr, missing))
+    raise ValueError(
+        f"{what} requires the argument{'s' * (len(missing) > 1)} {names}, which apply_kwargs "
+        f"does not give: pass apply_kwargs={_suggest(missing)}")
+  if any(p.kind == kind.VAR_KEYWORD for p in params):
+    return
+  takes = [p.name for p in named if p not in inputs and p.kind != kind.POSITIONAL_ONLY]
+  unknown = sorted(set(kwargs) - set(takes))
+  if unknown:
+    raise ValueError(f"{what} takes no argument {', '.join(map(repr, unknown))} (apply_kwargs); "
+                     f"it takes {takes or 'none besides its input'}")
+
+
+def _training_layers(model: Any) -> list[str]:
+  """`["bn1 (BatchNorm: use_running_average=False)", ...]`: what `model.eval()` switches."""
+  nnx = _nnx()
+  found = []
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module):
+      continue
+    for attr in _EVAL_ATTRS:
+      value = getattr(node, attr, None)  # None: decided at call time.
+      if isinstance(value, (bool, np.bool_)) and not value:
+        found.append((path, f"{_name(path) or '<root>'} ({type(node).__name__}: {attr}={value})"))
+  return [text for _, text in sorted(found, key=lambda f: tuple(map(str, f[0])))]
+
+
+def _refuse_nnx_training(model: Any) -> None:
+  """An NNX module in training mode is refused, naming its layers in it."""
+  layers = _training_layers(model)
+  if layers:
+    more = f" and {len(layers) - _SHOWN} more" if len(layers) > _SHOWN else ""
+    raise ValueError(
+        f"{type(model).__name__} is in training mode: {', '.join(layers[:_SHOWN])}{more}. "
+        "Dropout would zero features at random and BatchNorm normalise each batch by its own "
+        "statistics, so features would change with the batch: call model.eval() first (or "
+        "pass a model already in inference mode)")
+
+
+# The applies `feature_apply` returns: passed to it again, they are taken as they are.
+_APPLIES = (_LinenApply, _NnxApply, _FunctionApply)
+
+
+def feature_apply(model: Any, variables: Any, *, head: str | None = None,
+                  apply_kwargs: Mapping[str, Any] | None = None
                   ) -> tuple[Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]], Any]:
   """A network as `apply(variables, x) -> (logits, features)`, hashable.
 
   Args:
     model: a Flax Linen module that returns `(logits, features)`, or any Linen
       module with `head`; a Flax NNX module (in eval mode: `model.eval()`),
-      returning `(logits, features)` or with `head`; or a function
-      `apply(variables, x) -> (logits, features)`.
+      returning `(logits, features)` or with `head`; a function
+      `apply(variables, x) -> (logits, features)`; or an apply this function
+      returned, taken as it is.
     variables: the Linen module's or the function's variables; None for an
       NNX module, which holds its own.
     head: path of the final Dense layer ("fc", "head/fc"): its input
       `[batch, features]` becomes the features and its output the logits.
+    apply_kwargs: keyword arguments of every call, e.g. `{"train": False}`
+      for a Linen module whose `__call__(x, train)` requires it; hashable
+      values (they are static under jit).
 
   Returns:
     `(apply, variables)`: call `apply(variables, x)`. For NNX, `variables` is
@@ -301,29 +431,47 @@ def feature_apply(model: Any, variables: Any, *, head: str | None = None
 
   Raises:
     ValueError: a head that names no Dense-like submodule, variables given
-      with an NNX module, or `head` with a plain function.
+      with an NNX module, or `head` with a plain function; a model in
+      training mode (an NNX module not `eval()`-ed, `train=True`); a call
+      argument the model requires and `apply_kwargs` lacks, or one it does
+      not take.
     TypeError: a model of none of these kinds.
   """
+  if isinstance(model, _APPLIES):
+    if head is not None or apply_kwargs:
+      raise ValueError("model is an apply feature_apply built, its head and apply_kwargs "
+                       "already set: pass head=None and no apply_kwargs")
+    return model, variables
   path = None if head is None else head_path(head)
+  kwargs = _static_kwargs(apply_kwargs)
+  given, what = dict(kwargs), type(model).__name__
   if isinstance(model, nn.Module):
+    _refuse_training_kwargs(given, what, variables)
+    _check_call(getattr(model, "__call__", None), 1, given, what)
     if path is not None:
       layers = dense_layers(variables)
       if _name(path) not in layers:
-        raise unknown_head(head, layers, type(model).__name__)
-    return _LinenApply(model, path), variables
+        raise unknown_head(head, layers, what)
+    return _LinenApply(model, path, kwargs), variables
   if _is_nnx(model):
     if variables is not None:
-      raise ValueError(f"{type(model).__name__} is an NNX module, which holds its own "
+      raise ValueError(f"{what} is an NNX module, which holds its own "
                        "variables: pass variables=None")
+    _refuse_nnx_training(model)
+    _refuse_training_kwargs(given, what, None)
+    _check_call(getattr(model, "__call__", None), 1, given, what)
     if path is not None and _nnx_kernel(_nnx_submodule(model, path)) is None:
-      raise unknown_head(head, _nnx_dense_layers(model), type(model).__name__)
+      raise unknown_head(head, _nnx_dense_layers(model), what)
     graphdef, state = _nnx().split(model)
-    return _NnxApply(graphdef, path, type(model).__name__), state
+    return _NnxApply(graphdef, path, what, kwargs), state
   if callable(model):
     if path is not None:
       raise ValueError("head= needs a Flax module; a plain function must return "
                        "(logits, features) itself")
-    return _FunctionApply(model), variables
+    name = getattr(model, "__name__", what)
+    _refuse_training_kwargs(given, name, variables)
+    _check_call(model, 2, given, name)
+    return _FunctionApply(model, kwargs), variables
   raise TypeError(
       "model must be a Flax Linen module, a Flax NNX module or a function "
-      f"apply(variables, x) -> (logits, features), got {type(model).__name__}")
+      f"apply(variables, x) -> (logits, features), got {what}")

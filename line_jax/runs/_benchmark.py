@@ -11,11 +11,12 @@ of every set.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
 import os
 import tempfile
+from typing import Any
 
 from line_jax import features
 from line_jax import models
@@ -31,20 +32,23 @@ class BenchmarkData:
   """Which benchmark's model and data a run reads.
 
   Attributes:
-    benchmark: a key of `suites.SUITES`, or "none" (with your own `Inputs`:
-      every scorer at its registry defaults).
+    benchmark: a key of `suites.SUITES`; None reads "fashion_mnist" (or your
+      own `Inputs`, at the settings they name). With your own `Inputs` it
+      must be None or the settings they name ("none": the registry
+      defaults, `Inputs.from_arrays`'s), never another benchmark's.
     checkpoint: line_jax checkpoint folder (the Fashion-MNIST suites).
     torch_checkpoint: PyTorch state_dict of a paper suite's network.
     data_dir: TFDS datasets and the paper's OOD sets.
     id_folder: ID `train/` and `test/` in ImageFolder layout (else TFDS).
-    max_train, max_test: evenly spaced subsets of this size (quick runs).
+    max_train, max_test: subsets of this size by the one rule (quick runs;
+      `data.subset_of`: every class in proportion, evenly spaced).
     ood_size: images per offline OOD set.
     extra_ood: more OOD sets, `NAME=PATH` (a uint8 `.npy` of the suite's
       input shape, or a folder of images of any size) or `(name, path)`.
     batch_size: images per network call.
   """
 
-  benchmark: str = "fashion_mnist"
+  benchmark: str | None = None
   checkpoint: str = models.DEFAULT_CHECKPOINT
   torch_checkpoint: str | None = None
   data_dir: str | None = None
@@ -56,20 +60,33 @@ class BenchmarkData:
   batch_size: int = features.IMAGES_PER_CALL
 
   @property
+  def name(self) -> str:
+    """The benchmark whose data this reads ("fashion_mnist" for None)."""
+    return self.benchmark or "fashion_mnist"
+
+  @property
   def suite(self) -> suites.Suite | None:
     """The suite; None for "none"."""
-    return None if self.benchmark == suites.NO_BENCHMARK else suites.get(self.benchmark)
+    return None if self.name == suites.NO_BENCHMARK else suites.get(self.name)
 
   def inputs(self) -> suites.Inputs:
-    """The suite's backbone and sources, from local files."""
+    """The suite's backbone and sources, from local files (at its settings)."""
     check_positive(batch_size=self.batch_size, max_train=self.max_train,
                    max_test=self.max_test, ood_size=self.ood_size)
-    if self.benchmark.startswith("fashion_mnist"):
+    if self.name.startswith("fashion_mnist"):
       return suites.fashion_mnist_inputs(self.checkpoint, max_train=self.max_train,
-                                         max_test=self.max_test, ood_size=self.ood_size)
+                                         max_test=self.max_test, ood_size=self.ood_size,
+                                         settings=self.name)
     return suites.paper_inputs(self.suite, self.data_dir, self.torch_checkpoint,
                                id_folder=self.id_folder, max_train=self.max_train,
                                max_test=self.max_test, ood_size=self.ood_size)
+
+
+def user_hparams(inputs: suites.Inputs, hparams: Mapping[str, Mapping[str, Any]]
+                 ) -> dict[str, dict[str, Any]]:
+  """`{scorer: {name: value}}` the user set: the Inputs' own, a run's `hparams` over them."""
+  return {name: {**inputs.hparams.get(name, {}), **hparams.get(name, {})}
+          for name in {*inputs.hparams, *hparams}}
 
 
 @contextlib.contextmanager
@@ -90,6 +107,11 @@ def features_of(data: BenchmarkData, runtime: Runtime, *, inputs: suites.Inputs 
   # The user's files are checked before the (slow) loading of everything else.
   suite = data.suite
   if inputs is not None:
+    if data.benchmark not in (None, inputs.settings):
+      raise ValueError(
+          f"BenchmarkData({data.benchmark!r}) with Inputs whose settings are "
+          f"{inputs.settings!r}: name the settings in the Inputs (Inputs.from_arrays(..., "
+          f"settings={data.benchmark!r})) and leave BenchmarkData's benchmark out")
     shape, taken = inputs.image_shape, list(inputs.ood)
   elif suite is not None:
     shape = (suite.image_size, suite.image_size, suite.channels)

@@ -1,4 +1,8 @@
-"""What an evaluation writes: metrics.json, table.md, hparams, timings, plots."""
+"""What an evaluation writes: metrics.json, table.md, hparams, timings, plots.
+
+Each file is written whole or not at all (a temporary file, then
+`os.replace`), into a folder that holds nothing else (`OWN_FILES`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,14 @@ import jax
 from line_jax import _progress
 from line_jax import plots
 from line_jax.runs import _shared
+
+# What evaluate (and its ablation) write in a folder: any other file there is
+# the user's, and the folder is refused (`_shared.check_out`).
+OWN_FILES = ("metrics.json", "hparams.json", "timings.json", "table.md", "roc.png",
+             "hist_*.png", "ablation.json", "ablation.md", "ablation.png")
+# The files that show an evaluation (or an ablation) wrote a folder.
+OWN_MARKS = {"metrics.json": _shared.has_keys("id_accuracy", "methods"),
+             "ablation.json": _shared.has_keys("settings", "variants")}
 
 
 def format_table(result: Mapping[str, Any]) -> str:
@@ -88,10 +100,11 @@ def write_outputs(out_dir, result, scores, used, timing=None, *, make_plots=True
     files["timings.json"] = timing
   for name, value in files.items():
     write_json(os.path.join(out_dir, name), value)
-  with open(os.path.join(out_dir, "table.md"), "w") as f:
-    f.write(format_table(result))
+  _shared.write_text(os.path.join(out_dir, "table.md"), format_table(result))
   if not make_plots:
     return
-  plots.plot_roc(scores, os.path.join(out_dir, "roc.png"))
+  with _shared.atomic_file(os.path.join(out_dir, "roc.png")) as tmp:
+    plots.plot_roc(scores, tmp)
   for method, _ in _progress.iterate(scores, "plots", enabled=progress):
-    plots.plot_histograms(method, scores[method], os.path.join(out_dir, f"hist_{method}.png"))
+    with _shared.atomic_file(os.path.join(out_dir, f"hist_{method}.png")) as tmp:
+      plots.plot_histograms(method, scores[method], tmp)

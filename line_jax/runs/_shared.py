@@ -1,11 +1,14 @@
-"""What every run shares: how it runs, the named data sets it reads, atomic JSON."""
+"""What every run shares: how it runs, the named data sets it reads, its output
+folders (refused where they hold a user's files), atomic writes."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from typing import Any
 
 import jax
@@ -13,6 +16,8 @@ import numpy as np
 
 from line_jax import data
 from line_jax import distributed
+from line_jax import suites
+from line_jax.features import cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +51,10 @@ def open_dataset(spec: str, split: str, num_classes: int, *,
     spec: 'fashion_mnist', 'tfds:NAME' or a folder.
     split: "train" or "test".
     num_classes: the model's classes; labels a source knows must lie below.
-    limit: only the first this many records.
+    limit: this many records by the one subset rule (`data.subset_of`:
+      every class in proportion, evenly spaced), not the first ones.
   """
-  source = data.open_source(spec, split)
-  if limit is not None:
-    source = data.Subset.range(source, 0, min(limit, len(source)))
+  source = data.subset_of(data.open_source(spec, split), limit)
   if len(source) == 0:
     raise ValueError(f"dataset {spec!r} ({split}) holds no image")
   labels = getattr(source, "labels", None)
@@ -73,14 +77,85 @@ def own_shard(source: Sequence, batch_size: int, *, allow_empty: bool = False) -
   return data.Subset.range(source, start, stop)
 
 
+def hparams_report(settings: str | None, used: Mapping[str, Mapping[str, Any]],
+                   overrides: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+  """What each scorer ran with and whose settings they are: printed once per run,
+  so that no benchmark's settings reach a model unseen."""
+  if settings in (None, suites.NO_BENCHMARK):
+    whose = "the registry defaults"
+  else:
+    whose = f"the {settings} benchmark's settings over the registry defaults"
+  lines = [f"hyperparameters: {whose}" + (", yours (*) over them" if overrides else "")]
+  for name, hparams in used.items():
+    mine = (overrides or {}).get(name, {})
+    cells = [f"{k}={json.dumps(v, default=repr)}{'*' if k in mine else ''}"
+             for k, v in hparams.items()]
+    lines.append(f"  {name}: {', '.join(cells) or '(none)'}")
+  return "\n".join(lines)
+
+
+def check_out(folder: str | os.PathLike, owned: Sequence[str], *,
+              marks: Mapping[str, Any] | None = None, what: str = "--out") -> None:
+  """Refuses an output folder holding anything but its run's own files
+  (`cache.refuse_foreign`: `owned` patterns, one of the `marks`), decided by
+  process 0, the one that writes, and raised on every process."""
+  problem = None
+  if distributed.is_primary():
+    try:
+      cache.refuse_foreign(folder, owned, what=what, marks=marks)
+    except ValueError as e:
+      problem = e
+  if not distributed.everyone(problem is None):
+    raise problem or ValueError(f"{what} {os.fspath(folder)} was refused on process 0")
+
+
+def has_keys(*keys: str):
+  """A mark's check (`check_out`): a JSON object holding `keys`."""
+  return lambda value: isinstance(value, dict) and set(keys) <= set(value)
+
+
+def check_cache(runtime: Runtime) -> None:
+  """Refuses a `--cache-dir` that holds files other than cache entries, before any work."""
+  if runtime.cache_dir is not None:
+    cache.check_folder(runtime.cache_dir)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, *, unique: bool = False) -> Iterator[str]:
+  """A temporary path to write; moved onto `path` (`os.replace`) if the block ends well.
+
+  A reader sees the old file or the whole new one. `unique` names the
+  temporary file afresh (in a folder of the user's, where a fixed name could
+  be theirs); otherwise it is `cache.temporary(path)`, in a folder of ours.
+  """
+  path = os.fspath(path)
+  if unique:
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the result private.
+  else:
+    tmp = cache.temporary(path)
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.remove(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str, *, unique: bool = False) -> None:
+  """`text` to `path`, atomically (`atomic_file`)."""
+  with atomic_file(path, unique=unique) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+
+
 def write_json(path: str | os.PathLike, value: Any, *, sort_keys: bool = True,
-               default=None) -> None:
+               default=None, unique: bool = False) -> None:
   """`value` as JSON, atomically: a reader sees the old file or the whole new one.
   `default` turns what JSON cannot hold into what it can (`json.dump`'s)."""
-  tmp = os.fspath(path) + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=2, sort_keys=sort_keys, default=default)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  write_text(path, json.dumps(value, indent=2, sort_keys=sort_keys, default=default) + "\n",
+             unique=unique)

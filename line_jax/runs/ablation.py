@@ -36,7 +36,12 @@ from line_jax import suites
 from line_jax.runs import _report
 from line_jax.runs._benchmark import BenchmarkData
 from line_jax.runs._benchmark import features_of
+from line_jax.runs._benchmark import user_hparams
+from line_jax.runs._shared import atomic_file
+from line_jax.runs._shared import check_cache
+from line_jax.runs._shared import check_out
 from line_jax.runs._shared import Runtime
+from line_jax.runs._shared import write_text
 
 PARTS = ("clip", "weights", "neurons")  # Activation clipping, weight pruning, neuron pruning.
 
@@ -116,7 +121,8 @@ class Config:
 
   Attributes:
     data: the benchmark's model and data (as `evaluate.Config.data`).
-    hparams: `{"line": {name: value}}` over the benchmark's LINe settings.
+    hparams: `{"line": {name: value}}` over the LINe settings the inputs
+      name (a benchmark's, or the registry defaults for your own Inputs).
     plots: write `ablation.png`.
   """
 
@@ -130,18 +136,22 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   """LINe's ablation on a benchmark at its LINe settings (`suites.hparams_for`).
 
   Writes `ablation.json`, `ablation.md` and (with `config.plots`)
-  `ablation.png` into `workdir` (None: nothing). Runs on one process.
+  `ablation.png` into `workdir` (None: nothing; refused where it holds files
+  an evaluation does not write). Runs on one process.
 
   Returns:
     The `line_ablation` table.
   """
   if jax.process_count() > 1:
     raise ValueError("the ablation runs on one process; run it without --coordinator")
+  if workdir is not None:
+    check_out(workdir, _report.OWN_FILES, marks=_report.OWN_MARKS)
+  check_cache(runtime)
   with features_of(config.data, runtime, inputs=inputs) as (inputs, cached):
     train = cached.pop("train")
     kernel, bias = inputs.backbone.head_params()
-    hp = suites.hparams_for(config.data.suite, "line", config.hparams.get("line"),
-                            train.features)
+    hp = suites.hparams_for(inputs.settings, "line",
+                            user_hparams(inputs, config.hparams).get("line"), train.features)
     table = line_ablation(train.batches(), kernel, bias,
                           {name: c.features for name, c in cached.items()}, **hp)
   if workdir is not None and distributed.is_primary():
@@ -154,7 +164,7 @@ def write(table: Mapping[str, Any], workdir: str | os.PathLike, *, plots: bool =
   workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   _report.write_json(os.path.join(workdir, "ablation.json"), table)
-  with open(os.path.join(workdir, "ablation.md"), "w") as f:
-    f.write(format_ablation(table))
+  write_text(os.path.join(workdir, "ablation.md"), format_ablation(table))
   if plots:
-    plots_lib.plot_ablation(table, os.path.join(workdir, "ablation.png"))
+    with atomic_file(os.path.join(workdir, "ablation.png")) as tmp:
+      plots_lib.plot_ablation(table, tmp)

@@ -8,8 +8,11 @@
 What `python -m line_jax.evaluate` runs. The training, test and OOD sets
 stream through the input pipeline and the backbone into the feature cache
 (`runs._benchmark.features_of`), then every scorer is fitted from batches of
-the cached training features, with the benchmark's hyperparameters
-(`suites.hparams_for`, the rule `fit` follows too), and scores each set.
+the cached training features, with the hyperparameters of the settings the
+inputs name (a benchmark's own, or the registry defaults for
+`Inputs.from_arrays`; `suites.hparams_for`, the rule `fit` follows too), and
+scores each set. The hyperparameters each scorer ran with are printed once
+and written into `metrics.json` and `hparams.json`.
 On multi-host each process extracts and scores its own shard of every set;
 the fits merge across processes, the scores are gathered, and process 0
 alone writes.
@@ -20,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import os
+import sys
 import time
 from typing import Any
 
@@ -37,7 +41,11 @@ from line_jax.runs import _report
 from line_jax.runs import ablation
 from line_jax.runs._benchmark import BenchmarkData
 from line_jax.runs._benchmark import features_of
+from line_jax.runs._benchmark import user_hparams
 from line_jax.runs._report import format_table  # noqa: F401  Part of this module's API.
+from line_jax.runs._shared import check_cache
+from line_jax.runs._shared import check_out
+from line_jax.runs._shared import hparams_report
 from line_jax.runs._shared import Runtime
 
 METRICS = metrics_lib.NAMES
@@ -50,7 +58,8 @@ class Config:
   Attributes:
     data: the benchmark's model and data.
     scorers: registered scorer names; empty: every one.
-    hparams: `{scorer: {name: value}}` over the benchmark's settings.
+    hparams: `{scorer: {name: value}}` over the settings the inputs name
+      (and over the Inputs' own `hparams`).
     plots: write the PNGs (ROC curves, score histograms).
     ablation: also run LINe's ablation on the same features
       (`runs.ablation`; one process).
@@ -86,7 +95,8 @@ def fit_and_score(names: Sequence[str], suite: suites.Suite | str | None,
 
   Args:
     names: scorer names.
-    suite: gives the hyperparameters (`suites.hparams_for`).
+    suite: whose settings the scorers take (`suites.hparams_for`; "none":
+      the registry defaults).
     train: the cached training features and labels.
     kernel: `[features, classes]`; bias: `[classes]`.
     sets: name -> `[n_set, features]` (memmaps), "id" first.
@@ -147,7 +157,8 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
         inputs: suites.Inputs | None = None, runtime: Runtime = Runtime()) -> dict[str, Any]:
   """Runs a benchmark end to end.
 
-  Writes (when `workdir` is set) `metrics.json` (`{"id_accuracy", "methods":
+  Writes (when `workdir` is set) `metrics.json` (`{"id_accuracy", "settings":
+  whose hyperparameters, "hparams": {scorer: what it ran with}, "methods":
   {scorer: {ood_set: {"fpr95", "auroc", "aupr_in", "aupr_out"}, "average"}}}`,
   fractions; "average" is the mean over every OOD set of the run, extra ones
   included), `table.md` (FPR95 / AUROC in %), `hparams.json`, `timings.json`,
@@ -156,34 +167,42 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
 
   Args:
     config: what to evaluate.
-    workdir: output folder (made if needed); None writes nothing.
-    inputs: ready `suites.Inputs` (custom data) instead of the benchmark's;
-      the benchmark still gives the hyperparameters.
+    workdir: output folder (made if needed; refused, before any work, where
+      it holds files an evaluation does not write); None writes nothing.
+    inputs: ready `suites.Inputs` (custom data) instead of the benchmark's,
+      at the settings they name (`Inputs.from_arrays`: the registry
+      defaults) with their `hparams`, then `config.hparams`, over them.
     runtime: decoding threads, the feature cache (None: a temporary folder,
       removed at the end), progress output.
 
   Returns:
-    The metrics.json dict: `{"id_accuracy", "methods"}`.
+    The metrics.json dict: `{"id_accuracy", "settings", "hparams", "methods"}`.
   """
   start = time.perf_counter()
   names = config.scorer_names()
-  suite = config.data.suite
   if config.ablation and jax.process_count() > 1:
     raise ValueError("--ablation runs on one process; run it without --coordinator")
+  if workdir is not None:
+    check_out(workdir, _report.OWN_FILES, marks=_report.OWN_MARKS)
+  check_cache(runtime)
   with features_of(config.data, runtime, inputs=inputs) as (inputs, cached):
     train = cached.pop("train")
     kernel, bias = inputs.backbone.head_params()
     sets = {name: c.features for name, c in cached.items()}
-    scores, used, fit_seconds = fit_and_score(names, suite, train, kernel, bias, sets,
-                                              overrides=config.hparams,
+    overrides = user_hparams(inputs, config.hparams)
+    scores, used, fit_seconds = fit_and_score(names, inputs.settings, train, kernel, bias,
+                                              sets, overrides=overrides,
                                               progress=runtime.progress)
     hits = distributed.gather_rows(correct(cached["id"], kernel, bias))
-    result = {"id_accuracy": float(np.mean(hits)), "methods": metrics_of(scores)}
+    result = {"id_accuracy": float(np.mean(hits)), "settings": inputs.settings,
+              "hparams": used, "methods": metrics_of(scores)}
     if config.ablation:
-      hp = suites.hparams_for(suite, "line", config.hparams.get("line"), train.features)
+      hp = suites.hparams_for(inputs.settings, "line", overrides.get("line"), train.features)
       table = ablation.line_ablation(train.batches(), kernel, bias, sets, **hp)
   timings = _report.timings({"train": train, **cached}, fit_seconds,
                             time.perf_counter() - start)
+  if distributed.is_primary() and runtime.progress:
+    print(hparams_report(inputs.settings, used, overrides), file=sys.stderr)
   if workdir is not None and distributed.is_primary():
     _report.write_outputs(workdir, result, scores, used, timings, make_plots=config.plots,
                           progress=runtime.progress)

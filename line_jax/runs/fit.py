@@ -10,8 +10,10 @@ over the feature cache's rows where it holds them. A run's folder holds
 `args.json` (its `Config`; a resume with another is refused), `progress/`,
 `features.npy` / `labels.npy`, `<scorer>/` (each state, `line_jax.load`) and
 `hparams.json` (the settings each scorer ran with, resolved: they paste into
-`Scorer.fit`). On multi-host each process reads its own shard of whole
-batches, and process 0 writes.
+`Scorer.fit`). A folder holding anything else is refused before the run
+starts (`cache.refuse_foreign`): a user's files are never replaced. On
+multi-host each process reads its own shard of whole batches, and process 0
+writes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -36,7 +39,11 @@ from line_jax import scorers
 from line_jax import suites
 from line_jax.features import Backbone
 from line_jax.features import cache
+from line_jax.runs._shared import check_cache
+from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import has_keys
+from line_jax.runs._shared import hparams_report
 from line_jax.runs._shared import open_dataset
 from line_jax.runs._shared import own_shard
 from line_jax.runs._shared import Runtime
@@ -56,11 +63,13 @@ class Config:
     dataset: 'fashion_mnist', 'tfds:NAME' or a folder (`data.open_source`).
     scorers: registered scorer names; empty: every one.
     benchmark: whose settings the scorers take (`suites.SUITES` or "none");
-      None: "fashion_mnist" for that data set, else "none".
+      None: "fashion_mnist" for the committed checkpoint on that data set
+      (the model they were tuned for), else "none" (the registry defaults).
     hparams: `{scorer: {name: value}}` over the benchmark's settings.
     batch_size: images per network call.
     save_every: batches between progress saves.
-    max_examples: only the first this many images (None: all).
+    max_examples: this many images by the subset rule (`data.subset_of`:
+      every class in proportion, evenly spaced; None: all).
   """
 
   checkpoint: str = models.DEFAULT_CHECKPOINT
@@ -85,11 +94,13 @@ class Config:
     check_positive(batch_size=self.batch_size, save_every=self.save_every,
                    max_examples=self.max_examples)
     dataset = os.path.abspath(self.dataset) if os.path.isdir(self.dataset) else self.dataset
-    benchmark = self.benchmark or (
-        "fashion_mnist" if self.dataset == "fashion_mnist" else suites.NO_BENCHMARK)
+    checkpoint = os.path.abspath(self.checkpoint)
+    committed = self.dataset == "fashion_mnist" and checkpoint == os.path.abspath(
+        models.DEFAULT_CHECKPOINT)
+    benchmark = self.benchmark or ("fashion_mnist" if committed else suites.NO_BENCHMARK)
     if benchmark != suites.NO_BENCHMARK:
       suites.get(benchmark)
-    return dataclasses.replace(self, checkpoint=os.path.abspath(self.checkpoint),
+    return dataclasses.replace(self, checkpoint=checkpoint,
                                dataset=dataset, scorers=names, benchmark=benchmark,
                                hparams={k: dict(v) for k, v in self.hparams.items()})
 
@@ -99,6 +110,14 @@ class Config:
     if jax.process_count() > 1:  # A resume must keep the process count (the shards).
       record["num_processes"] = jax.process_count()
     return record
+
+
+def own_files() -> tuple[str, ...]:
+  """Glob patterns of what a fit writes in its folder (`cache.refuse_foreign`)."""
+  # io.save writes a state as `<name>.line_jax-saving` before renaming it.
+  states = [p for name in scorers.names() for p in (name, f"{name}.line_jax-saving")]
+  return (ARGS_FILE, HPARAMS_FILE, "features*.npy", "labels*.npy", resumable.PROGRESS_DIR,
+          CACHED_DIR, *states)
 
 
 def claim(out: str, record: dict[str, Any]) -> None:
@@ -128,7 +147,8 @@ def run(config: Config, workdir: str | os.PathLike, *,
   Args:
     config: what to fit.
     workdir: the run's folder (resumed where it holds an unfinished run of
-      the same `config`).
+      the same `config`, replaced where it holds a finished one; refused
+      where it holds anything a fit does not write).
     runtime: decoding threads, the feature cache, progress output. With a
       cache, where it holds the backbone's features of the data set (on every
       process) they are folded instead of running the network (progress in
@@ -140,6 +160,8 @@ def run(config: Config, workdir: str | os.PathLike, *,
   """
   config = config.resolved()
   out = os.path.abspath(os.fspath(workdir))
+  check_out(out, own_files(), marks={ARGS_FILE: has_keys("checkpoint", "dataset", "scorers")})
+  check_cache(runtime)
   backbone = Backbone.from_checkpoint(config.checkpoint)
   kernel, bias = backbone.head_params()
   source = own_shard(open_dataset(config.dataset, "train", backbone.num_classes,
@@ -182,10 +204,11 @@ def run(config: Config, workdir: str | os.PathLike, *,
   states = chained.finalize(acc)
   for name, state in states.items():
     io.save(os.path.join(out, name), state)  # Collective; process 0 writes.
+  used = {name: scorers.resolved_hparams(hparams[name], states[name]) for name in states}
   if distributed.is_primary():
-    write_json(os.path.join(out, HPARAMS_FILE),
-                      {name: scorers.resolved_hparams(hparams[name], states[name])
-                       for name in states})
+    write_json(os.path.join(out, HPARAMS_FILE), used)
+    if runtime.progress:
+      print(hparams_report(config.benchmark, used, config.hparams), file=sys.stderr)
   return states
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -30,11 +32,16 @@ from line_jax import features
 from line_jax import models
 from line_jax.data import MEAN_STD
 from line_jax.models import get_model
+from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import has_keys
 from line_jax.runs._shared import Runtime
 
 # Pixels an image may move in each direction (zero padding, random crop).
 MAX_SHIFT = 2
+# What `models.save_checkpoint` writes, and the file that shows it did.
+OWN_FILES = ("config.json", "variables")
+OWN_MARKS = {"config.json": has_keys("model", "num_classes", "input_shape")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +67,8 @@ class TrainConfig:
       images as stored).
     channels: `run` reads 1 (gray) or 3 (RGB) channels (None: the first
       image's).
-    max_examples: `run` reads only the first this many images of each split.
+    max_examples: `run` reads this many images of each split by the subset
+      rule (`data.subset_of`: every class in proportion, evenly spaced).
   """
 
   model: str = "resnet_small"
@@ -274,17 +282,17 @@ def checkpoint_config(config: TrainConfig, input_shape: Sequence[int],
 
 
 def read_images(source, *, image_size: int | None = None, channels: int | None = None,
-                limit: int | None = None, workers: int | None = None, quiet: bool = True,
+                workers: int | None = None, quiet: bool = True,
                 desc: str = "read") -> tuple[np.ndarray, np.ndarray]:
   """A source's images and labels in memory: uint8 `[N, H, W, C]`, int32 `[N]`.
 
   Args:
-    source: a random-access source (`line_jax.data`, `data.open_source`).
+    source: a random-access source (`line_jax.data`, `data.open_source`), or
+      a `data.Subset` of one (`data.subset_of`).
     image_size: resize the shorter side and center-crop to this square
       (torchvision's Resize + CenterCrop); None keeps the images as they are
       (they must then share one size).
     channels: 1 (grayscale) or 3 (RGB); None is the first image's.
-    limit: only the first `limit` records.
     workers: decoding threads of the grain pipeline.
     quiet: no progress output.
     desc: what the progress output calls this read.
@@ -293,17 +301,17 @@ def read_images(source, *, image_size: int | None = None, channels: int | None =
     ValueError: for an empty source, or images of several sizes and no
       `image_size`.
   """
-  n = len(source) if limit is None else min(limit, len(source))
+  n = len(source)
   if n == 0:
     raise ValueError(f"{source!r} holds no image")
   if channels is None:
     channels = _channels(source[0][0])
-  images = getattr(source, "images", None)
+  whole, rows = ((source.source, source.indices) if isinstance(source, data.Subset)
+                 else (source, slice(None)))
+  images = getattr(whole, "images", None)
   if images is not None and image_size is None and _channels(images[0]) == channels:
     # Pixels already in memory (or memory-mapped), in the right mode.
-    return _as_nhwc(np.asarray(images[:n])), np.asarray(source.labels[:n], np.int32)
-  if limit is not None:
-    source = data.Subset.range(source, 0, n)
+    return _as_nhwc(np.asarray(images[rows])), np.asarray(whole.labels[rows], np.int32)
   batches = data.image_batches(source, data.Preprocess(image_size=image_size, channels=channels),
                                batch_size=256, workers=workers)
   parts, labels = [], []
@@ -375,20 +383,26 @@ def load_dataset(spec: str, *, image_size: int | None = None, channels: int | No
 
   `spec` is a data set name as every CLI takes it (`data.open_source`);
   the test pair is None where `spec` has no test split (`has_split`).
-  Images are uint8 `[N, H, W, C]` (`read_images`); `limit` caps each split.
+  Images are uint8 `[N, H, W, C]` (`read_images`); `limit` takes that many
+  of each split by the one subset rule (`data.subset_of`), not the first.
   """
-  kwargs = dict(image_size=image_size, channels=channels, limit=limit, workers=workers,
-                quiet=quiet)
+  kwargs = dict(image_size=image_size, channels=channels, workers=workers, quiet=quiet)
   source = data.open_source(spec, "train")
-  known = getattr(source, "labels", None)  # Folders and arrays know them before decoding.
+  known = data.known_labels(source)  # Folders and arrays know them before decoding.
   if known is not None:
-    _check_labelled(spec, np.asarray(known))
-  train_x, train_y = read_images(source, desc="read train", **kwargs)
+    _check_labelled(spec, known)
+  train_x, train_y = read_images(data.subset_of(source, limit), desc="read train", **kwargs)
   _check_labelled(spec, train_y)
+  if known is not None and np.unique(train_y).size < np.unique(known).size:
+    # Fewer images than classes: the model would not know (or count) the others.
+    raise ValueError(f"--max-examples {limit} keeps {np.unique(train_y).size} of the "
+                     f"{np.unique(known).size} classes of {spec!r}; use at least "
+                     f"{np.unique(known).size}")
   if not has_split(spec, "test"):
     return train_x, train_y, None, None
   kwargs["channels"] = train_x.shape[-1]
-  test_x, test_y = read_images(data.open_source(spec, "test"), desc="read test", **kwargs)
+  test_x, test_y = read_images(data.subset_of(data.open_source(spec, "test"), limit),
+                               desc="read test", **kwargs)
   return train_x, train_y, test_x, test_y
 
 
@@ -408,15 +422,15 @@ def run(config: TrainConfig, workdir: str | os.PathLike, *,
 
   Args:
     config: the model and its training settings.
-    workdir: the checkpoint folder to create (`models.save_checkpoint`); it
-      must not exist.
+    workdir: the checkpoint folder (`models.save_checkpoint`): new, empty,
+      or a checkpoint this run replaces once it is trained (atomically);
+      any other content is refused before training.
     runtime: decoding threads and progress output.
 
   Returns:
     The training metrics (`train`'s), as saved in the checkpoint's config.
   """
-  if os.path.exists(workdir):  # Fail before training, not after.
-    raise ValueError(f"--out {workdir} already exists")
+  check_out(workdir, OWN_FILES, marks=OWN_MARKS)  # Before training, not after.
   check_positive(epochs=config.epochs, batch_size=config.batch_size,
                  max_examples=config.max_examples, image_size=config.image_size)
   dataset = os.path.abspath(config.dataset) if os.path.isdir(config.dataset) else config.dataset
@@ -428,6 +442,23 @@ def run(config: TrainConfig, workdir: str | os.PathLike, *,
                                mean=tuple(mean), std=tuple(std))
   variables, metrics = train(config, train_x, train_y, test_x, test_y,
                              progress=runtime.progress)
-  models.save_checkpoint(workdir, variables,
-                         checkpoint_config(config, train_x.shape[1:], metrics))
+  save(workdir, variables, checkpoint_config(config, train_x.shape[1:], metrics))
   return metrics
+
+
+def save(workdir: str | os.PathLike, variables: Any, config: dict[str, Any]) -> None:
+  """`models.save_checkpoint` into a fresh folder beside `workdir`, then renamed
+  onto it: a reader sees the old checkpoint or the whole new one, never half."""
+  workdir = os.path.abspath(os.fspath(workdir))
+  parent, name = os.path.split(workdir)
+  os.makedirs(parent, exist_ok=True)
+  check_out(workdir, OWN_FILES, marks=OWN_MARKS)  # Again: training took a while.
+  scratch = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+  try:
+    new = os.path.join(scratch, "new")
+    models.save_checkpoint(new, variables, config)
+    if os.path.isdir(workdir) and os.listdir(workdir):
+      os.replace(workdir, os.path.join(scratch, "old"))  # Removed below, with the scratch.
+    os.replace(new, workdir)  # Onto a missing or empty folder.
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)

@@ -2,10 +2,12 @@
 
     results = tune.run(tune.Config(scorers=("line", "knn")), "out/tune")
 
-What `python -m line_jax.tune` runs. The training split but its last
-`val_size` images fits; those last images are the ID validation set (the
-test split is never touched), and `line_jax.data.validation_ood`, disjoint
-from every test OOD set, the OOD one; features come from the shared cache.
+What `python -m line_jax.tune` runs. `val_size` images of the training
+split, held out by the one subset rule (`line_jax.data.hold_out`: every
+class in proportion, evenly spaced), are the ID validation set, the rest of
+the split the fitting set (the test split is never touched), and
+`line_jax.data.validation_ood`, disjoint from every test OOD set, the OOD
+one; features come from the shared cache.
 
 Every scorer with a grid (`Scorer.grid`) is tuned alike: a state is fitted
 at each point (one fold where the points share the data's statistics), the
@@ -43,11 +45,15 @@ from line_jax import metrics as metrics_lib
 from line_jax import models
 from line_jax import scorers
 from line_jax.features import Backbone
+from line_jax.runs._shared import check_cache
+from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
 from line_jax.runs._shared import open_dataset
 from line_jax.runs._shared import Runtime
 from line_jax.runs._shared import write_json
+from line_jax.runs._shared import write_text
 
+OWN_FILES = ("tune.json", "table.md")  # What `run` writes in its folder.
 CHUNK = 512  # validation samples per vmapped step: bounds [grid, chunk, m, C]
 
 # Each method's grid lives next to it (`scorers.get(name).grid`).
@@ -364,7 +370,8 @@ class Config:
     scorers: names of scorers with a grid; empty: every one.
     checkpoint: a line_jax checkpoint folder (`models.save_checkpoint`).
     dataset: 'fashion_mnist', 'tfds:NAME' or a folder (`data.open_source`).
-    val_size: the training split's last images held out as ID validation.
+    val_size: training images held out as ID validation, by the subset
+      rule (`data.hold_out`); the others are the fitting set.
     ood_size: validation OOD images.
     check: also score every grid by a Python loop of fresh registry fits,
       asserted equal to the vmapped grid.
@@ -381,13 +388,21 @@ class Config:
 
 
 def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
+        results_file: str | os.PathLike | None = None,
         runtime: Runtime = Runtime()) -> dict[str, dict]:
   """Tunes each scorer on features of `config.dataset`'s training split.
 
-  The training split's last `val_size` images are the ID validation set, the
-  rest the fit set; `data.validation_ood` (through the backbone's
-  preprocessing) the OOD one. Writes `tune.json` and `table.md` into
-  `workdir` (None: nothing).
+  `val_size` images of the training split, held out by the subset rule
+  (`data.hold_out`), are the ID validation set, the rest the fit set;
+  `data.validation_ood` (through the backbone's preprocessing) the OOD one.
+
+  Args:
+    config: what to tune.
+    workdir: gets `tune.json` and `table.md` (None: nothing); refused where
+      it holds other files.
+    results_file: gets the results as JSON (None: nothing); refused where
+      it is a file tune did not write.
+    runtime: decoding threads, the feature cache, progress output.
 
   Returns:
     `{scorer: tune_method's result}`.
@@ -397,6 +412,11 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
     if name not in GRIDS:
       raise ValueError(f"no grid for {name!r}; tunable: {', '.join(GRIDS)}")
   check_positive(batch_size=config.batch_size, ood_size=config.ood_size)
+  if workdir is not None:
+    check_out(workdir, OWN_FILES, marks={"tune.json": is_results})
+  if results_file is not None:
+    check_results_file(results_file)
+  check_cache(runtime)
   backbone = Backbone.from_checkpoint(config.checkpoint)
   kernel, bias = backbone.head_params()
   with contextlib.ExitStack() as stack:
@@ -411,28 +431,54 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
                            workers=runtime.workers, description=f"{name}: {source!r}",
                            progress=f"features: {name}" if runtime.progress else False)
 
+    held, rest = data.hold_out(train_source, config.val_size)
+    # Features of the whole split (the cache entry fit and evaluate share), split here.
     train = features_of(train_source, "train")
     val_ood = np.asarray(features_of(
         data.ArraySource(data.validation_ood(config.ood_size)), "validation OOD").features)
     feats, labels = np.asarray(train.features), np.asarray(train.labels)
   out = {}
-  val = config.val_size
+  fit_x, fit_y, val_id = feats[rest.indices], labels[rest.indices], feats[held.indices]
   for name in names:
-    out[name] = tune_method(name, feats[:-val], labels[:-val], kernel, bias, feats[-val:],
-                            val_ood, check=config.check)
+    out[name] = tune_method(name, fit_x, fit_y, kernel, bias, val_id, val_ood,
+                            check=config.check)
     if runtime.progress:
       print(f"tuned {_row(name, out[name])}", file=sys.stderr, flush=True)
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     write_results(out, os.path.join(workdir, "tune.json"))
-    with open(os.path.join(workdir, "table.md"), "w") as f:
-      f.write(format_table(out))
+    write_text(os.path.join(workdir, "table.md"), format_table(out))
+  if results_file is not None:
+    write_results(out, results_file, unique=True)
   return out
 
 
-def write_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> None:
-  """`run`'s results as JSON (atomically)."""
-  write_json(path, results, sort_keys=False)
+def is_results(value: Any) -> bool:
+  """Whether a JSON value is what `write_results` writes: `{scorer: {"best", "grid", ...}}`."""
+  return isinstance(value, dict) and all(
+      isinstance(r, dict) and {"best", "grid"} <= set(r) for r in value.values())
+
+
+def check_results_file(path: str | os.PathLike) -> None:
+  """Refuses a results path that holds anything but tune's own results."""
+  path = os.fspath(path)
+  if not os.path.lexists(path):
+    return
+  try:
+    with open(path) as f:
+      ours = is_results(json.load(f))
+  except (OSError, ValueError):  # A folder, unreadable, not JSON.
+    ours = False
+  if not ours:
+    raise ValueError(f"--out {path} exists and is not a results file tune wrote; it "
+                     "replaces only its own: choose another path or move it away")
+
+
+def write_results(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, *,
+                  unique: bool = False) -> None:
+  """`run`'s results as JSON (atomically; `unique`: a fresh temporary name,
+  for a folder of the user's)."""
+  write_json(path, results, sort_keys=False, unique=unique)
 
 
 def _row(method: str, r: Mapping[str, Any]) -> str:

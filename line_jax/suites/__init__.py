@@ -4,7 +4,9 @@ One `Suite` per benchmark `python -m line_jax.evaluate --benchmark` runs
 (`SUITES`); `hparams_for` is the one rule every run takes hyperparameters by
 (registry default, then the suite's, then the user's); `fashion_mnist_inputs`
 and `paper_inputs` give a suite's `Inputs` (a backbone and image sources) from
-local files, `Inputs.from_arrays` a custom set's.
+local files, at its settings; `Inputs.from_arrays` a custom set's, at the
+registry defaults unless it names a suite (`settings=`), with the user's
+`hparams=` over either.
 
 Every suite's settings, each with its source, its normalisation and its OOD
 sets (where the paper's differ from what runs here) are in `docs/suites.md`.

@@ -4,7 +4,12 @@ Every image set is a random-access source of `(image or path, label)` records
 (`line_jax.data` sources), streamed through the input pipeline later; none is
 decoded here. Small sets (the offline OOD sets, SVHN's 10,000, a user's
 `.npy`) are `ArraySource`s in memory; the training and test sets of a paper
-benchmark stay on disk (an ImageFolder-layout folder or TFDS).
+benchmark stay on disk (an ImageFolder-layout folder or TFDS). Subsets
+(`max_train`, `max_test`) follow the one subset rule, `data.subset_of`.
+
+`Inputs` name whose hyperparameters the scorers take (`settings`): a
+benchmark's own inputs its settings, a user's (`Inputs.from_arrays`) the
+registry defaults unless they name a benchmark, and `hparams` over either.
 """
 
 from __future__ import annotations
@@ -12,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import os
+from typing import Any
 
 import numpy as np
 
 from line_jax import data
 from line_jax import features
 from line_jax import models
+from line_jax import scorers
 from line_jax.suites import _catalog
 from line_jax.suites import _ood
 
@@ -30,12 +37,24 @@ class Inputs:
     backbone: the network, its normalisation, head and preprocessing.
     train, test: ID sources of labelled records.
     ood: OOD set name -> source, in column order.
+    settings: whose hyperparameters the scorers take (`hparams_for`): a
+      benchmark's name (`SUITES`), or "none" for the registry defaults.
+    hparams: `{scorer: {name: value}}` over those settings (yours).
   """
 
   backbone: features.Backbone
   train: Sequence
   test: Sequence
   ood: Mapping[str, Sequence]
+  settings: str = _catalog.NO_BENCHMARK
+  hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.settings != _catalog.NO_BENCHMARK:
+      _catalog.get(self.settings)  # An unknown name fails here, listing the known ones.
+    for name, values in self.hparams.items():
+      scorers.get(name).check_hparams(values)  # Unknown scorers and names fail here.
+    object.__setattr__(self, "hparams", {k: dict(v) for k, v in self.hparams.items()})
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -46,40 +65,51 @@ class Inputs:
   @classmethod
   def from_arrays(cls, model, variables, mean, std, train_images, train_labels,
                   test_images, test_labels, ood: Mapping[str, np.ndarray], *,
-                  head: str | None = None) -> "Inputs":
-    """Inputs from uint8 `[n, H, W, C]` arrays (tests, custom data)."""
+                  head: str | None = None, settings: str = _catalog.NO_BENCHMARK,
+                  hparams: Mapping[str, Mapping[str, Any]] | None = None) -> "Inputs":
+    """Inputs from uint8 `[n, H, W, C]` arrays (custom data, tests).
+
+    Args:
+      model, variables, mean, std, head: the network (`features.Backbone`).
+      train_images, train_labels, test_images, test_labels: the ID sets.
+      ood: OOD set name -> images.
+      settings: whose hyperparameters the scorers take: "none" (default),
+        the registry defaults, or a benchmark's name for its settings (which
+        were chosen for its model: "fashion_mnist" suits only a network
+        like the embedded one).
+      hparams: `{scorer: {name: value}}`, yours over those settings.
+    """
     height, _, channels = np.shape(test_images)[1:]
     backbone = features.Backbone(model, variables, mean, std,
                                  data.Preprocess(height, height, channels), head)
     return cls(backbone,
                data.ArraySource(train_images, train_labels, name="train images"),
                data.ArraySource(test_images, test_labels, name="test images"),
-               {k: data.ArraySource(v, name=k) for k, v in ood.items()})
+               {k: data.ArraySource(v, name=k) for k, v in ood.items()},
+               settings=settings, hparams=dict(hparams or {}))
 
 
 def evenly_spaced(source: Sequence, count: int | None) -> Sequence:
-  """`count` records spread evenly over `source` (all when None or larger).
-
-  Not the first `count`: an ImageFolder source is sorted by class, and a
-  subset must hold every class for the per-class fits (LINe, Mahalanobis).
-  """
-  if count is None or count >= len(source):
-    return source
-  if count < 1:
-    raise ValueError(f"a subset needs at least one image, got {count}")
-  return data.Subset(source, np.linspace(0, len(source) - 1, count).round().astype(np.int64))
+  """The one subset rule, `data.subset_of` (its former name): every class in
+  proportion, evenly spaced; all of `source` when `count` is None or larger."""
+  return data.subset_of(source, count)
 
 
 def fashion_mnist_inputs(checkpoint: str = models.DEFAULT_CHECKPOINT, *,
                          max_train: int | None = None, max_test: int | None = None,
-                         ood_size: int = 2000) -> Inputs:
-  """The default benchmark: Fashion-MNIST (Debian's files), the embedded OOD sets."""
-  suite = _catalog.get("fashion_mnist")
+                         ood_size: int = 2000, settings: str = "fashion_mnist") -> Inputs:
+  """The default benchmark: Fashion-MNIST (Debian's files), the embedded OOD sets.
+
+  `settings` names the Fashion-MNIST suite whose hyperparameters the scorers
+  take ("fashion_mnist" or "fashion_mnist_cifar_settings"); `max_train`,
+  `max_test`: subsets by the one rule (`data.subset_of`).
+  """
+  suite = _catalog.get(settings)
   return Inputs(
       features.Backbone.from_checkpoint(checkpoint),
-      evenly_spaced(data.fashion_mnist_source("train"), max_train),
-      evenly_spaced(data.fashion_mnist_source("test"), max_test),
-      _ood.offline_sets(suite, ood_size))
+      data.subset_of(data.fashion_mnist_source("train"), max_train),
+      data.subset_of(data.fashion_mnist_source("test"), max_test),
+      _ood.offline_sets(suite, ood_size), settings=suite.name)
 
 
 def paper_inputs(suite: _catalog.Suite, data_dir: str | None,
@@ -95,7 +125,8 @@ def paper_inputs(suite: _catalog.Suite, data_dir: str | None,
     torch_checkpoint: the PyTorch state_dict of `suite.model`.
     id_folder: ID images in torchvision's ImageFolder layout,
       `<id_folder>/{train,test}/<class>/<image>`; None reads TFDS.
-    max_train, max_test: evenly spaced subsets of this size (quick runs).
+    max_train, max_test: subsets of this size by the one rule
+      (`data.subset_of`: every class in proportion, evenly spaced).
     ood_size: images per offline OOD set.
 
   Raises:
@@ -122,5 +153,5 @@ def paper_inputs(suite: _catalog.Suite, data_dir: str | None,
   backbone = features.Backbone(
       model, variables, mean, std,
       data.Preprocess(suite.image_size, suite.resize_size, suite.channels))
-  return Inputs(backbone, evenly_spaced(train, max_train), evenly_spaced(test, max_test),
-                _ood.suite_sets(suite, data_dir, ood_size))
+  return Inputs(backbone, data.subset_of(train, max_train), data.subset_of(test, max_test),
+                _ood.suite_sets(suite, data_dir, ood_size), settings=suite.name)
