@@ -24,5 +24,7 @@ system-deps:
 bench: $(STAMP)
 	$(PY) -m benchmarks.throughput
 
+# One worker per core (at most 4: each holds a JAX runtime); a test file stays on one
+# worker, so its module fixtures are built once. `-m 'not slow'` skips the end-to-end runs.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile

@@ -17,6 +17,9 @@ pytest.importorskip("sklearn")
 # pylint: disable=wrong-import-position
 from benchmarks import fit_memory  # noqa: E402
 
+# End to end, in subprocesses or at full scale: `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
+
 _RECORD = {"images", "scorers", "peak_rss_mb", "wall_s", "rss_samples", "command"}
 _SUMMARY = {"scorers", "small_images", "large_images", "small_peak_mb", "large_peak_mb",
             "ratio", "growth_mb", "within_goal"}

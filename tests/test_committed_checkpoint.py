@@ -3,10 +3,14 @@
 import pathlib
 
 import numpy as np
+import pytest
 
 from line_jax import models
 from line_jax.runs import train
 from line_jax.data import read_fashion_mnist
+
+# End to end, in subprocesses or at full scale: `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
 
 CHECKPOINT = pathlib.Path(__file__).resolve().parents[1] / "line_jax" / "checkpoints" / "fashion_mnist_resnet_small"
 

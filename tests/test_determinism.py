@@ -10,6 +10,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import pytest
+
+# End to end, in subprocesses or at full scale: `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+# End to end, in subprocesses or at full scale: `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 LIMIT_S = 180

@@ -91,6 +91,7 @@ def test_matches_official_reference(problem, num_classes, num_features):
   _assert_matches_official(problem, num_classes, num_features, FULL_GRID)
 
 
+@pytest.mark.slow  # Full scale.
 def test_matches_official_reference_imagenet_head(problem):
   # Each p_w and each p_a value once: a full grid at this size costs minutes.
   _assert_matches_official(problem, 1000, 2048, [(10, 90), (50, 10), (90, 50)])

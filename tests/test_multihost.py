@@ -21,6 +21,9 @@ from line_jax import scorers
 sys.path.insert(0, os.path.dirname(__file__))
 from _multihost_data import SMALL, local_batches, problem  # noqa: E402
 
+# End to end, in subprocesses or at full scale: `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

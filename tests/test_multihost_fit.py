@@ -17,6 +17,9 @@ from line_jax import resumable
 from line_jax import runs
 from line_jax import scorers
 
+# End to end, in subprocesses or at full scale: `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--max-examples", "200", "--batch-size", "32", "--save-every", "1",
         "--hparam", "knn.k=10", "--hparam", "nnguide.k=10", "--quiet"]

@@ -19,6 +19,9 @@ import pytest
 
 from line_jax.data import DEBIAN_FASHION_MNIST_DIR
 
+# End to end, in subprocesses or at full scale: `-m 'not slow'` skips them.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHECKPOINT = pathlib.Path("line_jax", "checkpoints", "fashion_mnist_resnet_small")
 

@@ -37,6 +37,7 @@ def test_unknown_baseline_is_an_error():
     torch_baselines.from_state("odin", None)
 
 
+@pytest.mark.slow  # Full scale.
 def test_throughput_benchmark_reports_every_scorer_in_both_implementations():
   throughput = pytest.importorskip("benchmarks.scorer_throughput")
   async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
