@@ -1,8 +1,8 @@
 """What every `python -m line_jax.X` shares: one flag set, one way to fail.
 
 * `parser`: usage as `python -m line_jax.X`, defaults and choices in `--help`;
-* `add_data`, `add_cache`, `add_distributed`, `add_common`: the flags with
-  one name and one default in every CLI;
+* `add_data`, `add_skip_bad_images`, `add_cache`, `add_distributed`,
+  `add_common`: the flags with one name and one default in every CLI;
 * `runtime`: the flags as the `Runtime` every run takes;
 * `user_errors`: a user's mistake is one `error: ...` line (exit 2), Ctrl-C
   says how to resume (exit 130), not a traceback.
@@ -69,6 +69,14 @@ def add_data(p: argparse.ArgumentParser, *, scorers_default: str | None,
                  help="images per model call")
   p.add_argument("--workers", type=int, default=None,
                  help="decoding threads (default: one per core)")
+  add_skip_bad_images(p)
+
+
+def add_skip_bad_images(p: argparse.ArgumentParser) -> None:
+  """`--skip-bad-images`: part of what a run computes (its config), not how it runs."""
+  p.add_argument("--skip-bad-images", action="store_true",
+                 help="drop images that cannot be decoded (listed in the output and on "
+                      "stderr) instead of stopping at the first")
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

@@ -36,7 +36,8 @@ def _parser():
                       "repeatable")
   p.add_argument("--data-dir", default=None, help="TFDS data and the paper's OOD sets")
   p.add_argument("--id-folder", default=None,
-                 help="ID images as <folder>/{train,test}/<class>/<image> (else TFDS)")
+                 help="ID images as <folder>/{train,test}/<class>/<image> (else TFDS, or "
+                      "Fashion-MNIST's files)")
   p.add_argument("--torch-checkpoint", default=None, help="PyTorch state_dict (paper benchmarks)")
   for split in ("train", "test"):
     p.add_argument(f"--max-{split}", type=int, default=None,
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.benchmark, checkpoint=args.checkpoint, torch_checkpoint=args.torch_checkpoint,
         data_dir=args.data_dir, id_folder=args.id_folder, max_train=args.max_train,
         max_test=args.max_test, ood_size=args.ood_size, extra_ood=tuple(args.extra_ood),
-        batch_size=args.batch_size)
+        batch_size=args.batch_size, skip_bad_images=args.skip_bad_images)
     config = evaluate.Config(data=data, scorers=tuple(names), hparams=hparams,
                              plots=not args.no_plots, ablation=args.ablation)
     result = evaluate.run(config, args.out, runtime=_cli.runtime(args))

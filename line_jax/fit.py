@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         checkpoint=args.checkpoint, dataset=args.dataset, scorers=tuple(names),
         benchmark=args.benchmark, hparams=_cli.parse_hparams(args.hparam, names or None),
         batch_size=args.batch_size, save_every=args.save_every,
-        max_examples=args.max_examples)
+        max_examples=args.max_examples, skip_bad_images=args.skip_bad_images)
     states = fit.run(config, args.out, runtime=_cli.runtime(args))
   if not args.quiet:
     print(f"wrote {', '.join(states)} to {os.path.abspath(args.out)}", file=sys.stderr)

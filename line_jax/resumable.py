@@ -13,7 +13,11 @@ stored rows), with what a run of hours needs:
   model runs once, and nothing is held in memory whole;
 * on multi-host each process folds its own stream into its own rows; a
   save is collective (process 0 writes every process's part), so saves fall
-  on batch indices every process reaches.
+  on batch indices every process reaches;
+* a stream that drops records (`Stream.skipped`: images that cannot be
+  decoded) holds fewer samples than `num_samples`: its rows are cut to the
+  samples kept once it is read, and a batch it dropped whole comes as an
+  empty batch, still a step, so the steps of every process stay aligned.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ class Stream(Protocol):
   `num_samples` and `num_batches` are the stream's length in samples and
   in batches. `stored` is None, or `(features, labels)` arrays of the whole
   stream that later passes read instead of a copy.
+
+  A stream may also have `skipped`: None, or the records it dropped so far
+  (of a resumed stream, those before its position too). Then `num_samples`
+  is its records, the samples are those less the dropped ones, and a batch
+  whose every record was dropped is yielded empty (`[0, m]`, `[0]`), so that
+  `num_batches` stays exact.
   """
 
   num_samples: int
@@ -92,16 +102,43 @@ def resumed(folder: str) -> bool:
   return os.path.isdir(progress) and any(n.isdigit() for n in os.listdir(progress))
 
 
-def _memmap(path: str, shape: tuple[int, ...], dtype, fresh: bool) -> np.memmap:
+def _memmap(path: str, shape: tuple[int, ...], dtype, fresh: bool,
+            cut: int | None = None) -> np.memmap:
+  """The rows file `path`, made `shape` where `fresh`; `cut`: the rows an
+  existing file may already have been cut to (`cut_rows`) by a finished stream."""
   if fresh or not os.path.isfile(path):
     tmp = path + ".tmp"
     np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
     os.replace(tmp, path)
   array = np.lib.format.open_memmap(path, mode="r+")
-  if array.shape != shape or array.dtype != dtype:
+  if array.shape[1:] != shape[1:] or array.shape[0] not in (shape[0], cut) or (
+      array.dtype != dtype):
     raise ValueError(f"{path} has {array.dtype} {array.shape}, expected {np.dtype(dtype)} "
                      f"{shape}: delete it and its progress/ folder to start over")
   return array
+
+
+def cut_rows(path: str, rows: int) -> None:
+  """Cuts the `.npy` file `path` to its first `rows` rows, in place (no copy).
+
+  Its header is rewritten at the same length with the new shape (fewer
+  digits, padded with spaces as NumPy pads it), then the data truncated.
+  No memory map of the file may be open.
+  """
+  fmt = np.lib.format
+  with open(path, "r+b") as f:
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    offset = f.tell()
+    if not 0 <= rows <= shape[0] or fortran:
+      raise ValueError(f"cannot cut {path} of shape {shape} to {rows} rows")
+    start = 8 + (2 if version == (1, 0) else 4)  # Magic, version, header length.
+    header = repr({"descr": fmt.dtype_to_descr(dtype), "fortran_order": False,
+                   "shape": (rows, *shape[1:])})
+    f.seek(start)
+    f.write(header.ljust(offset - start - 1).encode("latin1") + b"\n")
+    f.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
 class _Progress:
@@ -188,27 +225,32 @@ def accumulate(
   stored = getattr(stream, "stored", None)
   rows = labels = None
   if (fold_lib.passes_of(fold, acc) > 1 and stored is None) or keep_rows:
-    features_path, labels_path = rows_files(folder)
+    paths = rows_files(folder)
     n, fresh = stream.num_samples, progress.step is None
-    rows = _memmap(features_path, (n, num_features), np.float32, fresh)
-    labels = _memmap(labels_path, (n,), np.int32, fresh)
-  state = {"position": position, "done": done, "index": progress.step or 0}
+    rows = _memmap(paths[0], (n, num_features), np.float32, fresh, cut=done)
+    labels = _memmap(paths[1], (n,), np.int32, fresh, cut=done)
+  state = {"position": position, "done": done, "index": progress.step or 0, "acc": acc}
   if done and on_batch is not None:
     on_batch(done)  # Resumed: progress starts where the saved step ended.
 
   def first_pass():
-    if state["done"] >= stream.num_samples:
-      return
+    # Read from the saved position even at the end: a stream that drops
+    # records learns from it those it dropped before (`Stream.skipped`).
     for features, labels_, position_ in stream.batches(state["position"]):
       size = features.shape[0]
-      if rows is not None:
+      if rows is not None and size:
         rows[state["done"]:state["done"] + size] = features
         labels[state["done"]:state["done"] + size] = labels_
       state["position"], state["done"] = position_, state["done"] + size
-      yield features, labels_
-    if state["done"] != stream.num_samples:
+      if size:
+        yield features, labels_
+      else:  # Dropped whole, yet a step: saves fall on the same steps everywhere.
+        after_batch(state["acc"], 0)
+    skipped = getattr(stream, "skipped", None) or ()
+    if state["done"] != stream.num_samples - len(skipped):
+      dropped = f" ({stream.num_samples} less {len(skipped)} dropped)" if skipped else ""
       raise ValueError(f"the stream held {state['done']} samples, expected "
-                       f"{stream.num_samples}")
+                       f"{stream.num_samples - len(skipped)}{dropped}")
 
   def flush():
     if rows is not None:  # The rows a saved step vouches for are on disk first.
@@ -217,6 +259,7 @@ def accumulate(
 
   def after_batch(part_acc, size):
     state["index"] += 1
+    state["acc"] = part_acc
     if on_batch is not None:
       on_batch(size)
     if progress.due(state["index"]):
@@ -224,12 +267,20 @@ def accumulate(
       progress.save(state["index"], part_acc, state["position"], state["done"])
 
   def after_pass(index, part_acc):
+    nonlocal rows, labels
     if index:
       return
     if progress.step != progress.final:
       flush()
       progress.save(progress.final, part_acc, state["position"], state["done"])
     progress.close()
+    if rows is not None and rows.shape[0] != state["done"]:
+      # Records were dropped: the files keep the rows read, no trailing zeros.
+      flush()
+      rows = labels = None
+      for path in paths:
+        cut_rows(path, state["done"])
+      rows, labels = (np.lib.format.open_memmap(path, mode="r") for path in paths)
     if distributed.total(state["done"]) and on_stream_end is not None:
       on_stream_end()
 

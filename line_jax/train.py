@@ -44,6 +44,7 @@ def _parser():
   p.add_argument("--max-examples", type=int, default=None,
                  help=f"only N images of each split: {_cli.SUBSET_RULE}")
   p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding threads")
+  _cli.add_skip_bad_images(p)
   _cli.add_common(p)
   return p
 
@@ -55,7 +56,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                batch_size=args.batch_size, lr=args.lr,
                                weight_decay=args.weight_decay, seed=args.seed,
                                image_size=args.image_size, channels=args.channels,
-                               max_examples=args.max_examples)
+                               max_examples=args.max_examples,
+                               skip_bad_images=args.skip_bad_images)
     metrics = train.run(config, args.out, runtime=_cli.runtime(args))
   result = f"final loss {metrics['final_loss']:.4f}"
   if "test_accuracy" in metrics:

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = tune.Config(scorers=tuple(names), checkpoint=args.checkpoint,
                          dataset=args.dataset, val_size=args.val_size,
                          ood_size=args.ood_size, check=not args.no_check,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, skip_bad_images=args.skip_bad_images)
     results = tune.run(config, results_file=args.out, runtime=_cli.runtime(args))
   print(tune.format_table(results))
 

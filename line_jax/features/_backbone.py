@@ -115,13 +115,16 @@ class Backbone:
       parts.append([[k, v] for k, v in sorted(self.apply_kwargs.items())])
     return cache.fingerprint(*parts)
 
-  def batches(self, source: Sequence, batch_size: int, *, workers: int | None = None):
+  def batches(self, source: Sequence, batch_size: int, *, workers: int | None = None,
+              skip_bad_images: bool = False):
     """The grain pipeline over `source`, preprocessed for this network
-    (`line_jax.data.image_batches`)."""
+    (`line_jax.data.image_batches`; `skip_bad_images` drops the images that
+    cannot be decoded, listed in its `skipped`)."""
     from line_jax import data  # pylint: disable=g-import-not-at-top
     if self.preprocess is None:
       raise ValueError("this Backbone has no preprocess: it takes ready uint8 batches only")
-    return data.image_batches(source, self.preprocess, batch_size=batch_size, workers=workers)
+    return data.image_batches(source, self.preprocess, batch_size=batch_size, workers=workers,
+                              skip_bad_images=skip_bad_images)
 
   def run(self, batches: Iterable[tuple[Any, ...]], *, progress: bool | str = False,
           total: int | None = None, batch_size: int | None = None, mesh=None, dtype=None):
@@ -150,18 +153,21 @@ class Backbone:
   def read(self, source: Sequence, *, cache_dir: str | os.PathLike,
            batch_size: int = _extract.IMAGES_PER_CALL,
            workers: int | None = None, scratch: str | os.PathLike | None = None,
-           description: str = "", progress: bool | str = False) -> cache.CachedSet:
+           description: str = "", progress: bool | str = False,
+           skip_bad_images: bool = False) -> cache.CachedSet:
     """This network's features of `source`, memory-mapped: from the cache in
     `cache_dir` where it holds them, else through the pipeline and the
     network into it. A source the cache cannot key (a Sequence of your own)
     is extracted into `scratch` (default: `cache_dir`) under a key of this
-    call alone."""
-    key, folder = cache.key(self.key, source), cache_dir
+    call alone. `skip_bad_images` drops the images that cannot be decoded
+    (`CachedSet.skipped`), under a key of its own."""
+    key, folder = cache.key(self.key, source, skip_bad_images=skip_bad_images), cache_dir
     if key is None:
       key = cache.fingerprint(self.key, [repr(source), os.getpid(), time.time_ns()])
       folder = scratch or cache_dir
     # A set smaller than a batch is one batch of its own size.
-    batches = self.batches(source, max(1, min(batch_size, len(source))), workers=workers)
+    batches = self.batches(source, max(1, min(batch_size, len(source))), workers=workers,
+                           skip_bad_images=skip_bad_images)
     return cache.extract(self, batches, len(source),
                          folder=folder, key=key, description=description or repr(source),
                          progress=progress)
@@ -177,6 +183,13 @@ class FeatureStream:
   `batches(position)` yields `(features, labels, position)`, the position
   the pipeline's (grain's), taken as each batch of images is read, so it
   resumes after the last batch whose features were folded.
+
+  Over a pipeline that skips bad images (`skip_bad_images=True`),
+  `num_samples` (its records) is an upper bound, `skipped` lists the records
+  dropped, and `batches` yields every batch of the pipeline, empty where
+  all of its images were dropped; its position also carries the records
+  dropped before it, so that a resumed stream's `skipped` is complete. The
+  pipeline is then read by this stream alone.
   """
 
   def __init__(self, backbone: Backbone, batches, *, progress: bool | str = False):
@@ -184,6 +197,17 @@ class FeatureStream:
     self.num_samples = getattr(batches, "num_records", None)
     self.num_batches = len(batches) if hasattr(batches, "__len__") else None
     self.stored = None
+    self._skips = bool(getattr(batches, "skip_bad_images", False))
+    self._resumed = ()  # Records dropped before the position `batches` resumed from.
+
+  @property
+  def skipped(self):
+    """The `data.SkippedImage`s dropped so far, by index; None where the
+    pipeline drops nothing (no `skip_bad_images`)."""
+    if not self._skips:
+      return None
+    return tuple(sorted({s.index: s for s in (*self._resumed,
+                                              *self._batches.skipped)}.values()))
 
   def __iter__(self):
     for _, features, labels in self._backbone.run(self._batches, progress=self._progress,
@@ -191,9 +215,44 @@ class FeatureStream:
       yield features, None if labels is None else np.asarray(labels)
 
   def batches(self, position=None):
+    if self._skips:
+      yield from self._skipping(position)
+      return
     iterator = self._batches.iterator(position)
     pulled = ((images, labels, self._batches.position(iterator)) for images, labels in iterator)
     # Every batch at the pipeline's batch size, wherever the stream resumes.
     for _, features, labels, after in self._backbone.run(pulled,
                                                          batch_size=self._batches.batch_size):
       yield features, np.asarray(labels, np.int32), after
+
+  def _skipping(self, position):
+    """`batches` over a pipeline that skips bad images: positions
+    `{"pipeline": its position, "skipped": [SkippedImage, ...]}`."""
+    from line_jax import data  # pylint: disable=g-import-not-at-top
+    position = position or {}
+    self._resumed = tuple(data.SkippedImage(*s) for s in position.get("skipped", ()))
+    pipeline, size = self._batches, self._batches.batch_size
+    iterator = pipeline.iterator(position.get("pipeline"))
+
+    def where():  # JSON-able: the SkippedImages are (index, path, error) lists there.
+      return {"pipeline": pipeline.position(iterator), "skipped": self.skipped}
+
+    pulled = ((images, labels, where()) for images, labels in iterator)
+    done = -(-(position.get("pipeline") or {}).get("next_record", 0) // size)
+    for _, features, labels, after in self._backbone.run(pulled, batch_size=size):
+      batch = -(-after["pipeline"]["next_record"] // size)
+      yield from self._dropped(done, batch - 1, after)
+      yield features, np.asarray(labels, np.int32), after
+      done = batch
+    yield from self._dropped(done, self.num_batches, where())
+
+  def _dropped(self, done: int, stop: int, after):
+    """Empty batches for the pipeline's batches `done + 1 ... stop`, whose
+    every image was dropped (the pipeline yields none for them)."""
+    if stop <= done:
+      return
+    width = int(np.shape(self._backbone.head_params()[0])[0])
+    for batch in range(done + 1, stop + 1):
+      record = min(batch * self._batches.batch_size, self.num_samples)
+      yield (np.zeros((0, width), np.float32), np.zeros((0,), np.int32),
+             {**after, "pipeline": {**after["pipeline"], "next_record": record}})

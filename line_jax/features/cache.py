@@ -15,7 +15,10 @@ depend on:
   paths, sizes and modification times, a TFDS split's name, folder and length, and a
   subset's indices.
 
-Change any of them and the key changes, so stale files are never read. The
+Change any of them and the key changes, so stale files are never read. A set
+read with `skip_bad_images` (images that cannot be decoded dropped, listed
+in the entry's `.json` and `CachedSet.skipped`) has a key of its own: a run
+that does not skip never reads a set with images missing. The
 batch size is not in the key: features extracted at another batch size agree
 to float rounding, not always bit for bit. Each entry is three files:
 `<key>.features.npy` (float32 `[n, features]`), `<key>.labels.npy` (int32
@@ -68,12 +71,16 @@ class CachedSet:
     labels: int32 `[n]` (-1 where the set has none).
     seconds: wall time of the extraction, whenever it ran.
     cached: read back from an earlier run's files.
+    skipped: the `line_jax.data.SkippedImage`s the extraction dropped
+      (`skip_bad_images`), by index in the source read; their rows are not
+      in `features`.
   """
 
   features: np.ndarray
   labels: np.ndarray
   seconds: float = 0.0
   cached: bool = False
+  skipped: tuple = ()
 
   def __len__(self) -> int:
     return self.features.shape[0]
@@ -175,11 +182,16 @@ def _check_key(key: str) -> None:
                      "`cache.fingerprint` makes one)")
 
 
-def key(backbone_key: str, source: Sequence) -> str | None:
-  """The entry key of a backbone's (its `Backbone.key`) features of `source`;
-  None where the source is of a kind this module cannot key (`source_key`)."""
+def key(backbone_key: str, source: Sequence, *, skip_bad_images: bool = False) -> str | None:
+  """The entry key of a backbone's (its `Backbone.key`) features of `source`,
+  read with or without `skip_bad_images`; None where the source is of a kind
+  this module cannot key (`source_key`)."""
   records = source_key(source)
-  return None if records is None else fingerprint(backbone_key, records)
+  if records is None:
+    return None
+  # Only then, so that the keys of every set read without it stay as they were.
+  extra = ["skip_bad_images"] if skip_bad_images else []
+  return fingerprint(backbone_key, records, *extra)
 
 
 def source_key(source: Sequence) -> Any | None:
@@ -237,15 +249,26 @@ def lookup(folder: str | os.PathLike, key: str) -> CachedSet | None:
     return None
   if meta.get("key") != key or arrays["features"].shape[0] != meta.get("images"):
     return None
-  return CachedSet(**arrays, seconds=float(meta.get("seconds", 0.0)), cached=True)
+  return CachedSet(**arrays, seconds=float(meta.get("seconds", 0.0)), cached=True,
+                   skipped=_skipped_images(meta.get("skipped", ())))
+
+
+def _skipped_images(records: Sequence) -> tuple:
+  if not records:
+    return ()
+  from line_jax import data  # pylint: disable=g-import-not-at-top
+  return tuple(data.SkippedImage(*r) for r in records)
 
 
 def _write_meta(paths: dict[str, str], key: str, images: int, seconds: float,
-                description: str) -> None:
+                description: str, skipped: Sequence | None = None) -> None:
+  meta = {"key": key, "images": images, "seconds": seconds, "description": description,
+          "written": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  if skipped is not None:  # Read with skip_bad_images: what it dropped, if anything.
+    meta["skipped"] = [list(s) for s in skipped]
   tmp = temporary(paths["meta"])
   with open(tmp, "w") as f:
-    json.dump({"key": key, "images": images, "seconds": seconds, "description": description,
-               "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=2)
+    json.dump(meta, f, indent=2)
   os.replace(tmp, paths["meta"])
 
 
@@ -266,7 +289,10 @@ def extract(
     batches: an iterable of `(images, labels)`, uint8 `[b, H, W, C]` and
       `[b]`, no batch larger than the first (the input pipeline's); run by
       the one dispatch-ahead loop (`iter_extract_batches`, one compilation).
-    num_images: images in the stream.
+      An `ImageBatches` with `skip_bad_images` gives fewer rows than
+      `num_images`: the entry keeps the rows read and lists the rest in
+      its `.json` (`CachedSet.skipped`).
+    num_images: images in the stream (records, where images are skipped).
     folder: the cache folder (made if needed).
     key: the entry's key (`key(backbone.key, source)`).
     description: what the set is, kept in the entry's `.json`.
@@ -276,8 +302,10 @@ def extract(
     The `CachedSet`, memory-mapped; `cached` says whether it was read back.
 
   Raises:
-    ValueError: for a key that `key` / `fingerprint` did not make, or a
-      folder holding files that are not cache entries (`check_folder`).
+    ValueError: for a key that `key` / `fingerprint` did not make, a
+      folder holding files that are not cache entries (`check_folder`), or
+      a stream that gave another number of rows (none, where every image
+      was skipped).
   """
   folder = os.fspath(folder)
   _check_key(key)
@@ -300,21 +328,33 @@ def extract(
     out["features"][row:row + valid] = feats
     out["labels"][row:row + valid] = np.asarray(labels)
     row += valid
-  if row != num_images:
+  skipped = tuple(batches.skipped) if getattr(batches, "skip_bad_images", False) else None
+  expected = num_images - len(skipped or ())
+  if out is None:
+    why = f": all {num_images} were skipped as undecodable" if skipped else ""
+    raise ValueError(f"{description or key}: the stream gave no image{why}")
+  if row != expected:
+    why = f" ({num_images} less {len(skipped)} skipped)" if skipped else ""
     raise ValueError(f"{description or key}: the stream gave {row} images, "
-                     f"expected {num_images}")
+                     f"expected {expected}{why}")
   for array in out.values():
     array.flush()
-  _write_meta(paths, key, num_images, time.perf_counter() - start, description)
+  if row < num_images:  # Images were skipped: the files keep the rows read.
+    del out
+    for kind in ("features", "labels"):
+      resumable.cut_rows(paths[kind], row)
+  _write_meta(paths, key, row, time.perf_counter() - start, description, skipped)
   return dataclasses.replace(lookup(folder, key), cached=False)
 
 
 def publish(folder: str | os.PathLike, key: str, features_path: str, labels_path: str, *,
-            seconds: float = 0.0, description: str = "") -> CachedSet:
+            seconds: float = 0.0, description: str = "",
+            skipped: Sequence | None = None) -> CachedSet:
   """Adds finished `.npy` files (a fit's feature rows) to the cache as `key`.
 
   Hard-linked where the cache is on the same file system (no copy, and the
-  fit's own files stay), copied elsewhere.
+  fit's own files stay), copied elsewhere. `skipped`: the records a stream
+  with `skip_bad_images` dropped (None: it skipped nothing by design).
 
   Raises:
     ValueError: for a key that `key` / `fingerprint` did not make, or a
@@ -337,7 +377,7 @@ def publish(folder: str | os.PathLike, key: str, features_path: str, labels_path
       shutil.copyfile(src, tmp)
     os.replace(tmp, paths[kind])
   images = np.load(paths["features"], mmap_mode="r", allow_pickle=False).shape[0]
-  _write_meta(paths, key, images, seconds, description)
+  _write_meta(paths, key, images, seconds, description, skipped)
   return lookup(folder, key)
 
 

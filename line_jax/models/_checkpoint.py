@@ -39,7 +39,9 @@ def save_checkpoint(directory: str | os.PathLike, variables: Any,
       checkpoint is never half overwritten.
     variables: the Flax variables, e.g. `{"params": ..., "batch_stats": ...}`.
     config: JSON-serialisable dict with at least `model`, `num_classes` and
-      `input_shape` (`[height, width, channels]`); optional `model_kwargs`.
+      `input_shape` (`[height, width, channels]`); optional `model_kwargs`,
+      and `classes`: the class names, label `i` at `i`, which the CLIs
+      check a labelled image folder against (`data.check_class_names`).
 
   Raises:
     ValueError: if `config` lacks a required key or `directory` exists.
@@ -47,6 +49,7 @@ def save_checkpoint(directory: str | os.PathLike, variables: Any,
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
     raise ValueError(f"config lacks {missing}; it needs {list(REQUIRED_KEYS)}")
+  _check_classes("config", config)
   # orbax requires absolute paths.
   directory = os.path.abspath(os.fspath(directory))
   if os.path.exists(directory):
@@ -67,8 +70,8 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
   """Reads and checks a checkpoint's `config.json`.
 
   Raises:
-    ValueError: naming the path if the file is missing, not JSON, or lacks a
-      required key.
+    ValueError: naming the path if the file is missing, not JSON, lacks a
+      required key, or has `classes` that are not one name per class.
   """
   path = os.path.join(os.path.abspath(os.fspath(directory)), CONFIG_FILE)
   if not os.path.isfile(path):
@@ -83,7 +86,19 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
     raise ValueError(f"{path} lacks {missing}")
+  _check_classes(path, config)
   return config
+
+
+def _check_classes(where: str, config: dict[str, Any]) -> None:
+  """`classes`, where a config has it: one distinct name per class, in label order."""
+  classes = config.get("classes")
+  if classes is None:
+    return
+  if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+          and len(set(classes)) == len(classes) == config["num_classes"]):
+    raise ValueError(f"{where}: 'classes' must list {config['num_classes']} distinct class "
+                     f"names (num_classes), label i at position i; got {classes!r}")
 
 
 def build_model(config: dict[str, Any]) -> tuple[nn.Module, Any]:

@@ -6,7 +6,8 @@
 The training, test and OOD sets stream through the input pipeline and the
 backbone into the feature cache (`Backbone.read`), or are read back from it.
 On multi-host each process reads its own contiguous shard of whole batches
-of every set.
+of every set. With `skip_bad_images` the images that cannot be decoded are
+left out, and each set's `CachedSet.skipped` says which (`skipped_of`).
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from line_jax import features
 from line_jax import models
 from line_jax import suites
 from line_jax.features import cache
+from line_jax.runs._shared import check_classes
 from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import checkpoint_classes
+from line_jax.runs._shared import gather_skipped
 from line_jax.runs._shared import own_shard
 from line_jax.runs._shared import Runtime
+from line_jax.runs._shared import skipped_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +44,17 @@ class BenchmarkData:
     checkpoint: line_jax checkpoint folder (the Fashion-MNIST suites).
     torch_checkpoint: PyTorch state_dict of a paper suite's network.
     data_dir: TFDS datasets and the paper's OOD sets.
-    id_folder: ID `train/` and `test/` in ImageFolder layout (else TFDS).
+    id_folder: ID `train/` and `test/` in ImageFolder layout (else TFDS,
+      or Fashion-MNIST's files); their classes must be those a line_jax
+      `checkpoint` records, where it does.
     max_train, max_test: subsets of this size by the one rule (quick runs;
       `data.subset_of`: every class in proportion, evenly spaced).
     ood_size: images per offline OOD set.
     extra_ood: more OOD sets, `NAME=PATH` (a uint8 `.npy` of the suite's
       input shape, or a folder of images of any size) or `(name, path)`.
     batch_size: images per network call.
+    skip_bad_images: leave out the images that cannot be decoded (reported
+      per set) instead of stopping at the first.
   """
 
   benchmark: str | None = None
@@ -58,6 +67,7 @@ class BenchmarkData:
   ood_size: int = 2000
   extra_ood: tuple = ()
   batch_size: int = features.IMAGES_PER_CALL
+  skip_bad_images: bool = False
 
   @property
   def name(self) -> str:
@@ -74,9 +84,13 @@ class BenchmarkData:
     check_positive(batch_size=self.batch_size, max_train=self.max_train,
                    max_test=self.max_test, ood_size=self.ood_size)
     if self.name.startswith("fashion_mnist"):
-      return suites.fashion_mnist_inputs(self.checkpoint, max_train=self.max_train,
-                                         max_test=self.max_test, ood_size=self.ood_size,
-                                         settings=self.name)
+      inputs = suites.fashion_mnist_inputs(self.checkpoint, max_train=self.max_train,
+                                           max_test=self.max_test, ood_size=self.ood_size,
+                                           settings=self.name, id_folder=self.id_folder)
+      classes = checkpoint_classes(self.checkpoint)
+      for source in (inputs.train, inputs.test):  # Before any image is read.
+        check_classes(source, classes, f"the checkpoint {self.checkpoint}")
+      return inputs
     return suites.paper_inputs(self.suite, self.data_dir, self.torch_checkpoint,
                                id_folder=self.id_folder, max_train=self.max_train,
                                max_test=self.max_test, ood_size=self.ood_size)
@@ -125,10 +139,25 @@ def features_of(data: BenchmarkData, runtime: Runtime, *, inputs: suites.Inputs 
                                   **extra}
   with tempfile.TemporaryDirectory(prefix="line_jax_features_") as tmp:
     folder = os.fspath(runtime.cache_dir or tmp)
-    sets = {name: inputs.backbone.read(
-        own_shard(source, data.batch_size), cache_dir=folder, scratch=tmp,
-        batch_size=data.batch_size, workers=runtime.workers,
-        description=f"{name}: {source!r}",
-        progress=f"features: {name}" if runtime.progress else False)
-            for name, source in sources.items()}
+    sets = {}
+    for name, source in sources.items():
+      shard = own_shard(source, data.batch_size)
+      sets[name] = _indexed_in_set(shard, inputs.backbone.read(
+          shard, cache_dir=folder, scratch=tmp, batch_size=data.batch_size,
+          workers=runtime.workers, description=f"{name}: {source!r}",
+          progress=f"features: {name}" if runtime.progress else False,
+          skip_bad_images=data.skip_bad_images))
     yield inputs, sets
+
+
+def _indexed_in_set(shard: Sequence, cached: cache.CachedSet) -> cache.CachedSet:
+  """`cached` with its skipped images' indices in the data set, not in the shard read."""
+  records = skipped_records(shard, cached.skipped)
+  return dataclasses.replace(cached, skipped=tuple(
+      s._replace(index=r["index"]) for s, r in zip(cached.skipped, records)))
+
+
+def skipped_of(sets: Mapping[str, cache.CachedSet]) -> dict[str, list[dict[str, Any]]]:
+  """`{set: [{"index", "path", "error"}, ...]}` of the images every process
+  left out (collective), by index in each set; sets with none left out."""
+  return gather_skipped({name: [s._asdict() for s in c.skipped] for name, c in sets.items()})

@@ -1,5 +1,6 @@
-"""What every run shares: how it runs, the named data sets it reads, its output
-folders (refused where they hold a user's files), atomic writes."""
+"""What every run shares: how it runs, the named data sets it reads (checked
+against the checkpoint's classes), the images it skipped, its output folders
+(refused where they hold a user's files), atomic writes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from line_jax import data
 from line_jax import distributed
+from line_jax import models
 from line_jax import suites
 from line_jax.features import cache
 
@@ -44,7 +47,7 @@ def check_positive(**values: int | None) -> None:
 
 
 def open_dataset(spec: str, split: str, num_classes: int, *,
-                 limit: int | None = None) -> Sequence:
+                 limit: int | None = None, checkpoint: str | None = None) -> Sequence:
   """The records of data set `spec`'s `split` (`data.open_source`), checked.
 
   Args:
@@ -53,8 +56,14 @@ def open_dataset(spec: str, split: str, num_classes: int, *,
     num_classes: the model's classes; labels a source knows must lie below.
     limit: this many records by the one subset rule (`data.subset_of`:
       every class in proportion, evenly spaced), not the first ones.
+    checkpoint: the line_jax checkpoint of the model; where its config
+      names its classes, a folder of class subfolders must have those
+      (`check_classes`), checked before any image is read.
   """
-  source = data.subset_of(data.open_source(spec, split), limit)
+  whole = data.open_source(spec, split)
+  if checkpoint is not None:
+    check_classes(whole, checkpoint_classes(checkpoint), f"the checkpoint {checkpoint}")
+  source = data.subset_of(whole, limit)
   if len(source) == 0:
     raise ValueError(f"dataset {spec!r} ({split}) holds no image")
   labels = getattr(source, "labels", None)
@@ -66,6 +75,22 @@ def open_dataset(spec: str, split: str, num_classes: int, *,
   return source
 
 
+def checkpoint_classes(checkpoint: str) -> tuple[str, ...] | None:
+  """The class names a line_jax checkpoint records (`train` writes them); None if none."""
+  classes = models.read_checkpoint_config(checkpoint).get("classes")
+  return None if classes is None else tuple(classes)
+
+
+def check_classes(source: Sequence, classes: Sequence[str] | None, against: str) -> None:
+  """Refuses a folder of class subfolders (under any subset) whose class names
+  are not `classes` in order (`data.check_class_names`), before any image is read.
+  Flat folders, arrays and TFDS sets, which name no class, and `classes` None pass."""
+  while isinstance(source, data.Subset):
+    source = source.source
+  if classes is not None and isinstance(source, data.ImageFolderSource) and source.classes:
+    data.check_class_names(source.classes, classes, where=source.root, against=against)
+
+
 def own_shard(source: Sequence, batch_size: int, *, allow_empty: bool = False) -> Sequence:
   """This process's contiguous shard of whole batches (all of it on one process)."""
   if jax.process_count() == 1:
@@ -75,6 +100,40 @@ def own_shard(source: Sequence, batch_size: int, *, allow_empty: bool = False) -
     raise ValueError(f"a set of {len(source)} images leaves this process no batch of "
                      f"{batch_size}; use a smaller --batch-size or fewer processes")
   return data.Subset.range(source, start, stop)
+
+
+def skipped_records(source: Sequence, skipped: Sequence) -> list[dict[str, Any]]:
+  """Each dropped image (`data.SkippedImage`s of `source`) as JSON: its index in
+  the data set (through every subset and shard of it), file (None for pixels), error."""
+  records = []
+  for image in skipped:
+    index, inner = int(image.index), source
+    while isinstance(inner, data.Subset):
+      index, inner = int(inner.indices[index]), inner.source
+    records.append({"index": index, "path": image.path, "error": image.error})
+  return records
+
+
+def gather_skipped(skipped: Mapping[str, list[dict[str, Any]]]) -> dict[str, list[dict]]:
+  """`{set: records}` of every process (collective), sets with none left out."""
+  merged: dict[str, list[dict]] = {}
+  for part in distributed.gather_bytes(json.dumps(skipped).encode()):
+    for name, records in json.loads(part).items():
+      merged.setdefault(name, []).extend(records)
+  return {name: sorted(records, key=lambda r: r["index"])
+          for name, records in merged.items() if records}
+
+
+def report_skipped(skipped: Mapping[str, list[dict[str, Any]]]) -> None:
+  """Says once (process 0), whatever `--quiet`, which images a run dropped:
+  a run that skipped is visibly not a run over the whole data."""
+  count = sum(len(records) for records in skipped.values())
+  if not count or not distributed.is_primary():
+    return
+  lines = [f"skipped {count} image{'s' if count > 1 else ''} that cannot be decoded "
+           "(--skip-bad-images):"]
+  lines += [f"  {name}: {r['error']}" for name, records in skipped.items() for r in records]
+  print("\n".join(lines), file=sys.stderr)
 
 
 def hparams_report(settings: str | None, used: Mapping[str, Mapping[str, Any]],

@@ -12,7 +12,9 @@ the cached training features, with the hyperparameters of the settings the
 inputs name (a benchmark's own, or the registry defaults for
 `Inputs.from_arrays`; `suites.hparams_for`, the rule `fit` follows too), and
 scores each set. The hyperparameters each scorer ran with are printed once
-and written into `metrics.json` and `hparams.json`.
+and written into `metrics.json` and `hparams.json`; so are, with
+`BenchmarkData(skip_bad_images=True)`, the images left out because they
+cannot be decoded (`metrics.json`'s "skipped").
 On multi-host each process extracts and scores its own shard of every set;
 the fits merge across processes, the scores are gathered, and process 0
 alone writes.
@@ -41,11 +43,13 @@ from line_jax.runs import _report
 from line_jax.runs import ablation
 from line_jax.runs._benchmark import BenchmarkData
 from line_jax.runs._benchmark import features_of
+from line_jax.runs._benchmark import skipped_of
 from line_jax.runs._benchmark import user_hparams
 from line_jax.runs._report import format_table  # noqa: F401  Part of this module's API.
 from line_jax.runs._shared import check_cache
 from line_jax.runs._shared import check_out
 from line_jax.runs._shared import hparams_report
+from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
 
 METRICS = metrics_lib.NAMES
@@ -161,9 +165,11 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   whose hyperparameters, "hparams": {scorer: what it ran with}, "methods":
   {scorer: {ood_set: {"fpr95", "auroc", "aupr_in", "aupr_out"}, "average"}}}`,
   fractions; "average" is the mean over every OOD set of the run, extra ones
-  included), `table.md` (FPR95 / AUROC in %), `hparams.json`, `timings.json`,
-  with `config.plots` `roc.png` and `hist_<scorer>.png`, and with
-  `config.ablation` the files of `runs.ablation`.
+  included; with `skip_bad_images` also "skipped": `{set: [{"index", "path",
+  "error"}, ...]}` of the images left out, by index in each set), `table.md`
+  (FPR95 / AUROC in %), `hparams.json`, `timings.json`, with `config.plots`
+  `roc.png` and `hist_<scorer>.png`, and with `config.ablation` the files of
+  `runs.ablation`.
 
   Args:
     config: what to evaluate.
@@ -176,7 +182,8 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
       removed at the end), progress output.
 
   Returns:
-    The metrics.json dict: `{"id_accuracy", "settings", "hparams", "methods"}`.
+    The metrics.json dict: `{"id_accuracy", "settings", "hparams", "methods"}`
+    (and "skipped").
   """
   start = time.perf_counter()
   names = config.scorer_names()
@@ -186,6 +193,7 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
     check_out(workdir, _report.OWN_FILES, marks=_report.OWN_MARKS)
   check_cache(runtime)
   with features_of(config.data, runtime, inputs=inputs) as (inputs, cached):
+    skipped = skipped_of(cached) if config.data.skip_bad_images else None
     train = cached.pop("train")
     kernel, bias = inputs.backbone.head_params()
     sets = {name: c.features for name, c in cached.items()}
@@ -196,6 +204,8 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
     hits = distributed.gather_rows(correct(cached["id"], kernel, bias))
     result = {"id_accuracy": float(np.mean(hits)), "settings": inputs.settings,
               "hparams": used, "methods": metrics_of(scores)}
+    if skipped is not None:
+      result["skipped"] = skipped
     if config.ablation:
       hp = suites.hparams_for(inputs.settings, "line", overrides.get("line"), train.features)
       table = ablation.line_ablation(train.batches(), kernel, bias, sets, **hp)
@@ -203,6 +213,7 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
                             time.perf_counter() - start)
   if distributed.is_primary() and runtime.progress:
     print(hparams_report(inputs.settings, used, overrides), file=sys.stderr)
+  report_skipped(skipped or {})
   if workdir is not None and distributed.is_primary():
     _report.write_outputs(workdir, result, scores, used, timings, make_plots=config.plots,
                           progress=runtime.progress)

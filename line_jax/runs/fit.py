@@ -10,10 +10,11 @@ over the feature cache's rows where it holds them. A run's folder holds
 `args.json` (its `Config`; a resume with another is refused), `progress/`,
 `features.npy` / `labels.npy`, `<scorer>/` (each state, `line_jax.load`) and
 `hparams.json` (the settings each scorer ran with, resolved: they paste into
-`Scorer.fit`). A folder holding anything else is refused before the run
-starts (`cache.refuse_foreign`): a user's files are never replaced. On
-multi-host each process reads its own shard of whole batches, and process 0
-writes.
+`Scorer.fit`), and with `skip_bad_images` `skipped.json` (the images that
+could not be decoded and were left out). A folder holding anything else is
+refused before the run starts (`cache.refuse_foreign`): a user's files are
+never replaced. On multi-host each process reads its own shard of whole
+batches (and drops its own bad images), and process 0 writes.
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ from line_jax.features import cache
 from line_jax.runs._shared import check_cache
 from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import gather_skipped
 from line_jax.runs._shared import has_keys
 from line_jax.runs._shared import hparams_report
 from line_jax.runs._shared import open_dataset
 from line_jax.runs._shared import own_shard
+from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
+from line_jax.runs._shared import skipped_records
 from line_jax.runs._shared import write_json
 
 ARGS_FILE = "args.json"
 HPARAMS_FILE = "hparams.json"
+SKIPPED_FILE = "skipped.json"  # With skip_bad_images: the images left out.
 CACHED_DIR = "cached"  # Progress of a fit folded from the feature cache.
 
 
@@ -70,6 +75,8 @@ class Config:
     save_every: batches between progress saves.
     max_examples: this many images by the subset rule (`data.subset_of`:
       every class in proportion, evenly spaced; None: all).
+    skip_bad_images: leave out the images that cannot be decoded (listed in
+      `skipped.json`) instead of stopping at the first.
   """
 
   checkpoint: str = models.DEFAULT_CHECKPOINT
@@ -80,6 +87,7 @@ class Config:
   batch_size: int = features.IMAGES_PER_CALL
   save_every: int = 20
   max_examples: int | None = None
+  skip_bad_images: bool = False
 
   def resolved(self) -> "Config":
     """Paths absolute, names checked, defaults filled in."""
@@ -107,6 +115,8 @@ class Config:
   def record(self) -> dict[str, Any]:
     """The JSON of `args.json`; a resume must have the same."""
     record = json.loads(json.dumps(dataclasses.asdict(self)))
+    if not self.skip_bad_images:  # Absent, as before it existed: older runs still resume.
+      del record["skip_bad_images"]
     if jax.process_count() > 1:  # A resume must keep the process count (the shards).
       record["num_processes"] = jax.process_count()
     return record
@@ -116,8 +126,8 @@ def own_files() -> tuple[str, ...]:
   """Glob patterns of what a fit writes in its folder (`cache.refuse_foreign`)."""
   # io.save writes a state as `<name>.line_jax-saving` before renaming it.
   states = [p for name in scorers.names() for p in (name, f"{name}.line_jax-saving")]
-  return (ARGS_FILE, HPARAMS_FILE, "features*.npy", "labels*.npy", resumable.PROGRESS_DIR,
-          CACHED_DIR, *states)
+  return (ARGS_FILE, HPARAMS_FILE, SKIPPED_FILE, "features*.npy", "labels*.npy",
+          resumable.PROGRESS_DIR, CACHED_DIR, *states)
 
 
 def claim(out: str, record: dict[str, Any]) -> None:
@@ -165,7 +175,8 @@ def run(config: Config, workdir: str | os.PathLike, *,
   backbone = Backbone.from_checkpoint(config.checkpoint)
   kernel, bias = backbone.head_params()
   source = own_shard(open_dataset(config.dataset, "train", backbone.num_classes,
-                                  limit=config.max_examples), config.batch_size, allow_empty=True)
+                                  limit=config.max_examples, checkpoint=config.checkpoint),
+                     config.batch_size, allow_empty=True)
   hparams = {name: suites.hparams_for(config.benchmark, name, config.hparams.get(name))
              for name in config.scorers}
   for name, hp in hparams.items():
@@ -173,7 +184,9 @@ def run(config: Config, workdir: str | os.PathLike, *,
   chained = fold.chain({name: scorers.get(name).fold for name in config.scorers})
   acc = chained.init(kernel, bias, **hparams)  # A bad value fails before `out` is claimed.
   claim(out, config.record())
-  key = None if runtime.cache_dir is None else cache.key(backbone.key, source)
+  skip = config.skip_bad_images
+  key = None if runtime.cache_dir is None else cache.key(backbone.key, source,
+                                                         skip_bad_images=skip)
   hit = None if key is None else cache.lookup(runtime.cache_dir, key)
   hit = hit if distributed.everyone(hit is not None) else None
   start = time.perf_counter()
@@ -184,7 +197,7 @@ def run(config: Config, workdir: str | os.PathLike, *,
       folder = os.path.join(out, CACHED_DIR)
     else:
       stream = backbone.stream(backbone.batches(source, config.batch_size,
-                                                workers=runtime.workers))
+                                                workers=runtime.workers, skip_bad_images=skip))
       folder = out
     # Rows are published only where this run kept all of them: a run resumed
     # from one that kept none (started with no cache) has no rows before its
@@ -195,12 +208,15 @@ def run(config: Config, workdir: str | os.PathLike, *,
     def add_to_cache():  # Before the finalizes: their failure does not lose the rows.
       cache.publish(runtime.cache_dir, key, *resumable.rows_files(out),
                     seconds=time.perf_counter() - start,
-                    description=f"{config.dataset} (train) through {config.checkpoint}")
+                    description=f"{config.dataset} (train) through {config.checkpoint}",
+                    skipped=stream.skipped)
 
     acc = resumable.accumulate(
         chained, acc, stream, folder, num_features=int(kernel.shape[0]),
         check=fold.batch_check(chained, kernel, bias), save_every=config.save_every,
         on_batch=on_batch, keep_rows=publish, on_stream_end=add_to_cache if publish else None)
+  if skip:  # Before the finalizes: their failure does not lose the list.
+    write_skipped(out, source, hit.skipped if hit is not None else stream.skipped)
   states = chained.finalize(acc)
   for name, state in states.items():
     io.save(os.path.join(out, name), state)  # Collective; process 0 writes.
@@ -210,6 +226,16 @@ def run(config: Config, workdir: str | os.PathLike, *,
     if runtime.progress:
       print(hparams_report(config.benchmark, used, config.hparams), file=sys.stderr)
   return states
+
+
+def write_skipped(out: str, source, skipped) -> None:
+  """Writes `skipped.json` (process 0) and says once which images every
+  process left out (collective); `skipped`: this process's `SkippedImage`s of
+  `source`, indexed in the data set there."""
+  records = gather_skipped({"train": skipped_records(source, skipped)})
+  if distributed.is_primary():
+    write_json(os.path.join(out, SKIPPED_FILE), records.get("train", []))
+  report_skipped(records)
 
 
 def load_state(out: str | os.PathLike, name: str) -> Any:

@@ -8,7 +8,11 @@ What `python -m line_jax.train` runs, on any data set every CLI names
 there is one, is scored at the end. Normalisation: the published statistics
 of a known set (`line_jax.data.MEAN_STD`), else the training images'. AdamW
 with warmup and cosine decay reached 92.5 % on Fashion-MNIST with
-`resnet_small` in 5 epochs (a GPU trial); a seed fixes every bit.
+`resnet_small` in 5 epochs (a GPU trial); a seed fixes every bit. The
+checkpoint's config records the class names where the data set has them
+(a folder's class subfolders, Fashion-MNIST's), which the other CLIs check a
+folder's against; with `skip_bad_images`, images that cannot be decoded are
+left out and listed there ("skipped_images").
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from line_jax.models import get_model
 from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
 from line_jax.runs._shared import has_keys
+from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
+from line_jax.runs._shared import skipped_records
 
 # Pixels an image may move in each direction (zero padding, random crop).
 MAX_SHIFT = 2
@@ -69,6 +75,8 @@ class TrainConfig:
       image's).
     max_examples: `run` reads this many images of each split by the subset
       rule (`data.subset_of`: every class in proportion, evenly spaced).
+    skip_bad_images: `run` leaves out the images that cannot be decoded
+      (listed in the checkpoint's config) instead of stopping at the first.
   """
 
   model: str = "resnet_small"
@@ -86,6 +94,7 @@ class TrainConfig:
   image_size: int | None = None
   channels: int | None = None
   max_examples: int | None = None
+  skip_bad_images: bool = False
 
 
 class TrainState(train_state.TrainState):
@@ -272,18 +281,23 @@ def train(config: TrainConfig, train_images: np.ndarray,
 
 
 def checkpoint_config(config: TrainConfig, input_shape: Sequence[int],
-                      metrics: dict[str, Any]) -> dict[str, Any]:
-  """The JSON dict saved beside the weights: settings plus results."""
+                      metrics: dict[str, Any],
+                      classes: Sequence[str] | None = None) -> dict[str, Any]:
+  """The JSON dict saved beside the weights: settings plus results, and the
+  class names (label `i` at `i`) where they are known."""
   record = dataclasses.asdict(config)
   record["input_shape"] = [int(d) for d in input_shape]
   record["mean"], record["std"] = list(config.mean), list(config.std)
   record.update({k: v for k, v in metrics.items() if k != "losses"})
+  if classes is not None:
+    record["classes"] = [str(c) for c in classes]
   return record
 
 
 def read_images(source, *, image_size: int | None = None, channels: int | None = None,
-                workers: int | None = None, quiet: bool = True,
-                desc: str = "read") -> tuple[np.ndarray, np.ndarray]:
+                workers: int | None = None, quiet: bool = True, desc: str = "read",
+                skip_bad_images: bool = False, skipped: list | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
   """A source's images and labels in memory: uint8 `[N, H, W, C]`, int32 `[N]`.
 
   Args:
@@ -296,16 +310,20 @@ def read_images(source, *, image_size: int | None = None, channels: int | None =
     workers: decoding threads of the grain pipeline.
     quiet: no progress output.
     desc: what the progress output calls this read.
+    skip_bad_images: leave out the images that cannot be decoded (`N` is
+      then those kept) instead of stopping at the first.
+    skipped: a list that gets the `data.SkippedImage`s left out.
 
   Raises:
-    ValueError: for an empty source, or images of several sizes and no
-      `image_size`.
+    ValueError: for an empty source, images of several sizes and no
+      `image_size`, or, without `skip_bad_images`, an image that cannot be
+      decoded (`data.BadImageError`, naming it).
   """
   n = len(source)
   if n == 0:
     raise ValueError(f"{source!r} holds no image")
   if channels is None:
-    channels = _channels(source[0][0])
+    channels = _first_channels(source, skip_bad_images)
   whole, rows = ((source.source, source.indices) if isinstance(source, data.Subset)
                  else (source, slice(None)))
   images = getattr(whole, "images", None)
@@ -313,20 +331,38 @@ def read_images(source, *, image_size: int | None = None, channels: int | None =
     # Pixels already in memory (or memory-mapped), in the right mode.
     return _as_nhwc(np.asarray(images[rows])), np.asarray(whole.labels[rows], np.int32)
   batches = data.image_batches(source, data.Preprocess(image_size=image_size, channels=channels),
-                               batch_size=256, workers=workers)
+                               batch_size=256, workers=workers, skip_bad_images=skip_bad_images)
   parts, labels = [], []
   with _progress.counting(n, desc, enabled=not quiet) as on_batch:
     try:
-      for batch_images, batch_labels in batches:
+      for batch_images, batch_labels in batches:  # Shorter where images were left out.
         parts.append(np.asarray(batch_images))
         labels.append(np.asarray(batch_labels))
         on_batch(len(batch_labels))
     except ValueError as e:
-      if image_size is None and "shape" in str(e):
+      if image_size is None and "shape" in str(e) and not isinstance(e, data.BadImageError):
         raise ValueError(f"the images of {source!r} differ in size; pass --image-size "
                          "to resize and crop them to one") from e
       raise
+  if skipped is not None:
+    skipped.extend(batches.skipped)
+  if not parts:
+    raise ValueError(f"no image of {source!r} could be decoded")
   return np.concatenate(parts), np.concatenate(labels).astype(np.int32)
+
+
+def _first_channels(source, skip_bad_images: bool) -> int:
+  """`_channels` of the first record that opens (with `skip_bad_images`) or of the first."""
+  for index in range(len(source)):
+    image = source[index][0]
+    try:
+      return _channels(image)
+    except (OSError, SyntaxError, ValueError) as e:  # What Pillow raises on a bad file.
+      if not skip_bad_images:
+        raise data.BadImageError(
+            f"cannot decode image file {os.fspath(image)}: {e}; pass --skip-bad-images "
+            "(skip_bad_images=True) to leave out the images that cannot be decoded") from e
+  raise ValueError(f"no image of {source!r} could be decoded")
 
 
 def _channels(image) -> int:
@@ -378,20 +414,30 @@ def mean_std(spec: str, images: np.ndarray) -> tuple[tuple[float, ...], tuple[fl
 
 
 def load_dataset(spec: str, *, image_size: int | None = None, channels: int | None = None,
-                 limit: int | None = None, workers: int | None = None, quiet: bool = True):
+                 limit: int | None = None, workers: int | None = None, quiet: bool = True,
+                 skip_bad_images: bool = False, found: dict | None = None):
   """`(train_images, train_labels, test_images, test_labels)` of `spec`.
 
   `spec` is a data set name as every CLI takes it (`data.open_source`);
   the test pair is None where `spec` has no test split (`has_split`).
   Images are uint8 `[N, H, W, C]` (`read_images`); `limit` takes that many
   of each split by the one subset rule (`data.subset_of`), not the first.
+  `skip_bad_images` leaves out the images that cannot be decoded; `found`,
+  a dict, gets what reading learned: "classes" (the class names, where the
+  data set names them) and "skipped" (`{split: [{"index", "path", "error"},
+  ...]}`, the images left out, by index in the split).
   """
-  kwargs = dict(image_size=image_size, channels=channels, workers=workers, quiet=quiet)
+  kwargs = dict(image_size=image_size, channels=channels, workers=workers, quiet=quiet,
+                skip_bad_images=skip_bad_images)
+  found = {} if found is None else found
   source = data.open_source(spec, "train")
+  found["classes"] = class_names(spec, source)
   known = data.known_labels(source)  # Folders and arrays know them before decoding.
   if known is not None:
     _check_labelled(spec, known)
-  train_x, train_y = read_images(data.subset_of(source, limit), desc="read train", **kwargs)
+  train_source, dropped = data.subset_of(source, limit), []
+  train_x, train_y = read_images(train_source, desc="read train", skipped=dropped, **kwargs)
+  found["skipped"] = {"train": skipped_records(train_source, dropped)}
   _check_labelled(spec, train_y)
   if known is not None and np.unique(train_y).size < np.unique(known).size:
     # Fewer images than classes: the model would not know (or count) the others.
@@ -401,9 +447,18 @@ def load_dataset(spec: str, *, image_size: int | None = None, channels: int | No
   if not has_split(spec, "test"):
     return train_x, train_y, None, None
   kwargs["channels"] = train_x.shape[-1]
-  test_x, test_y = read_images(data.subset_of(data.open_source(spec, "test"), limit),
-                               desc="read test", **kwargs)
+  test_source, dropped = data.subset_of(data.open_source(spec, "test"), limit), []
+  test_x, test_y = read_images(test_source, desc="read test", skipped=dropped, **kwargs)
+  found["skipped"]["test"] = skipped_records(test_source, dropped)
   return train_x, train_y, test_x, test_y
+
+
+def class_names(spec: str, source) -> tuple[str, ...] | None:
+  """The class names of data set `spec` (its training `source`), label `i` at
+  `i`: a folder's class subfolders, Fashion-MNIST's; None where unknown."""
+  if spec == "fashion_mnist":
+    return tuple(data.FASHION_MNIST_CLASSES)
+  return getattr(source, "classes", None) or None
 
 
 def _check_labelled(spec: str, labels: np.ndarray) -> None:
@@ -428,21 +483,32 @@ def run(config: TrainConfig, workdir: str | os.PathLike, *,
     runtime: decoding threads and progress output.
 
   Returns:
-    The training metrics (`train`'s), as saved in the checkpoint's config.
+    The training metrics (`train`'s), as saved in the checkpoint's config
+    (with `skip_bad_images`, "skipped_images": `{split: [{"index", "path",
+    "error"}, ...]}`).
   """
   check_out(workdir, OWN_FILES, marks=OWN_MARKS)  # Before training, not after.
   check_positive(epochs=config.epochs, batch_size=config.batch_size,
                  max_examples=config.max_examples, image_size=config.image_size)
   dataset = os.path.abspath(config.dataset) if os.path.isdir(config.dataset) else config.dataset
+  found = {}
   train_x, train_y, test_x, test_y = load_dataset(
       dataset, image_size=config.image_size, channels=config.channels,
-      limit=config.max_examples, workers=runtime.workers, quiet=not runtime.progress)
+      limit=config.max_examples, workers=runtime.workers, quiet=not runtime.progress,
+      skip_bad_images=config.skip_bad_images, found=found)
+  if config.skip_bad_images:
+    report_skipped(found["skipped"])  # Now, not after hours of training.
   mean, std = mean_std(dataset, train_x)
   config = dataclasses.replace(config, num_classes=int(np.max(train_y)) + 1, dataset=dataset,
                                mean=tuple(mean), std=tuple(std))
   variables, metrics = train(config, train_x, train_y, test_x, test_y,
                              progress=runtime.progress)
-  save(workdir, variables, checkpoint_config(config, train_x.shape[1:], metrics))
+  if config.skip_bad_images:
+    metrics["skipped_images"] = found["skipped"]
+  classes = found["classes"]
+  # A class whose every image was left out is not one the model learnt.
+  classes = classes if classes and len(classes) == config.num_classes else None
+  save(workdir, variables, checkpoint_config(config, train_x.shape[1:], metrics, classes))
   return metrics
 
 

@@ -7,7 +7,9 @@ split, held out by the one subset rule (`line_jax.data.hold_out`: every
 class in proportion, evenly spaced), are the ID validation set, the rest of
 the split the fitting set (the test split is never touched), and
 `line_jax.data.validation_ood`, disjoint from every test OOD set, the OOD
-one; features come from the shared cache.
+one; features come from the shared cache. With `skip_bad_images`, images
+that cannot be decoded are left out before the hold-out (as if the folder
+did not hold them) and each result lists them ("skipped_images").
 
 Every scorer with a grid (`Scorer.grid`) is tuned alike: a state is fitted
 at each point (one fold where the points share the data's statistics), the
@@ -49,7 +51,9 @@ from line_jax.runs._shared import check_cache
 from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
 from line_jax.runs._shared import open_dataset
+from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
+from line_jax.runs._shared import skipped_records
 from line_jax.runs._shared import write_json
 from line_jax.runs._shared import write_text
 
@@ -376,6 +380,8 @@ class Config:
     check: also score every grid by a Python loop of fresh registry fits,
       asserted equal to the vmapped grid.
     batch_size: images per network call.
+    skip_bad_images: leave out the training images that cannot be decoded
+      (listed in each result's "skipped_images") instead of stopping.
   """
 
   scorers: tuple[str, ...] = ()
@@ -385,6 +391,7 @@ class Config:
   ood_size: int = 2000
   check: bool = True
   batch_size: int = features.IMAGES_PER_CALL
+  skip_bad_images: bool = False
 
 
 def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
@@ -421,7 +428,8 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   kernel, bias = backbone.head_params()
   with contextlib.ExitStack() as stack:
     folder = runtime.cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
-    train_source = open_dataset(config.dataset, "train", backbone.num_classes)
+    train_source = open_dataset(config.dataset, "train", backbone.num_classes,
+                                checkpoint=config.checkpoint)
     if not 0 < config.val_size < len(train_source):
       raise ValueError(f"--val-size must lie in [1, {len(train_source)}), "
                        f"got {config.val_size}")
@@ -429,19 +437,26 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
     def features_of(source, name):
       return backbone.read(source, cache_dir=folder, batch_size=config.batch_size,
                            workers=runtime.workers, description=f"{name}: {source!r}",
-                           progress=f"features: {name}" if runtime.progress else False)
+                           progress=f"features: {name}" if runtime.progress else False,
+                           skip_bad_images=config.skip_bad_images)
 
-    held, rest = data.hold_out(train_source, config.val_size)
     # Features of the whole split (the cache entry fit and evaluate share), split here.
     train = features_of(train_source, "train")
     val_ood = np.asarray(features_of(
         data.ArraySource(data.validation_ood(config.ood_size)), "validation OOD").features)
     feats, labels = np.asarray(train.features), np.asarray(train.labels)
+  # Feature row i is the i-th image kept: the hold-out is taken over those.
+  kept = np.delete(np.arange(len(train_source)), [s.index for s in train.skipped])
+  held, rest = data.hold_out(data.Subset(train_source, kept), config.val_size)
   out = {}
   fit_x, fit_y, val_id = feats[rest.indices], labels[rest.indices], feats[held.indices]
+  skipped = skipped_records(train_source, train.skipped)
+  report_skipped({"train": skipped})
   for name in names:
     out[name] = tune_method(name, fit_x, fit_y, kernel, bias, val_id, val_ood,
                             check=config.check)
+    if config.skip_bad_images:
+      out[name]["skipped_images"] = skipped
     if runtime.progress:
       print(f"tuned {_row(name, out[name])}", file=sys.stderr, flush=True)
   if workdir is not None:

@@ -97,19 +97,48 @@ def evenly_spaced(source: Sequence, count: int | None) -> Sequence:
 
 def fashion_mnist_inputs(checkpoint: str = models.DEFAULT_CHECKPOINT, *,
                          max_train: int | None = None, max_test: int | None = None,
-                         ood_size: int = 2000, settings: str = "fashion_mnist") -> Inputs:
+                         ood_size: int = 2000, settings: str = "fashion_mnist",
+                         id_folder: str | None = None) -> Inputs:
   """The default benchmark: Fashion-MNIST (Debian's files), the embedded OOD sets.
 
   `settings` names the Fashion-MNIST suite whose hyperparameters the scorers
   take ("fashion_mnist" or "fashion_mnist_cifar_settings"); `max_train`,
-  `max_test`: subsets by the one rule (`data.subset_of`).
+  `max_test`: subsets by the one rule (`data.subset_of`); `id_folder`: the
+  ID images as `<id_folder>/{train,test}/<class>/<image>` instead of
+  Fashion-MNIST's (a checkpoint trained on a folder of your own).
   """
   suite = _catalog.get(settings)
+  if id_folder:
+    train, test = id_folder_sources(id_folder, None, suite.name)
+  else:
+    train, test = data.fashion_mnist_source("train"), data.fashion_mnist_source("test")
   return Inputs(
       features.Backbone.from_checkpoint(checkpoint),
-      data.subset_of(data.fashion_mnist_source("train"), max_train),
-      data.subset_of(data.fashion_mnist_source("test"), max_test),
+      data.subset_of(train, max_train), data.subset_of(test, max_test),
       _ood.offline_sets(suite, ood_size), settings=suite.name)
+
+
+def id_folder_sources(id_folder: str, num_classes: int | None, name: str
+                      ) -> tuple[data.ImageFolderSource, data.ImageFolderSource]:
+  """`(train, test)`: `<id_folder>/{train,test}/<class>/<image>`, one set of
+  classes in both (`num_classes` of them, where given).
+
+  Raises:
+    FileNotFoundError: naming a missing `train/` or `test/`.
+    ValueError: for classes that differ between the two, or in number.
+  """
+  for split in ("train", "test"):
+    if not os.path.isdir(os.path.join(id_folder, split)):
+      raise FileNotFoundError(f"--id-folder {id_folder}: no {split}/ folder (ImageFolder "
+                              "layout: <id-folder>/{train,test}/<class>/<image>)")
+  train = data.ImageFolderSource(os.path.join(id_folder, "train"), flat=False)
+  test = data.ImageFolderSource(os.path.join(id_folder, "test"), flat=False)
+  if train.classes != test.classes or num_classes not in (None, len(train.classes)):
+    needs = f"the same {num_classes}" if num_classes else "the same ones"
+    raise ValueError(
+        f"--id-folder {id_folder}: train/ has {len(train.classes)} classes and test/ "
+        f"{len(test.classes)}; {name} needs {needs} in both")
+  return train, test
 
 
 def paper_inputs(suite: _catalog.Suite, data_dir: str | None,
@@ -139,12 +168,7 @@ def paper_inputs(suite: _catalog.Suite, data_dir: str | None,
   model, variables = models.load_torch_checkpoint(suite.model, torch_checkpoint,
                                                   suite.num_classes)
   if id_folder:
-    train = data.ImageFolderSource(os.path.join(id_folder, "train"), flat=False)
-    test = data.ImageFolderSource(os.path.join(id_folder, "test"), flat=False)
-    if len(train.classes) != suite.num_classes or train.classes != test.classes:
-      raise ValueError(
-          f"--id-folder {id_folder}: train/ has {len(train.classes)} classes and test/ "
-          f"{len(test.classes)}; {suite.name} needs the same {suite.num_classes} in both")
+    train, test = id_folder_sources(id_folder, suite.num_classes, suite.name)
   else:
     test_split = data.STOCK_DATASETS[suite.id_dataset].eval_split
     train = data.TfdsSource(suite.id_dataset, "train", data_dir)
