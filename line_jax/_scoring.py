@@ -66,10 +66,15 @@ def nonfinite_rows(features: np.ndarray) -> np.ndarray:
   return np.flatnonzero(~np.all(np.isfinite(features), axis=1))
 
 
+def named_rows(rows: np.ndarray, total: int) -> str:
+  """`"row(s) 4, 17 (2 of 30)"`: the first ten of `rows`, for an error message."""
+  shown = ", ".join(str(int(r)) for r in rows[:10]) + (", ..." if rows.size > 10 else "")
+  return f"row(s) {shown} ({rows.size} of {total})"
+
+
 def refuse_nonfinite(rows: np.ndarray, total: int, what: str = "features") -> None:
-  """ValueError naming the non-finite rows (the first ten), if there are any."""
+  """ValueError naming the non-finite rows, if there are any."""
   if rows.size:
-    shown = ", ".join(str(int(r)) for r in rows[:10]) + (", ..." if rows.size > 10 else "")
-    raise ValueError(f"{what} row(s) {shown} ({rows.size} of {total}) contain NaN or Inf: "
+    raise ValueError(f"{what} {named_rows(rows, total)} contain NaN or Inf: "
                      "their scores would be NaN. Remove them, or pass nonfinite='nan' "
                      "to score them as NaN")

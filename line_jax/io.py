@@ -13,9 +13,10 @@ classes, never imported from a path the file gives) and its static fields
 keeps the hyperparameters, and scores identically, wherever line_jax keeps
 its modules. Array leaves keep their dtype (float64 ones included).
 
-`state.json` also holds the SHA-256 of every file under `state/`, which
-`load` checks before reading an array: flipped or truncated bytes are an
-error naming the file, never a state that scores garbage.
+`state.json` also holds the SHA-256 of every file under `state/` and a
+digest of its own structure and hyperparameters, which `load` checks before
+reading an array: flipped or truncated bytes are an error naming the file,
+never a state that scores garbage.
 
 States written before the scorer's name was recorded (`line_jax.state/1`,
 classes named by module path) still load: their paths are read from a fixed
@@ -83,6 +84,12 @@ def _checksums(folder: str) -> dict[str, str]:
           digest.update(block)
       sums[os.path.relpath(path, folder).replace(os.sep, "/")] = digest.hexdigest()
   return sums
+
+
+def _digest(meta: dict) -> str:
+  """SHA-256 of the structure, scorer and hyperparameters `state.json` holds."""
+  described = {key: meta.get(key) for key in ("format", "scorer", "state")}
+  return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 def _verify(arrays: str, expected: dict[str, str]) -> None:
@@ -188,12 +195,15 @@ def save(path: str | os.PathLike, state: Any) -> None:
   # On multi-host every process calls `save` with the same state; process 0
   # alone touches the files, orbax's save is collective.
   primary = distributed.is_primary()
+  # An interrupted save's leftovers are replaced, and only those; process 0
+  # decides and every process raises alike (none waits at a barrier alone).
+  foreign = primary and os.path.lexists(tmp) and not os.path.isfile(
+      os.path.join(tmp, _TMP_MARK))
+  if not distributed.everyone(not foreign):
+    raise ValueError(f"{tmp} exists and was not written by line_jax.save; "
+                     f"move it away to save to {path}")
   if primary:
-    if os.path.lexists(tmp):  # An interrupted save's leftovers, and only those.
-      if not os.path.isfile(os.path.join(tmp, _TMP_MARK)):
-        raise ValueError(f"{tmp} exists and was not written by line_jax.save; "
-                         f"move it away to save to {path}")
-      shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     open(os.path.join(tmp, _TMP_MARK), "w").close()
   distributed.barrier("line_jax.save:" + path)
@@ -204,6 +214,7 @@ def save(path: str | os.PathLike, state: Any) -> None:
   if primary:
     os.remove(os.path.join(tmp, _TMP_MARK))
     meta["checksums"] = _checksums(os.path.join(tmp, _ARRAYS))
+    meta["digest"] = _digest(meta)
     with open(os.path.join(tmp, _META), "w") as f:
       f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(path, ignore_errors=True)
@@ -243,6 +254,9 @@ def load(path: str | os.PathLike) -> Any:
       raise ValueError(f"{meta_path}: its {cls.__name__} is not a state of scorer "
                        f"{meta['scorer']!r}")
   if "checksums" in meta:  # States saved before checksums were recorded load unchecked.
+    if not isinstance(meta["checksums"], dict) or meta.get("digest") != _digest(meta):
+      raise ValueError(f"{meta_path}: corrupt: its structure or hyperparameters differ "
+                       "from those save recorded (digest mismatch)")
     _verify(arrays, meta["checksums"])
   checkpointer = ocp.StandardCheckpointer()
   try:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from line_jax import _scoring
+
 
 def _scores(name: str, x) -> np.ndarray:
   x = np.asarray(x, dtype=np.float64)
@@ -19,9 +21,8 @@ def _scores(name: str, x) -> np.ndarray:
     raise ValueError(f"{name} is empty")
   bad = np.flatnonzero(~np.isfinite(x))
   if bad.size:
-    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if bad.size > 10 else "")
-    raise ValueError(f"{name} contains NaN or Inf at row(s) {shown} ({bad.size} of "
-                     f"{x.size}); a scorer gives NaN to a feature row holding NaN or Inf")
+    raise ValueError(f"{name} contains NaN or Inf at {_scoring.named_rows(bad, x.size)}; "
+                     "a scorer gives NaN to a feature row holding NaN or Inf")
   return x
 
 

@@ -274,12 +274,14 @@ def accumulate(
       flush()
       progress.save(progress.final, part_acc, state["position"], state["done"])
     progress.close()
-    if rows is not None and rows.shape[0] != state["done"]:
-      # Records were dropped: the files keep the rows read, no trailing zeros.
+    if rows is not None and (rows.shape[0], labels.shape[0]) != (state["done"],) * 2:
+      # Records were dropped: the files keep the rows read, no trailing zeros
+      # (each file on its own: a run killed between the two cuts finishes here).
       flush()
       rows = labels = None
       for path in paths:
-        cut_rows(path, state["done"])
+        if np.lib.format.open_memmap(path, mode="r").shape[0] != state["done"]:
+          cut_rows(path, state["done"])
       rows, labels = (np.lib.format.open_memmap(path, mode="r") for path in paths)
     if distributed.total(state["done"]) and on_stream_end is not None:
       on_stream_end()

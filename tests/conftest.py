@@ -40,3 +40,9 @@ def _own_feature_cache(tmp_path_factory, monkeypatch):
   must neither read another test's features nor leave any behind.
   """
   monkeypatch.setenv("LINE_JAX_CACHE", str(tmp_path_factory.mktemp("feature_cache")))
+
+
+def pytest_collection_modifyitems(items):
+  """The slow end-to-end tests first: with one worker per core (`make test`),
+  the longest files start early instead of ending the run on one worker."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

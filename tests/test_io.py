@@ -153,3 +153,13 @@ def test_save_keeps_a_users_file_inside_a_state_folder_and_a_foreign_temp_folder
   (temp / ".written-by-line_jax-save").write_text("")  # An interrupted save's leftover.
   line_jax.save(folder, state)
   assert not temp.exists() and scorers.name_of(line_jax.load(folder)) == "energy"
+
+
+def test_a_changed_hyperparameter_in_state_json_is_refused(tmp_path):
+  features, labels, kernel, bias = random_problem(3, 6, 30)
+  line_jax.save(tmp_path / "s", scorers.get("knn").fit(features, labels, kernel, bias, k=2))
+  meta = json.loads((tmp_path / "s" / "state.json").read_text())
+  meta["state"]["static"]["k"] = 3  # Parses, and would score with another k.
+  (tmp_path / "s" / "state.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"state.json: corrupt: .* differ .* \(digest mismatch\)"):
+    line_jax.load(tmp_path / "s")

@@ -191,3 +191,26 @@ def test_bad_training_input_is_refused_before_any_work(name, data):
   error, message = _FIT_ERRORS[kind]
   with pytest.raises(error, match=message):
     scorers.get(name).fit(features, labels, kernel, bias, **HPARAMS.get(name, {}))
+
+
+def test_evaluate_refuses_a_nan_score_by_its_row_in_the_set(states):
+  from line_jax.runs import evaluate  # pylint: disable=g-import-not-at-top
+  x = _rows(2, 10)
+  x[3, 1] = np.nan
+  with pytest.raises(ValueError, match=r"ood: energy scores NaN at row\(s\) 3 \(1 of 10\)"):
+    evaluate._gathered_scores(scorers.get("energy"), states["energy"], x, "ood")
+  np.testing.assert_array_equal(
+      evaluate._gathered_scores(scorers.get("energy"), states["energy"], x[4:], "ood"),
+      scorers.get("energy").score_all(states["energy"], x[4:]))
+
+
+def test_forward_mode_needs_the_dense_strategy_on_the_grouped_path(states):
+  # The grouped walk has a custom VJP (reverse mode); forward mode goes through dense.
+  state, x = states["line"], jnp.asarray(_rows(8, 9))
+  fn = line.score.__wrapped__
+  tangent = jnp.ones_like(x)
+  _, dense = jax.jvp(lambda f: fn(state, f, strategy="dense"), (x,), (tangent,))
+  reverse = jax.grad(lambda f: fn(state, f, strategy="grouped").sum())(x)
+  np.testing.assert_allclose(dense, (reverse * tangent).sum(axis=1), rtol=1e-5, atol=1e-5)
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(lambda f: fn(state, f, strategy="grouped"), (x,), (tangent,))

@@ -247,7 +247,7 @@ def lookup(folder: str | os.PathLike, key: str) -> CachedSet | None:
               for k in ("features", "labels")}
   except (OSError, ValueError):
     return None
-  if meta.get("key") != key or arrays["features"].shape[0] != meta.get("images"):
+  if meta.get("key") != key or any(a.shape[0] != meta.get("images") for a in arrays.values()):
     return None
   return CachedSet(**arrays, seconds=float(meta.get("seconds", 0.0)), cached=True,
                    skipped=_skipped_images(meta.get("skipped", ())))
@@ -339,6 +339,7 @@ def extract(
                      f"expected {expected}{why}")
   for array in out.values():
     array.flush()
+  del array  # No memory map may stay open on a file `cut_rows` truncates.
   if row < num_images:  # Images were skipped: the files keep the rows read.
     del out
     for kind in ("features", "labels"):

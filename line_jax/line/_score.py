@@ -104,6 +104,7 @@ def _grouped_forward(kernel, weight_floor, kept, pred) -> jax.Array:
 # gradient is another walk over the same groups (exact: within a group the
 # logits are one matrix product), so LINe's score has a gradient on the CPU
 # as it has on accelerators (dense), without a `[batch, features, classes]`.
+# A custom VJP has no forward mode: `jax.jvp` / `jacfwd` take strategy="dense".
 @jax.custom_vjp
 def _grouped_logits(kernel, weight_floor, kept, pred) -> jax.Array:
   """`[batch, classes]` logits `kept[b] @ masked_head(pred[b])`, grouped by class."""

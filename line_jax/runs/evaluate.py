@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from line_jax import _progress
+from line_jax import _scoring
 from line_jax import distributed
 from line_jax import fold
 from line_jax import metrics as metrics_lib
@@ -130,11 +131,23 @@ def fit_and_score(names: Sequence[str], suite: suites.Suite | str | None,
     start = time.perf_counter()
     scorer = scorers.get(name)
     state = folds[name].finalize(accs.pop(name))
-    scores[name] = {set_name: distributed.gather_rows(scorer.score_all(state, f))
+    scores[name] = {set_name: _gathered_scores(scorer, state, f, set_name)
                     for set_name, f in sets.items()}
     used[name] = scorers.resolved_hparams(hparams[name], state)
     seconds["finalize_and_score_s"][name] = time.perf_counter() - start
   return scores, used, seconds
+
+
+def _gathered_scores(scorer, state, features, set_name: str) -> np.ndarray:
+  """`[n]` scores of every process's rows of a set; a NaN score (a feature row
+  holding NaN or Inf) is refused on every process alike, by its row in the set."""
+  scores = distributed.gather_rows(scorer.score_all(state, features, nonfinite="nan"))
+  bad = np.flatnonzero(np.isnan(scores))
+  if bad.size:
+    raise ValueError(f"{set_name}: {scorer.name} scores NaN at "
+                     f"{_scoring.named_rows(bad, scores.size)}: their features hold NaN or "
+                     "Inf (or the scorer cannot score them)")
+  return scores
 
 
 def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict]:

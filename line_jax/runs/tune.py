@@ -470,7 +470,7 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
 
 def is_results(value: Any) -> bool:
   """Whether a JSON value is what `write_results` writes: `{scorer: {"best", "grid", ...}}`."""
-  return isinstance(value, dict) and all(
+  return isinstance(value, dict) and bool(value) and all(
       isinstance(r, dict) and {"best", "grid"} <= set(r) for r in value.values())
 
 
