@@ -31,9 +31,8 @@ import numpy as np
 
 def check_dtype(features) -> None:
   """Trace-time check that `features` is floating point (NumPy, JAX, tracer)."""
-  dtype = np.dtype(features.dtype) if not hasattr(features.dtype, "name") else features.dtype
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"features must be a floating-point array, got dtype {dtype}")
+  if not jnp.issubdtype(features.dtype, jnp.floating):
+    raise TypeError(f"features must be a floating-point array, got dtype {features.dtype}")
 
 
 def guarded(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:

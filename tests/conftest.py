@@ -25,6 +25,21 @@ def problem():
   return random_problem
 
 
+@pytest.fixture
+def narrow(monkeypatch):
+  """`python -m line_jax.train`'s config narrowed to 4 filters (the flags do
+  not set the width); the narrowed `TrainConfig` class."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from line_jax.runs import train  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class Narrow(train.TrainConfig):
+    model_kwargs: dict = dataclasses.field(default_factory=lambda: {"num_filters": 4})
+
+  monkeypatch.setattr(train, "TrainConfig", Narrow)
+  return Narrow
+
+
 # Set at import, before any test module copies os.environ for its subprocesses:
 # no test reads or writes the user's feature cache under ~ (`_own_feature_cache`
 # then gives each test a folder of its own).

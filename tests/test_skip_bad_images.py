@@ -259,18 +259,6 @@ def test_tune_skipping_equals_tuning_without_the_bad_files(ckpt, sets, tmp_path,
 # ---- train ------------------------------------------------------------------
 
 
-@pytest.fixture
-def narrow(monkeypatch):
-  """The CLI's config narrowed to 4 filters (the flags do not set the width)."""
-  import dataclasses
-
-  @dataclasses.dataclass(frozen=True)
-  class Narrow(train_lib.TrainConfig):
-    model_kwargs: dict = dataclasses.field(default_factory=lambda: {"num_filters": 4})
-
-  monkeypatch.setattr(train_lib, "TrainConfig", Narrow)
-
-
 def _train_args(dataset, out, *more):
   return ["--out", str(out), "--dataset", dataset, "--epochs", "1", "--batch-size", "4",
           "--seed", "3", "--workers", "0", "--quiet", *more]

@@ -187,17 +187,6 @@ def test_config_that_does_not_match_the_weights(saved, tmp_path, change):
 
 # --- python -m line_jax.train ----------------------------------------------
 
-@pytest.fixture
-def narrow(monkeypatch):
-  """The CLI's config narrowed to 4 filters (the flags do not set the width)."""
-
-  @dataclasses.dataclass(frozen=True)
-  class Narrow(train_lib.TrainConfig):
-    model_kwargs: dict = dataclasses.field(default_factory=lambda: {"num_filters": 4})
-
-  monkeypatch.setattr(train_lib, "TrainConfig", Narrow)
-  return Narrow
-
 
 def image_folder(root, images, labels):
   """PNGs in torchvision's ImageFolder layout, `root/<label>/<index>.png`."""

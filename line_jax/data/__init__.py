@@ -63,6 +63,7 @@ __all__ = (
     "NO_LABEL",
     "OOD_SET_NAMES",
     "Preprocess",
+    "SKIP_HINT",
     "STOCK_DATASETS",
     "SkippedImage",
     "StockDataset",
@@ -100,6 +101,7 @@ __all__ = (
 _LAZY = {
     # grain is imported only by those who stream.
     "BadImageError": ("line_jax.data._pipeline", "BadImageError"),
+    "SKIP_HINT": ("line_jax.data._pipeline", "SKIP_HINT"),
     "ImageBatches": ("line_jax.data._pipeline", "ImageBatches"),
     "Preprocess": ("line_jax.data._pipeline", "Preprocess"),
     "image_batches": ("line_jax.data._pipeline", "image_batches"),

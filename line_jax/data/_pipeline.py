@@ -55,9 +55,9 @@ from line_jax import distributed
 from line_jax.data import _preprocess
 
 # Appended to a `BadImageError` when nothing skips it.
-_SKIP_HINT = ("pass skip_bad_images=True to image_batches (--skip-bad-images on the "
-              "command line) to drop undecodable images and list them in "
-              "ImageBatches.skipped")
+SKIP_HINT = ("pass skip_bad_images=True to image_batches (--skip-bad-images on the "
+             "command line) to drop undecodable images and list them in "
+             "ImageBatches.skipped")
 
 
 class BadImageError(ValueError):
@@ -357,7 +357,7 @@ def _decode_chunk(source, indices, preprocess, skip: bool, bounds: tuple[int, in
       # A file's error names it already; pixels are named by their index.
       error = str(e) if path is not None else f"record {index} of {source!r}: {e}"
       if not skip:
-        raise BadImageError(f"{error}; {_SKIP_HINT}") from e
+        raise BadImageError(f"{error}; {SKIP_HINT}") from e
       skipped.append(SkippedImage(index, None if path is None else os.fspath(path), error))
       continue
     parts.append((image[None], np.asarray([label], np.int32)))

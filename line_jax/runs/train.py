@@ -360,8 +360,7 @@ def _first_channels(source, skip_bad_images: bool) -> int:
     except (OSError, SyntaxError, ValueError) as e:  # What Pillow raises on a bad file.
       if not skip_bad_images:
         raise data.BadImageError(
-            f"cannot decode image file {os.fspath(image)}: {e}; pass --skip-bad-images "
-            "(skip_bad_images=True) to leave out the images that cannot be decoded") from e
+            f"cannot decode image file {os.fspath(image)}: {e}; {data.SKIP_HINT}") from e
   raise ValueError(f"no image of {source!r} could be decoded")
 
 
