@@ -79,6 +79,27 @@ def add_skip_bad_images(p: argparse.ArgumentParser) -> None:
                       "stderr) instead of stopping at the first")
 
 
+def add_openood(p: argparse.ArgumentParser) -> None:
+  """The flags of an OpenOOD protocol (`--benchmark openood_cifar10`)."""
+  g = p.add_argument_group("OpenOOD protocol (--benchmark openood_cifar10 --data-dir "
+                           "DIR: OpenOOD's images_classic/ with benchmark_imglist/)")
+  g.add_argument("--arch", default=None,
+                 help="network of --torch-checkpoint (default: the benchmark's, densenet100)")
+  g.add_argument("--normalization", default=None,
+                 help="line_jax.data.MEAN_STD key of --torch-checkpoint (default: what "
+                      "that network was trained with: cifar_line for DICE's densenet100, "
+                      "else OpenOOD's cifar10)")
+  g.add_argument("--partial-sets", action="store_true",
+                 help="use the present images of a list with some absent (counted in "
+                      "every output) instead of refusing it")
+  for group in ("near", "far"):
+    g.add_argument(f"--{group}", action="append", default=[], metavar="NAME=PATH",
+                   help=f"add a {group}-OOD set: a folder of images or a uint8 .npy; "
+                        "repeatable")
+  g.add_argument("--no-tune", action="store_true",
+                 help="untuned rows only (no search on the validation lists)")
+
+
 def add_common(p: argparse.ArgumentParser) -> None:
   p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -103,6 +124,14 @@ def add_distributed(p: argparse.ArgumentParser) -> None:
                       "SLURM, Open MPI)")
   g.add_argument("--num-processes", type=int, default=None, help="processes in all")
   g.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
+
+
+def benchmark_of(argv: Sequence[str] | None) -> str | None:
+  """The `--benchmark` value of a command line (None: not given), read
+  before the full parse so a CLI can hand the run to the benchmark's own."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--benchmark", default=None)
+  return pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].benchmark
 
 
 def init_distributed(args: argparse.Namespace) -> None:

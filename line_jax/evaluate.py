@@ -10,6 +10,7 @@ and, with `--ablation`, `line_jax.runs.ablation`. Features come from the
 feature cache `fit` and `tune` share (`--cache-dir`); the scorers take the
 benchmark's settings, `--hparam` over them. Multi-host: the same command in
 every process with `--coordinator HOST:PORT --num-processes N --process-id I`.
+`--benchmark openood_cifar10` is OpenOOD's protocol, `line_jax.openood`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 
 from line_jax import _cli
 from line_jax import distributed
+from line_jax import openood
 from line_jax import suites
 from line_jax.runs import BenchmarkData
 from line_jax.runs import evaluate
@@ -28,12 +30,11 @@ from line_jax.runs import evaluate
 def _parser():
   p = _cli.parser("python -m line_jax.evaluate", __doc__)
   p.add_argument("--out", required=True, help=f"output folder; {_cli.OUT_RULE}")
-  p.add_argument("--benchmark", default="fashion_mnist", choices=list(suites.SUITES),
+  p.add_argument("--benchmark", default="fashion_mnist", choices=[*suites.SUITES, *suites.OPENOOD],
                  help="the suite: data, model, OOD sets and settings")
   _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
   p.add_argument("--extra-ood", action="append", default=[], metavar="NAME=PATH",
-                 help="add an OOD set: a uint8 [N, H, W(, C)] .npy or a folder of images; "
-                      "repeatable")
+                 help="add an OOD set: a uint8 [N, H, W(, C)] .npy or an image folder; repeatable")
   p.add_argument("--data-dir", default=None, help="TFDS data and the paper's OOD sets")
   p.add_argument("--id-folder", default=None,
                  help="ID images as <folder>/{train,test}/<class>/<image> (else TFDS, or "
@@ -53,6 +54,8 @@ def _parser():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  if _cli.benchmark_of(argv) in suites.OPENOOD:
+    return openood.main(argv)
   args = _parser().parse_args(argv)
   start = time.perf_counter()
   with _cli.user_errors():

@@ -175,3 +175,39 @@ def plot_ablation(table: Mapping, path: str | os.PathLike) -> str:
   axes[0].set_yticks(y, names)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def plot_near_far(untuned: Mapping[str, Mapping], tuned: Mapping[str, Mapping],
+                  path: str | os.PathLike, *, title: str = "AUROC %") -> str:
+  """Near- vs far-OOD AUROC of every method: a hollow dot untuned, a filled
+  one tuned, joined by an arrow (OpenOOD's two headline numbers at a glance).
+
+  Args:
+    untuned, tuned: scorer -> {"near": metrics, "far": metrics, ...}
+      (`line_jax.runs.openood`'s "methods" and "tuned"); a scorer may be
+      missing from `tuned`.
+    path: the PNG to write.
+
+  Returns:
+    `path` as a string.
+  """
+  fig, ax = plt.subplots(figsize=(8, 7))
+  for index, (name, rows) in enumerate(untuned.items()):
+    style = _style(index, name)
+    xy = (100 * rows["near"]["auroc"], 100 * rows["far"]["auroc"])
+    ax.scatter(*xy, s=60 if name == "line" else 30, facecolors="none",
+               edgecolors=[style["color"]], zorder=style.get("zorder", 3))
+    ax.annotate(name, xy, textcoords="offset points", xytext=(4, 4), fontsize=7,
+                color=style["color"], fontweight="bold" if name == "line" else "normal")
+    if name in tuned:
+      to = (100 * tuned[name]["near"]["auroc"], 100 * tuned[name]["far"]["auroc"])
+      ax.scatter(*to, s=60 if name == "line" else 30, color=style["color"],
+                 zorder=style.get("zorder", 3))
+      ax.annotate("", to, xy, arrowprops={"arrowstyle": "->", "color": style["color"],
+                                          "lw": 0.8})
+  ax.set(xlabel="near-OOD AUROC % (higher is better)",
+         ylabel="far-OOD AUROC % (higher is better)",
+         title=f"{title}: hollow untuned, filled tuned on validation lists")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return _save(fig, path)

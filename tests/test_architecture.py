@@ -20,7 +20,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Top to bottom; a unit is a top-level module or subpackage of line_jax.
 LAYERS = (
-    ("cli", {"_cli", "fit", "evaluate", "tune", "train"}),
+    ("cli", {"_cli", "fit", "evaluate", "openood", "tune", "train"}),
     ("runs", {"runs"}),
     ("library", {"suites", "features", "sharding", "odin", "plots", "io", "scorers", "line",
                  "metrics"}),

@@ -24,6 +24,8 @@ from line_jax.data._idx import write_idx
 from line_jax.data._image_folder import CURATED_OOD
 from line_jax.data._image_folder import CuratedSet
 from line_jax.data._image_folder import download_curated
+from line_jax.data._imglist import ImageListSource
+from line_jax.data._imglist import read_image_list
 from line_jax.data._npy import load_ood_npy
 from line_jax.data._named import open_source
 from line_jax.data._npy import parse_extra_ood
@@ -59,6 +61,7 @@ __all__ = (
     "IMG_EXTENSIONS",
     "ImageBatches",
     "ImageFolderSource",
+    "ImageListSource",
     "MEAN_STD",
     "NO_LABEL",
     "OOD_SET_NAMES",
@@ -86,6 +89,7 @@ __all__ = (
     "prefetch_to_device",
     "read_fashion_mnist",
     "read_idx",
+    "read_image_list",
     "resize_center_crop",
     "resize_center_crop_batch",
     "resize_shorter_side",

@@ -11,9 +11,9 @@ depend on:
   the normalisation, the head it is cut at, and its preprocessing (crop
   size, resize size, channels, decoder);
 * the records: an array source's pixels and labels (for a memory-mapped
-  file over 4 GiB, its path, size and modification time), a folder's file
-  paths, sizes and modification times, a TFDS split's name, folder and length, and a
-  subset's indices.
+  file over 4 GiB, its path, size and modification time), a folder's or an
+  image list's file paths (and labels), sizes and modification times, a
+  TFDS split's name, folder and length, and a subset's indices.
 
 Change any of them and the key changes, so stale files are never read. A set
 read with `skip_bad_images` (images that cannot be decoded dropped, listed
@@ -207,6 +207,8 @@ def source_key(source: Sequence) -> Any | None:
   if isinstance(source, data.ImageFolderSource):
     return ["folder", os.path.abspath(source.root), list(source.paths), source.labels,
             [_file_key(p) for p in source.paths]]
+  if isinstance(source, data.ImageListSource):
+    return ["imglist", list(source.paths), source.labels, [_file_key(p) for p in source.paths]]
   if isinstance(source, data.TfdsSource):
     return ["tfds", source.name, source.split, source.data_dir, len(source)]
   return None

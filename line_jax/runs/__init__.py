@@ -7,6 +7,8 @@ progress output; how it runs, never what):
 * `fit`: every scorer folded over a data set's features, resumable;
 * `evaluate`: a benchmark end to end (metrics, tables, plots);
 * `ablation`: LINe's parts switched on and off on a benchmark;
+* `openood`: OpenOOD v1.5's protocol on an OpenOOD-layout folder (near /
+  far, untuned and tuned on the validation lists);
 * `tune`: hyperparameters on held-out data, each grid vmapped;
 * `train`: a classifier with optax, saved as an orbax checkpoint.
 
@@ -19,8 +21,9 @@ import importlib
 from line_jax.runs._benchmark import BenchmarkData
 from line_jax.runs._shared import Runtime
 
-__all__ = ("BenchmarkData", "Runtime", "ablation", "evaluate", "fit", "train", "tune")
-_RUNS = frozenset(("ablation", "evaluate", "fit", "train", "tune"))
+__all__ = ("BenchmarkData", "Runtime", "ablation", "evaluate", "fit", "openood", "train",
+           "tune")
+_RUNS = frozenset(("ablation", "evaluate", "fit", "openood", "train", "tune"))
 
 
 def __getattr__(name):

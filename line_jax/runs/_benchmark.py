@@ -137,17 +137,33 @@ def features_of(data: BenchmarkData, runtime: Runtime, *, inputs: suites.Inputs 
     inputs = data.inputs()
   sources: dict[str, Sequence] = {"train": inputs.train, "id": inputs.test, **inputs.ood,
                                   **extra}
+  with read_sets(inputs.backbone, sources, runtime, batch_size=data.batch_size,
+                 skip_bad_images=data.skip_bad_images) as sets:
+    yield inputs, sets
+
+
+@contextlib.contextmanager
+def read_sets(backbone: features.Backbone, sources: Mapping[str, Sequence], runtime: Runtime,
+              *, batch_size: int = features.IMAGES_PER_CALL, skip_bad_images: bool = False
+              ) -> Iterator[dict[str, cache.CachedSet]]:
+  """`{name: CachedSet}`: each source's features through `backbone`, in order.
+
+  Read from the cache (`runtime.cache_dir`) or extracted into it; without a
+  cache, into a temporary folder removed when the context exits. On
+  multi-host each process reads its own contiguous shard of whole batches of
+  every set (`own_shard`); skipped images are indexed in the whole set.
+  """
   with tempfile.TemporaryDirectory(prefix="line_jax_features_") as tmp:
     folder = os.fspath(runtime.cache_dir or tmp)
     sets = {}
     for name, source in sources.items():
-      shard = own_shard(source, data.batch_size)
-      sets[name] = _indexed_in_set(shard, inputs.backbone.read(
-          shard, cache_dir=folder, scratch=tmp, batch_size=data.batch_size,
+      shard = own_shard(source, batch_size)
+      sets[name] = _indexed_in_set(shard, backbone.read(
+          shard, cache_dir=folder, scratch=tmp, batch_size=batch_size,
           workers=runtime.workers, description=f"{name}: {source!r}",
           progress=f"features: {name}" if runtime.progress else False,
-          skip_bad_images=data.skip_bad_images))
-    yield inputs, sets
+          skip_bad_images=skip_bad_images))
+    yield sets
 
 
 def _indexed_in_set(shard: Sequence, cached: cache.CachedSet) -> cache.CachedSet:

@@ -1,0 +1,305 @@
+"""OpenOOD v1.5's protocol end to end on an OpenOOD-layout folder.
+
+    result = openood.run(openood.Config("images_classic", torch_checkpoint="densenet.pth",
+                                        partial_sets=True), "out/")
+
+    lists ──> features (cached) ──> untuned fits ──> scores of ID test, near, far
+                               └──> search on val ID vs val OOD ──> tuned fits ──> scores
+
+What `python -m line_jax.evaluate --benchmark openood_cifar10` runs. The
+sets are OpenOOD's own lists (`suites.openood_sets`, with the rule for
+absent files); every scorer is fitted on the ID training list at the
+untuned settings (the paper's for its network, else the registry defaults,
+`--hparam` over them) and scores the ID test list and every near and far
+set. Every scorer with a grid is then tuned as OpenOOD's automatic search
+does: each grid point fitted on the training list, scored on the ID
+validation list against the validation OOD list, the best AUROC kept
+(`tune.tune_method`). Only then are the test sets scored, once, at the
+selected point. No test image reaches the selection: it is given the
+validation features alone.
+
+Metrics (AUROC, FPR95 with ID as the positive class, AUPR-in, AUPR-out) are
+reported per set and averaged over the near and over the far sets present
+(the plain mean, as OpenOOD's), with the ID accuracy on the ID test list.
+Files: see `_openood_report.write`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from line_jax import distributed
+from line_jax import features
+from line_jax import metrics as metrics_lib
+from line_jax import scorers
+from line_jax import suites
+from line_jax.runs import _openood_report
+from line_jax.runs._openood_report import format_table  # noqa: F401  Part of this API.
+from line_jax.runs import ablation
+from line_jax.runs import tune
+from line_jax.runs._benchmark import read_sets
+from line_jax.runs._benchmark import skipped_of
+from line_jax.runs._shared import check_cache
+from line_jax.runs._shared import check_out
+from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import hparams_report
+from line_jax.runs._shared import report_skipped
+from line_jax.runs._shared import Runtime
+from line_jax.runs.evaluate import correct
+from line_jax.runs.evaluate import fit_and_score
+
+GROUPS = ("near", "far")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """What a protocol run computes.
+
+  Attributes:
+    data_dir: OpenOOD's `images_classic/` root, holding `benchmark_imglist/`.
+    benchmark: a key of `suites.OPENOOD`.
+    torch_checkpoint, arch, normalization, checkpoint: the network
+      (`suites.openood_backbone`).
+    partial_sets: use the present files of a list with some absent.
+    near, far: your own sets, `NAME=PATH` (a folder of images or a uint8
+      `.npy`) or `(name, path)`, in those groups.
+    scorers: registered names; empty: every one.
+    hparams: `{scorer: {name: value}}` over the untuned settings.
+    tune: also select each grid's point on the validation lists.
+    ablation: also run LINe's ablation (one process).
+    plots: write the PNGs.
+    batch_size: images per network call.
+    skip_bad_images: leave out images that cannot be decoded (reported).
+  """
+
+  data_dir: str
+  benchmark: str = "openood_cifar10"
+  torch_checkpoint: str | None = None
+  arch: str | None = None
+  normalization: str | None = None
+  checkpoint: str | None = None
+  partial_sets: bool = False
+  near: tuple = ()
+  far: tuple = ()
+  scorers: tuple[str, ...] = ()
+  hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  tune: bool = True
+  ablation: bool = False
+  plots: bool = True
+  batch_size: int = features.IMAGES_PER_CALL
+  skip_bad_images: bool = False
+
+  @property
+  def protocol(self) -> suites.OpenOODProtocol:
+    if self.benchmark not in suites.OPENOOD:
+      raise ValueError(f"unknown OpenOOD benchmark {self.benchmark!r}; known: "
+                       f"{', '.join(suites.OPENOOD)}")
+    return suites.OPENOOD[self.benchmark]
+
+  def scorer_names(self) -> list[str]:
+    """The scorers to run, checked with their hyperparameters before any work."""
+    names = list(self.scorers or scorers.names())
+    for name in names:
+      scorers.get(name)
+    for name, hparams in self.hparams.items():
+      if name not in names:
+        raise ValueError(f"hyperparameters for {name!r}, which this run does not run")
+      scorers.get(name).check_hparams(hparams)
+    return names
+
+
+def group_metrics(rows: Mapping[str, Mapping[str, float]], groups: Mapping[str, str]
+                  ) -> dict[str, dict[str, float]]:
+  """`rows` (set -> metrics) plus "near" and "far": the plain mean of each
+  metric over the group's sets present in `rows` (a group with none is left out)."""
+  out = dict(rows)
+  for group in GROUPS:
+    members = [r for name, r in rows.items() if groups.get(name) == group]
+    if members:
+      out[group] = {m: float(np.mean([r[m] for r in members])) for m in metrics_lib.NAMES}
+  return out
+
+
+def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]], groups: Mapping[str, str]
+               ) -> dict[str, dict]:
+  """scorer -> {ood set: metrics, "near", "far"} of `{scorer: {set: scores}}`."""
+  return {name: group_metrics({s: metrics_lib.ood_metrics(by_set["id"], v)
+                               for s, v in by_set.items() if s != "id"}, groups)
+          for name, by_set in scores.items()}
+
+
+def select(names: Sequence[str], train, val_id, val_ood, kernel, bias, *,
+           progress: bool = True) -> dict[str, dict[str, Any]]:
+  """OpenOOD's automatic search for each scorer with a grid, on validation data only.
+
+  Args:
+    names: scorers; those without a grid are left out.
+    train: `(features [n, m], labels [n])` the points are fitted on.
+    val_id: `[n_id, m]` ID validation features; val_ood: `[n_ood, m]` OOD.
+    kernel, bias: the head.
+
+  Returns:
+    scorer -> `{"hparams": the selected point (pastes into fit), "validation":
+    its metrics, "grid_size", "percentiles", "seconds"}`.
+  """
+  out = {}
+  for name in names:
+    if name not in tune.GRIDS:
+      continue
+    start = time.perf_counter()
+    result = tune.tune_method(name, *train, kernel, bias, val_id, val_ood, check=False)
+    out[name] = {"hparams": result["best"], "percentiles": result["best_percentiles"],
+                 "validation": result["metrics"], "grid_size": result["grid_size"],
+                 "seconds": time.perf_counter() - start}
+    if progress and distributed.is_primary():
+      print(f"tuned {name}: {result['best']} (validation AUROC "
+            f"{100 * result['metrics']['auroc']:.2f} %)", file=sys.stderr, flush=True)
+  return out
+
+
+def _everyone(cached) -> np.ndarray:
+  return distributed.gather_rows(np.asarray(cached.features))
+
+
+def run(config: Config, workdir: str | os.PathLike | None = None, *,
+        runtime: Runtime = Runtime()) -> dict[str, Any]:
+  """Runs the protocol; writes (when `workdir` is set) `_openood_report.write`'s files.
+
+  Returns:
+    The metrics.json dict (see `_openood_report`).
+  """
+  start = time.perf_counter()
+  protocol, names = config.protocol, config.scorer_names()
+  check_positive(batch_size=config.batch_size)
+  if config.ablation and jax.process_count() > 1:
+    raise ValueError("--ablation runs on one process; run it without --coordinator")
+  if workdir is not None:
+    check_out(workdir, _openood_report.OWN_FILES, marks=_openood_report.OWN_MARKS)
+  check_cache(runtime)
+  found = suites.openood_sets(protocol, config.data_dir, partial=config.partial_sets)
+  backbone, settings = suites.openood_backbone(
+      protocol, torch_checkpoint=config.torch_checkpoint, arch=config.arch,
+      normalization=config.normalization, checkpoint=config.checkpoint)
+  _check_id_labels(found, protocol.num_classes)
+  coverage = {name: dataclasses.asdict(c) for name, c in found.coverage.items()}
+  groups = {name: c.group for name, c in found.coverage.items()}
+  sources = dict(found.sources)
+  for group, specs in (("near", config.near), ("far", config.far)):
+    # A `.npy` is in the network's input shape, as evaluate's --extra-ood.
+    extra = suites.extra_sets(specs, _input_shape(backbone), [*sources, *found.absent, *GROUPS])
+    for name, source in extra.items():
+      sources[name], groups[name] = source, group
+      coverage[name] = {"path": os.fspath(getattr(source, "root", name)),
+                        "used": len(source), "group": group}
+  order = ["train", "val_id", "id"] + [n for g in GROUPS for n in sources if groups[n] == g]
+  order += [n for n in sources if n.startswith(suites.VAL_OOD_PREFIX)]
+  _openood_report.say_coverage(coverage, found.absent)
+  stages: dict[str, Any] = {"prepare_s": time.perf_counter() - start}
+
+  tick = time.perf_counter()
+  with read_sets(backbone, {n: sources[n] for n in order}, runtime,
+                 batch_size=config.batch_size,
+                 skip_bad_images=config.skip_bad_images) as cached:
+    stages["features_s"] = time.perf_counter() - tick
+    skipped = skipped_of(cached) if config.skip_bad_images else None
+    kernel, bias = backbone.head_params()
+    train = cached["train"]
+    test_sets = {n: cached[n].features for n in order if n == "id" or n in groups
+                 and groups[n] in GROUPS}
+    tick = time.perf_counter()
+    scores, used, _ = fit_and_score(names, settings, train, kernel, bias, test_sets,
+                                    overrides=config.hparams, progress=runtime.progress)
+    stages["untuned_fit_and_score_s"] = time.perf_counter() - tick
+    hits = distributed.gather_rows(correct(cached["id"], kernel, bias))
+    result: dict[str, Any] = {
+        "benchmark": protocol.name, "data_dir": os.fspath(config.data_dir),
+        "model": _model_record(config, protocol), "id_accuracy": float(np.mean(hits)),
+        "settings": settings, "sets": coverage, "absent": dict(found.absent),
+        "hparams": {"untuned": used}, "methods": metrics_of(scores, groups)}
+    tuned_scores = {}
+    if config.tune:
+      tick = time.perf_counter()
+      val_ood = np.concatenate([_everyone(cached[n]) for n in order
+                                if n.startswith(suites.VAL_OOD_PREFIX)])
+      selection = select(names, (_everyone(train), distributed.gather_rows(
+          np.asarray(train.labels))), _everyone(cached["val_id"]), val_ood, kernel, bias,
+                         progress=runtime.progress)
+      stages["tuning_s"] = time.perf_counter() - tick
+      selected_on = {"id": coverage["val_id"]["list"],
+                     "ood": [coverage[n]["list"] for n in order
+                             if n.startswith(suites.VAL_OOD_PREFIX)],
+                     "metric": "auroc", "fitted_on": coverage["train"]["list"]}
+      for record in selection.values():
+        record["selected_on"] = selected_on
+      tick = time.perf_counter()
+      tuned = {name: {**config.hparams.get(name, {}), **s["hparams"]}
+               for name, s in selection.items()}
+      tuned_scores, tuned_used, _ = fit_and_score(
+          list(selection), settings, train, kernel, bias, test_sets, overrides=tuned,
+          progress=runtime.progress)
+      stages["tuned_fit_and_score_s"] = time.perf_counter() - tick
+      result["hparams"]["tuned"] = tuned_used
+      result["selection"] = selection
+      result["tuned"] = metrics_of(tuned_scores, groups)
+    if skipped is not None:
+      result["skipped"] = skipped
+    if config.ablation and "line" in names:
+      tick = time.perf_counter()
+      result_ablation = {kind: _ablation(train, kernel, bias, test_sets, hp, groups)
+                         for kind, hp in (("untuned", used["line"]),
+                                          ("tuned", result["hparams"].get("tuned", {})
+                                           .get("line"))) if hp is not None}
+      stages["ablation_s"] = time.perf_counter() - tick
+    else:
+      result_ablation = None
+  if distributed.is_primary() and runtime.progress:
+    print(hparams_report(settings, used, config.hparams), file=sys.stderr)
+  report_skipped(skipped or {})
+  stages["total_s"] = time.perf_counter() - start
+  timings = _openood_report.timings(cached, stages)
+  if workdir is not None and distributed.is_primary():
+    _openood_report.write(workdir, result, scores, tuned_scores, timings, result_ablation,
+                          make_plots=config.plots)
+  return result
+
+
+def _ablation(train, kernel, bias, sets, hparams, groups) -> dict[str, Any]:
+  """LINe's ablation at `hparams`, each variant's metrics with "near" and "far"."""
+  hp = {k: hparams[k] for k in ("p_w", "p_a", "clip")}
+  table = ablation.line_ablation(train.batches(), kernel, bias, sets, **hp)
+  for variant in table["variants"].values():
+    rows = {k: v for k, v in variant["metrics"].items() if k != "average"}
+    variant["metrics"] = group_metrics(rows, groups)
+  return table
+
+
+def _input_shape(backbone: features.Backbone) -> tuple[int, int, int]:
+  p = backbone.preprocess
+  return (p.image_size, p.image_size, p.channels)
+
+
+def _model_record(config: Config, protocol: suites.OpenOODProtocol) -> dict[str, Any]:
+  if config.checkpoint is not None:
+    return {"checkpoint": os.fspath(config.checkpoint)}
+  arch = config.arch or protocol.model
+  return {"torch_checkpoint": os.fspath(config.torch_checkpoint), "arch": arch,
+          "normalization": config.normalization or protocol.normalization_of(arch)}
+
+
+def _check_id_labels(found: suites.OpenOODSets, num_classes: int) -> None:
+  """The ID lists' labels must be classes of the network, before any image is read."""
+  for name in ("train", "val_id", "id"):
+    labels = found.sources[name].labels
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+      raise ValueError(f"{found.sources[name].list_path}: label {labels[bad[0]]} of "
+                       f"{found.sources[name].paths[bad[0]]} is not a class in "
+                       f"[0, {num_classes}) ({bad.size} such lines)")
