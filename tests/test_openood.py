@@ -312,3 +312,49 @@ def test_cli_partial_sets_extra_sets_and_refusals(layout, tmp_path, capsys):
     evaluate.main([*base, "--out", str(tmp_path / "c"), "--partial-sets",
                    "--torch-checkpoint", "x.pth"])
   assert e.value.code == 2 and "one of them" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(layout, tmp_path):
+  """Each process extracts its shard of every list; the fits merge, the
+  selection sees every process's validation rows, process 0 writes."""
+  import socket
+  import subprocess
+  import sys
+  import time
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  args = ["-m", "line_jax.evaluate", "--benchmark", "openood_cifar10", "--data-dir", layout,
+          "--checkpoint", CHECKPOINT, "--partial-sets", "--scorers", "energy,line,knn",
+          "--batch-size", "16", "--no-plots", "--quiet", "--no-cache"]
+  subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=repo, env=env,
+                 check=True, timeout=300, capture_output=True)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      ["timeout", "-s", "KILL", "300", sys.executable, *args, "--out", str(tmp_path / "pair"),
+       "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid)],
+      cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for pid in (0, 1)]
+  deadline = time.monotonic() + 300
+  while any(p.poll() is None for p in procs):
+    if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+    time.sleep(0.2)
+  for p in procs:
+    assert p.returncode == 0, p.stdout.read()[-3000:]
+  want = json.loads((tmp_path / "one" / "metrics.json").read_text())
+  got = json.loads((tmp_path / "pair" / "metrics.json").read_text())
+  assert got["id_accuracy"] == want["id_accuracy"] and got["sets"] == want["sets"]
+  assert {n: s["hparams"] for n, s in got["selection"].items()} == {
+      n: s["hparams"] for n, s in want["selection"].items()}
+  for kind in ("methods", "tuned"):
+    for method, rows in want[kind].items():
+      for name, metrics in rows.items():
+        for metric, value in metrics.items():
+          assert abs(got[kind][method][name][metric] - value) <= 1e-6, (kind, method, name)

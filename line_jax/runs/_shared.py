@@ -95,11 +95,14 @@ def own_shard(source: Sequence, batch_size: int, *, allow_empty: bool = False) -
   """This process's contiguous shard of whole batches (all of it on one process)."""
   if jax.process_count() == 1:
     return source
-  start, stop = distributed.batch_shard(len(source), batch_size)
-  if start == stop and not allow_empty:
-    raise ValueError(f"a set of {len(source)} images leaves this process no batch of "
+  # Decided from the sizes alone, so every process raises alike (one
+  # raising alone would leave the others waiting in a collective).
+  empty = [i for i in range(jax.process_count())
+           if len(set(distributed.batch_shard(len(source), batch_size, i))) == 1]
+  if empty and not allow_empty:
+    raise ValueError(f"a set of {len(source)} images leaves process {empty[0]} no batch of "
                      f"{batch_size}; use a smaller --batch-size or fewer processes")
-  return data.Subset.range(source, start, stop)
+  return data.Subset.range(source, *distributed.batch_shard(len(source), batch_size))
 
 
 def skipped_records(source: Sequence, skipped: Sequence) -> list[dict[str, Any]]:
