@@ -10,8 +10,7 @@ and, with `--ablation`, `line_jax.runs.ablation`. Features come from the
 feature cache `fit` and `tune` share (`--cache-dir`); the scorers take the
 benchmark's settings, `--hparam` over them. Multi-host: the same command in
 every process with `--coordinator HOST:PORT --num-processes N --process-id I`.
-`--benchmark openood_cifar10` is OpenOOD's protocol, `line_jax.openood`.
-"""
+`--benchmark openood_cifar10`: OpenOOD's protocol (`line_jax.openood`)."""
 
 from __future__ import annotations
 
@@ -31,7 +30,8 @@ def _parser():
   p = _cli.parser("python -m line_jax.evaluate", __doc__)
   p.add_argument("--out", required=True, help=f"output folder; {_cli.OUT_RULE}")
   p.add_argument("--benchmark", default="fashion_mnist", choices=[*suites.SUITES, *suites.OPENOOD],
-                 help="the suite: data, model, OOD sets and settings")
+                 help="the suite: data, model, OOD sets and settings (openood_cifar10 has "
+                      "flags of its own: --benchmark openood_cifar10 --help)")
   _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
   p.add_argument("--extra-ood", action="append", default=[], metavar="NAME=PATH",
                  help="add an OOD set: a uint8 [N, H, W(, C)] .npy or an image folder; repeatable")

@@ -83,9 +83,8 @@ def cache_dir(tmp_path_factory):
 
 
 def _config(layout, **kw):
-  kw = {"plots": False, **kw}
-  return openood.Config(layout, checkpoint=CHECKPOINT, partial_sets=True, scorers=SCORERS,
-                        batch_size=64, **kw)
+  kw = {"plots": False, "scorers": SCORERS, **kw}
+  return openood.Config(layout, checkpoint=CHECKPOINT, partial_sets=True, batch_size=64, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +289,78 @@ def test_changing_a_test_set_changes_no_selection(spied_run, tmp_path, cache_dir
       n: s["hparams"] for n, s in result["selection"].items()}
 
 
+def test_a_validation_image_in_a_test_list_is_refused(tmp_path, layout):
+  root = tmp_path / "leaky"
+  shutil.copytree(layout, root)
+  lists = root / "benchmark_imglist" / "cifar10"
+  leaked = (lists / "test_tin.txt").read_text().splitlines()[0]
+  with open(lists / "val_tin.txt", "a") as f:
+    f.write(leaked + "\n")
+  with pytest.raises(ValueError, match="in the validation set val_ood:tin and in the test "
+                     "set tin"):
+    suites.openood_sets(PROTOCOL, root, partial=True)
+  # Without the search no validation list is read, so none is required.
+  os.remove(lists / "val_tin.txt")
+  found = suites.openood_sets(PROTOCOL, root, partial=True, validation=False)
+  assert "val_id" not in found.sources and not found.validation()
+
+
+def test_pinned_hparams_stay_out_of_the_search(layout, cache_dir):
+  result = openood.run(_config(layout, scorers=("react", "energy"),
+                               hparams={"react": {"percentile": 50.0}}), None,
+                       runtime=Runtime(cache_dir=cache_dir, progress=False))
+  assert result["hparams"]["untuned"]["react"]["percentile"] == 50.0
+  assert result["hparams"]["tuned"]["react"]["percentile"] == 50.0
+  assert result["selection"]["react"]["pinned"] == ["percentile"]
+  assert result["selection"]["react"]["grid_size"] == 1
+  grid = openood.search_grid("line", {"p_w": 90.0, "p_a": 90.0, "clip": 1.0}, ["p_w"])
+  assert grid["p_w"] == [90.0] and len(grid["p_a"]) > 1 and len(grid["clip"]) > 1
+
+
+def test_bad_runs_are_refused_before_any_image_is_read(layout, tmp_path, monkeypatch):
+  def no_reading(*args, **kwargs):
+    raise AssertionError("an image was read")
+
+  monkeypatch.setattr(openood, "read_sets", no_reading)
+  with pytest.raises(ValueError, match="--ablation is LINe's"):
+    openood.run(_config(layout, scorers=("energy",), ablation=True))
+  mine = tmp_path / "mine.npy"
+  np.save(mine, data.ood_set("faces", 8, 0))
+  for name, match in (("val_ood:x", "use letters"), ("tin", "already taken"),
+                      ("near", "already taken")):
+    with pytest.raises(ValueError, match=f"--near name {name!r}: " if ":" in name else match):
+      openood.run(_config(layout, near=(f"{name}={mine}",)))
+  root = tmp_path / "no_ood"
+  shutil.copytree(layout, root)
+  for folder in ("tin/test", "mnist", "texture"):
+    shutil.rmtree(root / folder)
+  with pytest.raises(FileNotFoundError, match="no near- or far-OOD set"):
+    openood.run(_config(str(root)))
+  lists = root / "benchmark_imglist" / "cifar10"
+  (lists / "train_cifar10.txt").write_text("cifar10/train/00000.png 10\n")
+  with pytest.raises(ValueError, match=r"train_cifar10.txt: label 10 .* not a class in \[0, 10\)"):
+    openood.run(_config(str(root), near=(f"faces={mine}",)))
+
+
+def test_without_a_grid_scorer_there_is_no_tuned_row(layout, cache_dir, tmp_path):
+  result = openood.run(_config(layout, scorers=("energy", "msp")), tmp_path / "out",
+                       runtime=Runtime(cache_dir=cache_dir, progress=False))
+  assert result["selection"] == {} and "tuned" not in result
+  table = (tmp_path / "out" / "table.md").read_text()
+  assert "| msp |" in table and "(tuned)" not in table
+
+
+def test_skipped_images_are_not_counted_as_read(layout, tmp_path, cache_dir):
+  root = tmp_path / "broken"
+  shutil.copytree(layout, root)
+  (root / "texture" / "00003.png").write_bytes(b"not an image")
+  result = openood.run(_config(str(root), scorers=("energy",), skip_bad_images=True), None,
+                       runtime=Runtime(cache_dir=cache_dir, progress=False))
+  assert result["sets"]["texture"]["used"] == SIZES["test_texture"] - 1
+  assert result["sets"]["texture"]["skipped"] == 1
+  assert result["skipped"]["texture"][0]["index"] == 3
+
+
 def test_cli_partial_sets_extra_sets_and_refusals(layout, tmp_path, capsys):
   base = ["--benchmark", "openood_cifar10", "--data-dir", layout, "--checkpoint", CHECKPOINT,
           "--scorers", "energy,react", "--no-plots", "--batch-size", "64"]
@@ -304,10 +375,19 @@ def test_cli_partial_sets_extra_sets_and_refusals(layout, tmp_path, capsys):
   err = capsys.readouterr().err
   assert "mnist: 40 of 65 listed images (test_mnist.txt)" in err  # Said even --quiet.
   result = json.loads((tmp_path / "b" / "metrics.json").read_text())
-  assert result["sets"]["faces"]["group"] == "far" and result["sets"]["faces"]["used"] == 30
+  assert result["sets"]["faces"] == {"path": str(mine), "used": 30, "group": "far"}
+  assert result["groups"]["far"] == {"sets": ["mnist", "texture"], "absent": ["svhn", "places365"],
+                                     "yours": ["faces"]}
   assert "tuned" not in result and "faces" in result["methods"]["react"]
-  assert result["methods"]["react"]["far"]["auroc"] == pytest.approx(np.mean(
-      [result["methods"]["react"][s]["auroc"] for s in ("mnist", "texture", "faces")]))
+  react = result["methods"]["react"]
+  # "far" is OpenOOD's average (its sets only); "far_all" takes yours in too.
+  assert react["far"]["auroc"] == pytest.approx(np.mean([react[s]["auroc"]
+                                                         for s in ("mnist", "texture")]))
+  assert react["far_all"]["auroc"] == pytest.approx(np.mean(
+      [react[s]["auroc"] for s in ("mnist", "texture", "faces")]))
+  table = (tmp_path / "b" / "table.md").read_text()
+  assert "| faces (yours) |" in table and "**far** (2 of 4)" in table
+  assert "far, with yours" in table
   with pytest.raises(SystemExit) as e:
     evaluate.main([*base, "--out", str(tmp_path / "c"), "--partial-sets",
                    "--torch-checkpoint", "x.pth"])

@@ -3,11 +3,14 @@
 Files (each whole or not at all), in a folder that holds nothing else:
 
 * `metrics.json`: `{"benchmark", "data_dir", "model", "id_accuracy",
-  "settings", "sets": {set: {"list", "listed", "used", "group"}}, "absent":
-  {set: why}, "hparams": {"untuned", "tuned"}, "selection": {scorer:
-  {"hparams", "validation", "selected_on", ...}}, "methods": {scorer: {set:
-  metrics, "near", "far"}} (untuned), "tuned": (the same, tuned)}`;
-  metrics are fractions: "auroc", "fpr95", "aupr_in", "aupr_out";
+  "settings", "sets": {set: {"list", "listed", "used", "group"} (yours:
+  "path")}, "absent": {set: why}, "groups": {"near" / "far": {"sets",
+  "absent", "yours"}}, "hparams": {"untuned", "tuned"}, "selection":
+  {scorer: {"hparams", "validation", "selected_on", ...}}, "methods":
+  {scorer: {set: metrics, "near", "far"}} (untuned), "tuned": (the same,
+  tuned)}`; "near" / "far" average the protocol's sets present, and with sets
+  of yours in a group "near_all" / "far_all" average them too; metrics are
+  fractions: "auroc", "fpr95", "aupr_in", "aupr_out";
 * `table.md`: what the run read, then AUROC and FPR95 (%) per set and
   averaged near and far, untuned and tuned rows, and the selected points;
 * `timings.json`: each stage's wall time and the feature extraction rate;
@@ -32,11 +35,13 @@ OWN_FILES = ("metrics.json", "timings.json", "table.md", "near_far.png", "roc.pn
              "ablation.json", "ablation.md")
 OWN_MARKS = {"metrics.json": _shared.has_keys("benchmark", "sets", "methods")}
 GROUPS = ("near", "far")
-# Our FPR95 is the classic one (OpenOOD's v1.5 paper too): the share of OOD
-# images accepted at the threshold that keeps 95 % of ID images. Later OpenOOD
-# code takes OOD as the positive class instead; AUROC is the same either way.
+# FPR95 is the classic one (the DICE / LINe code's, and OpenOOD's metrics
+# before its code switched to OOD as the positive class): the share of OOD
+# images accepted at the threshold that keeps 95 % of ID images. AUROC is the
+# same under either convention; FPR95 is not.
 FPR_NOTE = ("FPR95: the fraction of OOD images kept at the threshold that keeps 95 % of "
-            "ID images (ID positive).")
+            "ID images (ID positive; OpenOOD's current code takes OOD as positive, which "
+            "changes FPR95, not AUROC).")
 
 
 def say_coverage(coverage: Mapping[str, Mapping[str, Any]], absent: Mapping[str, str]) -> None:
@@ -58,13 +63,21 @@ def _describe(name: str, c: Mapping[str, Any]) -> str:
   return f"{name}: {c['used']:,} of {c['listed']:,} listed images ({c['list']})"
 
 
-def _columns(result: Mapping[str, Any]) -> list[str]:
-  """The test OOD sets by group, each group followed by its average."""
+def _columns(result: Mapping[str, Any]) -> list[tuple[str, str]]:
+  """`(key, header)` of the columns: each group's sets, then its average
+  ("near (1 of 2)" where some of the protocol's are absent), then with sets
+  of yours the average over all."""
   first = next(iter(result["methods"].values()))
   columns = []
   for group in GROUPS:
-    members = [n for n, c in result["sets"].items() if c["group"] == group]
-    columns += members + ([group] if group in first else [])
+    g = result["groups"][group]
+    columns += [(n, n) for n in g["sets"]] + [(n, f"{n} (yours)") for n in g["yours"]]
+    if group in first:
+      listed = len(g["sets"]) + len(g["absent"])
+      columns.append((group, f"**{group}**" if not g["absent"] else
+                      f"**{group}** ({len(g['sets'])} of {listed})"))
+    if f"{group}_all" in first:
+      columns.append((f"{group}_all", f"{group}, with yours"))
   return columns
 
 
@@ -91,10 +104,10 @@ def format_table(result: Mapping[str, Any]) -> str:
   rows += [(f"{name} (tuned)", rows) for name, rows in result.get("tuned", {}).items()]
   for key, title in (("auroc", "AUROC % (higher is better)"),
                      ("fpr95", "FPR95 % (lower is better)")):
-    lines += ["", f"## {title}", "", "| method | " + " | ".join(columns) + " |",
+    lines += ["", f"## {title}", "", "| method | " + " | ".join(h for _, h in columns) + " |",
               "|---|" + "---:|" * len(columns)]
     for name, by_set in rows:
-      cells = [f"{100 * by_set[c][key]:.2f}" if c in by_set else "-" for c in columns]
+      cells = [f"{100 * by_set[c][key]:.2f}" if c in by_set else "-" for c, _ in columns]
       lines.append(f"| {name} | " + " | ".join(cells) + " |")
   if result.get("selection"):
     first = next(iter(result["selection"].values()))["selected_on"]
@@ -104,6 +117,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     for name, s in result["selection"].items():
       point = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in {**s["hparams"], **s["percentiles"]}.items())
+      if s["pinned"]:
+        point += f" ({', '.join(s['pinned'])}: yours, not searched)"
       lines.append(f"| {name} | {point} | {100 * s['validation']['auroc']:.2f} | "
                    f"{s['grid_size']} |")
   lines += ["", FPR_NOTE + " AUPR-in / AUPR-out are in metrics.json."]
@@ -135,22 +150,32 @@ def timings(cached: Mapping[str, Any], stages: Mapping[str, float]) -> dict[str,
   return out
 
 
-def write(out_dir, result, scores, tuned_scores, timing, ablation_tables=None, *,
+def write(out_dir, result, scores, timing, ablation_tables=None, *,
           make_plots: bool = True) -> None:
-  """Writes the files listed in this module's docstring into `out_dir`."""
+  """Writes the files listed in this module's docstring into `out_dir`, and
+  removes those of an earlier run there that this one does not write (an
+  ablation or a figure of other data must not sit beside these metrics)."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  written = ["metrics.json", "timings.json", "table.md"]
   _report.write_json(os.path.join(out_dir, "metrics.json"), result)
   _report.write_json(os.path.join(out_dir, "timings.json"), timing)
   _shared.write_text(os.path.join(out_dir, "table.md"), format_table(result))
   if ablation_tables:
     _report.write_json(os.path.join(out_dir, "ablation.json"), ablation_tables)
     _shared.write_text(os.path.join(out_dir, "ablation.md"), format_ablation(ablation_tables))
-  if not make_plots:
-    return
-  with _shared.atomic_file(os.path.join(out_dir, "roc.png")) as tmp:
-    plots.plot_roc(scores, tmp)
-  if all(g in next(iter(result["methods"].values())) for g in GROUPS):
-    with _shared.atomic_file(os.path.join(out_dir, "near_far.png")) as tmp:
-      plots.plot_near_far(result["methods"], result.get("tuned", {}), tmp,
-                          title=f"{result['benchmark']}: AUROC %")
+    written += ["ablation.json", "ablation.md"]
+  if make_plots:
+    with _shared.atomic_file(os.path.join(out_dir, "roc.png")) as tmp:
+      plots.plot_roc(scores, tmp)
+    written.append("roc.png")
+    if all(g in next(iter(result["methods"].values())) for g in GROUPS):
+      with _shared.atomic_file(os.path.join(out_dir, "near_far.png")) as tmp:
+        plots.plot_near_far(result["methods"], result.get("tuned", {}), tmp,
+                            title=f"{result['benchmark']}: AUROC %")
+      written.append("near_far.png")
+    else:
+      print("near_far.png not drawn: it needs a near and a far set", file=sys.stderr)
+  for name in set(OWN_FILES) - set(written):
+    if os.path.isfile(os.path.join(out_dir, name)):
+      os.remove(os.path.join(out_dir, name))

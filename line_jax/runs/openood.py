@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -36,6 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from line_jax import data
 from line_jax import distributed
 from line_jax import features
 from line_jax import metrics as metrics_lib
@@ -116,53 +118,91 @@ class Config:
     return names
 
 
-def group_metrics(rows: Mapping[str, Mapping[str, float]], groups: Mapping[str, str]
+def group_metrics(rows: Mapping[str, Mapping[str, float]], groups: Mapping[str, Sequence[str]]
                   ) -> dict[str, dict[str, float]]:
-  """`rows` (set -> metrics) plus "near" and "far": the plain mean of each
-  metric over the group's sets present in `rows` (a group with none is left out)."""
+  """`rows` (set -> metrics) plus one entry per group: the plain mean of each
+  metric over the group's sets in `rows` (as OpenOOD's); a group with none is
+  left out.
+
+  Args:
+    rows: OOD set -> `metrics.ood_metrics`.
+    groups: group name ("near", "far", "near_all", ...) -> its set names.
+  """
   out = dict(rows)
-  for group in GROUPS:
-    members = [r for name, r in rows.items() if groups.get(name) == group]
-    if members:
-      out[group] = {m: float(np.mean([r[m] for r in members])) for m in metrics_lib.NAMES}
+  for group, members in groups.items():
+    present = [rows[name] for name in members if name in rows]
+    if present:
+      out[group] = {m: float(np.mean([r[m] for r in present])) for m in metrics_lib.NAMES}
   return out
 
 
-def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]], groups: Mapping[str, str]
-               ) -> dict[str, dict]:
-  """scorer -> {ood set: metrics, "near", "far"} of `{scorer: {set: scores}}`."""
+def grouped_metrics(scores: Mapping[str, Mapping[str, np.ndarray]],
+                    groups: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+  """scorer -> {OOD set: metrics, group: mean} of `{scorer: {set: [n] scores}}`
+  ("id" holds the ID test scores)."""
   return {name: group_metrics({s: metrics_lib.ood_metrics(by_set["id"], v)
                                for s, v in by_set.items() if s != "id"}, groups)
           for name, by_set in scores.items()}
 
 
+def search_grid(name: str, untuned: Mapping[str, Any], pinned: Sequence[str]
+                ) -> dict[str, list]:
+  """The grid `name` is searched on: its `Scorer.grid`, each other
+  hyperparameter fixed at its untuned value, and those you set (`pinned`,
+  `--hparam`) fixed at yours, so the tuned row differs from the untuned
+  one only where the search chose."""
+  grid = {k: [v] for k, v in untuned.items()}
+  grid.update({k: list(v) for k, v in tune.GRIDS[name].items() if k not in pinned})
+  return grid
+
+
 def select(names: Sequence[str], train, val_id, val_ood, kernel, bias, *,
+           untuned: Mapping[str, Mapping[str, Any]],
+           pinned: Mapping[str, Mapping[str, Any]], selected_on: Mapping[str, Any],
            progress: bool = True) -> dict[str, dict[str, Any]]:
   """OpenOOD's automatic search for each scorer with a grid, on validation data only.
+
+  Every point is fitted on `train`, scored on `val_id` against `val_ood`,
+  and the one of best AUROC kept (`tune.tune_method`). On multi-host every
+  process searches alike and process 0's choice is taken by all.
 
   Args:
     names: scorers; those without a grid are left out.
     train: `(features [n, m], labels [n])` the points are fitted on.
     val_id: `[n_id, m]` ID validation features; val_ood: `[n_ood, m]` OOD.
-    kernel, bias: the head.
+    kernel, bias: the head, `[m, classes]` and `[classes]`.
+    untuned: scorer -> the hyperparameters its untuned row ran with.
+    pinned: scorer -> those you set, kept out of the search.
+    selected_on: what the selection read, recorded with each choice.
 
   Returns:
-    scorer -> `{"hparams": the selected point (pastes into fit), "validation":
-    its metrics, "grid_size", "percentiles", "seconds"}`.
+    scorer -> `{"hparams": the selected point (pastes into fit), "percentiles",
+    "validation": its metrics, "grid_size", "pinned", "selected_on", "seconds"}`.
   """
   out = {}
   for name in names:
     if name not in tune.GRIDS:
       continue
     start = time.perf_counter()
-    result = tune.tune_method(name, *train, kernel, bias, val_id, val_ood, check=False)
+    result = tune.tune_method(name, *train, kernel, bias, val_id, val_ood,
+                              grid=search_grid(name, untuned[name], list(pinned.get(name, {}))),
+                              check=False)
     out[name] = {"hparams": result["best"], "percentiles": result["best_percentiles"],
                  "validation": result["metrics"], "grid_size": result["grid_size"],
+                 "pinned": sorted(pinned.get(name, {})), "selected_on": dict(selected_on),
                  "seconds": time.perf_counter() - start}
     if progress and distributed.is_primary():
       print(f"tuned {name}: {result['best']} (validation AUROC "
             f"{100 * result['metrics']['auroc']:.2f} %)", file=sys.stderr, flush=True)
-  return out
+  # One choice for every process, even where a near tie could fall either way.
+  return json.loads(distributed.gather_bytes(json.dumps(out, default=_plain).encode())[0])
+
+
+def _plain(value: Any) -> Any:
+  """A NumPy scalar as the Python number it holds (JSON's `default`)."""
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f"{value!r} is not JSON")
 
 
 def _everyone(cached) -> np.ndarray:
@@ -171,36 +211,61 @@ def _everyone(cached) -> np.ndarray:
 
 def run(config: Config, workdir: str | os.PathLike | None = None, *,
         runtime: Runtime = Runtime()) -> dict[str, Any]:
-  """Runs the protocol; writes (when `workdir` is set) `_openood_report.write`'s files.
+  """Runs the protocol.
+
+  Args:
+    config: what to run.
+    workdir: gets the files of `_openood_report` (None: nothing); refused,
+      before any work, where it holds files a protocol run does not write.
+    runtime: decoding threads, the feature cache, progress output.
 
   Returns:
-    The metrics.json dict (see `_openood_report`).
+    The metrics.json dict (`_openood_report`).
+
+  Raises:
+    FileNotFoundError, ValueError: before any image is read, for the rule
+      for absent files, the network, labels outside its classes, a set name
+      taken twice, a validation image in a test set, no near or far set,
+      or `ablation` without LINe.
   """
   start = time.perf_counter()
   protocol, names = config.protocol, config.scorer_names()
   check_positive(batch_size=config.batch_size)
+  if config.ablation and "line" not in names:
+    raise ValueError("--ablation is LINe's: add line to --scorers")
   if config.ablation and jax.process_count() > 1:
     raise ValueError("--ablation runs on one process; run it without --coordinator")
   if workdir is not None:
     check_out(workdir, _openood_report.OWN_FILES, marks=_openood_report.OWN_MARKS)
   check_cache(runtime)
-  found = suites.openood_sets(protocol, config.data_dir, partial=config.partial_sets)
+  found = suites.openood_sets(protocol, config.data_dir, partial=config.partial_sets,
+                              validation=config.tune)
   backbone, settings = suites.openood_backbone(
       protocol, torch_checkpoint=config.torch_checkpoint, arch=config.arch,
       normalization=config.normalization, checkpoint=config.checkpoint)
   _check_id_labels(found, protocol.num_classes)
-  coverage = {name: dataclasses.asdict(c) for name, c in found.coverage.items()}
-  groups = {name: c.group for name, c in found.coverage.items()}
+  coverage = {name: c.record() for name, c in found.coverage.items()}
   sources = dict(found.sources)
+  groups = {g: [n for n, c in found.coverage.items() if c.group == g] for g in GROUPS}
+  yours: dict[str, list[str]] = {g: [] for g in GROUPS}
   for group, specs in (("near", config.near), ("far", config.far)):
     # A `.npy` is in the network's input shape, as evaluate's --extra-ood.
-    extra = suites.extra_sets(specs, _input_shape(backbone), [*sources, *found.absent, *GROUPS])
-    for name, source in extra.items():
-      sources[name], groups[name] = source, group
-      coverage[name] = {"path": os.fspath(getattr(source, "root", name)),
-                        "used": len(source), "group": group}
-  order = ["train", "val_id", "id"] + [n for g in GROUPS for n in sources if groups[n] == g]
-  order += [n for n in sources if n.startswith(suites.VAL_OOD_PREFIX)]
+    extra = suites.extra_sets(specs, _input_shape(backbone),
+                              [*sources, *found.absent, *GROUPS, *_ALL.values()],
+                              flag=f"--{group}")
+    for spec, (name, source) in zip(specs, extra.items()):
+      path = data.parse_extra_ood(spec)[1] if isinstance(spec, str) else spec[1]
+      sources[name], coverage[name] = source, {"path": os.fspath(path), "used": len(source),
+                                               "group": group}
+      yours[group].append(name)
+  if not any(groups[g] or yours[g] for g in GROUPS):
+    raise FileNotFoundError(f"no near- or far-OOD set under {config.data_dir} (all absent: "
+                            f"{', '.join(found.absent)}) and none of yours (--near / --far)")
+  validation = found.validation()
+  suites.check_disjoint(validation, {n: sources[n] for g in GROUPS for n in yours[g]})
+  tests = ["id"] + [n for g in GROUPS for n in groups[g] + yours[g]]
+  order = ["train", *validation, *tests]
+  averages = {**groups, **{_ALL[g]: groups[g] + yours[g] for g in GROUPS if yours[g]}}
   _openood_report.say_coverage(coverage, found.absent)
   stages: dict[str, Any] = {"prepare_s": time.perf_counter() - start}
 
@@ -210,10 +275,12 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *,
                  skip_bad_images=config.skip_bad_images) as cached:
     stages["features_s"] = time.perf_counter() - tick
     skipped = skipped_of(cached) if config.skip_bad_images else None
+    for name, records in (skipped or {}).items():
+      coverage[name]["used"] -= len(records)  # Rows scored, not files present.
+      coverage[name]["skipped"] = len(records)
     kernel, bias = backbone.head_params()
     train = cached["train"]
-    test_sets = {n: cached[n].features for n in order if n == "id" or n in groups
-                 and groups[n] in GROUPS}
+    test_sets = {n: cached[n].features for n in tests}
     tick = time.perf_counter()
     scores, used, _ = fit_and_score(names, settings, train, kernel, bias, test_sets,
                                     overrides=config.hparams, progress=runtime.progress)
@@ -223,61 +290,62 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *,
         "benchmark": protocol.name, "data_dir": os.fspath(config.data_dir),
         "model": _model_record(config, protocol), "id_accuracy": float(np.mean(hits)),
         "settings": settings, "sets": coverage, "absent": dict(found.absent),
-        "hparams": {"untuned": used}, "methods": metrics_of(scores, groups)}
-    tuned_scores = {}
+        "groups": {g: {"sets": groups[g], "absent": [n for n, _ in getattr(protocol, g)
+                                                     if n in found.absent],
+                       "yours": yours[g]} for g in GROUPS},
+        "hparams": {"untuned": used}, "methods": grouped_metrics(scores, averages)}
     if config.tune:
       tick = time.perf_counter()
-      val_ood = np.concatenate([_everyone(cached[n]) for n in order
-                                if n.startswith(suites.VAL_OOD_PREFIX)])
-      selection = select(names, (_everyone(train), distributed.gather_rows(
-          np.asarray(train.labels))), _everyone(cached["val_id"]), val_ood, kernel, bias,
-                         progress=runtime.progress)
-      stages["tuning_s"] = time.perf_counter() - tick
       selected_on = {"id": coverage["val_id"]["list"],
-                     "ood": [coverage[n]["list"] for n in order
-                             if n.startswith(suites.VAL_OOD_PREFIX)],
+                     "ood": [coverage[n]["list"] for n in validation if n != "val_id"],
                      "metric": "auroc", "fitted_on": coverage["train"]["list"]}
-      for record in selection.values():
-        record["selected_on"] = selected_on
-      tick = time.perf_counter()
-      tuned = {name: {**config.hparams.get(name, {}), **s["hparams"]}
-               for name, s in selection.items()}
-      tuned_scores, tuned_used, _ = fit_and_score(
-          list(selection), settings, train, kernel, bias, test_sets, overrides=tuned,
-          progress=runtime.progress)
-      stages["tuned_fit_and_score_s"] = time.perf_counter() - tick
-      result["hparams"]["tuned"] = tuned_used
+      val_ood = np.concatenate([_everyone(cached[n]) for n in validation if n != "val_id"])
+      selection = select(
+          names, (_everyone(train), distributed.gather_rows(np.asarray(train.labels))),
+          _everyone(cached["val_id"]), val_ood, kernel, bias, untuned=used,
+          pinned=config.hparams, selected_on=selected_on, progress=runtime.progress)
+      stages["tuning_s"] = time.perf_counter() - tick
+      if selection:
+        tick = time.perf_counter()
+        tuned_scores, tuned_used, _ = fit_and_score(
+            list(selection), settings, train, kernel, bias, test_sets,
+            overrides={n: s["hparams"] for n, s in selection.items()},
+            progress=runtime.progress)
+        stages["tuned_fit_and_score_s"] = time.perf_counter() - tick
+        result["hparams"]["tuned"] = tuned_used
+        result["tuned"] = grouped_metrics(tuned_scores, averages)
       result["selection"] = selection
-      result["tuned"] = metrics_of(tuned_scores, groups)
     if skipped is not None:
       result["skipped"] = skipped
-    if config.ablation and "line" in names:
+    tables = None
+    if config.ablation:
       tick = time.perf_counter()
-      result_ablation = {kind: _ablation(train, kernel, bias, test_sets, hp, groups)
-                         for kind, hp in (("untuned", used["line"]),
-                                          ("tuned", result["hparams"].get("tuned", {})
-                                           .get("line"))) if hp is not None}
+      settings_of = {"untuned": used["line"],
+                     "tuned": result["hparams"].get("tuned", {}).get("line")}
+      tables = {kind: _ablation(train, kernel, bias, test_sets, hp, averages)
+                for kind, hp in settings_of.items() if hp is not None}
       stages["ablation_s"] = time.perf_counter() - tick
-    else:
-      result_ablation = None
   if distributed.is_primary() and runtime.progress:
     print(hparams_report(settings, used, config.hparams), file=sys.stderr)
   report_skipped(skipped or {})
   stages["total_s"] = time.perf_counter() - start
   timings = _openood_report.timings(cached, stages)
   if workdir is not None and distributed.is_primary():
-    _openood_report.write(workdir, result, scores, tuned_scores, timings, result_ablation,
-                          make_plots=config.plots)
+    _openood_report.write(workdir, result, scores, timings, tables, make_plots=config.plots)
   return result
 
 
-def _ablation(train, kernel, bias, sets, hparams, groups) -> dict[str, Any]:
-  """LINe's ablation at `hparams`, each variant's metrics with "near" and "far"."""
+# The average over a group's sets with yours (`--near` / `--far`) among them.
+_ALL = {"near": "near_all", "far": "far_all"}
+
+
+def _ablation(train, kernel, bias, sets, hparams, averages) -> dict[str, Any]:
+  """LINe's ablation at `hparams`, each variant's metrics with the group averages."""
   hp = {k: hparams[k] for k in ("p_w", "p_a", "clip")}
   table = ablation.line_ablation(train.batches(), kernel, bias, sets, **hp)
   for variant in table["variants"].values():
     rows = {k: v for k, v in variant["metrics"].items() if k != "average"}
-    variant["metrics"] = group_metrics(rows, groups)
+    variant["metrics"] = group_metrics(rows, averages)
   return table
 
 
@@ -297,9 +365,11 @@ def _model_record(config: Config, protocol: suites.OpenOODProtocol) -> dict[str,
 def _check_id_labels(found: suites.OpenOODSets, num_classes: int) -> None:
   """The ID lists' labels must be classes of the network, before any image is read."""
   for name in ("train", "val_id", "id"):
-    labels = found.sources[name].labels
-    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if name not in found.sources:
+      continue
+    source = found.sources[name]
+    bad = np.flatnonzero((source.labels < 0) | (source.labels >= num_classes))
     if bad.size:
-      raise ValueError(f"{found.sources[name].list_path}: label {labels[bad[0]]} of "
-                       f"{found.sources[name].paths[bad[0]]} is not a class in "
-                       f"[0, {num_classes}) ({bad.size} such lines)")
+      raise ValueError(f"{source.list_path}: label {source.labels[bad[0]]} of "
+                       f"{source.paths[bad[0]]} is not a class in [0, {num_classes}) "
+                       f"({bad.size} such lines)")

@@ -35,6 +35,7 @@ from line_jax.suites._openood import OPENOOD
 from line_jax.suites._openood import OpenOODProtocol
 from line_jax.suites._openood import OpenOODSets
 from line_jax.suites._openood import VAL_OOD_PREFIX
+from line_jax.suites._openood import check_disjoint
 from line_jax.suites._openood import openood_backbone
 from line_jax.suites._openood import openood_sets
 from line_jax.suites._ood import extra_sets
@@ -55,6 +56,7 @@ __all__ = (
     "Suite",
     "TrainPercentile",
     "VAL_OOD_PREFIX",
+    "check_disjoint",
     "evenly_spaced",
     "extra_sets",
     "fashion_mnist_inputs",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import os
+import re
 
 import numpy as np
 
@@ -85,15 +86,19 @@ def suite_sets(suite: _catalog.Suite, data_dir: str | None, size: int = 2000
 
 
 def extra_sets(specs: Sequence[str | tuple[str, str]], image_shape: tuple[int, int, int],
-               taken: Sequence[str]) -> dict[str, Sequence]:
-  """Reads `--extra-ood NAME=PATH` sets: a `.npy` of uint8 images of the
-  benchmark's shape, or a folder of image files of any size (resized and
-  cropped for the model by the pipeline); errors name the path and problem."""
+               taken: Sequence[str], *, flag: str = "--extra-ood") -> dict[str, Sequence]:
+  """Reads `--extra-ood NAME=PATH` sets (`flag` names the option in errors):
+  a `.npy` of uint8 images of the benchmark's shape, or a folder of image
+  files of any size (resized and cropped for the model by the pipeline);
+  errors name the path and problem. A name is a plain word: letters, digits,
+  "_", "-", "." (no ":", which line_jax's own set names use)."""
   out = {}
   for spec in specs:
     name, path = data.parse_extra_ood(spec) if isinstance(spec, str) else spec
+    if not re.fullmatch(r"[\w.-]+", name):
+      raise ValueError(f"{flag} name {name!r}: use letters, digits, '_', '-' or '.'")
     if name in out or name in taken or name == "average":
-      raise ValueError(f"--extra-ood name {name!r} is already taken; choose another")
+      raise ValueError(f"{flag} name {name!r} is already taken; choose another")
     if os.path.isdir(path):
       out[name] = data.ImageFolderSource(path, flat=True)
     else:

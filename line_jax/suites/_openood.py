@@ -21,7 +21,7 @@ list cannot be skipped: without them there is nothing to fit or tune on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import dataclasses
 import os
 
@@ -84,13 +84,6 @@ class OpenOODProtocol:
     the registry defaults ("none")."""
     return self.settings.get(arch or "", "none")
 
-  def group_of(self, set_name: str) -> str | None:
-    """"near" or "far" for a test OOD set of the protocol; None otherwise."""
-    for group in ("near", "far"):
-      if set_name in dict(getattr(self, group)):
-        return group
-    return None
-
 
 OPENOOD: dict[str, OpenOODProtocol] = {
     "openood_cifar10": OpenOODProtocol(
@@ -113,20 +106,25 @@ class Coverage:
   """How much of one list a run reads.
 
   Attributes:
-    list: the list's file name (`test_mnist.txt`).
+    list_file: the list's file name (`test_mnist.txt`).
     listed: images the list names.
     used: images present (and read).
     group: "train", "val", "test", "near", "far" or "val_ood".
   """
 
-  list: str
+  list_file: str
   listed: int
   used: int
   group: str
 
   def describe(self, name: str) -> str:
     """'mnist: 10,000 of 70,000 listed images (test_mnist.txt)'."""
-    return f"{name}: {self.used:,} of {self.listed:,} listed images ({self.list})"
+    return f"{name}: {self.used:,} of {self.listed:,} listed images ({self.list_file})"
+
+  def record(self) -> dict:
+    """As JSON: `{"list", "listed", "used", "group"}`."""
+    return {"list": self.list_file, "listed": self.listed, "used": self.used,
+            "group": self.group}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +144,16 @@ class OpenOODSets:
   coverage: Mapping[str, Coverage]
   absent: Mapping[str, str]
 
+  def validation(self) -> dict[str, data.ImageListSource]:
+    """The sets the search reads: "val_id" and each "val_ood:<name>"."""
+    return {n: s for n, s in self.sources.items()
+            if self.coverage[n].group in ("val", "val_ood")}
+
+  def tests(self) -> dict[str, data.ImageListSource]:
+    """The sets scored once: "id" and each near and far set."""
+    return {n: s for n, s in self.sources.items()
+            if self.coverage[n].group in ("test", "near", "far")}
+
 
 # The set names of the ID splits in `OpenOODSets.sources`.
 ID_SETS = {"train": "train", "val": "val_id", "test": "id"}
@@ -153,7 +161,7 @@ VAL_OOD_PREFIX = "val_ood:"
 
 
 def openood_sets(protocol: OpenOODProtocol, data_dir: str | os.PathLike, *,
-                 partial: bool = False) -> OpenOODSets:
+                 partial: bool = False, validation: bool = True) -> OpenOODSets:
   """Every set of `protocol` under `data_dir`, by the rule for absent files.
 
   Only the lists are read and the files looked for; no image is opened.
@@ -163,11 +171,15 @@ def openood_sets(protocol: OpenOODProtocol, data_dir: str | os.PathLike, *,
     data_dir: OpenOOD's `images_classic/` root holding `benchmark_imglist/`.
     partial: use the present files of a list with some absent (counted in
       `coverage`) instead of refusing it.
+    validation: read the validation lists (ID and OOD) too; False leaves
+      them out (a run without the search).
 
   Raises:
     FileNotFoundError: no `benchmark_imglist/<id>/` folder; an ID or
       validation OOD list absent, or all of its files; or (without `partial`)
       every list with some files absent, each with its count, in one message.
+    ValueError: a validation image that is also in a test list (the
+      selection would see test data).
   """
   folder = os.path.dirname(protocol.list_path(data_dir, "x"))
   if not os.path.isdir(folder):
@@ -175,11 +187,12 @@ def openood_sets(protocol: OpenOODProtocol, data_dir: str | os.PathLike, *,
         f"--data-dir {os.fspath(data_dir)}: no {os.path.relpath(folder, data_dir)}/ "
         "(OpenOOD's layout: <data-dir>/benchmark_imglist/<id>/*.txt beside the image "
         "folders its lines name)")
-  wanted = [(ID_SETS[split], getattr(protocol, split), split)
-            for split in ("train", "val", "test")]
+  splits = ("train", "val", "test") if validation else ("train", "test")
+  wanted = [(ID_SETS[split], getattr(protocol, split), split) for split in splits]
   wanted += [(name, stem, "near") for name, stem in protocol.near]
   wanted += [(name, stem, "far") for name, stem in protocol.far]
-  wanted += [(VAL_OOD_PREFIX + name, stem, "val_ood") for name, stem in protocol.val_ood]
+  if validation:
+    wanted += [(VAL_OOD_PREFIX + name, stem, "val_ood") for name, stem in protocol.val_ood]
   sources, coverage, absent, partial_lists, required = {}, {}, {}, [], []
   for name, stem, group in wanted:
     path = protocol.list_path(data_dir, stem)
@@ -206,7 +219,31 @@ def openood_sets(protocol: OpenOODProtocol, data_dir: str | os.PathLike, *,
     raise FileNotFoundError(
         "some listed images are absent; --partial-sets uses the present ones and says so "
         "in every output:\n  - " + "\n  - ".join(partial_lists))
-  return OpenOODSets(sources, coverage, absent)
+  found = OpenOODSets(sources, coverage, absent)
+  check_disjoint(found.validation(), found.tests())
+  return found
+
+
+def check_disjoint(validation: Mapping[str, Sequence], tests: Mapping[str, Sequence]) -> None:
+  """Refuses a validation image file that a test set holds too (by path).
+
+  Args:
+    validation, tests: set name -> a source with `paths` (sources without,
+      arrays, are not compared).
+
+  Raises:
+    ValueError: naming the two sets and one shared file.
+  """
+  seen = {}
+  for name, source in tests.items():
+    for path in getattr(source, "paths", ()):
+      seen.setdefault(os.path.realpath(path), name)
+  for name, source in validation.items():
+    for path in getattr(source, "paths", ()):
+      test = seen.get(os.path.realpath(path))
+      if test is not None:
+        raise ValueError(f"{path} is in the validation set {name} and in the test set "
+                         f"{test}: the selection would see a test image")
 
 
 def openood_backbone(protocol: OpenOODProtocol, *, torch_checkpoint: str | None = None,
