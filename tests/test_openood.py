@@ -438,3 +438,16 @@ def test_two_processes_equal_one(layout, tmp_path):
       for name, metrics in rows.items():
         for metric, value in metrics.items():
           assert abs(got[kind][method][name][metric] - value) <= 1e-6, (kind, method, name)
+
+
+def test_a_set_too_small_for_some_process_is_refused_on_every_process(monkeypatch):
+  import jax
+  from line_jax.runs import _shared
+
+  source = data.ArraySource(np.zeros((30, 4, 4), np.uint8))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for index in (0, 1):  # Process 1's shard is whole, and it raises all the same.
+    monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+    with pytest.raises(ValueError, match="leaves process 0 no batch of 32"):
+      _shared.own_shard(source, 32)
+  assert len(_shared.own_shard(source, 16)) == 14  # Process 1's: the last 14 rows.
