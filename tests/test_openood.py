@@ -451,3 +451,15 @@ def test_a_set_too_small_for_some_process_is_refused_on_every_process(monkeypatc
     with pytest.raises(ValueError, match="leaves process 0 no batch of 32"):
       _shared.own_shard(source, 32)
   assert len(_shared.own_shard(source, 16)) == 14  # Process 1's: the last 14 rows.
+
+
+def test_a_list_has_one_cache_key_however_its_folder_is_spelled(layout, monkeypatch):
+  from line_jax.features import cache
+
+  monkeypatch.chdir(os.path.dirname(layout))
+  relative = os.path.basename(layout)
+  keys = {cache.key("b", data.ImageListSource(PROTOCOL.list_path(root, "test_tin"), root))
+          for root in (layout, relative, os.path.join(".", relative))}
+  assert len(keys) == 1
+  other = data.ImageListSource(PROTOCOL.list_path(layout, "val_tin"), layout)
+  assert cache.key("b", other) not in keys

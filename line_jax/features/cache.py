@@ -208,7 +208,9 @@ def source_key(source: Sequence) -> Any | None:
     return ["folder", os.path.abspath(source.root), list(source.paths), source.labels,
             [_file_key(p) for p in source.paths]]
   if isinstance(source, data.ImageListSource):
-    return ["imglist", list(source.paths), source.labels, [_file_key(p) for p in source.paths]]
+    # Absolute paths: `--data-dir ../data` and `/abs/data` are one set of files.
+    paths = [os.path.abspath(p) for p in source.paths]
+    return ["imglist", paths, source.labels, [_file_key(p) for p in paths]]
   if isinstance(source, data.TfdsSource):
     return ["tfds", source.name, source.split, source.data_dir, len(source)]
   return None

@@ -113,10 +113,13 @@ def format_table(result: Mapping[str, Any]) -> str:
     first = next(iter(result["selection"].values()))["selected_on"]
     lines += ["", f"## Selected on {first['id']} vs {', '.join(first['ood'])} "
               f"(fitted on {first['fitted_on']}, best {first['metric'].upper()})", "",
-              "| method | selected | validation AUROC % | grid |", "|---|---|---:|---:|"]
+              "| method | selected (the names searched) | validation AUROC % | grid |",
+              "|---|---|---:|---:|"]
     for name, s in result["selection"].items():
+      shown = {k: s["hparams"][k] for k in s["searched"]}
+      shown.update({k: v for k, v in s["percentiles"].items() if k[:-len("_percentile")] in shown})
       point = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in {**s["hparams"], **s["percentiles"]}.items())
+                        for k, v in shown.items()) or "(nothing to search)"
       if s["pinned"]:
         point += f" ({', '.join(s['pinned'])}: yours, not searched)"
       lines.append(f"| {name} | {point} | {100 * s['validation']['auroc']:.2f} | "
@@ -171,8 +174,9 @@ def write(out_dir, result, scores, timing, ablation_tables=None, *,
     written.append("roc.png")
     if all(g in next(iter(result["methods"].values())) for g in GROUPS):
       with _shared.atomic_file(os.path.join(out_dir, "near_far.png")) as tmp:
+        sets = "; ".join(f"{g}: {', '.join(result['groups'][g]['sets'])}" for g in GROUPS)
         plots.plot_near_far(result["methods"], result.get("tuned", {}), tmp,
-                            title=f"{result['benchmark']}: AUROC %")
+                            title=f"{result['benchmark']} ({sets}): AUROC %")
       written.append("near_far.png")
     else:
       print("near_far.png not drawn: it needs a near and a far set", file=sys.stderr)

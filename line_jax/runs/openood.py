@@ -176,7 +176,8 @@ def select(names: Sequence[str], train, val_id, val_ood, kernel, bias, *,
     selected_on: what the selection read, recorded with each choice.
 
   Returns:
-    scorer -> `{"hparams": the selected point (pastes into fit), "percentiles",
+    scorer -> `{"hparams": the selected point, every hyperparameter (pastes
+    into fit), "percentiles", "searched": the names the search varied,
     "validation": its metrics, "grid_size", "pinned", "selected_on", "seconds"}`.
   """
   out = {}
@@ -184,13 +185,14 @@ def select(names: Sequence[str], train, val_id, val_ood, kernel, bias, *,
     if name not in tune.GRIDS:
       continue
     start = time.perf_counter()
-    result = tune.tune_method(name, *train, kernel, bias, val_id, val_ood,
-                              grid=search_grid(name, untuned[name], list(pinned.get(name, {}))),
+    grid = search_grid(name, untuned[name], list(pinned.get(name, {})))
+    result = tune.tune_method(name, *train, kernel, bias, val_id, val_ood, grid=grid,
                               check=False)
+    searched = [k for k, values in grid.items() if len(values) > 1]
     out[name] = {"hparams": result["best"], "percentiles": result["best_percentiles"],
-                 "validation": result["metrics"], "grid_size": result["grid_size"],
-                 "pinned": sorted(pinned.get(name, {})), "selected_on": dict(selected_on),
-                 "seconds": time.perf_counter() - start}
+                 "searched": searched, "validation": result["metrics"],
+                 "grid_size": result["grid_size"], "pinned": sorted(pinned.get(name, {})),
+                 "selected_on": dict(selected_on), "seconds": time.perf_counter() - start}
     if progress and distributed.is_primary():
       print(f"tuned {name}: {result['best']} (validation AUROC "
             f"{100 * result['metrics']['auroc']:.2f} %)", file=sys.stderr, flush=True)
