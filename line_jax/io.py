@@ -197,8 +197,7 @@ def save(path: str | os.PathLike, state: Any) -> None:
   primary = distributed.is_primary()
   # An interrupted save's leftovers are replaced, and only those; process 0
   # decides and every process raises alike (none waits at a barrier alone).
-  foreign = primary and os.path.lexists(tmp) and not os.path.isfile(
-      os.path.join(tmp, _TMP_MARK))
+  foreign = primary and os.path.lexists(tmp) and not _own_leftover(tmp)
   if not distributed.everyone(not foreign):
     raise ValueError(f"{tmp} exists and was not written by line_jax.save; "
                      f"move it away to save to {path}")
@@ -212,14 +211,25 @@ def save(path: str | os.PathLike, state: Any) -> None:
   checkpointer.wait_until_finished()
   checkpointer.close()
   if primary:
-    os.remove(os.path.join(tmp, _TMP_MARK))
     meta["checksums"] = _checksums(os.path.join(tmp, _ARRAYS))
     meta["digest"] = _digest(meta)
     with open(os.path.join(tmp, _META), "w") as f:
       f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.remove(os.path.join(tmp, _TMP_MARK))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)  # A reader sees no folder or a whole one.
   distributed.barrier("line_jax.saved:" + path)
+
+
+def _own_leftover(tmp: str) -> bool:
+  """Whether an interrupted save left `tmp`, killed at any point: it holds its
+  mark, or nothing (killed before the mark), or only what a save writes
+  there (killed between removing the mark and the rename). Anything else
+  there may be a user's and is never removed."""
+  if not os.path.isdir(tmp) or os.path.islink(tmp):
+    return False
+  names = set(os.listdir(tmp))
+  return _TMP_MARK in names or names <= {_ARRAYS, _META}
 
 
 def load(path: str | os.PathLike) -> Any:

@@ -155,6 +155,21 @@ def test_save_keeps_a_users_file_inside_a_state_folder_and_a_foreign_temp_folder
   assert not temp.exists() and scorers.name_of(line_jax.load(folder)) == "energy"
 
 
+@pytest.mark.parametrize("left", [(), ("state",), ("state", "state.json")])
+def test_a_save_killed_at_any_point_is_replaced_on_the_next(tmp_path, left):
+  """A kill after the temporary folder is made and before its mark is written
+  leaves it empty; one after the mark is removed and before the rename leaves
+  only what a save writes. Both are the save's own: the next save replaces them."""
+  folder = _saved(tmp_path, "energy")
+  state = line_jax.load(folder)
+  temp = tmp_path / "s.line_jax-saving"
+  temp.mkdir()
+  for name in left:
+    (temp / name).mkdir() if name == "state" else (temp / name).write_text("{")
+  line_jax.save(folder, state)
+  assert not temp.exists() and scorers.name_of(line_jax.load(folder)) == "energy"
+
+
 def test_a_changed_hyperparameter_in_state_json_is_refused(tmp_path):
   features, labels, kernel, bias = random_problem(3, 6, 30)
   line_jax.save(tmp_path / "s", scorers.get("knn").fit(features, labels, kernel, bias, k=2))
