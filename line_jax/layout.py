@@ -2,7 +2,8 @@
 
 Some computations are fastest in one shape on XLA:CPU and another on a GPU or
 TPU: class-major logits for small batches, cache-sized row chunks, radix
-selection in a rolled loop, LINe's grouped walk over classes. Each reads a
+selection in a rolled loop, LINe's grouped walk over classes, a network's
+pass over a few images at a time. Each reads a
 `Layout`, a static argument of the jitted functions, so tests pick one
 without patching anything:
 
@@ -39,6 +40,20 @@ class Layout:
   def class_major(self, batch: int) -> bool:
     """Whether a `batch`-row input's logits come class-major (trace time)."""
     return self.cpu and batch <= self.CLASS_MAJOR_MAX_BATCH
+
+  # A network's pass over this many pixels of input at a time on the CPU
+  # (8 CIFAR images) keeps its activations in cache; a pass over a whole
+  # batch of 256 spills them to memory (benchmarks/network_passes.py).
+  PIXELS_PER_PASS = 8 * 32 * 32
+
+  def images_per_pass(self, batch: int, height: int, width: int) -> int:
+    """Images per network pass within one call of `batch` (a divisor of it):
+    on the CPU about `PIXELS_PER_PASS` pixels, at least 2 images; on an
+    accelerator the whole batch (one wide kernel)."""
+    if not self.cpu or batch <= 2:
+      return max(batch, 1)
+    want = max(2, self.PIXELS_PER_PASS // max(height * width, 1))
+    return max(d for d in range(1, min(want, batch) + 1) if batch % d == 0)
 
   def rows_per_chunk(self, rows: int, chunk: int) -> int:
     """`chunk` rows at a time on the CPU (cache-sized blocks); all `rows` at

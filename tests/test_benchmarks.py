@@ -123,3 +123,12 @@ def test_count_kernels_sees_matmuls_and_loop_bodies():
   # CPU wraps dots in library fusions, GPU calls cuBLAS: both are matmuls.
   assert compiled_stats.count_kernels(_HLO) == {
       "matmul": 2, "fusion": 1, "compare": 1, "sort": 1, "total": 5}
+
+
+def test_network_passes_smoke():
+  from benchmarks import network_passes
+
+  record = network_passes.measure("resnet18_cifar", batch=4, rounds=1)
+  assert record["images_per_pass"] == 4 and record["max_feature_difference"] < 1e-3
+  assert {"one_pass_images_per_s", "passes_images_per_s", "torch_images_per_s"} <= set(record)
+  assert "| resnet18_cifar (32x32) | 4 | 4 |" in network_passes.table([record])

@@ -122,3 +122,32 @@ def test_the_layout_of_an_array_is_its_device():
   assert traced == [layout.default()]
   assert layout.resolve(None) == layout.default()
   assert layout.resolve(layout.ACCELERATOR) is layout.ACCELERATOR
+
+
+def test_a_network_runs_in_cache_sized_passes_on_the_cpu_only():
+  from line_jax import layout as layout_lib
+
+  assert layout_lib.CPU.images_per_pass(256, 32, 32) == 8
+  assert layout_lib.CPU.images_per_pass(30, 32, 32) == 6  # The largest divisor under 8.
+  assert layout_lib.CPU.images_per_pass(32, 224, 224) == 2  # At least 2 images.
+  assert layout_lib.CPU.images_per_pass(7, 224, 224) == 1  # 7 is prime.
+  assert layout_lib.CPU.images_per_pass(1, 32, 32) == 1
+  assert layout_lib.ACCELERATOR.images_per_pass(256, 32, 32) == 256
+
+
+def test_features_in_passes_equal_features_in_one_pass():
+  import jax.numpy as jnp
+  from line_jax import models
+  from line_jax.features import _extract
+
+  model = models.get_model("resnet_small", 10)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  forward, variables = models.feature_apply(model, variables)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (12, 28, 28, 1), np.uint8))
+  mean, std = jnp.asarray([0.3]), jnp.asarray([0.4])
+  whole = _extract._apply(forward, variables, images, mean, std, None)
+  for per_pass in (1, 4, 6):
+    parts = _extract._apply(forward, variables, images, mean, std, per_pass)
+    for a, b in zip(whole, parts):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)

@@ -27,6 +27,8 @@ A model that returns anything else is an error that names what it returned.
   length compiles once;
 * the next batch is dispatched before the previous one is copied back, so
   host-to-device copies overlap with compute;
+* on the CPU the network runs over a few images at a time within each call
+  (`layout.Layout.images_per_pass`), so its activations stay in cache;
 * with a `mesh` each batch is split over its 'batch' axis (data parallel) and
   the variables are replicated.
 
@@ -50,6 +52,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from line_jax import _progress
+from line_jax import layout
 from line_jax import models
 
 BATCH_AXIS = "batch"
@@ -57,12 +60,22 @@ BATCH_AXIS = "batch"
 IMAGES_PER_CALL = 256
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def _apply(forward: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]], variables: Any,
-           images: jax.Array, mean: jax.Array, std: jax.Array) -> tuple[jax.Array, jax.Array]:
+           images: jax.Array, mean: jax.Array, std: jax.Array, per_pass: int | None = None
+           ) -> tuple[jax.Array, jax.Array]:
+  """`(logits, features)` of uint8 `images` `[b, H, W, C]`, float32 `[b, classes]`
+  and `[b, features]`, in passes of `per_pass` images (a divisor of b; None:
+  one pass) inside the one compiled call."""
   # `forward` is hashable (`models.feature_apply`): one compilation per model and shape.
   x = (images.astype(jnp.float32) / 255.0 - mean) / std
-  logits, features = forward(variables, x)
+  batch = x.shape[0]
+  if per_pass is None or per_pass >= batch:
+    logits, features = forward(variables, x)
+  else:  # Sequential passes: each one's activations stay in cache (`layout`).
+    passes = x.reshape(batch // per_pass, per_pass, *x.shape[1:])
+    logits, features = (a.reshape(batch, *a.shape[2:]) for a in jax.lax.map(
+        lambda images: forward(variables, images), passes))
   return logits.astype(jnp.float32), features.astype(jnp.float32)
 
 
@@ -249,7 +262,7 @@ def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress
 
   label = progress if isinstance(progress, str) else "features"
   bar = _progress.bar(total, label, unit="img", enabled=bool(progress))
-  pending = None
+  pending, per_pass = None, None
   try:
     for item in batches:
       batch, rest = np.asarray(_as_images(item[0])), tuple(item[1:])
@@ -262,7 +275,10 @@ def _stream(model, variables, batches, *, mean, std, size, mesh, dtype, progress
       if valid < size:  # Pad so every batch has one shape: one compilation.
         batch = np.concatenate(
             [batch, np.zeros((size - valid, *batch.shape[1:]), np.uint8)])
-      out = _apply(forward, variables, put(batch), mean, std)
+      if per_pass is None:  # Sharded batches (a mesh) run in one pass.
+        per_pass = size if mesh is not None else layout.default().images_per_pass(
+            size, *batch.shape[1:3])
+      out = _apply(forward, variables, put(batch), mean, std, per_pass)
       if pending is not None:
         yield _fetch(*pending, bar)
       pending = (out, valid, rest)
