@@ -194,7 +194,7 @@ def select(names: Sequence[str], train, val_id, val_ood, kernel, bias, *,
                  "grid_size": result["grid_size"], "pinned": sorted(pinned.get(name, {})),
                  "selected_on": dict(selected_on), "seconds": time.perf_counter() - start}
     if progress and distributed.is_primary():
-      print(f"tuned {name}: {result['best']} (validation AUROC "
+      print(f"tuned {name}: {({k: result['best'][k] for k in searched})} (validation AUROC "
             f"{100 * result['metrics']['auroc']:.2f} %)", file=sys.stderr, flush=True)
   # One choice for every process, even where a near tie could fall either way.
   return json.loads(distributed.gather_bytes(json.dumps(out, default=_plain).encode())[0])
