@@ -8,6 +8,8 @@ than speed here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from line_jax import _scoring
@@ -75,6 +77,24 @@ def average_precision(score_pos, score_neg) -> float:
 
 # What `ood_metrics` returns, in this order.
 NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
+
+
+def averaged(rows: Mapping[str, Mapping[str, float]], groups: Mapping[str, Sequence[str]]
+             ) -> dict[str, dict[str, float]]:
+  """`rows` (OOD set -> `ood_metrics`) plus one entry per group: the plain
+  mean of each metric over the group's sets in `rows`; a group with none of
+  them is left out.
+
+  Args:
+    rows: OOD set -> metrics.
+    groups: entry name ("average", "near", ...) -> its set names.
+  """
+  out = dict(rows)
+  for group, members in groups.items():
+    present = [rows[name] for name in members if name in rows]
+    if present:
+      out[group] = {m: float(np.mean([r[m] for r in present])) for m in NAMES}
+  return out
 
 
 def ood_metrics(score_id, score_ood) -> dict[str, float]:

@@ -96,6 +96,14 @@ class Backbone:
                               head=self.head or "fc")
 
   @property
+  def input_shape(self) -> tuple[int, int, int]:
+    """`(H, W, C)` of the network's input: the preprocessing's crop and channels."""
+    if self.preprocess is None:
+      raise ValueError("this Backbone has no preprocess, so no input shape")
+    p = self.preprocess
+    return (p.image_size, p.image_size, p.channels)
+
+  @property
   def num_classes(self) -> int:
     return int(np.shape(self.head_params()[0])[1])
 

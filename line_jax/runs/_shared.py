@@ -19,6 +19,7 @@ import numpy as np
 from line_jax import data
 from line_jax import distributed
 from line_jax import models
+from line_jax import scorers
 from line_jax import suites
 from line_jax.features import cache
 
@@ -44,6 +45,21 @@ def check_positive(**values: int | None) -> None:
   for name, value in values.items():
     if value is not None and value < 1:
       raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def checked_scorers(names: Sequence[str], hparams: Mapping[str, Mapping[str, Any]],
+                    run: str) -> list[str]:
+  """`names` (empty: every registered scorer), each known and its `hparams`
+  valid, before any work; hyperparameters for a scorer not run are refused
+  (`run` names the run in that message, e.g. "this evaluation")."""
+  names = list(names or scorers.names())
+  for name in names:
+    scorers.get(name)  # Unknown names fail here, listing the valid ones.
+  for name, values in hparams.items():
+    if name not in names:
+      raise ValueError(f"hyperparameters for {name!r}, which {run} does not run")
+    scorers.get(name).check_hparams(values)
+  return names
 
 
 def open_dataset(spec: str, split: str, num_classes: int, *,

@@ -26,7 +26,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 
 from line_jax import distributed
 from line_jax import metrics as metrics_lib
@@ -88,9 +87,8 @@ def line_ablation(train_batches: Iterable, kernel, bias, sets: Mapping[str, Any]
     score_id = line.score_all(state, sets["id"])
     rows = {name: metrics_lib.ood_metrics(score_id, line.score_all(state, f))
             for name, f in sets.items() if name != "id"}
-    rows["average"] = {m: float(np.mean([r[m] for r in rows.values()]))
-                       for m in metrics_lib.NAMES}
-    out[variant_name(on)] = {**dict(zip(PARTS, on)), "metrics": rows}
+    out[variant_name(on)] = {**dict(zip(PARTS, on)),
+                             "metrics": metrics_lib.averaged(rows, {"average": list(rows)})}
   return {"settings": {"p_w": p_w, "p_a": p_a, "clip": clip}, "variants": out}
 
 

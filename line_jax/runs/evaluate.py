@@ -49,6 +49,7 @@ from line_jax.runs._benchmark import user_hparams
 from line_jax.runs._report import format_table  # noqa: F401  Part of this module's API.
 from line_jax.runs._shared import check_cache
 from line_jax.runs._shared import check_out
+from line_jax.runs._shared import checked_scorers
 from line_jax.runs._shared import hparams_report
 from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
@@ -78,14 +79,7 @@ class Config:
 
   def scorer_names(self) -> list[str]:
     """The scorers to run, checked with their hyperparameters before any work."""
-    names = list(self.scorers or scorers.names())
-    for name in names:
-      scorers.get(name)  # Unknown names fail here, listing the valid ones.
-    for name, hparams in self.hparams.items():
-      if name not in names:
-        raise ValueError(f"hyperparameters for {name!r}, which this evaluation does not run")
-      scorers.get(name).check_hparams(hparams)
-    return names
+    return checked_scorers(self.scorers, self.hparams, "this evaluation")
 
 
 def fit_and_score(names: Sequence[str], suite: suites.Suite | str | None,
@@ -150,14 +144,16 @@ def _gathered_scores(scorer, state, features, set_name: str) -> np.ndarray:
   return scores
 
 
-def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict]:
-  """scorer -> {ood_set: metrics, "average": mean of each metric over sets}."""
+def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]],
+               groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, dict]:
+  """scorer -> {OOD set: metrics, group: mean of each metric over its sets}
+  of `{scorer: {set: [n] scores}}` ("id": the ID test scores); `groups`
+  (`metrics.averaged`) defaults to "average" over every OOD set."""
   out = {}
   for name, by_set in scores.items():
     rows = {set_name: metrics_lib.ood_metrics(by_set["id"], s)
             for set_name, s in by_set.items() if set_name != "id"}
-    rows["average"] = {m: float(np.mean([r[m] for r in rows.values()])) for m in METRICS}
-    out[name] = rows
+    out[name] = metrics_lib.averaged(rows, {"average": list(rows)} if groups is None else groups)
   return out
 
 

@@ -41,7 +41,6 @@ from line_jax import data
 from line_jax import distributed
 from line_jax import features
 from line_jax import metrics as metrics_lib
-from line_jax import scorers
 from line_jax import suites
 from line_jax.runs import _openood_report
 from line_jax.runs._openood_report import format_table  # noqa: F401  Part of this API.
@@ -52,13 +51,15 @@ from line_jax.runs._benchmark import skipped_of
 from line_jax.runs._shared import check_cache
 from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import checked_scorers
 from line_jax.runs._shared import hparams_report
 from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
 from line_jax.runs.evaluate import correct
 from line_jax.runs.evaluate import fit_and_score
+from line_jax.runs.evaluate import metrics_of
 
-GROUPS = ("near", "far")
+GROUPS = _openood_report.GROUPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,41 +109,7 @@ class Config:
 
   def scorer_names(self) -> list[str]:
     """The scorers to run, checked with their hyperparameters before any work."""
-    names = list(self.scorers or scorers.names())
-    for name in names:
-      scorers.get(name)
-    for name, hparams in self.hparams.items():
-      if name not in names:
-        raise ValueError(f"hyperparameters for {name!r}, which this run does not run")
-      scorers.get(name).check_hparams(hparams)
-    return names
-
-
-def group_metrics(rows: Mapping[str, Mapping[str, float]], groups: Mapping[str, Sequence[str]]
-                  ) -> dict[str, dict[str, float]]:
-  """`rows` (set -> metrics) plus one entry per group: the plain mean of each
-  metric over the group's sets in `rows` (as OpenOOD's); a group with none is
-  left out.
-
-  Args:
-    rows: OOD set -> `metrics.ood_metrics`.
-    groups: group name ("near", "far", "near_all", ...) -> its set names.
-  """
-  out = dict(rows)
-  for group, members in groups.items():
-    present = [rows[name] for name in members if name in rows]
-    if present:
-      out[group] = {m: float(np.mean([r[m] for r in present])) for m in metrics_lib.NAMES}
-  return out
-
-
-def grouped_metrics(scores: Mapping[str, Mapping[str, np.ndarray]],
-                    groups: Mapping[str, Sequence[str]]) -> dict[str, dict]:
-  """scorer -> {OOD set: metrics, group: mean} of `{scorer: {set: [n] scores}}`
-  ("id" holds the ID test scores)."""
-  return {name: group_metrics({s: metrics_lib.ood_metrics(by_set["id"], v)
-                               for s, v in by_set.items() if s != "id"}, groups)
-          for name, by_set in scores.items()}
+    return checked_scorers(self.scorers, self.hparams, "this run")
 
 
 def search_grid(name: str, untuned: Mapping[str, Any], pinned: Sequence[str]
@@ -252,7 +219,7 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *,
   yours: dict[str, list[str]] = {g: [] for g in GROUPS}
   for group, specs in (("near", config.near), ("far", config.far)):
     # A `.npy` is in the network's input shape, as evaluate's --extra-ood.
-    extra = suites.extra_sets(specs, _input_shape(backbone),
+    extra = suites.extra_sets(specs, backbone.input_shape,
                               [*sources, *found.absent, *GROUPS, *_ALL.values()],
                               flag=f"--{group}")
     for spec, (name, source) in zip(specs, extra.items()):
@@ -295,7 +262,7 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *,
         "groups": {g: {"sets": groups[g], "absent": [n for n, _ in getattr(protocol, g)
                                                      if n in found.absent],
                        "yours": yours[g]} for g in GROUPS},
-        "hparams": {"untuned": used}, "methods": grouped_metrics(scores, averages)}
+        "hparams": {"untuned": used}, "methods": metrics_of(scores, averages)}
     if config.tune:
       tick = time.perf_counter()
       selected_on = {"id": coverage["val_id"]["list"],
@@ -315,7 +282,7 @@ def run(config: Config, workdir: str | os.PathLike | None = None, *,
             progress=runtime.progress)
         stages["tuned_fit_and_score_s"] = time.perf_counter() - tick
         result["hparams"]["tuned"] = tuned_used
-        result["tuned"] = grouped_metrics(tuned_scores, averages)
+        result["tuned"] = metrics_of(tuned_scores, averages)
       result["selection"] = selection
     if skipped is not None:
       result["skipped"] = skipped
@@ -347,13 +314,8 @@ def _ablation(train, kernel, bias, sets, hparams, averages) -> dict[str, Any]:
   table = ablation.line_ablation(train.batches(), kernel, bias, sets, **hp)
   for variant in table["variants"].values():
     rows = {k: v for k, v in variant["metrics"].items() if k != "average"}
-    variant["metrics"] = group_metrics(rows, averages)
+    variant["metrics"] = metrics_lib.averaged(rows, averages)
   return table
-
-
-def _input_shape(backbone: features.Backbone) -> tuple[int, int, int]:
-  p = backbone.preprocess
-  return (p.image_size, p.image_size, p.channels)
 
 
 def _model_record(config: Config, protocol: suites.OpenOODProtocol) -> dict[str, Any]:

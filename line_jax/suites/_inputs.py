@@ -59,8 +59,7 @@ class Inputs:
   @property
   def image_shape(self) -> tuple[int, int, int]:
     """`(H, W, C)` the network takes."""
-    p = self.backbone.preprocess
-    return (p.image_size, p.image_size, p.channels)
+    return self.backbone.input_shape
 
   @classmethod
   def from_arrays(cls, model, variables, mean, std, train_images, train_labels,
