@@ -72,6 +72,30 @@ def add_data(p: argparse.ArgumentParser, *, scorers_default: str | None,
   add_skip_bad_images(p)
 
 
+def add_network(p: argparse.ArgumentParser, *, arch_default: str | None = None) -> None:
+  """`--torch-checkpoint PATH --arch NAME [--normalization KEY]`: a PyTorch
+  state_dict of any network the import supports, instead of `--checkpoint`
+  (`line_jax.runs.Network`)."""
+  g = p.add_argument_group("a PyTorch network instead of --checkpoint")
+  g.add_argument("--torch-checkpoint", default=None,
+                 help="a PyTorch state_dict file (torchvision's, DICE's), read without pickle")
+  g.add_argument("--arch", default=arch_default, choices=sorted(features.TORCH_INPUTS),
+                 help="the network --torch-checkpoint holds")
+  g.add_argument("--normalization", default=None,
+                 help="line_jax.data.MEAN_STD key of --torch-checkpoint (default: what "
+                      "--arch's published checkpoints were trained with)")
+
+
+def network(args: argparse.Namespace):
+  """The `line_jax.runs.Network` of `--checkpoint` / `--torch-checkpoint --arch`."""
+  from line_jax.runs import Network  # pylint: disable=g-import-not-at-top
+  if args.torch_checkpoint is None:
+    return Network(checkpoint=args.checkpoint, normalization=args.normalization,
+                   arch=args.arch)
+  return Network(torch_checkpoint=args.torch_checkpoint, arch=args.arch,
+                 normalization=args.normalization)
+
+
 def add_skip_bad_images(p: argparse.ArgumentParser) -> None:
   """`--skip-bad-images`: part of what a run computes (its config), not how it runs."""
   p.add_argument("--skip-bad-images", action="store_true",

@@ -12,6 +12,7 @@ model and its variables.
 from line_jax.features import cache
 from line_jax.features._backbone import Backbone
 from line_jax.features._backbone import FeatureStream
+from line_jax.features._backbone import TORCH_INPUTS
 from line_jax.features._extract import BATCH_AXIS
 from line_jax.features._extract import IMAGES_PER_CALL
 from line_jax.features._extract import extract
@@ -23,6 +24,7 @@ __all__ = (
     "Backbone",
     "FeatureStream",
     "IMAGES_PER_CALL",
+    "TORCH_INPUTS",
     "cache",
     "extract",
     "iter_extract",

@@ -49,6 +49,9 @@ class Backbone:
     apply_kwargs: keyword arguments of every call of the network, e.g.
       `{"train": False}` for a `__call__(x, train)` that requires it
       (`line_jax.models.feature_apply`); None: none.
+    config: the line_jax checkpoint config that rebuilds `model` (a
+      registered network: `from_checkpoint`, `from_torch` set it), what
+      `save` writes; None for a network of your own. Not part of `key`.
   """
 
   model: Any
@@ -58,6 +61,7 @@ class Backbone:
   preprocess: Any = None
   head: str | None = None
   apply_kwargs: Mapping[str, Any] | None = None
+  config: Mapping[str, Any] | None = dataclasses.field(default=None, repr=False)
 
   def __post_init__(self):
     # The same numbers in a list, tuple or array are one normalisation.
@@ -87,7 +91,66 @@ class Backbone:
     if height != width:
       raise ValueError(f"the model takes {height}x{width} inputs; only square crops are made")
     return cls(model, variables, config["mean"], config["std"],
-               data.Preprocess(image_size=height, channels=channels), config.get("head"))
+               data.Preprocess(image_size=height, resize_size=config.get("resize_size"),
+                               channels=channels), config.get("head"), config=config)
+
+  @classmethod
+  def from_torch(cls, path: str | os.PathLike, arch: str, *,
+                 normalization: str | None = None) -> "Backbone":
+    """A PyTorch `state_dict` of registered network `arch`
+    (`line_jax.models.registry`: torchvision's "resnet18" ... "resnet152",
+    DICE's "densenet100", "resnet18_cifar", "resnet_small"), read without
+    pickle; its classes are those of the checkpoint's head.
+
+    Args:
+      path: the file `torch.save` wrote (a bare state_dict, or one under
+        "state_dict").
+      arch: the network it holds.
+      normalization: a `line_jax.data.MEAN_STD` key; None: what `arch`'s
+        published checkpoints were trained with (`TORCH_INPUTS`).
+
+    Inputs are made as torchvision's evaluation transforms make them: an
+    ImageNet network's images resized to 256 and center-cropped to 224, a
+    CIFAR network's to 32.
+    """
+    from line_jax import data  # pylint: disable=g-import-not-at-top
+    from line_jax import models  # pylint: disable=g-import-not-at-top
+    if arch not in TORCH_INPUTS:
+      raise ValueError(f"unknown --arch {arch!r}; the PyTorch import supports "
+                       f"{', '.join(sorted(TORCH_INPUTS))}")
+    default, (size, resize, channels) = TORCH_INPUTS[arch]
+    normalization = normalization or default
+    if normalization not in data.MEAN_STD:
+      raise ValueError(f"unknown normalization {normalization!r}; known: "
+                       f"{', '.join(data.MEAN_STD)}")
+    state_dict = models.read_torch_state_dict(path)
+    num_classes = models.torch_num_classes(state_dict, source=os.fspath(path))
+    model = models.get_model(arch, num_classes)
+    variables = models.variables_from_state_dict(model, state_dict, models.input_shapes[arch],
+                                                 source=os.fspath(path))
+    mean, std = data.MEAN_STD[normalization]
+    config = {"model": arch, "num_classes": num_classes, "input_shape": [size, size, channels],
+              "mean": list(mean), "std": list(std), "normalization": normalization,
+              "resize_size": resize, "imported_from": os.path.abspath(os.fspath(path))}
+    return cls(model, variables, mean, std, data.Preprocess(size, resize, channels),
+               config=config)
+
+  def save(self, path: str | os.PathLike, **record: Any) -> None:
+    """Writes this network as a line_jax checkpoint folder (orbax weights and
+    `config.json`, `line_jax.models.save_checkpoint`) that `from_checkpoint`
+    and every CLI's `--checkpoint` read; `record` adds keys to its config
+    (e.g. `classes=[...]`).
+
+    Raises:
+      ValueError: for a network of your own (no `config`): save its
+        variables with `line_jax.models.save_checkpoint` and a registered
+        model name, or export the detector (`line_jax.detector`).
+    """
+    from line_jax import models  # pylint: disable=g-import-not-at-top
+    if self.config is None:
+      raise ValueError("this Backbone's network is not a registered line_jax model (no "
+                       "config): export it instead (Detector.export), which needs no model code")
+    models.save_checkpoint(path, self.variables, {**self.config, **record})
 
   def head_params(self) -> tuple[Any, Any]:
     """`(kernel [features, classes], bias [classes] or None)` of the network."""
@@ -179,6 +242,16 @@ class Backbone:
     return cache.extract(self, batches, len(source),
                          folder=folder, key=key, description=description or repr(source),
                          progress=progress)
+
+
+# arch -> (default `data.MEAN_STD` key, (crop, resize or None, channels)) of the
+# networks `Backbone.from_torch` imports: what their published checkpoints take.
+TORCH_INPUTS: dict[str, tuple[str, tuple[int, int | None, int]]] = {
+    **{f"resnet{depth}": ("imagenet2012", (224, 256, 3)) for depth in (18, 34, 50, 101, 152)},
+    "densenet100": ("cifar_line", (32, None, 3)),
+    "resnet18_cifar": ("cifar10", (32, None, 3)),
+    "resnet_small": ("fashion_mnist", (28, None, 1)),
+}
 
 
 class FeatureStream:

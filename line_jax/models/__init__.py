@@ -34,6 +34,7 @@ from line_jax.models._resnet import ResNet152
 from line_jax.models._resnet import ResNetSmall
 from line_jax.models._torch_import import load_torch_checkpoint
 from line_jax.models._torch_import import read_torch_state_dict
+from line_jax.models._torch_import import torch_num_classes
 from line_jax.models._torch_import import variables_from_state_dict
 
 __all__ = (
@@ -61,5 +62,6 @@ __all__ = (
     "read_torch_state_dict",
     "registry",
     "save_checkpoint",
+    "torch_num_classes",
     "variables_from_state_dict",
 )

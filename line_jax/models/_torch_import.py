@@ -180,6 +180,24 @@ def load_torch_checkpoint(
   return model, variables
 
 
+def torch_num_classes(state_dict: Mapping[str, Any], *, head: str = "fc",
+                      source: str = "the state_dict") -> int:
+  """Classes of a PyTorch state_dict's final linear layer `head` (`fc.weight`
+  `[classes, features]`).
+
+  Raises:
+    ValueError: naming the keys there are where `head` has no 2-D weight.
+  """
+  weight = state_dict.get(f"{head}.weight")
+  if weight is None:
+    weight = state_dict.get(f"module.{head}.weight")  # Saved from DataParallel.
+  if weight is None or np.ndim(weight) != 2:
+    keys = [k for k in state_dict if k.endswith(".weight")][-_SHOWN:]
+    raise ValueError(f"{source} has no 2-D {head}.weight (the head whose rows are the "
+                     f"classes); its last weights: {_listing(keys)}")
+  return int(np.shape(weight)[0])
+
+
 def _torch_key(path: tuple[str, ...]) -> str:
   collection, *modules, leaf = path
   return ".".join([m.replace("_", ".") for m in modules]

@@ -10,20 +10,24 @@ progress output; how it runs, never what):
 * `openood`: OpenOOD v1.5's protocol on an OpenOOD-layout folder (near /
   far, untuned and tuned on the validation lists);
 * `tune`: hyperparameters on held-out data, each grid vmapped;
-* `train`: a classifier with optax, saved as an orbax checkpoint.
+* `train`: a classifier with optax, saved as an orbax checkpoint;
+* `export`: a detector fitted, calibrated and exported (`line_jax.detector`).
 
-`BenchmarkData` names the model and data `evaluate` and `ablation` read.
+`Network` names the network a run reads (a line_jax checkpoint or a PyTorch
+state_dict of a registered architecture); `BenchmarkData` the model and data
+`evaluate` and `ablation` read.
 The run modules load on first use: a CLI imports only its own.
 """
 
 import importlib
 
 from line_jax.runs._benchmark import BenchmarkData
+from line_jax.runs._network import Network
 from line_jax.runs._shared import Runtime
 
-__all__ = ("BenchmarkData", "Runtime", "ablation", "evaluate", "fit", "openood", "train",
-           "tune")
-_RUNS = frozenset(("ablation", "evaluate", "fit", "openood", "train", "tune"))
+__all__ = ("BenchmarkData", "Network", "Runtime", "ablation", "evaluate", "export", "fit",
+           "openood", "train", "tune")
+_RUNS = frozenset(("ablation", "evaluate", "export", "fit", "openood", "train", "tune"))
 
 
 def __getattr__(name):
