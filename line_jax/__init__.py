@@ -16,7 +16,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = frozenset((
-    "data", "distributed", "features", "fold", "io", "layout", "line", "metrics",
+    "data", "distributed", "features", "fold", "io", "layout", "line", "metrics", "calibration", "detector",
     "models", "odin", "plots", "resumable", "runs", "scorers", "sharding", "suites"))
 
 

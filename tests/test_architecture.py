@@ -20,10 +20,10 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # Top to bottom; a unit is a top-level module or subpackage of line_jax.
 LAYERS = (
-    ("cli", {"_cli", "fit", "evaluate", "openood", "tune", "train"}),
+    ("cli", {"_cli", "fit", "evaluate", "openood", "tune", "train", "export", "predict"}),
     ("runs", {"runs"}),
-    ("library", {"suites", "features", "sharding", "odin", "plots", "io", "scorers", "line",
-                 "metrics"}),
+    ("library", {"detector", "suites", "features", "sharding", "odin", "plots", "io", "scorers",
+                 "line", "metrics", "calibration"}),
     ("core", {"fold", "resumable", "distributed", "layout", "_validation", "_scoring", "_buckets",
               "_matmul", "_progress", "data", "models"}),
 )
