@@ -4,22 +4,27 @@
     python -m line_jax.evaluate --out DIR --extra-ood mine=my_images.npy
     python -m line_jax.evaluate --out DIR --benchmark cifar10 --id-folder cifar10
         --torch-checkpoint dice_densenet100_cifar10.pth.tar --ablation
+    python -m line_jax.evaluate --out DIR --id-folder DIR --torch-checkpoint m.pth --arch resnet18
 
-A shell over `line_jax.runs.evaluate` (see there for the files it writes)
-and, with `--ablation`, `line_jax.runs.ablation`. Features come from the
-feature cache `fit` and `tune` share (`--cache-dir`); the scorers take the
-benchmark's settings, `--hparam` over them. Multi-host: the same command in
+The network is `--checkpoint` or `--torch-checkpoint PATH --arch NAME`; under a
+paper benchmark `--torch-checkpoint` alone is the benchmark's own network. A
+shell over `line_jax.runs.evaluate` (see there for the files it writes: metrics,
+every input's scores, thresholds at 95 % TPR) and, with `--ablation`,
+`line_jax.runs.ablation`. Features come from the feature cache `fit` and `tune`
+share (`--cache-dir`); the scorers take the benchmark's settings, `--hparam` over them. Multi-host: the same command in
 every process with `--coordinator HOST:PORT --num-processes N --process-id I`.
 `--benchmark openood_cifar10`: OpenOOD's protocol (`line_jax.openood`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import os
 import sys
 import time
 
 from line_jax import _cli
 from line_jax import distributed
+from line_jax import models
 from line_jax import openood
 from line_jax import suites
 from line_jax.runs import BenchmarkData
@@ -39,7 +44,7 @@ def _parser():
   p.add_argument("--id-folder", default=None,
                  help="ID images as <folder>/{train,test}/<class>/<image> (else TFDS, or "
                       "Fashion-MNIST's files)")
-  p.add_argument("--torch-checkpoint", default=None, help="PyTorch state_dict (paper benchmarks)")
+  _cli.add_network(p)
   for split in ("train", "test"):
     p.add_argument(f"--max-{split}", type=int, default=None,
                    help=f"N {split} images: {_cli.SUBSET_RULE}")
@@ -63,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     names = _cli.scorer_names(args.scorers) if args.scorers else ()
     hparams = _cli.parse_hparams(args.hparam, names or None)
     data = BenchmarkData(
-        args.benchmark, checkpoint=args.checkpoint, torch_checkpoint=args.torch_checkpoint,
-        data_dir=args.data_dir, id_folder=args.id_folder, max_train=args.max_train,
-        max_test=args.max_test, ood_size=args.ood_size, extra_ood=tuple(args.extra_ood),
+        args.benchmark, **_network(args), data_dir=args.data_dir, id_folder=args.id_folder,
+        max_train=args.max_train, max_test=args.max_test, ood_size=args.ood_size,
+        extra_ood=tuple(args.extra_ood),
         batch_size=args.batch_size, skip_bad_images=args.skip_bad_images)
     config = evaluate.Config(data=data, scorers=tuple(names), hparams=hparams,
                              plots=not args.no_plots, ablation=args.ablation)
@@ -74,6 +79,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(evaluate.format_table(result))
     if not args.quiet:
       print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+
+def _network(args) -> dict:
+  """`BenchmarkData`'s network: a paper benchmark's own (`--torch-checkpoint`
+  alone), else yours (`--checkpoint`, or `--torch-checkpoint --arch`)."""
+  given = os.path.abspath(args.checkpoint) != os.path.abspath(models.DEFAULT_CHECKPOINT)
+  if not (args.benchmark.startswith("fashion_mnist") or given or args.arch
+          or args.normalization):
+    return {"torch_checkpoint": args.torch_checkpoint}
+  return {"checkpoint": args.checkpoint, "network": _cli.network(args)}
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
     python -m line_jax.fit --out fits/fmnist                 # all scorers
     python -m line_jax.fit --out DIR --dataset path/to/imagefolder --scorers line,knn
+    python -m line_jax.fit --out DIR --dataset FOLDER --torch-checkpoint r18.pth --arch resnet18
 
-Images stream through a checkpoint's network (its config decides the size
-and channels) and every scorer folds over the one stream. `DIR/<scorer>`
+Images stream through a network (a line_jax `--checkpoint`, whose config
+decides the size and channels, or a PyTorch `--torch-checkpoint` of any
+`--arch` the import supports) and every scorer folds over the one stream. `DIR/<scorer>`
 holds each state (`line_jax.load`), `DIR/hparams.json` the settings each ran
 with, resolved: registry defaults, then `--benchmark`'s, then `--hparam`'s,
 the rule `evaluate` follows too. Killed and run again with the same
@@ -32,6 +34,7 @@ def _parser():
                  help=f"output folder, resumed if present; {_cli.OUT_RULE}")
   p.add_argument("--dataset", default="fashion_mnist", help=_cli.DATASET_HELP)
   _cli.add_data(p, scorers_default=None, scorers_help="default: all registered")
+  _cli.add_network(p)
   p.add_argument("--benchmark", default=None, choices=[*suites.SUITES, suites.NO_BENCHMARK],
                  help="whose settings the scorers take, as evaluate's --benchmark (default: "
                       "fashion_mnist for the committed checkpoint on --dataset fashion_mnist, "
@@ -52,8 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     _cli.init_distributed(args)
     names = _cli.scorer_names(args.scorers) if args.scorers else ()
     config = fit.Config(
-        checkpoint=args.checkpoint, dataset=args.dataset, scorers=tuple(names),
-        benchmark=args.benchmark, hparams=_cli.parse_hparams(args.hparam, names or None),
+        checkpoint=args.checkpoint, network=_cli.network(args), dataset=args.dataset,
+        scorers=tuple(names), benchmark=args.benchmark,
+        hparams=_cli.parse_hparams(args.hparam, names or None),
         batch_size=args.batch_size, save_every=args.save_every,
         max_examples=args.max_examples, skip_bad_images=args.skip_bad_images)
     states = fit.run(config, args.out, runtime=_cli.runtime(args))

@@ -2,6 +2,7 @@
 
     python -m line_jax.tune --out tune.json
     python -m line_jax.tune --checkpoint CKPT --dataset FOLDER --methods line,knn
+    python -m line_jax.tune --torch-checkpoint r18.pth --arch resnet18 --dataset FOLDER
 
 Every scorer with a grid is fitted on the training images but `--val-size`
 held out (every class in proportion, evenly spaced: `line_jax.data.hold_out`)
@@ -25,6 +26,7 @@ def _parser():
   p.add_argument("--out", default=None,
                  help="JSON file for the results (replaced only if tune wrote it)")
   _cli.add_data(p, scorers_default=None, scorers_help="default: all with a grid")
+  _cli.add_network(p)
   p.add_argument("--dataset", default="fashion_mnist", help=_cli.DATASET_HELP)
   p.add_argument("--val-size", type=int, default=5000,
                  help=f"training images held out as the ID validation set: {_cli.SUBSET_RULE}")
@@ -40,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   with _cli.user_errors():
     names = _cli.scorer_names(args.scorers) if args.scorers else ()
     config = tune.Config(scorers=tuple(names), checkpoint=args.checkpoint,
-                         dataset=args.dataset, val_size=args.val_size,
+                         network=_cli.network(args), dataset=args.dataset, val_size=args.val_size,
                          ood_size=args.ood_size, check=not args.no_check,
                          batch_size=args.batch_size, skip_bad_images=args.skip_bad_images)
     results = tune.run(config, results_file=args.out, runtime=_cli.runtime(args))

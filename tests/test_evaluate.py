@@ -1,6 +1,8 @@
 """line_jax.evaluate end to end on a tiny random network and random images."""
 
+import csv
 import json
+import math
 import os
 
 import jax
@@ -39,6 +41,10 @@ def _arrays():
 
 def _inputs(**kw):
   return suites.Inputs.from_arrays(**_arrays(), **kw)
+
+
+def _inputs_of(arrays, **kw):
+  return suites.Inputs.from_arrays(**arrays, **kw)
 
 
 def _evaluate(out=None, *, inputs=None, scorers=(), plots=True, runtime=QUIET, **data):
@@ -129,6 +135,70 @@ def test_pngs_exist_and_are_valid(run):
   for name in names:
     with open(out / name, "rb") as f:
       assert f.read(8) == PNG_MAGIC, name
+
+
+# ---- Every input's scores and each scorer's threshold ----------------------
+
+
+def _read_scores(path):
+  """`scores/<set>.csv` as `{column: [values]}` (strings), in file order."""
+  with open(path, newline="") as f:
+    rows = list(csv.reader(f))
+  return {name: [row[i] for row in rows[1:]] for i, name in enumerate(rows[0])}
+
+
+def test_scores_per_input_are_the_scorers_own_on_each_set(run):
+  out, _, arrays, extra = run
+  kw = dict(mean=MEAN, std=STD, batch_size=32, progress=False)
+  model, variables = arrays["model"], arrays["variables"]
+  train = features.extract(model, variables, arrays["train_images"], **kw)[1]
+  sets = {"id": (arrays["test_images"], arrays["test_labels"]),
+          "dark": (arrays["ood"]["dark"], None), "noise": (arrays["ood"]["noise"], None),
+          "mine": (extra[..., None], None)}
+  assert sorted(os.listdir(out / "scores")) == sorted(f"{name}.csv" for name in sets)
+  head = variables["params"]["fc"]
+  for name in ("energy", "knn"):
+    scorer = scorers.get(name)
+    hp = suites.hparams_for("fashion_mnist", name, None, train)
+    state = scorer.fit(train, arrays["train_labels"], head["kernel"], head["bias"], **hp)
+    for set_name, (images, labels) in sets.items():
+      table = _read_scores(out / "scores" / f"{set_name}.csv")
+      assert list(table)[:3] == ["index", "path", "label"]
+      assert len(table["index"]) == len(images)  # One row per input, in order.
+      assert table["index"] == [str(i) for i in range(len(images))]
+      assert set(table["path"]) == {""}  # Pixels: no file.
+      want_labels = np.full(len(images), -1) if labels is None else labels
+      np.testing.assert_array_equal(np.asarray(table["label"], int), want_labels)
+      want = scorer.score_all(state, features.extract(model, variables, images, **kw)[1])
+      np.testing.assert_allclose(np.asarray(table[name], float), want, rtol=1e-6, atol=1e-6)
+      # 50 ID test inputs are too few for a threshold at 95 % TPR: no decision.
+      assert set(table[f"{name}_ood"]) == {""}
+  thresholds = json.loads((out / "thresholds.json").read_text())
+  assert list(thresholds) == list(METHODS)
+  assert all("too few" in t["refused"] for t in thresholds.values())
+
+
+def test_thresholds_keep_95_percent_of_the_id_scores_and_decide_each_input(tmp_path):
+  arrays = _arrays()
+  rng = np.random.default_rng(2)
+  arrays["test_images"] = rng.integers(0, 256, (230, 28, 28, 1), dtype=np.uint8)
+  arrays["test_labels"] = np.arange(230) % 10
+  out = tmp_path / "out"
+  _evaluate(out, inputs=_inputs_of(arrays), scorers=("energy", "knn"), batch_size=32,
+            plots=False)
+  thresholds = json.loads((out / "thresholds.json").read_text())
+  for name in ("energy", "knn"):
+    t = thresholds[name]
+    assert t["target"] == "tpr" and t["rate"] == 0.95 and t["count"] == 230
+    ids = np.asarray(_read_scores(out / "scores" / "id.csv")[name], float)
+    assert len(set(ids.tolist())) == ids.size  # No ties: exactly ceil(0.95 n) kept.
+    assert np.sum(ids >= t["threshold"]) == math.ceil(0.95 * 230) == 219
+    assert t["achieved"] == pytest.approx(219 / 230)
+    for set_name in ("id", "dark", "noise"):
+      table = _read_scores(out / "scores" / f"{set_name}.csv")
+      scores = np.asarray(table[name], float)
+      np.testing.assert_array_equal(np.asarray(table[f"{name}_ood"], int),
+                                    scores < t["threshold"])
 
 
 def test_extra_ood_errors(tmp_path):
@@ -334,7 +404,7 @@ def test_an_out_folder_holding_a_users_file_is_refused_before_any_work(tmp_path,
   def no_work(*args, **kwargs):
     raise AssertionError("features were read before the folder was checked")
 
-  monkeypatch.setattr(runs.evaluate, "features_of", no_work)
+  monkeypatch.setattr(runs.evaluate, "benchmark_sets", no_work)
   monkeypatch.setattr(runs.ablation, "features_of", no_work)
   for name in ("notes.txt", "table.md"):  # A name evaluate writes is still the user's file.
     out = tmp_path / name.replace(".", "_")
@@ -354,11 +424,13 @@ def test_a_rerun_over_its_own_folder_replaces_it(tmp_path):
   out = tmp_path / "out"
   _evaluate(out, **kw)
   before = sorted(os.listdir(out))
-  assert before == ["hist_energy.png", "hparams.json", "metrics.json", "roc.png", "table.md",
-                    "timings.json"]
+  assert before == ["hist_energy.png", "hparams.json", "metrics.json", "roc.png", "scores",
+                    "table.md", "thresholds.json", "timings.json"]
+  assert sorted(os.listdir(out / "scores")) == ["dark.csv", "id.csv", "noise.csv"]
   again = _evaluate(out, **kw)
   assert json.loads((out / "metrics.json").read_text()) == again
   assert sorted(os.listdir(out)) == before  # Replaced in place; no temporary file left.
+  assert sorted(os.listdir(out / "scores")) == ["dark.csv", "id.csv", "noise.csv"]
 
 
 def test_evaluate_cli_names_the_foreign_file(tmp_path, capsys):

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from line_jax import features
 from line_jax import fit
 from line_jax import resumable
 from line_jax import runs
@@ -136,7 +137,7 @@ def test_an_out_folder_holding_a_users_files_is_refused_before_any_work(tmp_path
   def no_work(*args, **kwargs):
     raise AssertionError("the checkpoint was loaded before the folder was checked")
 
-  monkeypatch.setattr(runs.fit.Backbone, "from_checkpoint", no_work)
+  monkeypatch.setattr(features.Backbone, "from_checkpoint", no_work)
   # A name fit writes (hparams.json) is still the user's file where no args.json of fit's is.
   for name in ("notes.txt", "hparams.json"):
     out = tmp_path / name.replace(".", "_")

@@ -18,6 +18,7 @@ from line_jax import fold as fold_lib
 from line_jax import metrics as metrics_lib
 from line_jax import scorers
 from line_jax.data import _embedded_ood
+from line_jax.features import Backbone
 from line_jax.runs import tune
 from line_jax.scorers import _registry
 
@@ -281,7 +282,7 @@ def test_users_files_are_refused_before_any_work_and_kept(small_set, tmp_path, m
   def no_work(*args, **kwargs):
     raise AssertionError("the checkpoint was loaded before the outputs were checked")
 
-  monkeypatch.setattr(tune.Backbone, "from_checkpoint", no_work)
+  monkeypatch.setattr(Backbone, "from_checkpoint", no_work)
   folder = tmp_path / "folder"
   folder.mkdir()
   (folder / "notes.txt").write_text("mine")

@@ -18,6 +18,7 @@ from line_jax.features._extract import IMAGES_PER_CALL
 from line_jax.features._extract import extract
 from line_jax.features._extract import iter_extract
 from line_jax.features._extract import iter_extract_batches
+from line_jax.features._extract import network_outputs
 
 __all__ = (
     "BATCH_AXIS",
@@ -29,4 +30,5 @@ __all__ = (
     "extract",
     "iter_extract",
     "iter_extract_batches",
+    "network_outputs",
 )

@@ -60,14 +60,13 @@ BATCH_AXIS = "batch"
 IMAGES_PER_CALL = 256
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _apply(forward: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]], variables: Any,
-           images: jax.Array, mean: jax.Array, std: jax.Array, per_pass: int | None = None
-           ) -> tuple[jax.Array, jax.Array]:
+def network_outputs(forward: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]],
+                    variables: Any, images: jax.Array, mean: jax.Array, std: jax.Array,
+                    per_pass: int | None = None) -> tuple[jax.Array, jax.Array]:
   """`(logits, features)` of uint8 `images` `[b, H, W, C]`, float32 `[b, classes]`
   and `[b, features]`, in passes of `per_pass` images (a divisor of b; None:
-  one pass) inside the one compiled call."""
-  # `forward` is hashable (`models.feature_apply`): one compilation per model and shape.
+  one pass). Traceable: `_apply` jits it alone, `line_jax.detector` with a
+  scorer after it."""
   x = (images.astype(jnp.float32) / 255.0 - mean) / std
   batch = x.shape[0]
   if per_pass is None or per_pass >= batch:
@@ -77,6 +76,10 @@ def _apply(forward: Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]], var
     logits, features = (a.reshape(batch, *a.shape[2:]) for a in jax.lax.map(
         lambda images: forward(variables, images), passes))
   return logits.astype(jnp.float32), features.astype(jnp.float32)
+
+
+# `forward` is hashable (`models.feature_apply`): one compilation per model and shape.
+_apply = jax.jit(network_outputs, static_argnums=(0, 5))
 
 
 def _with_dtype(model: Any, dtype) -> Any:

@@ -1,4 +1,6 @@
-"""What an evaluation writes: metrics.json, table.md, hparams, timings, plots.
+"""What an evaluation writes: metrics.json, table.md, hparams, timings, plots,
+every input's scores (`scores/<set>.csv`) and each scorer's threshold
+(`thresholds.json`).
 
 Each file is written whole or not at all (a temporary file, then
 `os.replace`), into a folder that holds nothing else (`OWN_FILES`).
@@ -7,20 +9,26 @@ Each file is written whole or not at all (a temporary file, then
 from __future__ import annotations
 
 from collections.abc import Mapping
+import csv
 import dataclasses
 import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from line_jax import _progress
+from line_jax import calibration
 from line_jax import plots
 from line_jax.runs import _shared
 
 # What evaluate (and its ablation) write in a folder: any other file there is
 # the user's, and the folder is refused (`_shared.check_out`).
+SCORES_DIR = "scores"  # `<set>.csv` each: one row per input (`write_scores`).
+THRESHOLDS_FILE = "thresholds.json"
 OWN_FILES = ("metrics.json", "hparams.json", "timings.json", "table.md", "roc.png",
-             "hist_*.png", "ablation.json", "ablation.md", "ablation.png")
+             "hist_*.png", "ablation.json", "ablation.md", "ablation.png", SCORES_DIR,
+             THRESHOLDS_FILE)
 # The files that show an evaluation (or an ablation) wrote a folder.
 OWN_MARKS = {"metrics.json": _shared.has_keys("id_accuracy", "methods"),
              "ablation.json": _shared.has_keys("settings", "variants")}
@@ -89,17 +97,52 @@ def write_json(path: str, value: Any) -> None:
   _shared.write_json(path, value, sort_keys=False, default=_jsonable)
 
 
+def write_scores(out_dir, scores: Mapping[str, Mapping[str, np.ndarray]],
+                 rows: Mapping[str, Any], thresholds: Mapping[str, Mapping[str, Any]]
+                 ) -> None:
+  """`scores/<set>.csv` of each set in `rows` (`runs._benchmark.SetRows`):
+  one line per input in the set's order, columns `index` (in its data set),
+  `path` (empty for pixels), `label` (-1: none), then per scorer its score
+  (float64, exact) and `<scorer>_ood`: 1 where it is out at the scorer's
+  threshold (`thresholds`, `calibration.decide`), 0 where in, empty where
+  none was set. Files of sets no longer evaluated are removed."""
+  folder = os.path.join(os.fspath(out_dir), SCORES_DIR)
+  os.makedirs(folder, exist_ok=True)
+  header = ["index", "path", "label", *(c for n in scores for c in (n, f"{n}_ood"))]
+  for set_name, r in rows.items():
+    columns = [r.index.tolist(), r.paths or [""] * len(r.index), r.labels.tolist()]
+    for name, by_set in scores.items():
+      values = np.asarray(by_set[set_name], np.float64)
+      threshold = thresholds[name].get("threshold")
+      columns.append(values.tolist())
+      columns.append([""] * values.size if threshold is None else
+                     calibration.decide(values, threshold).astype(int).tolist())
+    with _shared.atomic_file(os.path.join(folder, f"{set_name}.csv")) as tmp:
+      with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(zip(*columns))
+  for name in os.listdir(folder):
+    if name.endswith(".csv") and name[:-len(".csv")] not in rows:
+      os.remove(os.path.join(folder, name))
+
+
 def write_outputs(out_dir, result, scores, used, timing=None, *, make_plots=True,
-                  progress=True) -> None:
-  """Writes metrics.json, hparams.json, table.md, timings.json and
+                  progress=True, rows=None, thresholds=None) -> None:
+  """Writes metrics.json, hparams.json, table.md, timings.json, with `rows`
+  and `thresholds` (`write_scores`) scores/ and thresholds.json, and
   (optionally) the PNGs into `out_dir`."""
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   files = {"metrics.json": result, "hparams.json": used}
   if timing is not None:
     files["timings.json"] = timing
+  if thresholds is not None:
+    files[THRESHOLDS_FILE] = thresholds
   for name, value in files.items():
     write_json(os.path.join(out_dir, name), value)
+  if rows is not None:
+    write_scores(out_dir, scores, rows, thresholds)
   _shared.write_text(os.path.join(out_dir, "table.md"), format_table(result))
   if not make_plots:
     return

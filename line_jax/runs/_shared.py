@@ -1,6 +1,6 @@
-"""What every run shares: how it runs, the named data sets it reads (checked
-against the checkpoint's classes), the images it skipped, its output folders
-(refused where they hold a user's files), atomic writes."""
+"""What every run shares: how it runs, the network and the named data sets it
+reads (checked against the checkpoint's classes), the images it skipped, its
+output folders (refused where they hold a user's files), atomic writes."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from line_jax import models
 from line_jax import scorers
 from line_jax import suites
 from line_jax.features import cache
+from line_jax.runs._network import Network
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,17 @@ def checked_scorers(names: Sequence[str], hparams: Mapping[str, Mapping[str, Any
       raise ValueError(f"hyperparameters for {name!r}, which {run} does not run")
     scorers.get(name).check_hparams(values)
   return names
+
+
+def network_of(checkpoint: str | None, network: Network | None) -> Network:
+  """The one network of a config's `checkpoint` (a line_jax folder, the old
+  field) and `network`, resolved: `network` where given, `checkpoint` else; a
+  checkpoint of your own beside a PyTorch `network` is refused (`Network.resolved`)."""
+  if network is None:
+    return Network(checkpoint=checkpoint).resolved()
+  if network.checkpoint is None:
+    network = dataclasses.replace(network, checkpoint=checkpoint)
+  return network.resolved()
 
 
 def open_dataset(spec: str, split: str, num_classes: int, *,
@@ -119,6 +131,21 @@ def own_shard(source: Sequence, batch_size: int, *, allow_empty: bool = False) -
     raise ValueError(f"a set of {len(source)} images leaves process {empty[0]} no batch of "
                      f"{batch_size}; use a smaller --batch-size or fewer processes")
   return data.Subset.range(source, *distributed.batch_shard(len(source), batch_size))
+
+
+def dataset_rows(source: Sequence, batch_size: int, skipped: Sequence = ()
+                 ) -> tuple[np.ndarray, Sequence]:
+  """`(index, data set)`: the index in its data set (through every subset) of
+  each record this process reads of `source` (its `own_shard`), less the
+  `skipped` ones (`SkippedImage`s indexed in that data set), in reading order:
+  `[n]` int64, one per feature row. The data set is the source under every subset."""
+  shard = own_shard(source, batch_size)
+  index, inner = np.arange(len(shard), dtype=np.int64), shard
+  while isinstance(inner, data.Subset):
+    index, inner = inner.indices[index], inner.source
+  if skipped:
+    index = index[~np.isin(index, [int(s.index) for s in skipped])]
+  return index, inner
 
 
 def skipped_records(source: Sequence, skipped: Sequence) -> list[dict[str, Any]]:

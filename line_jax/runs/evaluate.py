@@ -2,8 +2,11 @@
 
     result = evaluate.run(evaluate.Config(BenchmarkData("cifar10", id_folder="cifar10",
                           torch_checkpoint="densenet100_cifar10.pth.tar")), "out/")
+    BenchmarkData("cifar10", id_folder="cifar10",      # a network of your own
+                  network=Network(torch_checkpoint="r18.pth", arch="resnet18_cifar"))
 
     features (cached) ──> each scorer's fold ──> scores per set ──> metrics, table, plots
+                                                              └──> scores/<set>.csv, thresholds
 
 What `python -m line_jax.evaluate` runs. The training, test and OOD sets
 stream through the input pipeline and the backbone into the feature cache
@@ -14,10 +17,12 @@ inputs name (a benchmark's own, or the registry defaults for
 scores each set. The hyperparameters each scorer ran with are printed once
 and written into `metrics.json` and `hparams.json`; so are, with
 `BenchmarkData(skip_bad_images=True)`, the images left out because they
-cannot be decoded (`metrics.json`'s "skipped").
+cannot be decoded (`metrics.json`'s "skipped"). Every input's scores are
+written beside the metrics, one file per set, for an audit (`run`), with
+each scorer's threshold at 95 % TPR on the ID test set and its decision.
 On multi-host each process extracts and scores its own shard of every set;
-the fits merge across processes, the scores are gathered, and process 0
-alone writes.
+the fits merge across processes, the scores (with each input's index and
+label) are gathered, and process 0 alone writes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import numpy as np
 
 from line_jax import _progress
 from line_jax import _scoring
+from line_jax import calibration
 from line_jax import distributed
 from line_jax import fold
 from line_jax import metrics as metrics_lib
@@ -42,8 +48,9 @@ from line_jax import suites
 from line_jax.features import cache
 from line_jax.runs import _report
 from line_jax.runs import ablation
+from line_jax.runs._benchmark import benchmark_sets
 from line_jax.runs._benchmark import BenchmarkData
-from line_jax.runs._benchmark import features_of
+from line_jax.runs._benchmark import rows_of
 from line_jax.runs._benchmark import skipped_of
 from line_jax.runs._benchmark import user_hparams
 from line_jax.runs._report import format_table  # noqa: F401  Part of this module's API.
@@ -55,6 +62,7 @@ from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
 
 METRICS = metrics_lib.NAMES
+TPR = 0.95  # thresholds.json: each scorer's threshold keeps this share of the ID test set.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +165,19 @@ def metrics_of(scores: Mapping[str, Mapping[str, np.ndarray]],
   return out
 
 
+def thresholds_of(scores: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict]:
+  """scorer -> its threshold keeping `TPR` of the ID test scores ("id"):
+  `calibration.at_tpr(...).to_json()`, or `{"refused": why}` where the set
+  is too small to set one (`calibration.MIN_TAIL`); the run goes on."""
+  out = {}
+  for name, by_set in scores.items():
+    try:
+      out[name] = calibration.at_tpr(by_set["id"], TPR).to_json()
+    except ValueError as e:
+      out[name] = {"refused": str(e)}
+  return out
+
+
 def correct(cached: cache.CachedSet, kernel, bias, chunk: int = 8192) -> np.ndarray:
   """`[n]` float64, 1 where the head `features @ kernel + bias` predicts the label."""
   kernel = np.asarray(kernel, np.float32)
@@ -178,7 +199,20 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   "error"}, ...]}` of the images left out, by index in each set), `table.md`
   (FPR95 / AUROC in %), `hparams.json`, `timings.json`, with `config.plots`
   `roc.png` and `hist_<scorer>.png`, and with `config.ablation` the files of
-  `runs.ablation`.
+  `runs.ablation`. And, to audit any number above:
+
+  * `thresholds.json`: `{scorer: calibration.at_tpr(ID test scores, 0.95)
+    .to_json()}` (`threshold`, `achieved`, `interval`, `count`, ...: an
+    input is ID where it scores at least `threshold`), or `{scorer:
+    {"refused": why}}` where the ID test set is too small (under 200 inputs);
+    set on the ID test scores themselves, so it keeps 95 % of them by
+    construction;
+  * `scores/<set>.csv` for "id" (the ID test set) and each OOD set: a
+    header, then one line per input in the set's order: `index` (in its
+    data set, through subsets: as "skipped" counts), `path` (its file; empty
+    for pixels), `label` (-1: none), and per scorer `<scorer>` (the score,
+    float64 written exactly) and `<scorer>_ood` (1: out at the threshold, 0:
+    in, empty where refused).
 
   Args:
     config: what to evaluate.
@@ -201,9 +235,10 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   if workdir is not None:
     check_out(workdir, _report.OWN_FILES, marks=_report.OWN_MARKS)
   check_cache(runtime)
-  with features_of(config.data, runtime, inputs=inputs) as (inputs, cached):
+  with benchmark_sets(config.data, runtime, inputs=inputs) as (inputs, sources, cached):
     skipped = skipped_of(cached) if config.data.skip_bad_images else None
     train = cached.pop("train")
+    rows = rows_of(sources, cached, config.data.batch_size)
     kernel, bias = inputs.backbone.head_params()
     sets = {name: c.features for name, c in cached.items()}
     overrides = user_hparams(inputs, config.hparams)
@@ -213,6 +248,7 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
     hits = distributed.gather_rows(correct(cached["id"], kernel, bias))
     result = {"id_accuracy": float(np.mean(hits)), "settings": inputs.settings,
               "hparams": used, "methods": metrics_of(scores)}
+    thresholds = thresholds_of(scores)
     if skipped is not None:
       result["skipped"] = skipped
     if config.ablation:
@@ -222,10 +258,14 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
                             time.perf_counter() - start)
   if distributed.is_primary() and runtime.progress:
     print(hparams_report(inputs.settings, used, overrides), file=sys.stderr)
+    refused = [name for name, t in thresholds.items() if "refused" in t]
+    if refused:
+      print(f"{_report.THRESHOLDS_FILE}: no threshold for {', '.join(refused)}: "
+            f"{thresholds[refused[0]]['refused']}", file=sys.stderr)
   report_skipped(skipped or {})
   if workdir is not None and distributed.is_primary():
     _report.write_outputs(workdir, result, scores, used, timings, make_plots=config.plots,
-                          progress=runtime.progress)
+                          progress=runtime.progress, rows=rows, thresholds=thresholds)
     if config.ablation:
       ablation.write(table, workdir, plots=config.plots)
   return result

@@ -5,7 +5,8 @@
     state = fit.load_state("fits/mine", "line")
 
 What `python -m line_jax.fit` runs: every scorer folds over one stream of the
-checkpoint's features (`fold.chain`, resumably: `line_jax.resumable`), or
+network's features (`Config.network`: a line_jax checkpoint or a PyTorch
+state_dict; `fold.chain`, resumably: `line_jax.resumable`), or
 over the feature cache's rows where it holds them. A run's folder holds
 `args.json` (its `Config`; a resume with another is refused), `progress/`,
 `features.npy` / `labels.npy`, `<scorer>/` (each state, `line_jax.load`) and
@@ -38,14 +39,15 @@ from line_jax import models
 from line_jax import resumable
 from line_jax import scorers
 from line_jax import suites
-from line_jax.features import Backbone
 from line_jax.features import cache
+from line_jax.runs._network import Network
 from line_jax.runs._shared import check_cache
 from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
 from line_jax.runs._shared import gather_skipped
 from line_jax.runs._shared import has_keys
 from line_jax.runs._shared import hparams_report
+from line_jax.runs._shared import network_of
 from line_jax.runs._shared import open_dataset
 from line_jax.runs._shared import own_shard
 from line_jax.runs._shared import report_skipped
@@ -64,7 +66,8 @@ class Config:
   """What a fit computes (stored in `args.json`).
 
   Attributes:
-    checkpoint: a line_jax checkpoint folder (`models.save_checkpoint`).
+    checkpoint: a line_jax checkpoint folder (`models.save_checkpoint`,
+      `features.Backbone.save`); None once resolved with a PyTorch `network`.
     dataset: 'fashion_mnist', 'tfds:NAME' or a folder (`data.open_source`).
     scorers: registered scorer names; empty: every one.
     benchmark: whose settings the scorers take (`suites.SUITES` or "none");
@@ -77,9 +80,13 @@ class Config:
       every class in proportion, evenly spaced; None: all).
     skip_bad_images: leave out the images that cannot be decoded (listed in
       `skipped.json`) instead of stopping at the first.
+    network: the network instead of `checkpoint` (`runs.Network`: a line_jax
+      checkpoint, or a PyTorch state_dict of any architecture the import
+      supports); None: `checkpoint`. Resolved, a line_jax one becomes
+      `checkpoint` (the record of such a run is what it was before).
   """
 
-  checkpoint: str = models.DEFAULT_CHECKPOINT
+  checkpoint: str | None = models.DEFAULT_CHECKPOINT
   dataset: str = "fashion_mnist"
   scorers: tuple[str, ...] = ()
   benchmark: str | None = None
@@ -88,6 +95,7 @@ class Config:
   save_every: int = 20
   max_examples: int | None = None
   skip_bad_images: bool = False
+  network: Network | None = None
 
   def resolved(self) -> "Config":
     """Paths absolute, names checked, defaults filled in."""
@@ -102,20 +110,25 @@ class Config:
     check_positive(batch_size=self.batch_size, save_every=self.save_every,
                    max_examples=self.max_examples)
     dataset = os.path.abspath(self.dataset) if os.path.isdir(self.dataset) else self.dataset
-    checkpoint = os.path.abspath(self.checkpoint)
-    committed = self.dataset == "fashion_mnist" and checkpoint == os.path.abspath(
+    network = network_of(self.checkpoint, self.network)
+    committed = self.dataset == "fashion_mnist" and network.checkpoint == os.path.abspath(
         models.DEFAULT_CHECKPOINT)
     benchmark = self.benchmark or ("fashion_mnist" if committed else suites.NO_BENCHMARK)
     if benchmark != suites.NO_BENCHMARK:
       suites.get(benchmark)
-    return dataclasses.replace(self, checkpoint=checkpoint,
-                               dataset=dataset, scorers=names, benchmark=benchmark,
-                               hparams={k: dict(v) for k, v in self.hparams.items()})
+    return dataclasses.replace(
+        self, checkpoint=network.checkpoint, dataset=dataset, scorers=names,
+        benchmark=benchmark, hparams={k: dict(v) for k, v in self.hparams.items()},
+        network=None if network.torch_checkpoint is None else network)
 
   def record(self) -> dict[str, Any]:
     """The JSON of `args.json`; a resume must have the same."""
     record = json.loads(json.dumps(dataclasses.asdict(self)))
-    if not self.skip_bad_images:  # Absent, as before it existed: older runs still resume.
+    # Absent, as before they existed, unless used: older runs still resume.
+    del record["network"]
+    if self.network is not None:  # A PyTorch network's (`resolved`): its file and arch.
+      record["network"] = self.network.record()
+    if not self.skip_bad_images:
       del record["skip_bad_images"]
     if jax.process_count() > 1:  # A resume must keep the process count (the shards).
       record["num_processes"] = jax.process_count()
@@ -172,10 +185,11 @@ def run(config: Config, workdir: str | os.PathLike, *,
   out = os.path.abspath(os.fspath(workdir))
   check_out(out, own_files(), marks={ARGS_FILE: has_keys("checkpoint", "dataset", "scorers")})
   check_cache(runtime)
-  backbone = Backbone.from_checkpoint(config.checkpoint)
+  network = network_of(config.checkpoint, config.network)
+  backbone = network.backbone()
   kernel, bias = backbone.head_params()
   source = own_shard(open_dataset(config.dataset, "train", backbone.num_classes,
-                                  limit=config.max_examples, checkpoint=config.checkpoint),
+                                  limit=config.max_examples, checkpoint=network.checkpoint),
                      config.batch_size, allow_empty=True)
   hparams = {name: suites.hparams_for(config.benchmark, name, config.hparams.get(name))
              for name in config.scorers}
@@ -208,7 +222,7 @@ def run(config: Config, workdir: str | os.PathLike, *,
     def add_to_cache():  # Before the finalizes: their failure does not lose the rows.
       cache.publish(runtime.cache_dir, key, *resumable.rows_files(out),
                     seconds=time.perf_counter() - start,
-                    description=f"{config.dataset} (train) through {config.checkpoint}",
+                    description=f"{config.dataset} (train) through {network.describe()}",
                     skipped=stream.skipped)
 
     acc = resumable.accumulate(

@@ -7,7 +7,8 @@ split, held out by the one subset rule (`line_jax.data.hold_out`: every
 class in proportion, evenly spaced), are the ID validation set, the rest of
 the split the fitting set (the test split is never touched), and
 `line_jax.data.validation_ood`, disjoint from every test OOD set, the OOD
-one; features come from the shared cache. With `skip_bad_images`, images
+one; features come from the shared cache, through `Config.network` (a line_jax
+checkpoint, or a PyTorch state_dict of any architecture the import supports). With `skip_bad_images`, images
 that cannot be decoded are left out before the hold-out (as if the folder
 did not hold them) and each result lists them ("skipped_images").
 
@@ -46,10 +47,11 @@ from line_jax import fold
 from line_jax import metrics as metrics_lib
 from line_jax import models
 from line_jax import scorers
-from line_jax.features import Backbone
+from line_jax.runs._network import Network
 from line_jax.runs._shared import check_cache
 from line_jax.runs._shared import check_out
 from line_jax.runs._shared import check_positive
+from line_jax.runs._shared import network_of
 from line_jax.runs._shared import open_dataset
 from line_jax.runs._shared import report_skipped
 from line_jax.runs._shared import Runtime
@@ -372,7 +374,8 @@ class Config:
 
   Attributes:
     scorers: names of scorers with a grid; empty: every one.
-    checkpoint: a line_jax checkpoint folder (`models.save_checkpoint`).
+    checkpoint: a line_jax checkpoint folder (`models.save_checkpoint`,
+      `features.Backbone.save`).
     dataset: 'fashion_mnist', 'tfds:NAME' or a folder (`data.open_source`).
     val_size: training images held out as ID validation, by the subset
       rule (`data.hold_out`); the others are the fitting set.
@@ -382,6 +385,9 @@ class Config:
     batch_size: images per network call.
     skip_bad_images: leave out the training images that cannot be decoded
       (listed in each result's "skipped_images") instead of stopping.
+    network: the network instead of `checkpoint` (`runs.Network`: a line_jax
+      checkpoint, or a PyTorch state_dict of any architecture the import
+      supports); None: `checkpoint`.
   """
 
   scorers: tuple[str, ...] = ()
@@ -392,6 +398,7 @@ class Config:
   check: bool = True
   batch_size: int = features.IMAGES_PER_CALL
   skip_bad_images: bool = False
+  network: Network | None = None
 
 
 def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
@@ -419,17 +426,18 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
     if name not in GRIDS:
       raise ValueError(f"no grid for {name!r}; tunable: {', '.join(GRIDS)}")
   check_positive(batch_size=config.batch_size, ood_size=config.ood_size)
+  network = network_of(config.checkpoint, config.network)
   if workdir is not None:
     check_out(workdir, OWN_FILES, marks={"tune.json": is_results})
   if results_file is not None:
     check_results_file(results_file)
   check_cache(runtime)
-  backbone = Backbone.from_checkpoint(config.checkpoint)
+  backbone = network.backbone()
   kernel, bias = backbone.head_params()
   with contextlib.ExitStack() as stack:
     folder = runtime.cache_dir or stack.enter_context(tempfile.TemporaryDirectory())
     train_source = open_dataset(config.dataset, "train", backbone.num_classes,
-                                checkpoint=config.checkpoint)
+                                checkpoint=network.checkpoint)
     if not 0 < config.val_size < len(train_source):
       raise ValueError(f"--val-size must lie in [1, {len(train_source)}), "
                        f"got {config.val_size}")

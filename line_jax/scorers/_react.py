@@ -94,10 +94,12 @@ def score(state: ReactState, features: jax.Array,
   layout = layout_lib.resolve(layout)
   features = features.astype(jnp.float32)
   batch = features.shape[0]
-  rows = _CHUNK_ROWS if layout.class_major(batch) else max(batch, 1)
+  if not layout.class_major(batch):  # One batch-major pass (any batch size, even symbolic).
+    return _common.head_energy(state, jnp.minimum(features, state.threshold), layout)
   return jnp.concatenate([
-      _common.head_energy(state, jnp.minimum(features[i:i + rows], state.threshold), layout)
-      for i in range(0, max(batch, 1), rows)])
+      _common.head_energy(state, jnp.minimum(features[i:i + _CHUNK_ROWS], state.threshold),
+                          layout)
+      for i in range(0, max(batch, 1), _CHUNK_ROWS)])
 
 
 # XLA:CPU runs a standalone clip of a batch as a fusion split over two

@@ -201,21 +201,22 @@ def hparams_for(suite: Suite | str | None, method: str,
 
 
 def missing_inputs(suite: Suite, data_dir: str | None,
-                   torch_checkpoint: str | None, id_folder: str | None = None
-                   ) -> list[str]:
+                   torch_checkpoint: str | None, id_folder: str | None = None, *,
+                   needs_network: bool = True) -> list[str]:
   """What a paper benchmark needs and cannot find, one line each.
 
-  Looks without loading: the PyTorch checkpoint file and the ID data, either
+  Looks without loading: the PyTorch checkpoint file (unless `needs_network`
+  is False: a network of the user's is given) and the ID data, either
   an ImageFolder-layout `id_folder` (with `train/` and `test/`) or the TFDS
   dataset prepared under `data_dir`. OOD sets are not required where the
   suite has offline stand-ins (`paper_ood`); otherwise each missing one is
   listed.
   """
   missing = []
-  if not torch_checkpoint:
+  if needs_network and not torch_checkpoint:
     missing.append(f"--torch-checkpoint: the {suite.model} PyTorch state_dict "
                    f"trained on {suite.id_dataset}")
-  elif not os.path.isfile(torch_checkpoint):
+  elif needs_network and not os.path.isfile(torch_checkpoint):
     missing.append(f"--torch-checkpoint {torch_checkpoint}: no such file")
   if id_folder:
     for split in ("train", "test"):

@@ -97,14 +97,17 @@ def evenly_spaced(source: Sequence, count: int | None) -> Sequence:
 def fashion_mnist_inputs(checkpoint: str = models.DEFAULT_CHECKPOINT, *,
                          max_train: int | None = None, max_test: int | None = None,
                          ood_size: int = 2000, settings: str = "fashion_mnist",
-                         id_folder: str | None = None) -> Inputs:
+                         id_folder: str | None = None,
+                         backbone: features.Backbone | None = None) -> Inputs:
   """The default benchmark: Fashion-MNIST (Debian's files), the embedded OOD sets.
 
   `settings` names the Fashion-MNIST suite whose hyperparameters the scorers
   take ("fashion_mnist" or "fashion_mnist_cifar_settings"); `max_train`,
   `max_test`: subsets by the one rule (`data.subset_of`); `id_folder`: the
   ID images as `<id_folder>/{train,test}/<class>/<image>` instead of
-  Fashion-MNIST's (a checkpoint trained on a folder of your own).
+  Fashion-MNIST's (a checkpoint trained on a folder of your own);
+  `backbone`: the network instead of `checkpoint`'s (e.g. an imported
+  PyTorch one, `Backbone.from_torch`).
   """
   suite = _catalog.get(settings)
   if id_folder:
@@ -112,7 +115,7 @@ def fashion_mnist_inputs(checkpoint: str = models.DEFAULT_CHECKPOINT, *,
   else:
     train, test = data.fashion_mnist_source("train"), data.fashion_mnist_source("test")
   return Inputs(
-      features.Backbone.from_checkpoint(checkpoint),
+      backbone or features.Backbone.from_checkpoint(checkpoint),
       data.subset_of(train, max_train), data.subset_of(test, max_test),
       _ood.offline_sets(suite, ood_size), settings=suite.name)
 
@@ -143,7 +146,8 @@ def id_folder_sources(id_folder: str, num_classes: int | None, name: str
 def paper_inputs(suite: _catalog.Suite, data_dir: str | None,
                  torch_checkpoint: str | None, *, id_folder: str | None = None,
                  max_train: int | None = None, max_test: int | None = None,
-                 ood_size: int = 2000) -> Inputs:
+                 ood_size: int = 2000, backbone: features.Backbone | None = None
+                 ) -> Inputs:
   """A paper benchmark (CIFAR-10/100, ImageNet) from local files.
 
   Args:
@@ -156,25 +160,33 @@ def paper_inputs(suite: _catalog.Suite, data_dir: str | None,
     max_train, max_test: subsets of this size by the one rule
       (`data.subset_of`: every class in proportion, evenly spaced).
     ood_size: images per offline OOD set.
+    backbone: a network of your own with the suite's classes, instead of
+      `suite.model` from `torch_checkpoint` (None then).
 
   Raises:
     FileNotFoundError: listing every missing input before anything loads.
+    ValueError: a `backbone` of another number of classes.
   """
-  missing = _catalog.missing_inputs(suite, data_dir, torch_checkpoint, id_folder)
+  missing = _catalog.missing_inputs(suite, data_dir, torch_checkpoint, id_folder,
+                                    needs_network=backbone is None)
   if missing:
     raise FileNotFoundError(
         f"benchmark {suite.name!r} cannot run; missing:\n  - " + "\n  - ".join(missing))
-  model, variables = models.load_torch_checkpoint(suite.model, torch_checkpoint,
-                                                  suite.num_classes)
+  if backbone is not None and backbone.num_classes != suite.num_classes:
+    raise ValueError(f"the network has {backbone.num_classes} classes; benchmark "
+                     f"{suite.name!r} has {suite.num_classes}")
   if id_folder:
     train, test = id_folder_sources(id_folder, suite.num_classes, suite.name)
   else:
     test_split = data.STOCK_DATASETS[suite.id_dataset].eval_split
     train = data.TfdsSource(suite.id_dataset, "train", data_dir)
     test = data.TfdsSource(suite.id_dataset, test_split, data_dir)
-  mean, std = data.MEAN_STD[suite.mean_std]
-  backbone = features.Backbone(
-      model, variables, mean, std,
-      data.Preprocess(suite.image_size, suite.resize_size, suite.channels))
+  if backbone is None:
+    model, variables = models.load_torch_checkpoint(suite.model, torch_checkpoint,
+                                                    suite.num_classes)
+    mean, std = data.MEAN_STD[suite.mean_std]
+    backbone = features.Backbone(
+        model, variables, mean, std,
+        data.Preprocess(suite.image_size, suite.resize_size, suite.channels))
   return Inputs(backbone, data.subset_of(train, max_train), data.subset_of(test, max_test),
                 _ood.suite_sets(suite, data_dir, ood_size), settings=suite.name)
