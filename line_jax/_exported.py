@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any, NamedTuple
 
 import jax
@@ -70,7 +71,7 @@ class ExportedDetector:
     try:
       with open(os.path.join(path, FUNCTION), "rb") as f:
         self._exported = jax.export.deserialize(bytearray(f.read()))
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # A damaged file fails in flatbuffers, struct, jaxlib alike.
       raise ValueError(f"{path}/{FUNCTION}: cannot read the exported function: {e}") from e
     platform = jax.default_backend()
     lowered = tuple(self._exported.platforms)
@@ -137,7 +138,7 @@ def _read_weights(path: str, count: int) -> list[jax.Array]:
       if missing or len(names) != count:
         raise ValueError(f"{file} holds {len(names)} arrays, the manifest {count}")
       return [jnp.asarray(npz[weight_name(i)]) for i in range(count)]
-  except (OSError, EOFError, ValueError) as e:
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"{file}: corrupt or truncated weights: {e}") from e
 
 

@@ -117,8 +117,9 @@ def at_fpr(id_scores, ood_scores, fpr: float = 0.05, *, confidence: float = 0.95
   allowed = math.floor(round(fpr * m, 9))
   _check_tail(allowed, m, f"an FPR of {100 * fpr:g} %", "OOD", MIN_TAIL / fpr)
   ranked = np.sort(ood)[::-1]
-  # Just above the first OOD score past the allowance: every tie of it is out too.
-  threshold = float(np.nextafter(ranked[allowed], np.inf))
+  # Just above the first OOD score past the allowance, so every tie of it is out
+  # too; a float32 number, so the float32 comparison of `predict` keeps it exact.
+  threshold = float(np.nextafter(np.float32(ranked[allowed]), np.float32(np.inf)))
   passed = int(np.sum(ood >= threshold))
   return Calibration(threshold, "fpr", float(fpr), passed / m,
                      clopper_pearson(passed, m, confidence), float(confidence), m,

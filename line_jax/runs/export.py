@@ -113,7 +113,13 @@ def run(config: Config, out: str | os.PathLike, *, runtime: Runtime = Runtime())
 
 
 def _open(spec: str, split: str, limit: int | None, backbone, network: Network):
-  source = open_dataset(spec, split, backbone.num_classes, limit=limit)
+  """The training set (labelled, checked), or the calibration images (labels unused)."""
+  if split == "train":
+    source = open_dataset(spec, split, backbone.num_classes, limit=limit)
+  else:
+    source = data.subset_of(data.open_source(spec, split), limit)
+    if len(source) == 0:
+      raise ValueError(f"--calibrate {spec} holds no image")
   check_classes(source, network.classes(), f"the network {network.describe()}")
   return source
 
