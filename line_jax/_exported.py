@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _buckets
+from line_jax import layout
 
 FORMAT = "line_jax.exported/1"
 MANIFEST = "manifest.json"
@@ -73,7 +74,7 @@ class ExportedDetector:
         self._exported = jax.export.deserialize(bytearray(f.read()))
     except Exception as e:  # A damaged file fails in flatbuffers, struct, jaxlib alike.
       raise ValueError(f"{path}/{FUNCTION}: cannot read the exported function: {e}") from e
-    platform = jax.default_backend()
+    platform = layout.platform()
     lowered = tuple(self._exported.platforms)
     if platform not in lowered and not (platform == "gpu" and "cuda" in lowered):
       raise ValueError(f"{path} was exported for {', '.join(lowered)}, not {platform}: "

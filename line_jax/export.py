@@ -5,21 +5,18 @@
         --torch-checkpoint resnet18.pth --arch resnet18 --scorer line --tpr 0.95
     python -m line_jax.predict DET images/ --output decisions.csv
 
-The scorer is fitted on the network's features of --dataset, the threshold
-set on the held-out ID images of --calibrate (keeping --tpr of them; or
-letting --fpr of --calibrate-ood through), and DET written as StableHLO
-with a symbolic batch size, its weights and a manifest. In Python,
-`line_jax.export.load(DET)` needs jax and numpy only, no model code:
-
-    detector = line_jax.export.load("DET")
-    out = detector(images)      # uint8 [n, H, W, C] -> out.score, out.is_ood, out.pred
-
-A shell over `line_jax.runs.export`.
+The scorer is fitted on --dataset, the threshold set on the held-out ID
+images of --calibrate (keeping --tpr of them, or letting --fpr of
+--calibrate-ood through), and DET written as StableHLO with a symbolic
+batch size, weights and a manifest. A shell over `line_jax.runs.export`.
+In Python, with jax and numpy alone: `line_jax.export.load(DET)(images)`
+(uint8 [n, H, W, C]) -> `.score`, `.is_ood`, `.pred`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import sys
 
 from line_jax._exported import Decisions
 from line_jax._exported import ExportedDetector
@@ -44,15 +41,14 @@ def _parser():
   p.add_argument("--fpr", type=float, default=None,
                  help="share of --calibrate-ood inputs let through, instead of --tpr")
   p.add_argument("--calibrate-ood", default=None, help="validation OOD images (a folder)")
-  p.add_argument("--confidence", type=float, default=0.95, help="of the reported interval")
+  p.add_argument("--confidence", type=float, default=0.95, help="of the interval reported")
   p.add_argument("--max-examples", type=int, default=None,
                  help=f"N training images: {_cli.SUBSET_RULE}")
   p.add_argument("--max-calibrate", type=int, default=None,
                  help=f"N calibration images: {_cli.SUBSET_RULE}")
   p.add_argument("--platforms", default=",".join(detector.EXPORT_PLATFORMS),
                  help="comma-separated platforms to lower for (cpu, cuda, rocm, tpu)")
-  p.add_argument("--checkpoint", default=None, help="line_jax checkpoint folder (default: "
-                 "the committed Fashion-MNIST model)")
+  p.add_argument("--checkpoint", default=None, help="line_jax checkpoint (default: committed)")
   p.add_argument("--batch-size", type=int, default=256, help="images per network call")
   p.add_argument("--workers", type=int, default=None, help="decoding threads")
   _cli.add_network(p)
@@ -76,7 +72,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     export.run(config, args.out, runtime=Runtime(workers=args.workers,
                                                  progress=not args.quiet))
   if not args.quiet:
-    import sys  # pylint: disable=g-import-not-at-top
     print(f"exported to {args.out}: python -m line_jax.predict {args.out} IMAGES... "
           "--output decisions.csv", file=sys.stderr)
 

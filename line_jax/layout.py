@@ -73,6 +73,11 @@ def default() -> Layout:
   return CPU if jax.default_backend() == "cpu" else ACCELERATOR
 
 
+def platform() -> str:
+  """JAX's default backend: "cpu", "gpu", "tpu" (what an export must have been lowered for)."""
+  return jax.default_backend()
+
+
 def resolve(layout: Layout | None) -> Layout:
   """`layout`, or the default backend's where it is None."""
   return default() if layout is None else layout

@@ -33,7 +33,8 @@ def _aurocs(line):
 
 
 def test_every_example_is_tested():
-  tested = {"own_flax_model.py", "torchvision_checkpoint.py", "serving.py"}
+  tested = {"own_flax_model.py", "torchvision_checkpoint.py", "serving.py",
+            "deploy_detector.py"}
   assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -106,3 +107,12 @@ def test_serving_a_saved_state_of_another_scorer(tmp_path):
              "--num-features", "16", "--max-batch", "40")
   assert "loaded KnnState" in out
   assert "served 40 requests of 1..40 rows (820 rows)" in out
+
+
+def test_deploy_detector(tmp_path):
+  out = _run("deploy_detector.py", cwd=tmp_path)  # Fashion-MNIST folders made by the script
+  flagged = {line.split(":")[0].strip(): float(re.search(r"([\d.]+)% flagged", line).group(1))
+             for line in out.splitlines() if "flagged out-of-distribution" in line}
+  assert set(flagged) == {"digits", "fmnist"}, out
+  assert flagged["digits"] > 90 and flagged["fmnist"] < 12, out  # calibrated at 95 % TPR
+  assert re.search(r"keeps 95\.0% of 1000 held-out ID images", out), out
