@@ -51,6 +51,10 @@ EXPORT_PLATFORMS = ("cpu", "cuda", "tpu")
 class Detector:
   """A backbone, a fitted scorer and (once calibrated) a threshold.
 
+  A pytree: its leaves are the network's variables and the scorer's state
+  (`jax.device_put`, `jit`, `decide` inside your own `jit`); the network's
+  code, normalisation, scorer name and calibration are static.
+
   Attributes:
     backbone: the network, its variables, normalisation and preprocessing.
     scorer: the registered scorer's name.
@@ -137,6 +141,18 @@ class Detector:
     if not parts:
       return Decisions(np.zeros(0, np.float32), np.zeros(0, bool), np.zeros(0, np.int32)), skipped
     return Decisions(*(np.concatenate(column) for column in zip(*parts))), skipped
+
+  def decide(self, images, *, layout: layout_lib.Layout | None = None) -> Decisions:
+    """`Decisions` of uint8 `images` `[b, H, W, C]` as JAX arrays, traceable:
+    for your own `jit` / `vmap`, where a `Detector` is a pytree
+    (`jax.jit(lambda det, x: det.decide(x))(det, images)`); no padding."""
+    if self.calibration is None:
+      raise ValueError("this detector has no threshold: calibrate it first")
+    forward, variables = self._forward()
+    mean, std = (jnp.asarray(v, jnp.float32) for v in (self.backbone.mean, self.backbone.std))
+    return Decisions(*_decide_body(forward, scorers.get(self.scorer).score_fn, None,
+                                   layout_lib.resolve(layout), variables, self.state,
+                                   jnp.float32(self.threshold), mean, std, images))
 
   def _decide(self, images, threshold: float, batch_size: int) -> Decisions:
     images = self._checked_images(images)
@@ -332,6 +348,34 @@ class Detector:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **dict(record),
     }
+
+
+def _flatten(det: Detector):
+  """Leaves: the network's variables and the scorer's state; the rest is static."""
+  b = det.backbone
+  static = (b.model, b.mean, b.std, b.preprocess, b.head,
+            tuple(sorted((b.apply_kwargs or {}).items())),
+            json.dumps(b.config, sort_keys=True), det.scorer, det.calibration)
+  return (b.variables, det.state), static
+
+
+def _unflatten(static, children) -> Detector:
+  model, mean, std, preprocess, head, kwargs, config, scorer, cal = static
+  variables, state = children
+  # No checks here: jax unflattens with tracers and placeholders as leaves.
+  backbone = object.__new__(features_lib.Backbone)
+  for name, value in (("model", model), ("variables", variables), ("mean", mean), ("std", std),
+                      ("preprocess", preprocess), ("head", head),
+                      ("apply_kwargs", dict(kwargs) or None), ("config", json.loads(config))):
+    object.__setattr__(backbone, name, value)
+  det = object.__new__(Detector)
+  for name, value in (("backbone", backbone), ("scorer", scorer), ("state", state),
+                      ("calibration", cal)):
+    object.__setattr__(det, name, value)
+  return det
+
+
+jax.tree_util.register_pytree_node(Detector, _flatten, _unflatten)
 
 
 def _decide_body(forward, score_fn, per_pass, layout, variables, state, threshold, mean, std,

@@ -72,7 +72,7 @@ def test_every_scorer_decides_in_one_call_and_exports(name, backbone, fmnist, tm
   want = _reference_scores(backbone, det.state, name, images)
   np.testing.assert_allclose(out.score, want, rtol=2e-5, atol=2e-5 * np.std(want))
   np.testing.assert_array_equal(out.is_ood, ~(out.score >= det.threshold))
-  det.export(tmp_path / "det", platforms=("cpu",))
+  det.export(tmp_path / "det")  # lowered for cpu, cuda and tpu; run here on the cpu
   from line_jax import export  # pylint: disable=g-import-not-at-top
   exported = export.load(tmp_path / "det")(images)
   # The export runs one network pass and batch-major logits: float32 agreement.
@@ -91,6 +91,22 @@ def test_predict_gives_the_classifiers_own_class(line_detector, backbone, fmnist
   np.testing.assert_array_equal(out.pred, logits.argmax(1))
   assert np.mean(out.pred == labels[1200:]) > 0.85
   assert out.score.dtype == np.float32 and out.is_ood.dtype == bool
+
+
+def test_a_detector_is_a_pytree_that_decides_inside_your_jit(line_detector, fmnist):
+  _, _, test, _ = fmnist
+  leaves = jax.tree.leaves(line_detector)
+  assert len(leaves) == (len(jax.tree.leaves(line_detector.backbone.variables))
+                         + len(jax.tree.leaves(line_detector.state)))
+  placed = jax.device_put(line_detector)
+  assert placed.calibration == line_detector.calibration and placed.scorer == "line"
+  decided = jax.jit(lambda det, x: det.decide(x))(placed, test[:64])
+  want = line_detector.predict(test[:64])
+  np.testing.assert_allclose(np.asarray(decided.score), want.score, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(decided.pred), want.pred)
+  doubled = jax.tree.map(lambda x: x, line_detector)  # unflattened: a working Detector
+  for a, b in zip(doubled.predict(test[:8]), line_detector.predict(test[:8])):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_calibrated_tpr_holds_on_fresh_id_images(line_detector, fmnist):

@@ -11,7 +11,8 @@ progress output; how it runs, never what):
   far, untuned and tuned on the validation lists);
 * `tune`: hyperparameters on held-out data, each grid vmapped;
 * `train`: a classifier with optax, saved as an orbax checkpoint;
-* `export`: a detector fitted, calibrated and exported (`line_jax.detector`).
+* `export`: a detector fitted, calibrated and exported (`line_jax.detector`);
+* `predict`: an exported detector's decisions for image files, one row each.
 
 `Network` names the network a run reads (a line_jax checkpoint or a PyTorch
 state_dict of a registered architecture); `BenchmarkData` the model and data
@@ -26,8 +27,9 @@ from line_jax.runs._network import Network
 from line_jax.runs._shared import Runtime
 
 __all__ = ("BenchmarkData", "Network", "Runtime", "ablation", "evaluate", "export", "fit",
-           "openood", "train", "tune")
-_RUNS = frozenset(("ablation", "evaluate", "export", "fit", "openood", "train", "tune"))
+           "openood", "predict", "train", "tune")
+_RUNS = frozenset(("ablation", "evaluate", "export", "fit", "openood", "predict", "train",
+                   "tune"))
 
 
 def __getattr__(name):
