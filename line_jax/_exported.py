@@ -17,7 +17,8 @@ A folder `line_jax.detector.Detector.export` wrote:
 
 Mean, std and threshold are data: editing `manifest.json`'s threshold moves
 the decisions without exporting again. Batches are padded to the same
-buckets as every scorer (`_buckets.bucket`), so a stream of sizes 1..300
+buckets as every scorer (`_buckets.bucket`, multiples of 8, which the
+function's symbolic batch `8*groups` requires), so a stream of sizes 1..300
 compiles a handful of times.
 """
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -275,9 +276,11 @@ class Detector:
     and a manifest (`line_jax._exported`): `line_jax.export.load(path)` runs
     it with jax and numpy alone. `record` adds keys to the manifest.
 
-    The exported function is shaped for any batch size (the accelerator
-    layout: one network pass, batch-major logits), where `predict` shapes
-    each bucket for the device it runs on; scores agree to float32 precision.
+    The exported function takes any bucketed batch (a multiple of
+    `_buckets.SMALLEST`; `line_jax.export.load` pads to one) and scores with
+    the accelerator layout (batch-major logits) on every platform; on a CPU
+    its network runs a few images per pass, as `predict`'s does. Scores
+    agree with `predict`'s to float32 precision.
 
     Raises:
       ValueError: an existing folder, no calibration, or a platform jax
@@ -294,13 +297,22 @@ class Detector:
     leaves = [np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)) for x in leaves]
     score_fn = scorers.get(self.scorer).score_fn
 
+    height, width, channels = self.backbone.input_shape
+    # On a CPU the network runs a few images per pass (as `predict` does there);
+    # on an accelerator the whole batch at once. Batches are bucketed, so a
+    # multiple of `_buckets.SMALLEST`, which such a pass divides.
+    cpu_pass = layout_lib.CPU.images_per_pass(_buckets.SMALLEST, height, width)
+
     def decide(weights, mean, std, threshold, images):
       variables, state = jax.tree.unflatten(treedef, weights)
-      return _decide_body(forward, score_fn, None, layout_lib.ACCELERATOR, variables, state,
-                          threshold, mean, std, images)
 
-    height, width, channels = self.backbone.input_shape
-    batch = jax.export.symbolic_shape("batch")[0]
+      def run(per_pass, images):
+        return _decide_body(forward, score_fn, per_pass, layout_lib.ACCELERATOR, variables,
+                            state, threshold, mean, std, images)
+      return jax.lax.platform_dependent(images, cpu=functools.partial(run, cpu_pass),
+                                        default=functools.partial(run, None))
+
+    batch = jax.export.symbolic_shape(f"{_buckets.SMALLEST}*groups")[0]
     channels_arg = jax.ShapeDtypeStruct((channels,), jnp.float32)
     args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], channels_arg,
             channels_arg, jax.ShapeDtypeStruct((), jnp.float32),

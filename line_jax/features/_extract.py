@@ -68,8 +68,8 @@ def network_outputs(forward: Callable[[Any, jax.Array], tuple[jax.Array, jax.Arr
   one pass). Traceable: `_apply` jits it alone, `line_jax.detector` with a
   scorer after it."""
   x = (images.astype(jnp.float32) / 255.0 - mean) / std
-  batch = x.shape[0]
-  if per_pass is None or per_pass >= batch:
+  batch = x.shape[0]  # An int, or symbolic in an export (a multiple of `per_pass` there).
+  if per_pass is None or (isinstance(batch, int) and per_pass >= batch):
     logits, features = forward(variables, x)
   else:  # Sequential passes: each one's activations stay in cache (`layout`).
     passes = x.reshape(batch // per_pass, per_pass, *x.shape[1:])
