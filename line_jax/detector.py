@@ -46,6 +46,7 @@ NETWORK_DIR = "network"
 STATE_DIR = "state"
 # What `export` lowers for by default: where jax can lower from any machine.
 EXPORT_PLATFORMS = ("cpu", "cuda", "tpu")
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # What jax.export lowers for.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -292,6 +293,10 @@ class Detector:
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
       raise ValueError(f"{path} already exists; choose a new folder")
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+      raise ValueError(f"cannot export for platforms {', '.join(unknown) or '(none)'}: "
+                       f"choose among {', '.join(PLATFORMS)}")
     forward, variables = self._forward()
     leaves, treedef = jax.tree.flatten((variables, self.state))
     leaves = [np.asarray(x, jax.dtypes.canonicalize_dtype(np.asarray(x).dtype)) for x in leaves]

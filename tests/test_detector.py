@@ -385,3 +385,33 @@ def test_calibration_thresholds_are_exact():
     calibration.at_tpr(scores, 1.0)
   with pytest.raises(ValueError, match="give at least 1,000"):
     calibration.at_tpr(scores[:500], 0.99)
+
+
+def test_refusals_of_the_export_and_predict_paths(line_detector, backbone, fmnist, tmp_path):
+  _, _, test, _ = fmnist
+  from line_jax import export  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="needs both fpr= and ood_images="):
+    line_detector.calibrate(test[:400], fpr=0.05)
+  line_detector.export(tmp_path / "gpu_only", platforms=("cuda",))
+  with pytest.raises(ValueError, match="exported for cuda, not cpu"):
+    export.load(tmp_path / "gpu_only")
+  with pytest.raises(ValueError, match="already exists"):
+    line_detector.export(tmp_path / "gpu_only")
+  with pytest.raises(ValueError, match="cannot export for platforms nowhere: choose among cpu"):
+    line_detector.export(tmp_path / "nowhere", platforms=("nowhere",))
+  assert not (tmp_path / "nowhere").exists()
+  line_detector.export(tmp_path / "det", platforms=("cpu",))
+  served = export.load(tmp_path / "det")
+  with pytest.raises(ValueError, match=r"must be \[n, 28, 28, 1\]"):
+    served(np.zeros((2, 32, 32, 3), np.uint8))
+  with pytest.raises(ValueError, match="uint8"):
+    served(np.zeros((2, 28, 28, 1), np.float32))
+  from line_jax.runs import predict  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match="no such file or folder"):
+    predict.image_paths([str(tmp_path / "absent.png")])
+  with pytest.raises(ValueError, match=r"must end in \.csv or \.jsonl"):
+    predict.write([], str(tmp_path / "out.txt"))
+  with pytest.raises(ValueError, match="--fpr and --calibrate-ood go together"):
+    from line_jax.runs import export as export_run  # pylint: disable=g-import-not-at-top
+    export_run.run(export_run.Config("fashion_mnist", "fashion_mnist", fpr=0.05),
+                   tmp_path / "never")
