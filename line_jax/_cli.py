@@ -3,7 +3,9 @@
 * `parser`: usage as `python -m line_jax.X`, defaults and choices in `--help`;
 * `add_data`, `add_skip_bad_images`, `add_cache`, `add_distributed`,
   `add_common`: the flags with one name and one default in every CLI;
-* `runtime`: the flags as the `Runtime` every run takes;
+* `runtime`: the flags as the `Runtime` every run takes; `network`,
+  `benchmark_network`: `--checkpoint` / `--torch-checkpoint --arch` as the
+  `runs.Network` a run reads;
 * `user_errors`: a user's mistake is one `error: ...` line (exit 2), Ctrl-C
   says how to resume (exit 130), not a traceback.
 
@@ -17,6 +19,7 @@ import argparse
 from collections.abc import Iterator, Sequence
 import contextlib
 import json
+import os
 import sys
 
 from line_jax import distributed
@@ -94,6 +97,17 @@ def network(args: argparse.Namespace):
                    arch=args.arch)
   return Network(torch_checkpoint=args.torch_checkpoint, arch=args.arch,
                  normalization=args.normalization)
+
+
+def benchmark_network(args: argparse.Namespace) -> dict:
+  """evaluate's network as `BenchmarkData` fields: a paper benchmark's own
+  (`--torch-checkpoint` alone, `Suite.model`), else yours (`--checkpoint`, or
+  `--torch-checkpoint --arch`: `network`)."""
+  given = os.path.abspath(args.checkpoint) != os.path.abspath(models.DEFAULT_CHECKPOINT)
+  if not (args.benchmark.startswith("fashion_mnist") or given or args.arch
+          or args.normalization):
+    return {"torch_checkpoint": args.torch_checkpoint}
+  return {"checkpoint": args.checkpoint, "network": network(args)}
 
 
 def add_skip_bad_images(p: argparse.ArgumentParser) -> None:

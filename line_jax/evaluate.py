@@ -6,25 +6,20 @@
         --torch-checkpoint dice_densenet100_cifar10.pth.tar --ablation
     python -m line_jax.evaluate --out DIR --id-folder DIR --torch-checkpoint m.pth --arch resnet18
 
-The network is `--checkpoint` or `--torch-checkpoint PATH --arch NAME`; under a
-paper benchmark `--torch-checkpoint` alone is the benchmark's own network. A
-shell over `line_jax.runs.evaluate` (see there for the files it writes: metrics,
-every input's scores, thresholds at 95 % TPR) and, with `--ablation`,
-`line_jax.runs.ablation`. Features come from the feature cache `fit` and `tune`
-share (`--cache-dir`); the scorers take the benchmark's settings, `--hparam` over them. Multi-host: the same command in
-every process with `--coordinator HOST:PORT --num-processes N --process-id I`.
-`--benchmark openood_cifar10`: OpenOOD's protocol (`line_jax.openood`)."""
+The network is `--checkpoint` or `--torch-checkpoint PATH --arch NAME` (a paper
+benchmark's own: `--torch-checkpoint` alone). A shell over `line_jax.runs.evaluate` (its
+files: metrics, each input's scores and decision) and, with `--ablation`, `runs.ablation`.
+Features come from the cache `fit` and `tune` share; the scorers take the benchmark's
+settings, `--hparam` over them. `--benchmark openood_cifar10` is `line_jax.openood`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-import os
 import sys
 import time
 
 from line_jax import _cli
 from line_jax import distributed
-from line_jax import models
 from line_jax import openood
 from line_jax import suites
 from line_jax.runs import BenchmarkData
@@ -66,29 +61,19 @@ def main(argv: Sequence[str] | None = None) -> None:
   with _cli.user_errors():
     _cli.init_distributed(args)
     names = _cli.scorer_names(args.scorers) if args.scorers else ()
-    hparams = _cli.parse_hparams(args.hparam, names or None)
     data = BenchmarkData(
-        args.benchmark, **_network(args), data_dir=args.data_dir, id_folder=args.id_folder,
-        max_train=args.max_train, max_test=args.max_test, ood_size=args.ood_size,
-        extra_ood=tuple(args.extra_ood),
+        args.benchmark, **_cli.benchmark_network(args), data_dir=args.data_dir,
+        id_folder=args.id_folder, max_train=args.max_train, max_test=args.max_test,
+        ood_size=args.ood_size, extra_ood=tuple(args.extra_ood),
         batch_size=args.batch_size, skip_bad_images=args.skip_bad_images)
-    config = evaluate.Config(data=data, scorers=tuple(names), hparams=hparams,
+    config = evaluate.Config(data=data, scorers=tuple(names),
+                             hparams=_cli.parse_hparams(args.hparam, names or None),
                              plots=not args.no_plots, ablation=args.ablation)
     result = evaluate.run(config, args.out, runtime=_cli.runtime(args))
   if distributed.is_primary():
     print(evaluate.format_table(result))
     if not args.quiet:
       print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-
-
-def _network(args) -> dict:
-  """`BenchmarkData`'s network: a paper benchmark's own (`--torch-checkpoint`
-  alone), else yours (`--checkpoint`, or `--torch-checkpoint --arch`)."""
-  given = os.path.abspath(args.checkpoint) != os.path.abspath(models.DEFAULT_CHECKPOINT)
-  if not (args.benchmark.startswith("fashion_mnist") or given or args.arch
-          or args.normalization):
-    return {"torch_checkpoint": args.torch_checkpoint}
-  return {"checkpoint": args.checkpoint, "network": _cli.network(args)}
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def test_evaluate_of_a_torch_file_equals_evaluate_of_its_checkpoint(nets, folder
   assert table["label"] == [str(test.labels[i]) for i in subset.indices]
 
 
-def test_a_paper_benchmark_reads_your_network_with_arch_and_its_own_without(tmp_path, folder,
+def test_a_paper_benchmark_reads_your_network_with_arch_and_its_own_without(tmp_path, nets,
                                                                             capsys):
   pth, _ = _torch_file(tmp_path / "ten.pth", 10, seed=3)
   Backbone.from_torch(pth, "resnet_small").save(tmp_path / "ck")
@@ -199,6 +199,12 @@ def test_a_paper_benchmark_reads_your_network_with_arch_and_its_own_without(tmp_
     evaluate.main(["--out", str(tmp_path / "own"), *common, "--torch-checkpoint", pth])
   err = capsys.readouterr().err
   assert e.value.code == 2 and "DenseNet" in err and len(err.splitlines()) == 1
+  # Yours must have the benchmark's classes.
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--out", str(tmp_path / "three"), *common, *_network("torch", nets)])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and len(err.splitlines()) == 1
+  assert "the network has 3 classes; benchmark 'cifar10' has 10" in err
 
 
 def _fit_args(nets, folder, out):
@@ -223,7 +229,8 @@ def _evaluate_args(nets, folder, out):
      "give --checkpoint or --torch-checkpoint, not both"),
     (["--arch", "resnet_small"], "--arch and --normalization describe a --torch-checkpoint"),
     (["--normalization", "cifar10"], "--arch and --normalization describe a --torch-checkpoint"),
-], ids=["no-arch", "unknown-arch", "both", "arch-alone", "normalization-alone"])
+    (["--torch-checkpoint", "{pth}.absent", "--arch", "resnet_small"], ".absent: no such file"),
+], ids=["no-arch", "unknown-arch", "both", "arch-alone", "normalization-alone", "no-file"])
 def test_a_network_named_wrongly_is_one_error_line_before_any_work(cli, flags, message, nets,
                                                                    folder, tmp_path, capsys,
                                                                    monkeypatch):

@@ -173,6 +173,12 @@ def test_scores_per_input_are_the_scorers_own_on_each_set(run):
       np.testing.assert_array_equal(np.asarray(table[name], float), want)
       # 50 ID test inputs are too few for a threshold at 95 % TPR: no decision.
       assert set(table[f"{name}_ood"]) == {""}
+  # Every metric is recomputed from the files alone (docs/scores.md).
+  result = json.loads((out / "metrics.json").read_text())
+  ids = np.asarray(_read_scores(out / "scores" / "id.csv")["line"], float)
+  for set_name in ("dark", "noise", "mine"):
+    ood = np.asarray(_read_scores(out / "scores" / f"{set_name}.csv")["line"], float)
+    assert metrics.ood_metrics(ids, ood) == result["methods"]["line"][set_name]
   thresholds = json.loads((out / "thresholds.json").read_text())
   assert list(thresholds) == list(METHODS)
   assert all("too few" in t["refused"] for t in thresholds.values())
@@ -203,6 +209,29 @@ def test_thresholds_keep_95_percent_of_the_id_scores_and_decide_each_input(tmp_p
       scores = np.asarray(table[name], float)
       np.testing.assert_array_equal(np.asarray(table[f"{name}_ood"], int),
                                     scores < t["threshold"])
+
+
+def test_scores_name_each_file_and_leave_out_the_skipped_ones(tmp_path):
+  from PIL import Image
+  folder = tmp_path / "pngs"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(7):
+    if i == 3:
+      (folder / "3.png").write_text("not an image")
+    else:
+      Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(folder / f"{i}.png")
+  out = tmp_path / "out"
+  with pytest.warns(UserWarning, match="cannot be decoded"):
+    _evaluate(out, inputs=_inputs(), extra_ood=(f"pngs={folder}",), skip_bad_images=True,
+              scorers=("energy",), batch_size=4, plots=False)
+  table = _read_scores(out / "scores" / "pngs.csv")
+  kept = [0, 1, 2, 4, 5, 6]
+  assert table["index"] == [str(i) for i in kept]
+  assert table["path"] == [str(folder / f"{i}.png") for i in kept]
+  assert table["label"] == ["-1"] * 6
+  skipped = json.loads((out / "metrics.json").read_text())["skipped"]["pngs"]
+  assert [(r["index"], r["path"]) for r in skipped] == [(3, str(folder / "3.png"))]
 
 
 def test_extra_ood_errors(tmp_path):

@@ -238,7 +238,8 @@ def run(config: Config = Config(), workdir: str | os.PathLike | None = None, *,
   with benchmark_sets(config.data, runtime, inputs=inputs) as (inputs, sources, cached):
     skipped = skipped_of(cached) if config.data.skip_bad_images else None
     train = cached.pop("train")
-    rows = rows_of(sources, cached, config.data.batch_size)
+    # Which input each score is (collective: every process or none).
+    rows = None if workdir is None else rows_of(sources, cached, config.data.batch_size)
     kernel, bias = inputs.backbone.head_params()
     sets = {name: c.features for name, c in cached.items()}
     overrides = user_hparams(inputs, config.hparams)
