@@ -114,7 +114,8 @@ def test_fit_of_a_torch_file_equals_fit_of_its_checkpoint(nets, folder, tmp_path
     got = runs.fit.load_state(outs["torch"], name)
     assert _leaves(got) == _leaves(runs.fit.load_state(outs["checkpoint"], name)), name
   records = {k: json.loads((out / runs.fit.ARGS_FILE).read_text()) for k, out in outs.items()}
-  assert records["torch"]["network"] == {"torch_checkpoint": nets[0], "arch": "resnet_small"}
+  assert records["torch"]["network"] == {"torch_checkpoint": nets[0], "arch": "resnet_small",
+                                        "normalization": "fashion_mnist"}  # its default, named
   assert records["torch"]["checkpoint"] is None
   # A line_jax checkpoint's record is what it was before networks: old runs resume.
   assert set(records["checkpoint"]) == {"checkpoint", "dataset", "scorers", "benchmark",

@@ -52,8 +52,10 @@ class Network:
                          f"{', '.join(sorted(features.TORCH_INPUTS))}")
       if not os.path.isfile(self.torch_checkpoint):
         raise FileNotFoundError(f"--torch-checkpoint {self.torch_checkpoint}: no such file")
+      # The default named: a run given it explicitly is the same run.
+      normalization = self.normalization or features.TORCH_INPUTS[self.arch][0]
       return Network(torch_checkpoint=os.path.abspath(self.torch_checkpoint), arch=self.arch,
-                     normalization=self.normalization)
+                     normalization=normalization)
     if self.arch is not None or self.normalization is not None:
       raise ValueError("--arch and --normalization describe a --torch-checkpoint; a line_jax "
                        "--checkpoint records its own")
