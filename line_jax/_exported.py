@@ -24,7 +24,6 @@ compiles a handful of times.
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from typing import Any, NamedTuple
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from line_jax import _buckets
+from line_jax import _json
 from line_jax import layout
 
 FORMAT = "line_jax.exported/1"
@@ -118,17 +118,8 @@ class ExportedDetector:
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
-  file = os.path.join(path, MANIFEST)
-  if not os.path.isfile(file):
-    raise ValueError(f"{file} not found: {path} is not an exported line_jax detector")
-  try:
-    with open(file) as f:
-      manifest = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{file} is not valid JSON: {e}") from e
-  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-    raise ValueError(f"{file} is not a {FORMAT} manifest")
-  return manifest
+  return _json.read_object(os.path.join(path, MANIFEST), format=FORMAT,
+                           missing=f"{path} is not an exported line_jax detector")
 
 
 def _read_weights(path: str, count: int) -> list[jax.Array]:

@@ -31,6 +31,7 @@ import numpy as np
 from line_jax import _buckets
 from line_jax import _progress
 from line_jax import _exported
+from line_jax import _json
 from line_jax import calibration as calibration_lib
 from line_jax import features as features_lib
 from line_jax import io
@@ -256,16 +257,8 @@ class Detector:
   def load(cls, path: str | os.PathLike) -> "Detector":
     """The detector `save` wrote to `path`."""
     path = os.fspath(path)
-    file = os.path.join(path, DETECTOR_FILE)
-    if not os.path.isfile(file):
-      raise ValueError(f"{file} not found: {path} is not a saved line_jax detector")
-    try:
-      with open(file) as f:
-        record = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-      raise ValueError(f"{file} is not a {FORMAT} record")
+    record = _json.read_object(os.path.join(path, DETECTOR_FILE), format=FORMAT,
+                               missing=f"{path} is not a saved line_jax detector")
     cal = record.get("calibration")
     return cls(features_lib.Backbone.from_checkpoint(os.path.join(path, NETWORK_DIR)),
                record["scorer"], io.load(os.path.join(path, STATE_DIR)),

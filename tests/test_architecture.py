@@ -24,8 +24,8 @@ LAYERS = (
     ("runs", {"runs"}),
     ("library", {"detector", "suites", "features", "sharding", "odin", "plots", "io", "scorers",
                  "line", "metrics", "calibration"}),
-    ("core", {"fold", "resumable", "distributed", "layout", "_validation", "_scoring", "_buckets", "_exported",
-              "_matmul", "_progress", "data", "models"}),
+    ("core", {"fold", "resumable", "distributed", "layout", "_validation", "_scoring", "_buckets",
+              "_exported", "_json", "_matmul", "_progress", "data", "models"}),
 )
 RANK = {unit: rank for rank, (_, units) in enumerate(LAYERS) for unit in units}
 

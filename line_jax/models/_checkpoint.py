@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from line_jax import _json
 from line_jax.models._registry import get_model
 
 # The committed Fashion-MNIST model (package data): every CLI's default.
@@ -74,15 +75,7 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict[str, Any]:
       required key, or has `classes` that are not one name per class.
   """
   path = os.path.join(os.path.abspath(os.fspath(directory)), CONFIG_FILE)
-  if not os.path.isfile(path):
-    raise ValueError(f"{path} not found: not a line_jax checkpoint")
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
-  if not isinstance(config, dict):
-    raise ValueError(f"{path} must hold a JSON object")
+  config = _json.read_object(path, missing="not a line_jax checkpoint")
   missing = [key for key in REQUIRED_KEYS if key not in config]
   if missing:
     raise ValueError(f"{path} lacks {missing}")
