@@ -39,9 +39,29 @@ EXPECTED = (
     "msp", "maxlogit", "energy", "react", "dice", "ash_p", "ash_b", "ash_s",
     "scale", "mahalanobis", "knn", "vim", "gradnorm", "line",
     "gen", "entropy", "klm", "rmds", "she", "nnguide", "fdbd", "nci", "react_dice",
+    "temp_scaling", "vra", "residual", "mcm", "pnml", "neco", "lts", "caref", "cadref", "optfs",
 )
-# The nine scorers registered after the first fourteen (the registry's last nine).
+# The nine scorers registered after the first fourteen.
 NEW = ("gen", "entropy", "klm", "rmds", "she", "nnguide", "fdbd", "nci", "react_dice")
+# Issue 24's ten (their own tests: tests/test_scorer_<name>.py).
+ISSUE_24 = EXPECTED[EXPECTED.index("temp_scaling"):]
+
+
+def test_issue_24s_scorers_with_the_official_defaults():
+  defaults = {name: dict(scorers.get(name).defaults) for name in ISSUE_24}
+  assert defaults["mcm"] == {"tau": 1.0}
+  assert defaults["vra"] == {"percentile_high": 90.0, "percentile_low": 10.0}
+  assert defaults["residual"] == {"dim": None}  # ViM's rule
+  assert defaults["neco"]["dim"] == 100
+  assert defaults["lts"] == {"percentile": 95.0}
+  assert defaults["cadref"] == {"logit": "energy"}
+  assert defaults["optfs"] == {"percentile": 0.1, "intervals": 100, "variant": "vanilla"}
+  for name in ("temp_scaling", "pnml", "caref"):
+    assert defaults[name] == {}
+  assert scorers.get("temp_scaling").fold.needs_labels
+  assert scorers.get("temp_scaling").fold.passes == 4 and scorers.get("optfs").fold.passes == 3
+  for name in ISSUE_24:
+    assert tune.GRIDS.get(name, {}) == dict(scorers.get(name).grid)
 
 
 # ---- The registry ------------------------------------------------------------

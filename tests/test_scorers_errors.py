@@ -13,7 +13,11 @@ N, M, C = 40, 6, 3
 SMALL = {"knn": {"k": 4}, "vim": {"dim": 3}}
 NEEDS_LABELS = ("mahalanobis", "line", "rmds")
 DATA_FREE = ("msp", "maxlogit", "energy", "ash_p", "ash_b", "ash_s", "scale", "gradnorm",
-             "gen", "entropy")
+             "gen", "entropy", "mcm", "lts")
+
+
+def test_data_free_lists_every_scorer_that_reads_no_data():
+  assert set(DATA_FREE) == {n for n in scorers.names() if not scorers.get(n).fold.reads_data}
 
 
 def _problem():

@@ -40,6 +40,16 @@ from line_jax.scorers._scale import ScaleState
 from line_jax.scorers._shaping import ShapingState
 from line_jax.scorers._she import SheState
 from line_jax.scorers._vim import VimState
+from line_jax.scorers._optfs import OptfsState
+from line_jax.scorers._caref import CarefState
+from line_jax.scorers._caref import CadrefState
+from line_jax.scorers._vra import VraState
+from line_jax.scorers._temp_scaling import TempScalingState
+from line_jax.scorers._residual import ResidualState
+from line_jax.scorers._pnml import PnmlState
+from line_jax.scorers._neco import NecoState
+from line_jax.scorers._mcm import McmState
+from line_jax.scorers._lts import LtsState
 
 __all__ = (
     "AshBState",
@@ -68,6 +78,16 @@ __all__ = (
     "ShapingState",
     "SheState",
     "VimState",
+    "OptfsState",
+    "CarefState",
+    "CadrefState",
+    "VraState",
+    "TempScalingState",
+    "ResidualState",
+    "PnmlState",
+    "NecoState",
+    "McmState",
+    "LtsState",
     "get",
     "name_of",
     "names",

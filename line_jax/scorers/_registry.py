@@ -23,6 +23,7 @@ from line_jax import _validation
 from line_jax import fold as fold_lib
 from line_jax import line
 from line_jax.scorers import _ash
+from line_jax.scorers import _caref
 from line_jax.scorers import _common
 from line_jax.scorers import _dice
 from line_jax.scorers import _energy
@@ -33,18 +34,26 @@ from line_jax.scorers import _gradnorm
 from line_jax.scorers import _klm
 from line_jax.scorers import _knn
 from line_jax.scorers import _line
+from line_jax.scorers import _lts
 from line_jax.scorers import _mahalanobis
 from line_jax.scorers import _maxlogit
+from line_jax.scorers import _mcm
 from line_jax.scorers import _msp
 from line_jax.scorers import _nci
+from line_jax.scorers import _neco
 from line_jax.scorers import _nnguide
+from line_jax.scorers import _optfs
+from line_jax.scorers import _pnml
 from line_jax.scorers import _react
 from line_jax.scorers import _react_dice
+from line_jax.scorers import _residual
 from line_jax.scorers import _rmds
 from line_jax.scorers import _scale
 from line_jax.scorers import _shaping
 from line_jax.scorers import _she
+from line_jax.scorers import _temp_scaling
 from line_jax.scorers import _vim
+from line_jax.scorers import _vra
 from line_jax.scorers._quantile import TrainPercentile
 
 
@@ -219,6 +228,19 @@ _REGISTRY: dict[str, Scorer] = {
         _scorer("fdbd", _fdbd, _fdbd.FdbdState),
         _scorer("nci", _nci, _nci.NciState),
         _scorer("react_dice", _react_dice, _react_dice.ReactDiceState),
+        # Issue 24: the rest of OpenOOD's and pytorch-ood's feature-and-head methods.
+        _scorer("temp_scaling", _temp_scaling, _temp_scaling.TempScalingState),
+        _scorer("vra", _vra, _vra.VraState),
+        _scorer("residual", _residual, _residual.ResidualState),
+        _scorer("mcm", _mcm, _mcm.McmState),
+        _scorer("pnml", _pnml, _pnml.PnmlState),
+        _scorer("neco", _neco, _neco.NecoState),
+        _scorer("lts", _lts, _lts.LtsState),
+        _scorer("caref", _caref, _caref.CarefState, fold=_caref.FOLD_CAREF,
+                score=_caref.score_caref),
+        _scorer("cadref", _caref, _caref.CadrefState, fold=_caref.FOLD_CADREF,
+                score=_caref.score_cadref, grid=_caref.GRID_CADREF),
+        _scorer("optfs", _optfs, _optfs.OptfsState),
     )
 }
 _BY_STATE = {s.state_type: s.name for s in _REGISTRY.values()}
