@@ -132,3 +132,32 @@ def test_network_passes_smoke():
   assert record["images_per_pass"] == 4 and record["max_feature_difference"] < 1e-3
   assert {"one_pass_images_per_s", "passes_images_per_s", "torch_images_per_s"} <= set(record)
   assert "| resnet18_cifar (32x32) | 4 | 4 |" in network_passes.table([record])
+
+
+def test_predict_throughput_smoke(tmp_path):
+  import numpy as np
+
+  from benchmarks import predict_throughput
+
+  records = predict_throughput.measure("resnet18_cifar", batches=(2,), rounds=1, fit_images=16,
+                                       calibrate_images=20, tpr=0.5, workdir=str(tmp_path))
+  agreement = [r for r in records if r["what"] == "agreement"]
+  timed = [r for r in records if r["what"] == "predict"]
+  assert [r["compared"] for r in agreement] == [
+      "line_jax_predict vs torch", "line_jax_exported vs torch",
+      "line_jax_predict vs line_jax_exported"]
+  for r in agreement:  # One detector: the same decisions, scores to float32 precision.
+    assert r["images"] == 2 and r["pred_equal"] == 1.0 and r["is_ood_equal"] == 1.0, r
+    assert r["max_relative_score_difference"] < 1e-4, r
+  assert [r["implementation"] for r in timed] == list(predict_throughput.IMPLEMENTATIONS)
+  for r in timed:
+    assert (r["model"], r["image_size"], r["classes"], r["features"]) == (
+        "resnet18_cifar", 32, 10, 512)
+    assert (r["batch"], r["padded_batch"], r["rounds"], r["torch_threads"] >= 1) == (2, 8, 1, True)
+    assert np.isfinite(r["threshold"]) and r["clip"] > 0 and r["other_processes_cores"] >= 0
+    assert len(r["round_images_per_s"]) == 1 and r["images_per_s"] > 0
+  assert "| resnet18_cifar | 32x32 | 2 (8) |" in predict_throughput.table(records)
+  assert "| resnet18_cifar | line_jax_predict vs torch | 2 | 100.0 % | 100.0 % |" in (
+      predict_throughput.agreement_table(records))
+  predict_throughput.chart(records, str(tmp_path / "chart.png"), "smoke")
+  assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
