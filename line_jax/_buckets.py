@@ -38,12 +38,17 @@ POWER_OF_TWO_UP_TO = 4096
 STEPS_PER_DOUBLING = 8
 
 
-def bucket(n: int) -> int:
-  """The padded batch size for `n` rows (`n` itself for `n < 1`)."""
+def bucket(n: int, smallest: int = SMALLEST) -> int:
+  """The padded batch size for `n` rows (`n` itself for `n < 1`).
+
+  `smallest`: the least bucket, a power of two; images take 1 (a network
+  run on 8 padded images costs 8 times one image's, where a score's
+  padding costs nothing).
+  """
   if n < 1:
     return n
-  if n <= SMALLEST:
-    return SMALLEST
+  if n <= smallest:
+    return smallest
   top = 1 << (n - 1).bit_length()  # The smallest power of two >= n.
   if top <= POWER_OF_TWO_UP_TO:
     return top

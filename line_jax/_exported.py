@@ -8,7 +8,8 @@ A folder `line_jax.detector.Detector.export` wrote:
 
 * `function.stablehlo`: `jax.export`'s serialised function `(weights, mean,
   std, threshold, images) -> (score, is_ood, pred)`, backbone and scorer in
-  one computation, its batch dimension symbolic;
+  one computation, its batch dimension symbolic (`8*groups`), and
+  `function_small.stablehlo`, the same for batches of 1, 2 and 4;
 * `weights.npz`: the network's variables and the scorer's state, flattened
   (`w00000`, ...), read without pickle;
 * `manifest.json`: the input (height, width, channels, resize, mean, std),
@@ -16,9 +17,8 @@ A folder `line_jax.detector.Detector.export` wrote:
   lowered for, the versions that wrote it.
 
 Mean, std and threshold are data: editing `manifest.json`'s threshold moves
-the decisions without exporting again. Batches are padded to the same
-buckets as every scorer (`_buckets.bucket`, multiples of 8, which the
-function's symbolic batch `8*groups` requires), so a stream of sizes 1..300
+the decisions without exporting again. Batches are padded to buckets (1, 2,
+4, then `_buckets.bucket`'s multiples of 8), so a stream of sizes 1..300
 compiles a handful of times.
 """
 
@@ -38,7 +38,8 @@ from line_jax import layout
 
 FORMAT = "line_jax.exported/1"
 MANIFEST = "manifest.json"
-FUNCTION = "function.stablehlo"
+FUNCTION = "function.stablehlo"  # Batches of 8, 16, ...: a few images per pass on a CPU.
+SMALL_FUNCTION = "function_small.stablehlo"  # Batches of 1, 2, 4: one pass.
 WEIGHTS = "weights.npz"
 # Rows per call: bounds the device memory a large request takes.
 MAX_ROWS_PER_CALL = 256
@@ -70,11 +71,8 @@ class ExportedDetector:
   def __init__(self, path: str | os.PathLike):
     path = os.fspath(path)
     self.manifest = _read_manifest(path)
-    try:
-      with open(os.path.join(path, FUNCTION), "rb") as f:
-        self._exported = jax.export.deserialize(bytearray(f.read()))
-    except Exception as e:  # A damaged file fails in flatbuffers, struct, jaxlib alike.
-      raise ValueError(f"{path}/{FUNCTION}: cannot read the exported function: {e}") from e
+    self._exported, self._small = (_read_function(path, name)
+                                   for name in (FUNCTION, SMALL_FUNCTION))
     platform = layout.platform()
     lowered = tuple(self._exported.platforms)
     if platform not in lowered and not (platform == "gpu" and "cuda" in lowered):
@@ -87,6 +85,7 @@ class ExportedDetector:
     self._std = jnp.asarray(spec["std"], jnp.float32)
     self.threshold = float(self.manifest["threshold"])
     self._call = jax.jit(self._exported.call)
+    self._call_small = jax.jit(self._small.call)
 
   def __call__(self, images) -> Decisions:
     """`Decisions` of uint8 `images` `[n, H, W, C]` (NumPy or JAX)."""
@@ -105,11 +104,11 @@ class ExportedDetector:
 
   def _run(self, images: np.ndarray):
     n = images.shape[0]
-    padded = _buckets.bucket(n)
+    padded = _buckets.bucket(n, smallest=1)
     if padded != n:  # Zero images: their outputs are dropped below.
       images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), np.uint8)])
-    threshold = jnp.float32(self.threshold)
-    out = self._call(self._weights, self._mean, self._std, threshold, images)
+    call = self._call if padded % _buckets.SMALLEST == 0 else self._call_small
+    out = call(self._weights, self._mean, self._std, jnp.float32(self.threshold), images)
     return [np.asarray(a)[:n] for a in out]
 
   def __repr__(self) -> str:
@@ -120,6 +119,14 @@ class ExportedDetector:
 def _read_manifest(path: str) -> dict[str, Any]:
   return _json.read_object(os.path.join(path, MANIFEST), format=FORMAT,
                            missing=f"{path} is not an exported line_jax detector")
+
+
+def _read_function(path: str, name: str):
+  try:
+    with open(os.path.join(path, name), "rb") as f:
+      return jax.export.deserialize(bytearray(f.read()))
+  except Exception as e:  # A damaged file fails in flatbuffers, struct, jaxlib alike.
+    raise ValueError(f"{path}/{name}: cannot read the exported function: {e}") from e
 
 
 def _read_weights(path: str, count: int) -> list[jax.Array]:

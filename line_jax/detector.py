@@ -166,7 +166,7 @@ class Detector:
     pending = []
     for start in range(0, images.shape[0], batch_size):
       chunk = images[start:start + batch_size]
-      n, padded = chunk.shape[0], _buckets.bucket(chunk.shape[0])
+      n, padded = chunk.shape[0], _buckets.bucket(chunk.shape[0], smallest=1)
       if padded != n:  # Zero images: their outputs are dropped below.
         chunk = np.concatenate([chunk, np.zeros((padded - n, *chunk.shape[1:]), np.uint8)])
       per_pass = layout.images_per_pass(padded, *chunk.shape[1:3])
@@ -270,11 +270,12 @@ class Detector:
     and a manifest (`line_jax._exported`): `line_jax.export.load(path)` runs
     it with jax and numpy alone. `record` adds keys to the manifest.
 
-    The exported function takes any bucketed batch (a multiple of
-    `_buckets.SMALLEST`; `line_jax.export.load` pads to one) and scores with
-    the accelerator layout (batch-major logits) on every platform; on a CPU
-    its network runs a few images per pass, as `predict`'s does. Scores
-    agree with `predict`'s to float32 precision.
+    Two functions: one for batches that are a multiple of
+    `_buckets.SMALLEST` (on a CPU its network runs a few images per pass,
+    as `predict`'s does), one for any batch in one pass (`load` calls it
+    below 8 images, where padding to 8 would cost 8 networks' time). Both
+    score with the accelerator layout (batch-major logits); scores agree
+    with `predict`'s to float32 precision.
 
     Raises:
       ValueError: an existing folder, no calibration, or a platform jax
@@ -310,24 +311,34 @@ class Detector:
       return jax.lax.platform_dependent(images, cpu=functools.partial(run, cpu_pass),
                                         default=functools.partial(run, None))
 
-    batch = jax.export.symbolic_shape(f"{_buckets.SMALLEST}*groups")[0]
-    channels_arg = jax.ShapeDtypeStruct((channels,), jnp.float32)
-    args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], channels_arg,
-            channels_arg, jax.ShapeDtypeStruct((), jnp.float32),
-            jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8))
-    try:
-      exported = jax.export.export(jax.jit(decide), platforms=tuple(platforms))(*args)
-    except Exception as e:  # jax raises many types for what it cannot lower.
-      raise ValueError(f"jax cannot export scorer {self.scorer!r} for platforms "
-                       f"{', '.join(platforms)}: {type(e).__name__}: {e}") from e
-    serialized = exported.serialize()
+    def decide_small(weights, mean, std, threshold, images):  # One pass: a few images.
+      variables, state = jax.tree.unflatten(treedef, weights)
+      return _decide_body(forward, score_fn, None, layout_lib.ACCELERATOR, variables, state,
+                          threshold, mean, std, images)
+
+    def lowered(fn, batch):
+      channels_arg = jax.ShapeDtypeStruct((channels,), jnp.float32)
+      args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves], channels_arg,
+              channels_arg, jax.ShapeDtypeStruct((), jnp.float32),
+              jax.ShapeDtypeStruct((batch, height, width, channels), jnp.uint8))
+      try:
+        return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args).serialize()
+      except Exception as e:  # jax raises many types for what it cannot lower.
+        raise ValueError(f"jax cannot export scorer {self.scorer!r} for platforms "
+                         f"{', '.join(platforms)}: {type(e).__name__}: {e}") from e
+
+    functions = {
+        _exported.FUNCTION: lowered(
+            decide, jax.export.symbolic_shape(f"{_buckets.SMALLEST}*groups")[0]),
+        _exported.SMALL_FUNCTION: lowered(decide_small, jax.export.symbolic_shape("n")[0])}
     os.makedirs(path)
-    with open(os.path.join(path, _exported.FUNCTION), "wb") as f:
-      f.write(serialized)
+    for name, serialized in functions.items():
+      with open(os.path.join(path, name), "wb") as f:
+        f.write(serialized)
     np.savez(os.path.join(path, _exported.WEIGHTS),
              **{_exported.weight_name(i): x for i, x in enumerate(leaves)})
     with open(os.path.join(path, _exported.MANIFEST), "w") as f:
-      json.dump(self._manifest(len(leaves), exported.platforms, record), f, indent=2)
+      json.dump(self._manifest(len(leaves), tuple(platforms), record), f, indent=2)
       f.write("\n")
 
   def _manifest(self, weights: int, platforms, record: Mapping[str, Any]) -> dict[str, Any]:
