@@ -307,12 +307,16 @@ def from_state(name: str, state) -> nn.Module:
       "react_dice": lambda: ReAct(*head(), float(state.threshold)),
   }
   # Issue 24's methods: their baselines live next to each group's tests.
+  from benchmarks import _torch_baselines_bank  # pylint: disable=g-import-not-at-top
+  from benchmarks import _torch_baselines_density  # pylint: disable=g-import-not-at-top
   from benchmarks import _torch_baselines_feature  # pylint: disable=g-import-not-at-top
   from benchmarks import _torch_baselines_logit  # pylint: disable=g-import-not-at-top
   from benchmarks import _torch_baselines_shaping  # pylint: disable=g-import-not-at-top
   for group, names in ((_torch_baselines_logit, ("mcm", "lts", "temp_scaling")),
                        (_torch_baselines_feature, ("vra", "residual", "neco", "pnml")),
-                       (_torch_baselines_shaping, ("caref", "cadref", "optfs"))):
+                       (_torch_baselines_shaping, ("caref", "cadref", "optfs")),
+                       (_torch_baselines_bank, ("relation", "cfood")),
+                       (_torch_baselines_density, ("openmax", "weiper"))):
     builders.update({n: functools.partial(group.from_state, n, state) for n in names})
   if name not in builders:
     raise ValueError(f"no PyTorch baseline for {name!r}; have: {', '.join(builders)}")

@@ -40,10 +40,11 @@ EXPECTED = (
     "scale", "mahalanobis", "knn", "vim", "gradnorm", "line",
     "gen", "entropy", "klm", "rmds", "she", "nnguide", "fdbd", "nci", "react_dice",
     "temp_scaling", "vra", "residual", "mcm", "pnml", "neco", "lts", "caref", "cadref", "optfs",
+    "relation", "cfood", "openmax", "weiper",
 )
 # The nine scorers registered after the first fourteen.
 NEW = ("gen", "entropy", "klm", "rmds", "she", "nnguide", "fdbd", "nci", "react_dice")
-# Issue 24's ten (their own tests: tests/test_scorer_<name>.py).
+# Issue 24's (their own tests: tests/test_scorer_<name>.py).
 ISSUE_24 = EXPECTED[EXPECTED.index("temp_scaling"):]
 
 
@@ -56,6 +57,11 @@ def test_issue_24s_scorers_with_the_official_defaults():
   assert defaults["lts"] == {"percentile": 95.0}
   assert defaults["cadref"] == {"logit": "energy"}
   assert defaults["optfs"] == {"percentile": 0.1, "intervals": 100, "variant": "vanilla"}
+  assert defaults["relation"]["power"] == 1 and defaults["relation"]["threshold"] == 0.03
+  assert defaults["cfood"]["alpha"] == 0.1 and defaults["cfood"]["k"] == 0.01
+  assert defaults["openmax"] == {"tailsize": 20, "alpha": 3, "distance": "euclidean",
+                                 "output": "known"}
+  assert defaults["weiper"]["n_repeats"] == 100 and defaults["weiper"]["lambda_1"] == 2.5
   for name in ("temp_scaling", "pnml", "caref"):
     assert defaults[name] == {}
   assert scorers.get("temp_scaling").fold.needs_labels

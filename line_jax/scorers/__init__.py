@@ -40,6 +40,10 @@ from line_jax.scorers._scale import ScaleState
 from line_jax.scorers._shaping import ShapingState
 from line_jax.scorers._she import SheState
 from line_jax.scorers._vim import VimState
+from line_jax.scorers._weiper import WeiperState
+from line_jax.scorers._openmax import OpenmaxState
+from line_jax.scorers._relation import RelationState
+from line_jax.scorers._cfood import CfoodState
 from line_jax.scorers._optfs import OptfsState
 from line_jax.scorers._caref import CarefState
 from line_jax.scorers._caref import CadrefState
@@ -78,6 +82,10 @@ __all__ = (
     "ShapingState",
     "SheState",
     "VimState",
+    "WeiperState",
+    "OpenmaxState",
+    "RelationState",
+    "CfoodState",
     "OptfsState",
     "CarefState",
     "CadrefState",

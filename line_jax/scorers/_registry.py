@@ -24,6 +24,7 @@ from line_jax import fold as fold_lib
 from line_jax import line
 from line_jax.scorers import _ash
 from line_jax.scorers import _caref
+from line_jax.scorers import _cfood
 from line_jax.scorers import _common
 from line_jax.scorers import _dice
 from line_jax.scorers import _energy
@@ -42,10 +43,12 @@ from line_jax.scorers import _msp
 from line_jax.scorers import _nci
 from line_jax.scorers import _neco
 from line_jax.scorers import _nnguide
+from line_jax.scorers import _openmax
 from line_jax.scorers import _optfs
 from line_jax.scorers import _pnml
 from line_jax.scorers import _react
 from line_jax.scorers import _react_dice
+from line_jax.scorers import _relation
 from line_jax.scorers import _residual
 from line_jax.scorers import _rmds
 from line_jax.scorers import _scale
@@ -54,6 +57,7 @@ from line_jax.scorers import _she
 from line_jax.scorers import _temp_scaling
 from line_jax.scorers import _vim
 from line_jax.scorers import _vra
+from line_jax.scorers import _weiper
 from line_jax.scorers._quantile import TrainPercentile
 
 
@@ -241,6 +245,10 @@ _REGISTRY: dict[str, Scorer] = {
         _scorer("cadref", _caref, _caref.CadrefState, fold=_caref.FOLD_CADREF,
                 score=_caref.score_cadref, grid=_caref.GRID_CADREF),
         _scorer("optfs", _optfs, _optfs.OptfsState),
+        _scorer("relation", _relation, _relation.RelationState),
+        _scorer("cfood", _cfood, _cfood.CfoodState),
+        _scorer("openmax", _openmax, _openmax.OpenmaxState),
+        _scorer("weiper", _weiper, _weiper.WeiperState),
     )
 }
 _BY_STATE = {s.state_type: s.name for s in _REGISTRY.values()}
