@@ -7,12 +7,12 @@ the same uint8 `[n, H, W, 3]` NumPy images into NumPy decisions
 `(score, is_ood, pred)`:
 
 * "line_jax_predict": `Detector.predict`, the network, LINe and the
-  threshold in one jitted call per bucketed batch size (`_buckets.bucket`:
-  a batch of 1 runs padded to 8), host transfer and padding included;
+  threshold in one jitted call per bucketed batch size (1, 2, 4, then
+  `_buckets.bucket`'s multiples of 8), host transfer and padding included;
 * "line_jax_exported": the same detector exported as StableHLO
   (`Detector.export(platforms=("cpu",))`) and called through
-  `line_jax.export.load`: padded to the same buckets, on a CPU its network
-  in passes of a few images too;
+  `line_jax.export.load`: padded to the same buckets (a one-pass function
+  below 8 images), on a CPU its network in passes of a few images too;
 * "torch": `torch.from_numpy` -> float, normalise -> the same network in
   `inference_mode`, channels_last -> `torch_reference.FastTorchLine` (the
   fastest PyTorch LINe we have, grouped by predicted class, as
@@ -61,7 +61,7 @@ from benchmarks import timing  # pylint: disable=wrong-import-position
 
 # name -> (classes, image side, `data.MEAN_STD` key, (p_w, p_a), batches): the
 # CIFAR-10 networks with the official CIFAR-10 percentiles, and ResNet-50
-# with the ImageNet ones at small batches (one bucket, 8: a batch of 256 takes
+# with the ImageNet ones at small batches (1 and 8: a batch of 256 takes
 # 20 s a call on two cores, and the run is meant to last minutes).
 NETWORKS = {
     "resnet18_cifar": (10, 32, "cifar10", (90.0, 90.0), (1, 32, 256)),
@@ -247,7 +247,7 @@ def measure(name: str, *, batches=None, rounds: int = 3, fit_images: int = 64,
       others = _others_cores(before, _cpu_seconds())
       for impl, runs in zip(impls, blocks):
         seconds = statistics.median(t for block in runs for t in block)
-        records.append(dict(base, batch=batch, padded_batch=_buckets.bucket(batch),
+        records.append(dict(base, batch=batch, padded_batch=_buckets.bucket(batch, smallest=1),
                             implementation=impl, images_per_s=batch / seconds, seconds=seconds,
                             repeats=repeats, rounds=rounds,
                             round_images_per_s=[batch / statistics.median(b) for b in runs],
@@ -357,13 +357,13 @@ Each call takes uint8 NumPy images `[n, H, W, 3]` and returns NumPy decisions `(
 pred)`: host transfer, padding, normalisation, the network, LINe, the threshold and the argmax
 are all timed; images/s are medians of every timed call, ratios are within this run.
 
-* line_jax predict: `Detector.predict`, one jitted call per bucketed batch (a batch of 1 is
-  computed padded to 8 images: the padded size is in brackets); on the CPU the network runs
-  in passes of a few images (`layout.images_per_pass`).
+* line_jax predict: `Detector.predict`, one jitted call per bucketed batch (1, 2, 4, then
+  multiples of 8: the padded size is in brackets); on the CPU the network runs in passes of
+  a few images (`layout.images_per_pass`).
 * line_jax exported: `line_jax.export.load(dir)(images)` of
   `Detector.export(dir, platforms=("cpu",))`: the same computation as StableHLO with a
-  symbolic batch (a multiple of 8), padded to the same buckets, its network in passes of a few
-  images on a CPU as `predict`'s.
+  symbolic batch (a multiple of 8, and a one-pass function for 1, 2, 4), padded to the same
+  buckets, its network in passes of a few images on a CPU as `predict`'s.
 * PyTorch: `torch.from_numpy` -> float, normalise -> the same network (identical random
   weights) in `inference_mode`, channels_last -> `FastTorchLine` of
   `benchmarks/torch_reference.py` (batch grouped by predicted class, one masked head per class
