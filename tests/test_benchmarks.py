@@ -153,10 +153,10 @@ def test_predict_throughput_smoke(tmp_path):
   for r in timed:
     assert (r["model"], r["image_size"], r["classes"], r["features"]) == (
         "resnet18_cifar", 32, 10, 512)
-    assert (r["batch"], r["padded_batch"], r["rounds"], r["torch_threads"] >= 1) == (2, 8, 1, True)
+    assert (r["batch"], r["padded_batch"], r["rounds"], r["torch_threads"] >= 1) == (2, 2, 1, True)
     assert np.isfinite(r["threshold"]) and r["clip"] > 0 and r["other_processes_cores"] >= 0
     assert len(r["round_images_per_s"]) == 1 and r["images_per_s"] > 0
-  assert "| resnet18_cifar | 32x32 | 2 (8) |" in predict_throughput.table(records)
+  assert "| resnet18_cifar | 32x32 | 2 (2) |" in predict_throughput.table(records)
   assert "| resnet18_cifar | line_jax_predict vs torch | 2 | 100.0 % | 100.0 % |" in (
       predict_throughput.agreement_table(records))
   predict_throughput.chart(records, str(tmp_path / "chart.png"), "smoke")

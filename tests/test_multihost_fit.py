@@ -101,7 +101,14 @@ def test_two_processes_killed_and_resumed_write_the_one_process_states(tmp_path)
     for x, y in zip(jax.tree.leaves(pair), jax.tree.leaves(one)):
       x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
       assert np.max(np.abs(x - y)) <= 1e-6 * np.max(np.abs(y)), name
-  assert len(identical) >= len(scorers.names()) - 2, identical
+  moved = set(scorers.names()) - set(identical)
+  assert moved <= MAY_MOVE_A_BIT, sorted(moved - MAY_MOVE_A_BIT)
+
+
+# Fits whose float64 sums, merged in another order, go through an eigen- or
+# pseudo-inverse decomposition that can carry a last-bit change to the float32
+# state: within 1e-6 always (checked above), bit-identical in some runs.
+MAY_MOVE_A_BIT = {"mahalanobis", "rmds", "vim", "residual", "neco", "pnml"}
 
 
 @pytest.mark.parametrize("n, batch, count", [(200, 32, 2), (7, 3, 4), (5, 8, 3), (1000, 256, 3)])
