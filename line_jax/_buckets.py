@@ -56,6 +56,17 @@ def bucket(n: int, smallest: int = SMALLEST) -> int:
   return -(-n // step) * step
 
 
+def pad_images(images: np.ndarray) -> np.ndarray:
+  """uint8 `[n, H, W, C]` with zero images appended up to `bucket(n, smallest=1)`
+  (1, 2, 4, then the score buckets): a padded image costs a whole network
+  pass, so images are not padded to 8."""
+  n = images.shape[0]
+  padded = bucket(n, smallest=1)
+  if padded == n:
+    return images
+  return np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), images.dtype)])
+
+
 def _traced(tree: Any) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 

@@ -104,10 +104,8 @@ class ExportedDetector:
 
   def _run(self, images: np.ndarray):
     n = images.shape[0]
-    padded = _buckets.bucket(n, smallest=1)
-    if padded != n:  # Zero images: their outputs are dropped below.
-      images = np.concatenate([images, np.zeros((padded - n, *images.shape[1:]), np.uint8)])
-    call = self._call if padded % _buckets.SMALLEST == 0 else self._call_small
+    images = _buckets.pad_images(images)  # Zero images: their outputs are dropped below.
+    call = self._call if images.shape[0] % _buckets.SMALLEST == 0 else self._call_small
     out = call(self._weights, self._mean, self._std, jnp.float32(self.threshold), images)
     return [np.asarray(a)[:n] for a in out]
 

@@ -165,11 +165,10 @@ class Detector:
     score_fn = scorers.get(self.scorer).score_fn
     pending = []
     for start in range(0, images.shape[0], batch_size):
-      chunk = images[start:start + batch_size]
-      n, padded = chunk.shape[0], _buckets.bucket(chunk.shape[0], smallest=1)
-      if padded != n:  # Zero images: their outputs are dropped below.
-        chunk = np.concatenate([chunk, np.zeros((padded - n, *chunk.shape[1:]), np.uint8)])
-      per_pass = layout.images_per_pass(padded, *chunk.shape[1:3])
+      n = min(batch_size, images.shape[0] - start)
+      # Zero images: their outputs are dropped below.
+      chunk = _buckets.pad_images(images[start:start + batch_size])
+      per_pass = layout.images_per_pass(chunk.shape[0], *chunk.shape[1:3])
       # Dispatched before any is fetched: the device works while the host pads the next.
       pending.append((n, _decide_jit(forward, score_fn, per_pass, layout, variables,
                                      self.state, jnp.float32(threshold), mean, std, chunk)))

@@ -9,6 +9,8 @@ p = 90, the paper's choice for both CIFAR and ImageNet.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -91,14 +93,21 @@ def score(state: ReactState, features: jax.Array,
     features: `[batch, features]` penultimate activations.
   """
   _common.check_width(features, state.weight.shape[1])
+  return shaped_energy(state, features, lambda h: jnp.minimum(h, state.threshold), layout)
+
+
+def shaped_energy(state, features: jax.Array, shape: Callable[[jax.Array], jax.Array],
+                  layout: layout_lib.Layout | None) -> jax.Array:
+  """`[batch]` energies under the head of `state` of `shape(features)`, an
+  elementwise shaping (ReAct's clip, VRA's rectification), in `_CHUNK_ROWS`
+  chunks where the logits go class-major."""
   layout = layout_lib.resolve(layout)
   features = features.astype(jnp.float32)
   batch = features.shape[0]
   if not layout.class_major(batch):  # One batch-major pass (any batch size, even symbolic).
-    return _common.head_energy(state, jnp.minimum(features, state.threshold), layout)
+    return _common.head_energy(state, shape(features), layout)
   return jnp.concatenate([
-      _common.head_energy(state, jnp.minimum(features[i:i + _CHUNK_ROWS], state.threshold),
-                          layout)
+      _common.head_energy(state, shape(features[i:i + _CHUNK_ROWS]), layout)
       for i in range(0, max(batch, 1), _CHUNK_ROWS)])
 
 

@@ -42,6 +42,7 @@ from line_jax import _validation
 from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
+from line_jax.scorers import _react
 from line_jax.scorers import _quantile
 
 PERCENTILE_HIGH = 90.0
@@ -154,17 +155,6 @@ def score(state: VraState, features: jax.Array,
     features: `[batch, features]` penultimate activations.
   """
   _common.check_width(features, state.weight.shape[1])
-  layout = layout_lib.resolve(layout)
-  features = features.astype(jnp.float32)
-  batch = features.shape[0]
-  if not layout.class_major(batch):  # One batch-major pass (any batch size, even symbolic).
-    return _common.head_energy(state, rectify(features, state.low, state.high), layout)
-  # Small CPU batches in 64-row chunks, each rectified and multiplied while
-  # in cache: ReAct's layout (`_react.score`), for the same reason.
-  return jnp.concatenate([
-      _common.head_energy(state, rectify(features[i:i + _CHUNK_ROWS], state.low, state.high),
-                          layout)
-      for i in range(0, max(batch, 1), _CHUNK_ROWS)])
-
-
-_CHUNK_ROWS = 64
+  # ReAct's chunked layout on small CPU batches, for the same reason.
+  return _react.shaped_energy(state, features,
+                              lambda h: rectify(h, state.low, state.high), layout)
