@@ -81,18 +81,6 @@ class ResidualAcc:
   dim: int = flax.struct.field(pytree_node=False)
 
 
-# Thin wrappers over ViM's private fit steps (to be shared by `_vim`).
-def _origin(kernel, bias) -> jax.Array:
-  """`_vim._origin`: float32 `-(W^T)^+ b` (zeros without a bias)."""
-  return _vim._origin(kernel, bias)  # pylint: disable=protected-access
-
-
-def _residual_basis(scatter: jax.Array, count: jax.Array, dim: int) -> jax.Array:
-  """`_vim._residual`: the eigenvectors of the `features - dim` smallest
-  eigenvalues of `scatter / count` (float64, x64 on), as float32."""
-  return _vim._residual(scatter, count, dim)  # pylint: disable=protected-access
-
-
 def _dim(dim, num_features: int) -> int:
   if dim is None:
     return _vim.default_dim(num_features)
@@ -117,7 +105,7 @@ def init(kernel, bias, *, dim=DIM) -> ResidualAcc:
   num_features, _ = _common.check_head(kernel, bias)
   dim = _dim(dim, num_features)
   with jax.enable_x64(True):
-    return ResidualAcc(origin=_origin(kernel, bias),
+    return ResidualAcc(origin=_vim.origin(kernel, bias),
                        scatter=jnp.zeros((num_features, num_features), jnp.float64),
                        count=jnp.zeros((), jnp.int64), dim=dim)
 
@@ -139,7 +127,7 @@ def update(acc: ResidualAcc, features, labels) -> ResidualAcc:
 def finalize(acc: ResidualAcc) -> ResidualState:
   """The residual basis (float64 eigendecomposition) and the state."""
   with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(acc.scatter)):
-    residual = jax.block_until_ready(_residual_basis(acc.scatter, acc.count, acc.dim))
+    residual = jax.block_until_ready(_vim.residual_basis(acc.scatter, acc.count, acc.dim))
   return ResidualState(origin=jnp.asarray(acc.origin, jnp.float32), residual=residual)
 
 

@@ -105,7 +105,7 @@ def _dim(dim, num_features: int) -> int:
   return dim
 
 
-def _origin(kernel, bias) -> jax.Array:
+def origin(kernel, bias) -> jax.Array:
   kernel = jnp.asarray(kernel, jnp.float32)
   if bias is None:
     return jnp.zeros((kernel.shape[0],), jnp.float32)
@@ -163,7 +163,7 @@ def init(kernel, bias, *, dim=DIM) -> VimAcc:
   with jax.enable_x64(True):
     zero = jnp.zeros((), jnp.float64)
     return VimAcc(
-        head=_common.head_state(kernel, bias), origin=_origin(kernel, bias),
+        head=_common.head_state(kernel, bias), origin=origin(kernel, bias),
         scatter=jnp.zeros((num_features, num_features), jnp.float64),
         max_logit_sum=zero, count=jnp.zeros((), jnp.int64),
         residual=jnp.zeros((num_features, num_features - dim), jnp.float32),
@@ -203,12 +203,12 @@ def next_pass(acc: VimAcc) -> VimAcc:
   """The residual basis: eigenvectors of the `features - D` smallest
   eigenvalues of the covariance around the origin (float64)."""
   with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(acc.scatter)):
-    residual = jax.block_until_ready(_residual(acc.scatter, acc.count, acc.dim))
+    residual = jax.block_until_ready(residual_basis(acc.scatter, acc.count, acc.dim))
   return acc.replace(residual=residual, second=True)
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _residual(scatter: jax.Array, count: jax.Array, dim: int) -> jax.Array:
+def residual_basis(scatter: jax.Array, count: jax.Array, dim: int) -> jax.Array:
   # eigh sorts eigenvalues ascending: the first features - D span the residual.
   _, vectors = jnp.linalg.eigh(scatter / count.astype(jnp.float64))
   return vectors[:, : scatter.shape[0] - dim].astype(jnp.float32)
