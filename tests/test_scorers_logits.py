@@ -260,3 +260,26 @@ def test_line_scorer_is_line_jax_line():
   direct = line.fit(train, labels, kernel, bias, p_w=90, p_a=10, clip=1.0)
   np.testing.assert_array_equal(scores, np.asarray(line.score(direct, test)))
   assert state.p_w == 90 and state.p_a == 10
+
+
+# ---- the shared argmax ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_common_argmax_is_numpys_first_largest_index(axis, keepdims):
+  """Ties (rounded values, whole equal rows, -0.0 beside 0.0) go to the first
+  index, as NumPy's and `jnp.argmax` do, along either axis."""
+  from line_jax.scorers import _common  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  z = np.round(rng.normal(size=(37, 23)), 1).astype(np.float32)
+  z[4] = 0.5
+  z[5, :3] = [-0.0, 0.0, -0.0]
+  z[5, 3:] = -1.0
+  z[:, 6] = z.max()
+  want = np.argmax(z, axis=axis)
+  if keepdims:
+    want = np.expand_dims(want, axis)
+  got = jax.jit(lambda x: _common.argmax(x, axis, keepdims=keepdims))(z)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), want)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import random_problem
+from line_jax import _scoring
 from line_jax import line
 from line_jax import metrics
 from line_jax import scorers
@@ -42,6 +43,21 @@ def states():
 
 def _rows(seed: int, n: int) -> np.ndarray:
   return np.abs(np.random.default_rng(seed).normal(size=(n, FEATURES))).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
+def test_finite_rows_is_all_isfinite_per_row(dtype):
+  """The guard's `x * 0` sum against NumPy's elementwise test, with the
+  largest finite values of the dtype (whose plain sum would overflow)."""
+  big = float(jnp.finfo(dtype).max)
+  x = np.full((7, 5), big, np.float64)
+  x[1, 2], x[2, 0], x[3, 4] = np.nan, np.inf, -np.inf
+  x[4] = -big
+  x[5, :] = np.inf
+  x = jnp.asarray(x, dtype)
+  want = np.all(np.isfinite(np.asarray(x, np.float64)), axis=1)
+  assert want.tolist() == [True, False, False, False, True, False, True]
+  np.testing.assert_array_equal(np.asarray(jax.jit(_scoring.finite_rows)(x)), want)
 
 
 @pytest.mark.parametrize("name", scorers.names())

@@ -239,7 +239,7 @@ def _relative(state, features: jax.Array, layout: layout_lib.Layout | None):
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)
   z, axis = _common.logits(state, h, layout)
-  pred = jnp.argmax(z, axis=axis)
+  pred = _common.argmax(z, axis)
   norm = jnp.maximum(jnp.sum(jnp.abs(h), axis=1), NORM_FLOOR)
   return z, axis, pred, h - state.means[pred], norm
 

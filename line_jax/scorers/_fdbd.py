@@ -109,7 +109,7 @@ def score(state: FdbdState, features: jax.Array,
   h = features.astype(jnp.float32)
   z, axis = _common.logits(state, h, layout)
   top = jnp.max(z, axis=axis, keepdims=True)
-  rows = state.inverse_gaps[jnp.argmax(z, axis=axis)]  # [batch, classes]
+  rows = state.inverse_gaps[_common.argmax(z, axis)]  # [batch, classes]
   if axis == 0:
     rows = rows.T
   distance = jnp.sum((top - z) * rows, axis=axis)

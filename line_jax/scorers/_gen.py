@@ -91,7 +91,7 @@ def generalized_entropy(z: jax.Array, axis: int, gamma, m, *,
   # 1 - p of the (first) top class is the other classes' share, computed as
   # their own log-sum-exp; every other class has p <= 1/2, so log1p(-p) is exact.
   index = jnp.arange(z.shape[axis])
-  first_top = jnp.expand_dims(index, 1 - axis) == jnp.argmax(z, axis=axis, keepdims=True)
+  first_top = jnp.expand_dims(index, 1 - axis) == _common.argmax(z, axis, keepdims=True)
   rest = jax.nn.logsumexp(jnp.where(first_top, -jnp.inf, z - top), axis=axis, keepdims=True)
   log_rest = jnp.where(first_top, rest - log_total, jnp.log1p(-jnp.exp(log_p)))
   terms = jnp.exp(gamma * (log_p + log_rest))

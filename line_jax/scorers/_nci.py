@@ -97,6 +97,6 @@ def score(state: NciState, features: jax.Array,
   h = features.astype(jnp.float32)
   z, axis = _common.logits(state, h, layout)
   centred = h - state.mean
-  proximity = jnp.sum(centred * state.weight[jnp.argmax(z, axis=axis)], axis=1)
+  proximity = jnp.sum(centred * state.weight[_common.argmax(z, axis)], axis=1)
   proximity = proximity / jnp.linalg.norm(centred, axis=1)
   return proximity + state.alpha * jnp.sum(jnp.abs(h), axis=1)

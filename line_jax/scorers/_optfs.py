@@ -252,4 +252,4 @@ def score(state: OptfsState, features: jax.Array,
   if state.variant == "energy":
     return _common.head_energy(state, shaped, layout)
   z, axis = _common.logits(state, h, layout)
-  return jnp.sum(state.weight[jnp.argmax(z, axis=axis)] * shaped, axis=1)
+  return jnp.sum(state.weight[_common.argmax(z, axis)] * shaped, axis=1)

@@ -142,7 +142,7 @@ def _log_one_minus_softmax(z: jax.Array, log_p: jax.Array, axis: int) -> jax.Arr
   rounds to; every other class has p <= 1/2, where `log1p(-p)` is exact.
   """
   index = jnp.arange(z.shape[axis])
-  first_top = jnp.expand_dims(index, 1 - axis) == jnp.argmax(z, axis=axis, keepdims=True)
+  first_top = jnp.expand_dims(index, 1 - axis) == _common.argmax(z, axis, keepdims=True)
   top = jnp.max(z, axis=axis, keepdims=True)
   log_total = jax.nn.logsumexp(z - top, axis=axis, keepdims=True)
   rest = jax.nn.logsumexp(jnp.where(first_top, -jnp.inf, z - top), axis=axis, keepdims=True)

@@ -119,5 +119,5 @@ def score(state: SheState, features: jax.Array,
   _common.check_width(features, state.weight.shape[1])
   h = features.astype(jnp.float32)
   z, axis = _common.logits(state, h, layout)
-  pred = jnp.argmax(z, axis=axis)
+  pred = _common.argmax(z, axis)
   return jnp.sum(h * state.patterns[pred], axis=1)
