@@ -60,6 +60,12 @@ class Layout:
     once on an accelerator (one kernel)."""
     return chunk if self.cpu else max(rows, 1)
 
+  def sorts_on_host(self) -> bool:
+    """Whether wide row sorts go to NumPy: XLA:CPU's sort compares element by
+    element (3.1 s against NumPy's 0.48 s for 335 rows of 50,000 floats);
+    an accelerator's sort is one fast kernel."""
+    return self.cpu
+
   def __repr__(self) -> str:
     return "layout.CPU" if self.cpu else "layout.ACCELERATOR"
 

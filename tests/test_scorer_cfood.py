@@ -111,6 +111,24 @@ def test_the_radii_are_the_official_precompute():
   assert state.bank.shape[:2] == (4, 64) and int(state.count) == 2
 
 
+def test_host_and_device_sorts_give_the_same_radii_computed_once(monkeypatch):
+  """The CPU layout sorts the distances with NumPy, an accelerator's on the
+  device: the same values. Equal reference rows (tune's grid of k at one
+  alpha) reuse the last radii instead of recomputing them."""
+  ref = _cfood.normalise(jnp.asarray(_problem()[0]))
+  _, kpos = _cfood.shares(N)
+  monkeypatch.setattr(_cfood, "_last_radii", None)
+  host = _cfood._radii(ref, kpos + 1)
+  assert _cfood._radii(jnp.array(ref, copy=True), kpos + 1) is host
+  monkeypatch.setattr(_cfood, "_last_radii", None)
+  monkeypatch.setattr(layout.Layout, "sorts_on_host", lambda self: False)
+  device = _cfood._radii(ref, kpos + 1)
+  assert device is not host
+  np.testing.assert_array_equal(device, host)
+  other = _cfood._radii(ref, kpos[:-1] + 1)  # other ranks: computed anew
+  np.testing.assert_array_equal(other, host[:, :-1])
+
+
 @pytest.mark.parametrize("n", [2, 3, 15, 150, 1000, 5000])
 def test_the_share_grid_drops_duplicate_ranks(n):
   kval, kpos = _cfood.shares(n)
