@@ -20,7 +20,7 @@ shows how far such a spell moves the figure.
 On a shared CPU run it while nothing else does: PyTorch's OpenMP barriers
 slow down far more than XLA under foreign load.
 
-Run from the repository root (about 2 minutes on 2 cores):
+Run from the repository root (about 7 minutes on 2 cores):
 
     python -m benchmarks.scorer_throughput [--out benchmarks/results]
 
