@@ -43,9 +43,9 @@ rows one at a time (O(n^2) time); here it runs in blocks of reference
 rows (distances on the device; sorted there on an accelerator, by NumPy on
 the CPU, 6x faster than XLA:CPU's sort), so its temporaries are `[block, n]`,
 and its result is `R`, `n x 230` at most, computed once for all the k of one
-alpha (the last radii are kept by a hash of the reference rows). Distances are `||a||^2 + ||b||^2 - 2 a.b` at full
-float32 precision, clamped at 0 (a row's distance to itself is exactly 0, as
-the official difference gives).
+alpha (the last radii are kept by a hash of the reference rows). Distances
+are `||a||^2 + ||b||^2 - 2 a.b` at full float32 precision, clamped at 0 (a
+row's distance to itself is exactly 0, as the official difference gives).
 
 A score call walks the reference rows in blocks of `block_rows` with
 `lax.scan`. Since row i's radii grow with the share, the shares at which it
@@ -249,8 +249,10 @@ def _radii(ref: jax.Array, ranks: np.ndarray) -> np.ndarray:
   The sorted values are the same whichever sort runs, so where the layout
   says so the device computes the distances and NumPy sorts them.
   """
-  key = hashlib.blake2b(np.asarray(ref).tobytes() + np.asarray(ranks).tobytes(),
-                        digest_size=16).digest()
+  digest = hashlib.blake2b(digest_size=16)
+  digest.update(np.ascontiguousarray(np.asarray(ref)))  # read in place, not copied
+  digest.update(np.ascontiguousarray(ranks))
+  key = digest.digest()
   if _last_radii is not None and _last_radii[0] == key:
     return _last_radii[1]
   n = ref.shape[0]
