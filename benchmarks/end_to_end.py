@@ -6,7 +6,9 @@ one batch of identical images:
 
 * "line_jax_energy" / "line_jax_line": one jitted function, network ->
   features -> scorer (Energy: `logsumexp` of the logits; LINe:
-  `line_jax.line.score` with its default strategy for the backend).
+  `line_jax.line.score` with its default strategy for the backend), the
+  network run as the extraction runs it (the layout's passes and network
+  compiler options, `line_jax.layout`).
 * "torch_energy": the PyTorch network and `logsumexp`;
   "torch_line_official": the network, then the official-style scorer
   (`OfficialLine`: per-sample loop, host argmax; masks of the classes the
@@ -32,17 +34,25 @@ from benchmarks import timing
 
 
 def _jax_fns(bb: backbones.Backbone, images: np.ndarray) -> dict:
+  # The network as line_jax's extraction runs it: the layout's passes, the
+  # network compiler options.
+  from line_jax import layout
   from line_jax import line
+  from line_jax.features import _extract
   model = bb.model
+  per_pass = layout.default().images_per_pass(*images.shape[:3])
 
-  @jax.jit
+  def outputs(variables, x):
+    return _extract.forward_in_passes(model.apply, variables, x, per_pass)
+
+  @layout.network_jit
   def energy(variables, x):
-    logits, _ = model.apply(variables, x)
+    logits, _ = outputs(variables, x)
     return jax.nn.logsumexp(logits, axis=-1)
 
-  @jax.jit
+  @layout.network_jit
   def line_scores(variables, state, x):
-    _, features = model.apply(variables, x)
+    _, features = outputs(variables, x)
     return line.score(state, features)
 
   x = jax.device_put(images)

@@ -20,9 +20,10 @@ shows how far such a spell moves the figure.
 On a shared CPU run it while nothing else does: PyTorch's OpenMP barriers
 slow down far more than XLA under foreign load.
 
-Run from the repository root (about 7 minutes on 2 cores):
+Run from the repository root (about 20 minutes on 2 cores for batches of
+256 and 1,024):
 
-    python -m benchmarks.scorer_throughput [--out benchmarks/results]
+    python -m benchmarks.scorer_throughput [--batches 256 1024] [--out benchmarks/results]
 
 `--out DIR` writes `DIR/<device>/scorers.json` (records and environment) and
 `scorers.md` (the table).
@@ -146,17 +147,18 @@ def table(records: list[dict]) -> str:
   """Markdown table: one row per method and shape, both implementations."""
   rows = {}
   for r in records:
-    key = (r["method"], r["classes"], r["features"])
+    key = (r["method"], r["classes"], r["features"], r["batch"])
     rows.setdefault(key, {})[r["implementation"]] = r["samples_per_s"]
-  lowest = {(r["method"], r["classes"], r["features"]): min(r["round_ratios"])
+  lowest = {(r["method"], r["classes"], r["features"], r["batch"]): min(r["round_ratios"])
             for r in records if r.get("round_ratios")}
-  lines = ["| method | classes x features | line_jax samples/s | torch samples/s | ratio "
-           "| lowest round ratio |", "|---|---|---|---|---|---|"]
+  lines = ["| method | classes x features | batch | line_jax samples/s | torch samples/s "
+           "| ratio | lowest round ratio |", "|---|---|---:|---|---|---|---|"]
   for key, rates in rows.items():
-    method, c, m = key
+    method, c, m, batch = key
     jx, pt = rates.get("line_jax", float("nan")), rates.get("torch", float("nan"))
     low = f"{lowest[key]:.2f}" if key in lowest else "-"
-    lines.append(f"| {method} | {c} x {m} | {jx:,.0f} | {pt:,.0f} | {jx / pt:.2f} | {low} |")
+    lines.append(f"| {method} | {c} x {m} | {batch} | {jx:,.0f} | {pt:,.0f} | {jx / pt:.2f} "
+                 f"| {low} |")
   return "\n".join(lines)
 
 
@@ -165,9 +167,12 @@ def main(argv=None) -> None:
   parser.add_argument("--out", help="write <out>/<device>/scorers.{json,md}")
   parser.add_argument("--rounds", type=int, default=7, help="blocks per implementation")
   parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
+  parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024],
+                      help="test samples per score call, one run each")
   args = parser.parse_args(argv)
   start = time.perf_counter()
-  records = run(rounds=args.rounds, repeats=args.repeats)
+  records = [r for batch in args.batches
+             for r in run(batch=batch, rounds=args.rounds, repeats=args.repeats)]
   markdown = table(records)
   env = timing.environment()
   footer = (f"{jax.default_backend()} backend ({env['device']}), torch threads "
@@ -177,9 +182,11 @@ def main(argv=None) -> None:
   if args.out:
     folder = report.write_table(
         args.out, "scorers",
-        {"environment": env, "settings": {"rounds": args.rounds, "repeats": args.repeats},
+        {"environment": env, "settings": {"rounds": args.rounds, "repeats": args.repeats,
+                                          "batches": args.batches},
          "records": records},
-        title="Every scorer, line_jax vs PyTorch, batch 256 (samples/s)",
+        title=f"Every scorer, line_jax vs PyTorch, batch "
+              f"{' and '.join(map(str, args.batches))} (samples/s)",
         command=f"python -m benchmarks.scorer_throughput --out {args.out}",
         footer=footer, table=markdown)
     print(f"wrote {folder}/scorers.json and scorers.md")

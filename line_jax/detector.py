@@ -409,4 +409,4 @@ def _decide_body(forward, score_fn, per_pass, layout, variables, state, threshol
 
 
 # One compilation per network, scorer, pass size, layout and bucket.
-_decide_jit = jax.jit(_decide_body, static_argnums=(0, 1, 2, 3))
+_decide_jit = layout_lib.network_jit(_decide_body, static_argnums=(0, 1, 2, 3))

@@ -16,9 +16,12 @@ The only module that asks JAX for the backend (`default`, `for_arrays`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+import os
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,18 @@ class Layout:
     an accelerator's sort is one fast kernel."""
     return self.cpu
 
+  # XLA:CPU hands convolutions, element-wise and reduction fusions to YNNPACK
+  # by default (jax 0.10); a network's convolutions ran 1.3-1.6x faster on
+  # XLA's own kernels (benchmarks/network_passes.py). Its dots stay there.
+  CPU_NETWORK_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type",
+                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"),)
+
+  def network_compiler_options(self) -> dict[str, Any]:
+    """XLA options for a computation that runs a network: on the CPU
+    `CPU_NETWORK_OPTIONS`, less any option `XLA_FLAGS` sets (the user's
+    choice wins) or this XLA does not know; on an accelerator none."""
+    return _known_options(self.CPU_NETWORK_OPTIONS) if self.cpu else {}
+
   def __repr__(self) -> str:
     return "layout.CPU" if self.cpu else "layout.ACCELERATOR"
 
@@ -82,6 +97,41 @@ def default() -> Layout:
 def platform() -> str:
   """JAX's default backend: "cpu", "gpu", "tpu" (what an export must have been lowered for)."""
   return jax.default_backend()
+
+
+@functools.cache
+def _known_options(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+  """`options` less those `XLA_FLAGS` sets, or {} where this XLA refuses any
+  of them (an option of one XLA release may be gone from the next)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  chosen = {name: value for name, value in options if f"--{name}" not in flags}
+  if not chosen:
+    return {}
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=chosen).lower(jnp.float32(0)).compile()
+  except jax.errors.JaxRuntimeError:  # "No such compile option", an unknown value.
+    return {}
+  return chosen
+
+
+def network_jit(fn: Callable, **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)` for a computation that runs a network,
+  compiled with the default layout's `network_compiler_options`.
+
+  The jit is made at the first call, when JAX's backend is known; the
+  returned function's `jitted()` is it.
+  """
+  @functools.cache
+  def jitted():
+    return jax.jit(fn, compiler_options=default().network_compiler_options() or None,
+                   **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    return jitted()(*args, **kwargs)
+
+  call.jitted = jitted
+  return call
 
 
 def resolve(layout: Layout | None) -> Layout:

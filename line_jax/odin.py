@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from line_jax import _validation
+from line_jax import layout
 
 TEMPERATURE = 1000.0
 EPSILON = 0.0014
@@ -72,7 +73,7 @@ def _check_images(images) -> None:
   _validation.finite_float_array("images", images)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(layout.network_jit, static_argnums=0)
 def _score(logits_fn, images, temperature, epsilon):
   images = jnp.asarray(images, jnp.float32)
 

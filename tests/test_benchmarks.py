@@ -130,7 +130,8 @@ def test_network_passes_smoke():
 
   record = network_passes.measure("resnet18_cifar", batch=4, rounds=1)
   assert record["images_per_pass"] == 4 and record["max_feature_difference"] < 1e-3
-  assert {"one_pass_images_per_s", "passes_images_per_s", "torch_images_per_s"} <= set(record)
+  assert {"one_pass_images_per_s", "passes_images_per_s", "tuned_images_per_s",
+          "torch_images_per_s"} <= set(record)
   assert "| resnet18_cifar (32x32) | 4 | 4 |" in network_passes.table([record])
 
 

@@ -94,11 +94,11 @@ def test_iter_extract_batches_over_the_pipeline_pads_and_compiles_once(tiny):
   model, variables, images, logits, feats = tiny
   labels = np.arange(37) % 10
   batches = _pipeline(images, labels, 16, workers=2)
-  before = features._extract._apply._cache_size()  # pylint: disable=protected-access
+  before = features._extract._apply.jitted()._cache_size()  # pylint: disable=protected-access
   out = list(features.iter_extract_batches(model, variables, batches, mean=MEAN, std=STD,
                                            progress=False, total=37))
   # One new shape at most (the first batch's): the last one, of 5, is padded.
-  assert features._extract._apply._cache_size() - before <= 1  # pylint: disable=protected-access
+  assert features._extract._apply.jitted()._cache_size() - before <= 1  # pylint: disable=protected-access
   assert [o[1].shape[0] for o in out] == [16, 16, 5]
   np.testing.assert_allclose(np.concatenate([o[0] for o in out]), logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.concatenate([o[1] for o in out]), feats, rtol=1e-5, atol=1e-5)

@@ -157,3 +157,45 @@ def test_features_in_passes_equal_features_in_one_pass():
     for a, b in zip(whole, parts):
       assert a.shape == b.shape
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_network_compiler_options_on_the_cpu_only_and_the_users_flags_win(monkeypatch):
+  cpu_options = dict(layout.Layout.CPU_NETWORK_OPTIONS)
+  assert layout.ACCELERATOR.network_compiler_options() == {}
+  try:  # Whether this XLA knows them (an option of one release may be gone from the next).
+    jax.jit(lambda x: x * 2, compiler_options=cpu_options).lower(jnp.float32(1)).compile()
+    known = cpu_options
+  except jax.errors.JaxRuntimeError:
+    known = {}
+  assert layout.CPU.network_compiler_options() == known
+  layout._known_options.cache_clear()  # pylint: disable=protected-access
+  try:
+    name = next(iter(cpu_options))
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 --{name}=")
+    assert layout.CPU.network_compiler_options() == {}
+    monkeypatch.delenv("XLA_FLAGS")
+    # An option this XLA does not know (one of another release): XLA's defaults.
+    assert layout._known_options((("xla_cpu_no_such_option", "1"),)) == {}  # pylint: disable=protected-access
+  finally:
+    layout._known_options.cache_clear()  # pylint: disable=protected-access
+
+
+def test_a_network_jit_compiles_with_the_options_and_computes_the_same():
+  from line_jax import models
+  from line_jax.features import _extract
+
+  model = models.get_model("resnet_small", 10)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  forward, variables = models.feature_apply(model, variables)
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), np.uint8))
+  mean, std = jnp.asarray([0.3]), jnp.asarray([0.4])
+  args = (forward, variables, images, mean, std, 4)
+  tuned = _extract._apply.jitted().lower(*args).compile()  # pylint: disable=protected-access
+  plain = jax.jit(_extract.network_outputs, static_argnums=(0, 5)).lower(*args).compile()
+  # jax 0.10's XLA hands every convolution to YNNPACK (a `__ynn_fusion` each);
+  # with the options only the head's product goes there.
+  if layout.CPU.network_compiler_options() and "__ynn_fusion" in plain.as_text():
+    assert plain.as_text().count("__ynn_fusion") > 5
+    assert tuned.as_text().count("__ynn_fusion") == 1
+  for a, b in zip(_extract._apply(*args), plain(*args[1:5])):  # pylint: disable=protected-access
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

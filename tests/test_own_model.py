@@ -123,10 +123,10 @@ def test_head_extraction_compiles_once_per_model_and_shape(cnn):
   run = functools.partial(features.extract, model, variables, mean=MEAN, std=STD,
                           head="head/fc", batch_size=4, progress=False)
   run(_images())
-  before = features._extract._apply._cache_size()  # pylint: disable=protected-access
+  before = features._extract._apply.jitted()._cache_size()  # pylint: disable=protected-access
   run(_images(seed=1))
   run(_images(n=7, seed=2))  # 4 + 3: padded to the same batch shape.
-  assert features._extract._apply._cache_size() == before  # pylint: disable=protected-access
+  assert features._extract._apply.jitted()._cache_size() == before  # pylint: disable=protected-access
 
 
 def test_energy_from_head_features_equals_energy_of_the_models_logits(cnn):

@@ -56,7 +56,7 @@ def test_throughput_benchmark_reports_every_scorer_in_both_implementations():
       assert "round_ratios" not in r
   energy = next(r for r in records if (r["method"], r["implementation"]) == ("energy", "line_jax"))
   low = f"{min(energy['round_ratios']):.2f}"
-  assert any(line.startswith("| energy | 3 x 8 |") and line.endswith(f"| {low} |")
+  assert any(line.startswith("| energy | 3 x 8 | 4 |") and line.endswith(f"| {low} |")
              for line in throughput.table(records).splitlines())
   assert jax.config.read("jax_cpu_enable_async_dispatch") == async_dispatch  # restored
 

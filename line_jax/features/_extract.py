@@ -68,18 +68,25 @@ def network_outputs(forward: Callable[[Any, jax.Array], tuple[jax.Array, jax.Arr
   one pass). Traceable: `_apply` jits it alone, `line_jax.detector` with a
   scorer after it."""
   x = (images.astype(jnp.float32) / 255.0 - mean) / std
-  batch = x.shape[0]  # An int, or symbolic in an export (a multiple of `per_pass` there).
-  if per_pass is None or (isinstance(batch, int) and per_pass >= batch):
-    logits, features = forward(variables, x)
-  else:  # Sequential passes: each one's activations stay in cache (`layout`).
-    passes = x.reshape(batch // per_pass, per_pass, *x.shape[1:])
-    logits, features = (a.reshape(batch, *a.shape[2:]) for a in jax.lax.map(
-        lambda images: forward(variables, images), passes))
+  logits, features = forward_in_passes(forward, variables, x, per_pass)
   return logits.astype(jnp.float32), features.astype(jnp.float32)
 
 
+def forward_in_passes(forward: Callable[[Any, jax.Array], Any], variables: Any, x: jax.Array,
+                      per_pass: int | None = None) -> Any:
+  """`forward(variables, x)` over `x` `[b, ...]` in sequential passes of
+  `per_pass` images (a divisor of b; None: one pass); traceable."""
+  batch = x.shape[0]  # An int, or symbolic in an export (a multiple of `per_pass` there).
+  if per_pass is None or (isinstance(batch, int) and per_pass >= batch):
+    return forward(variables, x)
+  # Sequential passes: each one's activations stay in cache (`layout`).
+  passes = x.reshape(batch // per_pass, per_pass, *x.shape[1:])
+  return jax.tree_util.tree_map(lambda a: a.reshape(batch, *a.shape[2:]), jax.lax.map(
+      lambda images: forward(variables, images), passes))
+
+
 # `forward` is hashable (`models.feature_apply`): one compilation per model and shape.
-_apply = jax.jit(network_outputs, static_argnums=(0, 5))
+_apply = layout.network_jit(network_outputs, static_argnums=(0, 5))
 
 
 def _with_dtype(model: Any, dtype) -> Any:

@@ -33,6 +33,7 @@ from flax.training import train_state
 from line_jax import _progress
 from line_jax import data
 from line_jax import features
+from line_jax import layout
 from line_jax import models
 from line_jax.data import MEAN_STD
 from line_jax.models import get_model
@@ -139,7 +140,7 @@ def augment(key: jax.Array, images: jax.Array) -> jax.Array:
 
 # Built once at module level: every caller (and every test) shares the
 # compilation, keyed on the model held in `state.apply_fn`.
-@jax.jit
+@layout.network_jit
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                key: jax.Array, mean: jax.Array, std: jax.Array):
   """One AdamW step on an augmented batch.
