@@ -10,6 +10,9 @@ without patching anything:
     scorer.score(state, features)                        # features' device's layout
     scorer.score(state, features, layout=layout.ACCELERATOR)
 
+A computation that runs a network is also compiled with XLA options of its
+own on the CPU (`network_jit`, `Layout.network_compiler_options`).
+
 The only module that asks JAX for the backend (`default`, `for_arrays`).
 """
 
