@@ -82,7 +82,7 @@ class Layout:
     """XLA options for a computation that runs a network: on the CPU
     `CPU_NETWORK_OPTIONS`, less any option `XLA_FLAGS` sets (the user's
     choice wins) or this XLA does not know; on an accelerator none."""
-    return _known_options(self.CPU_NETWORK_OPTIONS) if self.cpu else {}
+    return dict(_known_options(self.CPU_NETWORK_OPTIONS)) if self.cpu else {}
 
   def __repr__(self) -> str:
     return "layout.CPU" if self.cpu else "layout.ACCELERATOR"

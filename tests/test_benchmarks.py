@@ -162,3 +162,34 @@ def test_predict_throughput_smoke(tmp_path):
       predict_throughput.agreement_table(records))
   predict_throughput.chart(records, str(tmp_path / "chart.png"), "smoke")
   assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_chart_ratios_and_png(tmp_path):
+  import json
+
+  import numpy as np
+
+  from benchmarks import speed_chart
+
+  def rec(method, classes, batch, impl, rate):
+    return {"method": method, "classes": classes, "features": 8, "batch": batch,
+            "implementation": impl, "samples_per_s": rate}
+
+  scorers_records = [rec("msp", 3, 4, "line_jax", 6.0), rec("msp", 3, 4, "torch", 3.0),
+                     rec("knn", 3, 4, "line_jax", 1.0), rec("knn", 3, 4, "torch", 4.0),
+                     rec("msp", 5, 4, "line_jax", 2.0)]  # No PyTorch side: NaN.
+  methods, columns, grid = speed_chart.scorer_grid(scorers_records)
+  assert methods == ["msp", "knn"] and columns == ["3x8\nb4", "5x8\nb4"]
+  np.testing.assert_array_equal(grid, [[2.0, np.nan], [0.25, np.nan]])
+  passes = [{"model": "net", "batch": 8, "tuned_vs_torch": 1.5}]
+  predict = [{"what": "predict", "model": "net", "batch": 1, "implementation": impl,
+              "images_per_s": rate} for impl, rate in (("line_jax_predict", 3.0), ("torch", 4.0))]
+  assert speed_chart.network_bars(passes, predict) == [("net b8: features", 1.5),
+                                                       ("net b1: predict", 0.75)]
+  for stem, records in (("scorers", scorers_records), ("network_passes", passes),
+                        ("predict_throughput", predict)):
+    (tmp_path / f"{stem}.json").write_text(json.dumps({"records": records}))
+  out = speed_chart.draw(str(tmp_path))
+  assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="no scorers.json"):
+    speed_chart.draw(str(tmp_path / "missing"))
