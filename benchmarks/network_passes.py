@@ -95,7 +95,7 @@ def measure(name: str, *, batch: int | None = None, rounds: int = 3) -> dict:
   features_one = np.asarray(plain(forward, variables, x, mean, std, None)[1])
   features_tuned = np.asarray(_extract._apply(forward, variables, x, mean, std, per_pass)[1])
   return {"model": name, "image_size": side, "batch": batch, "images_per_pass": per_pass,
-          "compiler_options": layout.CPU.network_compiler_options(),
+          "compiler_options": layout.default().network_compiler_options(),
           "one_pass_images_per_s": one, "passes_images_per_s": passes,
           "tuned_images_per_s": tuned, "torch_images_per_s": torch_rate,
           "passes_vs_one_pass": passes / one, "tuned_vs_passes": tuned / passes,

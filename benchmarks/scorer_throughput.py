@@ -20,7 +20,7 @@ shows how far such a spell moves the figure.
 On a shared CPU run it while nothing else does: PyTorch's OpenMP barriers
 slow down far more than XLA under foreign load.
 
-Run from the repository root (about 20 minutes on 2 cores for batches of
+Run from the repository root (about 24 minutes on 2 cores for batches of
 256 and 1,024):
 
     python -m benchmarks.scorer_throughput [--batches 256 1024] [--out benchmarks/results]
@@ -187,7 +187,8 @@ def main(argv=None) -> None:
          "records": records},
         title=f"Every scorer, line_jax vs PyTorch, batch "
               f"{' and '.join(map(str, args.batches))} (samples/s)",
-        command=f"python -m benchmarks.scorer_throughput --out {args.out}",
+        command=(f"python -m benchmarks.scorer_throughput --batches "
+                 f"{' '.join(map(str, args.batches))} --out {args.out}"),
         footer=footer, table=markdown)
     print(f"wrote {folder}/scorers.json and scorers.md")
 

@@ -80,8 +80,8 @@ class Layout:
 
   def network_compiler_options(self) -> dict[str, Any]:
     """XLA options for a computation that runs a network: on the CPU
-    `CPU_NETWORK_OPTIONS`, less any option `XLA_FLAGS` sets (the user's
-    choice wins) or this XLA does not know; on an accelerator none."""
+    `CPU_NETWORK_OPTIONS` less any option `XLA_FLAGS` sets (the user's choice
+    wins), or none where this XLA refuses them; on an accelerator none."""
     return dict(_known_options(self.CPU_NETWORK_OPTIONS)) if self.cpu else {}
 
   def __repr__(self) -> str:
@@ -106,12 +106,13 @@ def platform() -> str:
 def _known_options(options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
   """`options` less those `XLA_FLAGS` sets, or {} where this XLA refuses any
   of them (an option of one XLA release may be gone from the next)."""
-  flags = os.environ.get("XLA_FLAGS", "")
+  flags = {flag.split("=")[0] for flag in os.environ.get("XLA_FLAGS", "").split()}
   chosen = {name: value for name, value in options if f"--{name}" not in flags}
   if not chosen:
     return {}
   try:
-    jax.jit(lambda x: x + 1, compiler_options=chosen).lower(jnp.float32(0)).compile()
+    jax.jit(lambda x: x + 1, compiler_options=chosen).lower(
+        jax.ShapeDtypeStruct((), jnp.float32)).compile()
   except jax.errors.JaxRuntimeError:  # "No such compile option", an unknown value.
     return {}
   return chosen

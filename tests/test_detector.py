@@ -73,7 +73,8 @@ def test_every_scorer_decides_in_one_call_and_exports(name, backbone, fmnist, tm
   # Network and scorer are one program compiled with the network's options
   # (`layout.network_jit`), the reference's scorer another: reductions may
   # round apart, and RMDS's difference of two distances magnifies that.
-  np.testing.assert_allclose(out.score, want, rtol=1e-4, atol=1e-4 * np.std(want))
+  tol = 1e-4 if name == "rmds" else 2e-5
+  np.testing.assert_allclose(out.score, want, rtol=tol, atol=tol * np.std(want))
   np.testing.assert_array_equal(out.is_ood, ~(out.score >= det.threshold))
   det.export(tmp_path / "det")  # lowered for cpu, cuda and tpu; run here on the cpu
   from line_jax import export  # pylint: disable=g-import-not-at-top

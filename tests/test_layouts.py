@@ -162,6 +162,8 @@ def test_features_in_passes_equal_features_in_one_pass():
 def test_network_compiler_options_on_the_cpu_only_and_the_users_flags_win(monkeypatch):
   cpu_options = dict(layout.Layout.CPU_NETWORK_OPTIONS)
   assert layout.ACCELERATOR.network_compiler_options() == {}
+  monkeypatch.delenv("XLA_FLAGS", raising=False)  # An environment flag would drop them.
+  layout._known_options.cache_clear()  # pylint: disable=protected-access
   try:  # Whether this XLA knows them (an option of one release may be gone from the next).
     jax.jit(lambda x: x * 2, compiler_options=cpu_options).lower(jnp.float32(1)).compile()
     known = cpu_options
@@ -173,6 +175,10 @@ def test_network_compiler_options_on_the_cpu_only_and_the_users_flags_win(monkey
     name = next(iter(cpu_options))
     monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=1 --{name}=")
     assert layout.CPU.network_compiler_options() == {}
+    layout._known_options.cache_clear()  # pylint: disable=protected-access
+    # A flag whose name only starts with the option's is another flag.
+    monkeypatch.setenv("XLA_FLAGS", f"--{name}_other=1")
+    assert layout.CPU.network_compiler_options() == known
     monkeypatch.delenv("XLA_FLAGS")
     # An option this XLA does not know (one of another release): XLA's defaults.
     assert layout._known_options((("xla_cpu_no_such_option", "1"),)) == {}  # pylint: disable=protected-access
