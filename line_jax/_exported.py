@@ -84,9 +84,8 @@ class ExportedDetector:
     self._mean = jnp.asarray(spec["mean"], jnp.float32)
     self._std = jnp.asarray(spec["std"], jnp.float32)
     self.threshold = float(self.manifest["threshold"])
-    options = layout.default().network_compiler_options() or None
-    self._call = jax.jit(self._exported.call, compiler_options=options)
-    self._call_small = jax.jit(self._small.call, compiler_options=options)
+    self._call = layout.network_jit(self._exported.call)
+    self._call_small = layout.network_jit(self._small.call)
 
   def __call__(self, images) -> Decisions:
     """`Decisions` of uint8 `images` `[n, H, W, C]` (NumPy or JAX)."""

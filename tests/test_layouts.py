@@ -141,16 +141,22 @@ def test_a_network_runs_in_cache_sized_passes_on_the_cpu_only():
   assert layout_lib.ACCELERATOR.images_per_pass(256, 32, 32) == 256
 
 
-def test_features_in_passes_equal_features_in_one_pass():
-  import jax.numpy as jnp
+def _small_network_inputs(count):
+  """`(forward, variables, images, mean, std)`: a small ResNet and `count`
+  uint8 28 x 28 images, the arguments of `_extract.network_outputs`."""
   from line_jax import models
-  from line_jax.features import _extract
 
   model = models.get_model("resnet_small", 10)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
   forward, variables = models.feature_apply(model, variables)
-  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (12, 28, 28, 1), np.uint8))
-  mean, std = jnp.asarray([0.3]), jnp.asarray([0.4])
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (count, 28, 28, 1), np.uint8))
+  return forward, variables, images, jnp.asarray([0.3]), jnp.asarray([0.4])
+
+
+def test_features_in_passes_equal_features_in_one_pass():
+  from line_jax.features import _extract
+
+  forward, variables, images, mean, std = _small_network_inputs(12)
   whole = _extract._apply(forward, variables, images, mean, std, None)
   for per_pass in (1, 4, 6):
     parts = _extract._apply(forward, variables, images, mean, std, per_pass)
@@ -187,15 +193,9 @@ def test_network_compiler_options_on_the_cpu_only_and_the_users_flags_win(monkey
 
 
 def test_a_network_jit_compiles_with_the_options_and_computes_the_same():
-  from line_jax import models
   from line_jax.features import _extract
 
-  model = models.get_model("resnet_small", 10)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-  forward, variables = models.feature_apply(model, variables)
-  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1), np.uint8))
-  mean, std = jnp.asarray([0.3]), jnp.asarray([0.4])
-  args = (forward, variables, images, mean, std, 4)
+  args = (*_small_network_inputs(8), 4)
   tuned = _extract._apply.jitted().lower(*args).compile()  # pylint: disable=protected-access
   plain = jax.jit(_extract.network_outputs, static_argnums=(0, 5)).lower(*args).compile()
   # jax 0.10's XLA hands every convolution to YNNPACK (a `__ynn_fusion` each);
