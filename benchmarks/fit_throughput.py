@@ -68,6 +68,7 @@ from benchmarks import report  # pylint: disable=wrong-import-position
 from benchmarks import timing  # pylint: disable=wrong-import-position
 from line_jax import scorers  # pylint: disable=wrong-import-position
 from line_jax.scorers import _common  # pylint: disable=wrong-import-position
+from line_jax.scorers import _vim  # pylint: disable=wrong-import-position
 
 SAMPLES = 50_000
 FEATURES = 342
@@ -144,7 +145,7 @@ def _torch_knn(x, y, weight, bias, hp):
 
 def _torch_vim(x, y, weight, bias, hp):
   del y
-  dim = min(hp.get("dim", 512), x.shape[1] - 1)
+  dim = hp.get("dim") or _vim.default_dim(x.shape[1])
   origin = -torch.linalg.pinv(weight.double()) @ bias.double()
   centred = x.double() - origin
   _, vectors = torch.linalg.eigh(centred.T @ centred / x.shape[0])
@@ -170,9 +171,87 @@ def _torch_line(x, y, weight, bias, hp):
   return out
 
 
+def _torch_rmds(x, y, weight, bias, hp):
+  out = _torch_mahalanobis(x, y, weight, bias, hp)
+  x = x.double()
+  mean = x.mean(dim=0)
+  centred = x - mean
+  out["background_precision"] = torch.linalg.pinv(centred.T @ centred / x.shape[0],
+                                                   hermitian=True)
+  return out
+
+
 TORCH: dict[str, Callable[..., dict]] = {
     "react": _torch_react, "dice": _torch_dice, "mahalanobis": _torch_mahalanobis,
-    "knn": _torch_knn, "vim": _torch_vim, "line": _torch_line,
+    "rmds": _torch_rmds, "knn": _torch_knn, "vim": _torch_vim, "line": _torch_line,
+}
+
+
+# pytorch-ood 0.4.0's detectors compute these statistics in float32 (its
+# `fit_features`, as documented there; written here from that description,
+# since its package needs a torchvision build this machine's CPU torch lacks):
+# the per-class scatter of class-centred features plus a 1e-6 ridge, not
+# divided by n, and `torch.linalg.inv`; ViM's covariance around `-pinv(W) b`
+# and `eigh`; KNN's bank `z / max(||z||, 1e-12)` handed to scikit-learn's
+# `NearestNeighbors`; NNGuide's bank of every training row, `F.normalize(z)`
+# times its energy, in chunks of 4,096 rows.
+
+
+def _ood_scatter(x, y, num_classes):
+  means = torch.zeros(num_classes, x.shape[1])
+  scatter = torch.zeros(x.shape[1], x.shape[1])
+  for c in range(num_classes):
+    rows = x[y == c]
+    means[c] = rows.mean(dim=0)
+    scatter += (rows - means[c]).T @ (rows - means[c])
+  return means, scatter + 1e-6 * torch.eye(x.shape[1])
+
+
+def _ood_mahalanobis(x, y, weight, bias, hp):
+  del weight, bias, hp
+  means, scatter = _ood_scatter(x, y, int(y.max()) + 1)
+  return {"means": means, "precision": torch.linalg.inv(scatter)}
+
+
+def _ood_rmds(x, y, weight, bias, hp):
+  out = _ood_mahalanobis(x, y, weight, bias, hp)
+  centred = x - x.mean(dim=0)
+  background = centred.T @ centred + 1e-6 * torch.eye(x.shape[1])
+  out["background_precision"] = torch.linalg.inv(background)
+  return out
+
+
+def _ood_vim(x, y, weight, bias, hp):
+  del y
+  dim = hp.get("dim") or _vim.default_dim(x.shape[1])
+  centred = x - (-torch.linalg.pinv(weight) @ bias)
+  _, vectors = torch.linalg.eigh(centred.T @ centred / x.shape[0])
+  residual = vectors[:, : x.shape[1] - dim]
+  max_logit = (x @ weight.T + bias).max(dim=1).values.mean()
+  return {"residual": residual,
+          "alpha": max_logit / torch.linalg.vector_norm(centred @ residual, dim=1).mean()}
+
+
+def _ood_knn(x, y, weight, bias, hp):
+  del y, weight, bias, hp
+  import sklearn.neighbors  # pylint: disable=g-import-not-at-top
+  bank = x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+  return {"index": sklearn.neighbors.NearestNeighbors(n_jobs=-1).fit(bank.numpy())}
+
+
+def _ood_nnguide(x, y, weight, bias, hp, chunk=4096):
+  del y, hp
+  rows = []
+  for start in range(0, x.shape[0], chunk):
+    z = x[start:start + chunk]
+    energy = torch.logsumexp(z @ weight.T + bias, dim=1)
+    rows.append(torch.nn.functional.normalize(z, dim=1) * energy[:, None])
+  return {"bank": torch.cat(rows)}
+
+
+TORCH_OOD: dict[str, Callable[..., dict]] = {
+    "mahalanobis": _ood_mahalanobis, "rmds": _ood_rmds, "vim": _ood_vim, "knn": _ood_knn,
+    "nnguide": _ood_nnguide,
 }
 
 
@@ -207,10 +286,13 @@ def agreement(name: str, state: Any, stats: dict, kernel: np.ndarray, bias: np.n
     keep = np.asarray(state.weight) != 0
     mismatches = int(np.sum(keep != t["keep"]))
     return {"mask_mismatches": mismatches, "ok": mismatches == 0}
-  if name == "mahalanobis":
+  if name in ("mahalanobis", "rmds"):
     means = np.asarray(state.means, np.float64) + np.asarray(state.center, np.float64)
     out = {"means_rel": _rel(means, t["means"]), "precision_rel": _rel(state.precision,
                                                                       t["precision"])}
+    if name == "rmds":
+      out["background_precision_rel"] = _rel(state.background_precision,
+                                             t["background_precision"])
     out["ok"] = max(out.values()) <= RTOL
     return out
   if name == "knn":
@@ -242,6 +324,25 @@ def agreement(name: str, state: Any, stats: dict, kernel: np.ndarray, bias: np.n
   return {"ok": None}
 
 
+def ood_accuracy(name: str, ood: dict, reference: dict, samples: int) -> dict:
+  """How far pytorch-ood's float32 statistics lie from the float64 ones
+  (`{}` where there is nothing to compare)."""
+  if name in ("mahalanobis", "rmds"):
+    # pytorch-ood's scatter is not divided by n: its precision is n times smaller.
+    out = {"precision_rel": _rel(samples * ood["precision"].double().numpy(),
+                                 reference["precision"].numpy())}
+    if name == "rmds":
+      out["background_precision_rel"] = _rel(
+          samples * ood["background_precision"].double().numpy(),
+          reference["background_precision"].numpy())
+    return out
+  if name == "vim":
+    r, q = ood["residual"].double().numpy(), reference["residual"].numpy()
+    return {"alpha_rel": _rel(ood["alpha"].double().numpy(), reference["alpha"].numpy()),
+            "residual_projection_max_diff": float(np.max(np.abs(r @ r.T - q @ q.T)))}
+  return {}
+
+
 def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
   fn()
   times = []
@@ -254,8 +355,8 @@ def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
 
 def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
         rounds: int = 3, names=None, hparams=None, seed: int = 0,
-        settle_s: float = SETTLE_S) -> list[dict]:
-  """Times every scorer's fit in line_jax and in PyTorch, in turns.
+        settle_s: float = SETTLE_S, data=None) -> list[dict]:
+  """Times every scorer's fit in line_jax, in PyTorch and pytorch-ood's way, in turns.
 
   Args:
     classes: class counts, one problem each.
@@ -265,11 +366,15 @@ def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
     hparams: `{name: {hyperparameter: value}}` overrides (default: defaults).
     seed: seed of the random problem.
     settle_s: pause before each timed call.
+    data: `(features, labels, kernel, bias)` NumPy arrays (real features)
+      instead of the random problems; `classes`, `samples` and `features`
+      are then theirs.
 
   Returns:
     One dict per (scorer, class count): method, classes, features, samples,
     line_jax_s (median seconds), torch_s (or None), ratio (torch_s /
-    line_jax_s), round_ratios, checks_s, agreement.
+    line_jax_s), round_ratios, ood_s and ood_ratio (pytorch-ood's float32
+    way, or None), ood_accuracy, checks_s, agreement.
   """
   hparams = hparams or {}
   async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
@@ -277,8 +382,10 @@ def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   try:
     cells, fns = [], []
-    for num_classes in classes:
-      x, y, kernel, bias = problem(samples, features, num_classes, seed)
+    problems = ([data] if data is not None else
+                [problem(samples, features, c, seed) for c in classes])
+    for x, y, kernel, bias in problems:
+      num_classes, samples, features = kernel.shape[1], x.shape[0], x.shape[1]
       xj, yj, kj, bj = (jax.device_put(a) for a in (x, y, kernel, bias))
       xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
       wt, bt = torch.from_numpy(np.ascontiguousarray(kernel.T)), torch.from_numpy(bias)
@@ -293,27 +400,42 @@ def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
           with torch.no_grad():
             return fit_t(xt, yt, wt, bt, hp)
 
+        ood_t = TORCH_OOD.get(name)
+
+        def ood_call(ood_t=ood_t, hp={**scorer.defaults, **hp}, xt=xt, yt=yt, wt=wt, bt=bt):
+          with torch.no_grad():
+            return ood_t(xt, yt, wt, bt, hp)
+
         state = jax_call()
-        check = {"ok": None}
+        check, accuracy = {"ok": None}, {}
         if fit_t is not None:
-          check = agreement(name, state, torch_call(), kernel, bias, hp)
+          reference = torch_call()
+          check = agreement(name, state, reference, kernel, bias, hp)
+          if ood_t is not None:
+            accuracy = ood_accuracy(name, ood_call(), reference, samples)
         checks_s = _seconds(lambda yj=yj, xj=xj, kj=kj, bj=bj, scorer=scorer: (
-            _common.check_train(xj, yj, kj, bj, needs_labels=scorer.fold.needs_labels)))
+            _common.check_train(xj, yj, kj, bj, needs_labels=scorer.fold.needs_labels,
+                                reads_data=scorer.fold.reads_data)))
+        sides = [jax_call] + [f for f, t in ((torch_call, fit_t), (ood_call, ood_t))
+                              if t is not None]
         cells.append(dict(method=name, classes=num_classes, features=features, samples=samples,
                           hparams=hp, checks_s=checks_s, agreement=check,
-                          sides=1 if fit_t is None else 2))
-        fns += [jax_call] + ([torch_call] if fit_t is not None else [])
+                          ood_accuracy=accuracy, sides=(fit_t is not None, ood_t is not None)))
+        fns += sides
     times = iter(timing.interleaved_blocks(fns, repeats=1, rounds=rounds, settle_s=settle_s,
                                            wake=False))
     records = []
     for cell in cells:
-      sides = cell.pop("sides")
+      has_torch, has_ood = cell.pop("sides")
       jx = [b[0] for b in next(times)]
-      pt = [b[0] for b in next(times)] if sides == 2 else None
+      pt = [b[0] for b in next(times)] if has_torch else None
+      ood = [b[0] for b in next(times)] if has_ood else None
       cell["line_jax_s"] = statistics.median(jx)
       cell["torch_s"] = statistics.median(pt) if pt else None
       cell["ratio"] = cell["torch_s"] / cell["line_jax_s"] if pt else None
       cell["round_ratios"] = [b / a for a, b in zip(jx, pt)] if pt else None
+      cell["ood_s"] = statistics.median(ood) if ood else None
+      cell["ood_ratio"] = cell["ood_s"] / cell["line_jax_s"] if ood else None
       records.append(cell)
     return records
   finally:
@@ -331,14 +453,19 @@ def _agree_text(check: dict) -> str:
 def table(records: list[dict]) -> str:
   """Markdown: one row per scorer and class count."""
   lines = ["| method | classes | line_jax s | of which input checks s | torch s | "
-           "torch / line_jax | lowest round | agree |", "|---|---|---|---|---|---|---|---|"]
+           "torch / line_jax | lowest round | agree | pytorch-ood way s | "
+           "pytorch-ood / line_jax | pytorch-ood's float32 error |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in records:
-    torch_s = f"{r['torch_s']:.3f}" if r["torch_s"] else "-"
+    torch_s = f"{r['torch_s']:.4f}" if r["torch_s"] else "-"
     ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
     low = f"{min(r['round_ratios']):.2f}" if r["round_ratios"] else "-"
-    lines.append(f"| {r['method']} | {r['classes']} | {r['line_jax_s']:.3f} | "
-                 f"{r['checks_s']:.3f} | {torch_s} | {ratio} | {low} | "
-                 f"{_agree_text(r['agreement'])} |")
+    ood_s = f"{r['ood_s']:.4f}" if r.get("ood_s") else "-"
+    ood_ratio = f"{r['ood_ratio']:.2f}" if r.get("ood_ratio") else "-"
+    error = ", ".join(f"{k} {v:.1e}" for k, v in r.get("ood_accuracy", {}).items()) or "-"
+    lines.append(f"| {r['method']} | {r['classes']} | {r['line_jax_s']:.4f} | "
+                 f"{r['checks_s']:.4f} | {torch_s} | {ratio} | {low} | "
+                 f"{_agree_text(r['agreement'])} | {ood_s} | {ood_ratio} | {error} |")
   return "\n".join(lines)
 
 

@@ -121,7 +121,11 @@ def selections(repeats: int, rounds: int) -> list[dict]:
             lambda v: radix(v, k, unroll=default), operand),
         f"radix {_ROLLING[other]}": _jax_call(
             lambda v: radix(v, k, unroll=other), operand),
-        "lax.top_k": _jax_call(lambda v: jax.lax.top_k(v, k)[0][:, -1], x),
+        # The k-th of `top_k`'s values at a traced index, as KNN reads it: a
+        # static slice of them (`[:, -1]`) makes XLA:CPU run a full sort instead.
+        "lax.top_k": _jax_call(lambda v, i: jax.lax.dynamic_index_in_dim(
+            jax.lax.top_k(v, k)[0], i, axis=1, keepdims=False), x, jnp.int32(k - 1)),
+        "lax.top_k, static slice": _jax_call(lambda v: jax.lax.top_k(v, k)[0][:, -1], x),
         "sort": _jax_call(lambda v: jnp.sort(v, axis=1)[:, n - k], x),
         "torch.topk": _torch_call(lambda v: torch.topk(v, k, dim=1).values[:, -1], xt),
         "torch.kthvalue": _torch_call(lambda v: torch.kthvalue(v, n - k + 1, dim=1).values, xt),
@@ -169,7 +173,10 @@ def heads(repeats: int, rounds: int) -> tuple[list[dict], dict]:
     bias = (0.1 * rng.normal(size=num_classes)).astype(np.float32)
     h_np = np.abs(rng.normal(size=(BATCH, num_features))).astype(np.float32)
     h = jnp.asarray(h_np)
-    state = scorers.get("maxlogit").fit(h_np[:num_classes], None, kernel, bias)
+    # Each scorer scores only its own state (the registry checks whose it is).
+    states = {name: scorers.get(name).fit(h_np[:num_classes], None, kernel, bias)
+              for name in ("maxlogit", "energy", "msp")}
+    state = states["maxlogit"]
     k, b = jnp.asarray(kernel), jnp.asarray(bias)
     w_t, b_t, h_t = (torch.from_numpy(a).to(device) for a in (kernel.T.copy(), bias, h_np))
 
@@ -187,14 +194,14 @@ def heads(repeats: int, rounds: int) -> tuple[list[dict], dict]:
     title = f"MaxLogit, {num_classes} x {num_features}"
     records += _time_group(title, variants, BATCH, repeats=repeats, rounds=rounds)
     energy = {
-        "energy (registered)": _jax_call(scorers.get("energy").score, state, h),
+        "energy (registered)": _jax_call(scorers.get("energy").score, states["energy"], h),
         "torch linear + logsumexp": _torch_call(
             lambda v: torch.logsumexp(torch.nn.functional.linear(v, w_t, b_t), dim=1), h_t),
     }
     records += _time_group(f"Energy, {num_classes} x {num_features}", energy, BATCH,
                            repeats=repeats, rounds=rounds)
     msp = {
-        "msp (registered)": _jax_call(scorers.get("msp").score, state, h),
+        "msp (registered)": _jax_call(scorers.get("msp").score, states["msp"], h),
         "torch linear + softmax + max": _torch_call(
             lambda v: torch.softmax(torch.nn.functional.linear(v, w_t, b_t), dim=1).max(dim=1).values,
             h_t),
@@ -203,7 +210,7 @@ def heads(repeats: int, rounds: int) -> tuple[list[dict], dict]:
                            repeats=repeats, rounds=rounds)
     for name in ("maxlogit", "energy"):
       hlo[f"{name} {num_classes} x {num_features}"] = _hlo_summary(
-          scorers.get(name).score, state, h)
+          scorers.get(name).score, states[name], h)
   return records, hlo
 
 

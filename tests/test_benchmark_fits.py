@@ -17,7 +17,8 @@ from benchmarks import fit_throughput  # noqa: E402
 from line_jax import scorers  # noqa: E402
 
 _FIELDS = {"method", "classes", "features", "samples", "hparams", "line_jax_s", "torch_s",
-           "ratio", "round_ratios", "checks_s", "agreement"}
+           "ratio", "round_ratios", "checks_s", "agreement", "ood_s", "ood_ratio",
+           "ood_accuracy"}
 
 
 @pytest.fixture(scope="module")

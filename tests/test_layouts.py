@@ -2,8 +2,7 @@
 
 `line_jax.layout` is the one switch: class-major logits for CPU batches up
 to `Layout.CLASS_MAJOR_MAX_BATCH` rows (ReAct clipping 64-row chunks), radix
-selection rolled on the CPU and unrolled elsewhere, KNN's radix selection
-against `lax.top_k`, LINe's grouped walk against its dense reduction,
+selection rolled on the CPU and unrolled elsewhere, LINe's grouped walk against its dense reduction,
 Mahalanobis' and ViM's row chunks against one product. Tests pick a layout
 by argument; both must give the same scores, chunk boundaries included.
 """

@@ -88,11 +88,8 @@ def test_knn_matches_numpy():
   want = -np.sort(distances, axis=1)[:, 6]
   scores, state = _fit_score("knn", k=7)
   np.testing.assert_allclose(scores, want, atol=2e-6)
-  # The one-block bank's two selections (radix on CPU, lax.top_k elsewhere).
-  z32 = jnp.asarray(z, jnp.float32)
-  for radix in (True, False):
-    kth = np.asarray(_knn._kth_one_block(state, z32, radix=radix), np.float64)
-    np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - kth, 0.0)), want, atol=2e-6)
+  kth = np.asarray(_knn._kth_one_block(state, jnp.asarray(z, jnp.float32)), np.float64)
+  np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - kth, 0.0)), want, atol=2e-6)
 
 
 @pytest.mark.parametrize("block_rows", [None, 32])  # one block; four, the last padded
@@ -110,11 +107,10 @@ def test_knn_scores_under_vmap_over_k_as_each_k_alone(block_rows):
     assert alone.k_max == k
     want = np.asarray(knn.score(alone, test))
     np.testing.assert_allclose(np.asarray(knn.score(state, test)), want, rtol=1e-6, atol=1e-6)
-    if block_rows is None:  # both one-block selections, traced k
-      for radix in (True, False):
-        kth = jax.vmap(lambda s: _knn._kth_one_block(s, z, radix=radix))(stacked)
-        np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - np.asarray(kth[ks.index(k)]), 0)),
-                                   want, atol=2e-6)
+    if block_rows is None:  # the one-block selection, traced k
+      kth = jax.vmap(lambda s: _knn._kth_one_block(s, z))(stacked)
+      np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - np.asarray(kth[ks.index(k)]), 0)),
+                                 want, atol=2e-6)
   vmapped = np.asarray(jax.vmap(knn.score, in_axes=(0, None))(stacked, test))
   for row, k in zip(vmapped, ks):
     np.testing.assert_allclose(row, np.asarray(knn.score(knn.fit(
@@ -152,8 +148,11 @@ def test_knn_bank_grows_in_place_yet_each_accumulator_keeps_its_own_rows():
   normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-10)
   want = normalise(np.concatenate(batches))
   np.testing.assert_allclose(history[-1].rows, want, rtol=1e-6)
-  # Appends share one buffer until it is full (1,024 rows), then it doubles...
-  assert history[1].rows.base is history[2].rows.base is history[3].rows.base
+  # The first batch's rows are kept as they are (a one-batch fit copies
+  # none); appends then share one buffer until it is full (1,024 rows), then
+  # it doubles...
+  assert history[1].rows.base is not history[2].rows.base
+  assert history[2].rows.base is history[3].rows.base
   assert history[4].rows.base is not history[3].rows.base
   # ...yet an older accumulator updated again gets rows of its own: the newer
   # ones keep theirs.
@@ -361,3 +360,28 @@ def test_nci_matches_numpy(alpha):
   want += alpha * np.abs(test.astype(np.float64)).sum(axis=1)
   got, state = _fit_score_big("nci", alpha=alpha)
   _close(got, want)
+
+
+@pytest.mark.parametrize("size, block_rows, shape", [
+    (50_000, 32_768, (2, 25_000)),  # equal blocks, no padding
+    (1_108, 500, (3, 370)),         # two zero rows at the end
+    (9, 32_768, (1, 9)),
+])
+def test_knn_bank_blocks_are_equal_and_pad_least(size, block_rows, shape):
+  rows = np.random.default_rng(3).random((size, 4)).astype(np.float32)
+  bank = np.asarray(_knn.blocked(rows, block_rows))
+  assert bank.shape == (*shape, 4)
+  flat = bank.reshape(-1, 4)
+  np.testing.assert_array_equal(flat[:size], rows)
+  assert not flat[size:].any()
+
+
+def test_knn_one_batch_fit_keeps_the_normalised_rows_without_a_copy():
+  # The bank of a one-batch CPU fit is the normalising computation's own
+  # buffer: update keeps a view of it, finalize hands it to the device as is.
+  train, labels, kernel, bias, _ = _problem()
+  acc = _knn.update(_knn.init(kernel, bias, k=3), jnp.asarray(train), None)
+  state = _knn.finalize(acc)
+  if jax.default_backend() == "cpu":  # XLA:CPU buffers are 64-byte aligned
+    assert state.bank.unsafe_buffer_pointer() == acc.rows.ctypes.data
+  np.testing.assert_array_equal(np.asarray(state.bank)[0], acc.rows)

@@ -218,3 +218,40 @@ def test_line_fit_names_what_it_cannot_take(io_problem, which):
   state = line.fit(features, labels, kernel, bias, p_w=50, p_a=30, clip=None)
   with pytest.raises(TypeError, match=r"^features must be .*, got str$"):
     line.score(state, "features.npy")
+
+
+# ---- the NaN / Inf scan ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("where", ["numpy", "jax"])
+def test_all_finite_finds_any_nan_or_inf_and_is_not_fooled_by_an_overflowing_sum(dtype, where):
+  from line_jax import _validation  # pylint: disable=import-outside-toplevel
+  big = float(jnp.finfo(dtype).max)
+  clean = np.full((64, 7), big, np.float64)  # Finite entries whose sum overflows.
+  clean[::3] = -0.5
+  cases = {"clean": clean}
+  for bad in (np.nan, np.inf, -np.inf):
+    x = clean.copy()
+    x[37, 5] = bad
+    cases[str(bad)] = x
+  for name, x in cases.items():
+    x = x.astype(jnp.dtype(dtype))
+    with jax.enable_x64(dtype == "float64"):
+      x = jnp.asarray(x) if where == "jax" else x
+      assert _validation.all_finite(x) is (name == "clean"), (name, x.dtype)
+
+
+def test_a_head_only_fit_reads_shapes_not_values(ok):
+  # MSP learns nothing from data, so it scans no feature for NaN (as its
+  # streamed fit never reads them); a scorer that reads them refuses.
+  nan = np.array(ok["features"], np.float32)
+  nan[0, 0] = np.nan
+  msp = scorers.get("msp")
+  state = msp.fit(nan, ok["labels"], ok["kernel"], ok["bias"])
+  np.testing.assert_array_equal(np.asarray(state.weight),
+                                np.asarray(msp.fit(**ok).weight))
+  with pytest.raises(ValueError, match="features contains NaN or Inf"):
+    scorers.get("knn").fit(nan, ok["labels"], ok["kernel"], ok["bias"], k=1)
+  with pytest.raises(ValueError, match="features must be 2-D"):
+    msp.fit(nan[0], ok["labels"], ok["kernel"], ok["bias"])

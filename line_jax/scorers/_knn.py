@@ -28,9 +28,9 @@ A score call walks the blocks with `lax.scan`, merging each block's
 similarities into a running exact top-k (`[batch, k]`), so its temporaries
 are `[batch, block_rows + k]` floats whatever the bank size. Work is
 `2 x batch x bank x features` flops for the products plus one top-k per
-block (timings: `benchmarks/results/`). A bank of one block skips the merge;
-on CPU it selects the k-th value by radix selection, faster than XLA's
-sort-based `top_k` there.
+block (timings: `benchmarks/results/`). A bank of one block skips the merge.
+The bank's blocks are equal, at most `block_rows` each, so a bank pads less
+than one block.
 
 The bank subsample is seeded and counter-based: sample i of the training
 stream is kept iff `uniform(fold_in(key(seed), i)) < bank_fraction`, so the
@@ -39,6 +39,7 @@ in-memory and the streamed fit keep the same samples.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import flax.struct
@@ -50,7 +51,6 @@ from line_jax import _validation
 from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _select
 
 K = None  # One neighbour per 1,000 bank rows (`default_k`), resolved at finalize.
 ROWS_PER_NEIGHBOUR = 1000
@@ -168,10 +168,11 @@ def update(acc: KnnAcc, features, labels) -> KnnAcc:
   """
   del labels
   n = int(np.shape(features)[0])
-  keep = _kept(int(acc.seen), n, acc.bank_fraction, acc.seed)
-  rows = acc.rows
-  if keep.any():
-    rows = _appended(rows, np.asarray(_normalise(features))[keep])
+  # On the CPU a view of the jitted result's buffer, not a copy.
+  new = np.asarray(_normalise(features))
+  if acc.bank_fraction < 1.0:
+    new = new[_kept(int(acc.seen), n, acc.bank_fraction, acc.seed)]
+  rows = _appended(acc.rows, new) if len(new) else acc.rows
   return acc.replace(rows=rows, seen=np.asarray(int(acc.seen) + n, np.int64))
 
 
@@ -206,6 +207,8 @@ def _appended(rows: np.ndarray, new: np.ndarray) -> np.ndarray:
   the other's rows.
   """
   n, r = rows.shape[0], new.shape[0]
+  if n == 0:
+    return new  # The first batch's rows as they are: a one-batch fit copies none.
   buffer = rows.base
   in_place = (isinstance(buffer, np.ndarray) and buffer.ndim == 2
               and buffer.dtype == new.dtype and buffer.shape[1] == rows.shape[1]
@@ -227,7 +230,7 @@ def merge(a: KnnAcc, b: KnnAcc) -> KnnAcc:
 
 def finalize(acc: KnnAcc) -> KnnState:
   """The bank on the device, `[blocks, block_rows, features]`."""
-  size, num_features = acc.rows.shape
+  size = acc.rows.shape[0]
   k = default_k(size) if acc.k is None else acc.k
   k_max = k if acc.k_max is None else acc.k_max
   if size < k:
@@ -236,14 +239,35 @@ def finalize(acc: KnnAcc) -> KnnState:
         f"({int(acc.seen)} training samples, bank_fraction {acc.bank_fraction}); "
         "k=None picks one neighbour per 1,000 rows"
     )
-  block_rows = min(acc.block_rows, size)
-  blocks = -(-size // block_rows)
-  bank = np.zeros((blocks * block_rows, num_features), np.float32)
-  bank[:size] = acc.rows
-  bank = jnp.asarray(bank.reshape(blocks, block_rows, num_features))
+  bank = blocked(acc.rows, acc.block_rows)
   # A top-k as wide as the bank already holds every neighbour.
-  return KnnState(bank, jnp.sum(bank * bank, axis=-1), jnp.asarray(k, jnp.int32),
-                  size, min(k_max, size))
+  return KnnState(bank, _sq_norms(bank), jnp.asarray(k, jnp.int32), size, min(k_max, size))
+
+
+def blocked(rows: np.ndarray, block_rows: int) -> jax.Array:
+  """`[blocks, rows per block, features]` on the device: `[n, features]` host
+  `rows` in equal blocks of at most `block_rows` (the least padding for that
+  block count), zero rows at the end."""
+  size, num_features = rows.shape
+  blocks = -(-size // block_rows)
+  block_rows = -(-size // blocks)
+  # On the CPU `device_put` takes a 64-byte-aligned host array (the view
+  # `update` keeps of a one-batch fit) as it is, without a copy.
+  if blocks * block_rows == size:
+    return jax.device_put(rows.reshape(blocks, block_rows, num_features))
+  return _padded(jax.device_put(rows), blocks, block_rows)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _padded(rows: jax.Array, blocks: int, block_rows: int) -> jax.Array:
+  """`[blocks, block_rows, features]`: `rows`, then zero rows."""
+  padding = blocks * block_rows - rows.shape[0]
+  return jnp.pad(rows, ((0, padding), (0, 0))).reshape(blocks, block_rows, rows.shape[1])
+
+
+@jax.jit
+def _sq_norms(bank: jax.Array) -> jax.Array:
+  return jnp.sum(bank * bank, axis=-1)
 
 
 FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge)
@@ -259,35 +283,34 @@ def _kth(best: jax.Array, k: jax.Array) -> jax.Array:
   return jax.lax.dynamic_index_in_dim(best, k - 1, axis=1, keepdims=False)
 
 
-def _kth_one_block(state: KnnState, z: jax.Array, layout: layout_lib.Layout | None = None, *,
-                   radix: bool | None = None) -> jax.Array:
-  """`[batch]` k-th largest affinity to a one-block bank.
+def _kth_one_block(state: KnnState, z: jax.Array) -> jax.Array:
+  """`[batch]` k-th largest affinity to a one-block bank: `lax.top_k` of width
+  `k_max`, read at the traced k - 1. (A static slice of the top-k values
+  would make XLA:CPU sort every row instead; radix selection over the rows
+  ran 2-3x slower than this on CPU: `benchmarks/kernel_variants.py`.)"""
+  return _kth(jax.lax.top_k(_affinity(z, state.bank[0], state.sq_norms[0]), state.k_max)[0],
+              state.k)
 
-  `radix` (default: the CPU layout's) selects by radix selection down the
-  bank-major `[rows, batch]` affinities, the layout it reduces fastest, with
-  the traced k itself; otherwise by `lax.top_k` (width `k_max`) along
-  `[batch, rows]`, which a GPU runs faster than the unrolled radix selection
-  (`benchmarks/kernel_variants.py`).
-  """
-  bank, sq_norms = state.bank[0], state.sq_norms[0]
-  if radix is None:
-    radix = layout_lib.resolve(layout).cpu
-  if radix:
-    affinity = 2.0 * jnp.matmul(bank, z.T, precision=_PRECISION) - sq_norms[:, None]
-    return _select.kth_largest_per_column(affinity, state.k, unroll=_select.unrolled(layout))
-  return _kth(jax.lax.top_k(_affinity(z, bank, sq_norms), state.k_max)[0], state.k)
+
+def merged_top_k(best: jax.Array, values: jax.Array, k: int) -> jax.Array:
+  """`[batch, k]` the k largest of `best` `[batch, k]` and `values` `[batch, n]`,
+  largest first. The block's own top-k first: merging those copies
+  `[batch, 2k]`, not the whole block."""
+  block_best = jax.lax.top_k(values, min(k, values.shape[1]))[0]
+  return jax.lax.top_k(jnp.concatenate([best, block_best], axis=1), k)[0]
 
 
 def _kth_blocks(state: KnnState, z: jax.Array) -> jax.Array:
   blocks, block_rows, _ = state.bank.shape
   rows = jnp.arange(block_rows)
+  padded = blocks * block_rows > state.size
 
   def merge(best, inputs):
     block, sq_norms, start = inputs
     affinity = _affinity(z, block, sq_norms)
-    affinity = jnp.where(start + rows < state.size, affinity, -jnp.inf)
-    merged = jnp.concatenate([best, affinity], axis=1)
-    return jax.lax.top_k(merged, state.k_max)[0], None
+    if padded:  # Only the last block holds padding rows.
+      affinity = jnp.where(start + rows < state.size, affinity, -jnp.inf)
+    return merged_top_k(best, affinity, state.k_max), None
 
   best = jnp.full((z.shape[0], state.k_max), -jnp.inf, jnp.float32)
   starts = jnp.arange(blocks) * block_rows
@@ -307,7 +330,7 @@ def score(state: KnnState, features: jax.Array,
   _common.check_width(features, state.bank.shape[2])
   z = _normalise(features)
   if state.bank.shape[0] == 1:
-    kth = _kth_one_block(state, z, layout)
+    kth = _kth_one_block(state, z)
   else:
     kth = _kth_blocks(state, z)
   sq_distance = jnp.sum(z * z, axis=1) - kth

@@ -45,8 +45,7 @@ from line_jax import _matmul
 from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _select
-from line_jax.scorers import _shaping
+from line_jax.scorers import _knn
 
 K = 10
 BANK_SIZE = 12_811
@@ -180,12 +179,7 @@ def finalize(acc: NnguideAcc) -> NnguideState:
     raise ValueError(
         f"k = {acc.k} needs at least {acc.k} bank rows, but the bank has {size} "
         f"(bank_size {acc.bank_size})")
-  block_rows = min(acc.block_rows, size)
-  blocks = -(-size // block_rows)
-  bank = np.zeros((blocks * block_rows, num_features), np.float32)
-  bank[:size] = acc.rows
-  return NnguideState(acc.head.weight, acc.head.bias,
-                      jnp.asarray(bank.reshape(blocks, block_rows, num_features)),
+  return NnguideState(acc.head.weight, acc.head.bias, _knn.blocked(acc.rows, acc.block_rows),
                       jnp.asarray(acc.k, jnp.int32), size, min(acc.k_max, size))
 
 
@@ -193,18 +187,23 @@ FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge)
 
 
 def _top_k_sum_blocks(state: NnguideState, z: jax.Array) -> jax.Array:
-  """`[batch]` sums of the k largest `z . b` over a bank of several blocks:
-  a running top-`k_max`, of which the first k count."""
+  """`[batch]` sums of the k largest `z . b`: a top-`k_max` (running over the
+  blocks of a bank of several), of which the first k count."""
   blocks, block_rows, _ = state.bank.shape
-  rows = jnp.arange(block_rows)
+  if blocks == 1:
+    best = jax.lax.top_k(_matmul.dot(z, state.bank[0].T), state.k_max)[0]
+  else:
+    rows = jnp.arange(block_rows)
 
-  def step(best, inputs):
-    block, start = inputs
-    sims = jnp.where(start + rows < state.size, _matmul.dot(z, block.T), -jnp.inf)
-    return jax.lax.top_k(jnp.concatenate([best, sims], axis=1), state.k_max)[0], None
+    def step(best, inputs):
+      block, start = inputs
+      sims = _matmul.dot(z, block.T)
+      if blocks * block_rows > state.size:  # Only the last block holds padding rows.
+        sims = jnp.where(start + rows < state.size, sims, -jnp.inf)
+      return _knn.merged_top_k(best, sims, state.k_max), None
 
-  best = jnp.full((z.shape[0], state.k_max), -jnp.inf, jnp.float32)
-  best, _ = jax.lax.scan(step, best, (state.bank, jnp.arange(blocks) * block_rows))
+    best = jnp.full((z.shape[0], state.k_max), -jnp.inf, jnp.float32)
+    best, _ = jax.lax.scan(step, best, (state.bank, jnp.arange(blocks) * block_rows))
   return jnp.sum(jnp.where(jnp.arange(state.k_max) < state.k, best, 0.0), axis=1)
 
 
@@ -221,9 +220,5 @@ def score(state: NnguideState, features: jax.Array,
   _common.check_width(features, state.bank.shape[2])
   h = features.astype(jnp.float32)
   z = normalise(h)
-  if state.bank.shape[0] == 1:
-    top = _shaping.top_k_sum(_matmul.dot(z, state.bank[0].T), state.k,
-                             unroll=_select.unrolled(layout))
-  else:
-    top = _top_k_sum_blocks(state, z)
+  top = _top_k_sum_blocks(state, z)
   return _common.head_energy(state, h, layout) * (top / state.k.astype(jnp.float32))

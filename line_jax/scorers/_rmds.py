@@ -58,7 +58,8 @@ def init(kernel, bias) -> _mahalanobis.ClassMoments:
 
 @jax.jit
 def _background(acc: _mahalanobis.ClassMoments) -> tuple[jax.Array, jax.Array]:
-  """Mean and covariance of all samples, float64 (x64 on), from the class moments.
+  """Mean of all samples and the pseudo-inverse of their covariance, float64
+  (x64 on), from the class moments.
 
   Jitted, so a restored accumulator of NumPy arrays runs the same XLA
   program as a fresh one (NumPy's own `@` would round differently).
@@ -67,15 +68,16 @@ def _background(acc: _mahalanobis.ClassMoments) -> tuple[jax.Array, jax.Array]:
   total = jnp.sum(counts)
   mean = counts @ acc.means / total
   between = acc.means - mean
-  return mean, (acc.scatter + (between.T * counts) @ between) / total
+  covariance = (acc.scatter + (between.T * counts) @ between) / total
+  return mean, _mahalanobis.pinv_covariance(covariance)
 
 
 def finalize(acc: _mahalanobis.ClassMoments) -> RmdsState:
   """Both Gaussians from the class moments (float64 pseudo-inverses)."""
   classes = _mahalanobis.from_moments(acc)  # checks that every class has a sample
-  with jax.enable_x64(True):
-    mean, covariance = _background(acc)
-    precision = jnp.linalg.pinv(covariance, hermitian=True)
+  layout = layout_lib.for_arrays(acc.scatter)
+  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout):
+    mean, precision = jax.block_until_ready(_background(acc))
   return RmdsState(classes.center, classes.means, classes.precision, classes.mean_norms,
                    mean.astype(jnp.float32), precision.astype(jnp.float32))
 
