@@ -25,6 +25,13 @@ implementation of the same statistics on the same data (torch tensors):
   clip given as a percentile of the training activations (the default
   `TrainPercentile(90)`), that percentile as for ReAct.
 
+* RMDS: Mahalanobis's statistics plus the pseudo-inverse of the covariance of
+  all features (float64).
+
+Beside them, for Mahalanobis, RMDS, ViM, KNN and NNGuide, pytorch-ood 0.4.0's
+own float32 computation (`TORCH_OOD`, a third side): its time, and how far
+its statistics lie from the float64 ones (`ood_accuracy`).
+
 A scorer registered without a PyTorch counterpart here is timed alone.
 After one untimed call of each, the two sides take turns call by call for a
 few rounds (`timing.interleaved_blocks`, every cell in every round, so a slow
@@ -42,6 +49,8 @@ input checks (`_common.check_train`: finite features, labels in range), which
 the PyTorch side does not do.
 
     python -m benchmarks.fit_throughput [--out benchmarks/results] [--rounds 3]
+
+`benchmarks.nearest_neighbours` runs the same comparison on real features.
 
 `--out DIR` writes `DIR/<device>/fits.json` and `fits.md`.
 """

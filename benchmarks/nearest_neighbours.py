@@ -186,6 +186,45 @@ def scoring_table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def chart(fits: list[dict], scores: list[dict], out: str) -> str:
+  """`out` (PNG): each fit's and each scoring cell's speed over line_jax's,
+  against PyTorch and against pytorch-ood's way (scikit-learn for KNN's
+  scoring); above 1, line_jax is faster."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  labels, ratios = zip(*chart_rows(fits, scores))
+  fig, axis = plt.subplots(figsize=(8, 0.16 * len(labels) + 1.2))
+  axis.barh(range(len(labels)), ratios,
+            color=["tab:blue" if r >= 1 else "tab:red" for r in ratios])
+  axis.axvline(1.0, color="black", linewidth=0.8)
+  axis.set_yticks(range(len(labels)), labels, fontsize=5.5)
+  axis.set_ylim(len(labels) - 0.5, -0.5)  # First row on top, no margins.
+  axis.set_xlabel("their seconds / line_jax's (above 1: line_jax faster)", fontsize=8)
+  axis.set_title("Fits and nearest-neighbour scoring on DenseNet-BC-100 CIFAR-10 features",
+                 fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
+def chart_rows(fits: list[dict], scores: list[dict]) -> list[tuple[str, float]]:
+  """`(label, their seconds / line_jax's)` of every bar of `chart`."""
+  rows = []
+  for r in fits:
+    for side, key in (("PyTorch float64", "ratio"), ("pytorch-ood float32", "ood_ratio")):
+      if r.get(key):
+        rows.append((f"fit {r['method']} vs {side}", r[key]))
+  for r in scores:
+    for side, ratio in r["ratios"].items():
+      name = "scikit-learn (pytorch-ood)" if side == "sklearn" else "PyTorch"
+      rows.append((f"{r['method']} {r['bank'] // 1000}k rows k={r['k']} batch {r['batch']}"
+                   f" vs {name}", ratio))
+  return rows
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--id-folder", required=True, help="CIFAR-10 ImageFolder (train/, test/)")
@@ -223,7 +262,8 @@ def main(argv=None) -> None:
                  "--torch-checkpoint ../shared/weights/dice_densenet100_cifar10.pth.tar "
                  f"--out {args.out}"),
         footer=footer, table=markdown)
-    print(f"wrote {folder}/nearest_neighbours.json and .md")
+    chart(fits, scores, os.path.join(folder, "nearest_neighbours.png"))
+    print(f"wrote {folder}/nearest_neighbours.json, .md and .png")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,15 @@ def test_pytorch_ood_sides_fit_and_say_how_far_float32_lies():
   assert by_name["mahalanobis"]["ood_accuracy"]["precision_rel"] < 1e-3
   assert set(by_name["rmds"]["ood_accuracy"]) == {"precision_rel", "background_precision_rel"}
   assert by_name["knn"]["ood_accuracy"] == {} and by_name["nnguide"]["agreement"] == {"ok": None}
+
+
+def test_chart_draws_a_bar_per_ratio(records, tmp_path):
+  fits = [{"method": "knn", "ratio": 0.9, "ood_ratio": 1.1},
+          {"method": "msp", "ratio": 2.0, "ood_ratio": None}]
+  rows = nearest_neighbours.chart_rows(fits, records)
+  assert rows[:3] == [("fit knn vs PyTorch float64", 0.9),
+                      ("fit knn vs pytorch-ood float32", 1.1), ("fit msp vs PyTorch float64", 2.0)]
+  assert [r for _, r in rows[3:]] == [v for rec in records for v in rec["ratios"].values()]
+  out = nearest_neighbours.chart(fits, records, str(tmp_path / "nn.png"))
+  with open(out, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
