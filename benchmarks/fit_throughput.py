@@ -423,8 +423,7 @@ def run(classes=CLASSES, *, samples: int = SAMPLES, features: int = FEATURES,
           if ood_t is not None:
             accuracy = ood_accuracy(name, ood_call(), reference, samples)
         checks_s = _seconds(lambda yj=yj, xj=xj, kj=kj, bj=bj, scorer=scorer: (
-            _common.check_train(xj, yj, kj, bj, needs_labels=scorer.fold.needs_labels,
-                                reads_data=scorer.fold.reads_data)))
+            _common.check_train(xj, yj, kj, bj, needs_labels=scorer.fold.needs_labels)))
         sides = [jax_call] + [f for f, t in ((torch_call, fit_t), (ood_call, ood_t))
                               if t is not None]
         cells.append(dict(method=name, classes=num_classes, features=features, samples=samples,

@@ -92,6 +92,21 @@ def _shape_of(name: str, x) -> tuple[int, ...]:
   return tuple(x.shape)
 
 
+# Arrays of up to this many entries are checked on the host: cheaper than a
+# compiled reduction's dispatch and wait (on the CPU a JAX array's host view
+# is not a copy; from an accelerator it is at most a 1 MB copy).
+_HOST_CHECK_MAX = 1 << 18
+
+
+def _host_view(x) -> np.ndarray | None:
+  """`x` as a NumPy array where it is checked on the host, else None."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
+  if x.size <= _HOST_CHECK_MAX and x.is_fully_addressable:
+    return np.asarray(x)
+  return None
+
+
 @jax.jit
 def _sum_is_finite(x: jax.Array) -> jax.Array:
   return jnp.isfinite(jnp.sum(x, dtype=jnp.promote_types(x.dtype, jnp.float32)))
@@ -104,14 +119,15 @@ def all_finite(x) -> bool:
   read, no `[n, features]` mask) proves every entry finite; only a sum that
   is not finite (a bad entry, or finite entries that overflow it) takes the
   entry-by-entry check. A JAX array is reduced where it lives and only one
-  bool comes back; a NumPy array (a memmap too) is read on the host, never
-  copied to the device for it.
+  bool comes back; a NumPy array (a memmap too) and a small JAX array are
+  read on the host, never copied to the device for it.
   """
-  if isinstance(x, jax.Array):
+  host = _host_view(x)
+  if host is None:
     # A float64 array (made under `enable_x64`) is summed in float64 too.
     with jax.enable_x64(True) if x.dtype == np.float64 else contextlib.nullcontext():
       return bool(_sum_is_finite(x)) or bool(jnp.all(jnp.isfinite(x)))
-  x = np.asarray(x)
+  x = host
   total_dtype = np.float64 if x.dtype == np.float64 else np.float32
   with np.errstate(over="ignore", invalid="ignore"):
     if np.isfinite(np.sum(x, dtype=total_dtype)):
@@ -137,10 +153,8 @@ def finite_float_array(name: str, x) -> None:
   _check_finite(name, x)
 
 
-def features(x, *, name: str = "features", width: int | None = None,
-             values: bool = True) -> None:
-  """Checks `[batch, features]`: 2-D, non-empty, floating, right width, and
-  (with `values`; False where nothing reads them) finite."""
+def features(x, *, name: str = "features", width: int | None = None) -> None:
+  """Checks `[batch, features]`: 2-D, non-empty, floating, finite, right width."""
   shape = _shape_of(name, x)
   if len(shape) != 2:
     raise ValueError(f"{name} must be 2-D [batch, features], got shape {shape}")
@@ -151,8 +165,7 @@ def features(x, *, name: str = "features", width: int | None = None,
         f"{name} has {shape[1]} features per sample but the head expects {width}"
     )
   _check_float(name, x)
-  if values:
-    _check_finite(name, x)
+  _check_finite(name, x)
 
 
 def feature_shape(shape: tuple[int, ...], width: int) -> None:
@@ -219,7 +232,11 @@ def labels(y, num_samples: int, num_classes: int, *, name: str = "labels") -> No
     )
   if not np.issubdtype(np.dtype(y.dtype), np.integer):
     raise TypeError(f"{name} must be integers, got dtype {np.dtype(y.dtype)}")
-  lo, hi = int(jnp.min(y)), int(jnp.max(y))
+  host = _host_view(y)
+  if host is None:
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+  else:
+    lo, hi = int(host.min()), int(host.max())
   if lo < 0 or hi >= num_classes:
     raise ValueError(
         f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]"

@@ -224,11 +224,12 @@ def test_line_fit_names_what_it_cannot_take(io_problem, which):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-@pytest.mark.parametrize("where", ["numpy", "jax"])
+@pytest.mark.parametrize("where", ["numpy", "jax", "jax, past the host-check size"])
 def test_all_finite_finds_any_nan_or_inf_and_is_not_fooled_by_an_overflowing_sum(dtype, where):
   from line_jax import _validation  # pylint: disable=import-outside-toplevel
   big = float(jnp.finfo(dtype).max)
-  clean = np.full((64, 7), big, np.float64)  # Finite entries whose sum overflows.
+  rows = 64 if "past" not in where else _validation._HOST_CHECK_MAX // 7 + 1  # pylint: disable=protected-access
+  clean = np.full((rows, 7), big, np.float64)  # Finite entries whose sum overflows.
   clean[::3] = -0.5
   cases = {"clean": clean}
   for bad in (np.nan, np.inf, -np.inf):
@@ -238,20 +239,18 @@ def test_all_finite_finds_any_nan_or_inf_and_is_not_fooled_by_an_overflowing_sum
   for name, x in cases.items():
     x = x.astype(jnp.dtype(dtype))
     with jax.enable_x64(dtype == "float64"):
-      x = jnp.asarray(x) if where == "jax" else x
+      x = jnp.asarray(x) if where.startswith("jax") else x
       assert _validation.all_finite(x) is (name == "clean"), (name, x.dtype)
 
 
-def test_a_head_only_fit_reads_shapes_not_values(ok):
-  # MSP learns nothing from data, so it scans no feature for NaN (as its
-  # streamed fit never reads them); a scorer that reads them refuses.
-  nan = np.array(ok["features"], np.float32)
-  nan[0, 0] = np.nan
-  msp = scorers.get("msp")
-  state = msp.fit(nan, ok["labels"], ok["kernel"], ok["bias"])
-  np.testing.assert_array_equal(np.asarray(state.weight),
-                                np.asarray(msp.fit(**ok).weight))
-  with pytest.raises(ValueError, match="features contains NaN or Inf"):
-    scorers.get("knn").fit(nan, ok["labels"], ok["kernel"], ok["bias"], k=1)
-  with pytest.raises(ValueError, match="features must be 2-D"):
-    msp.fit(nan[0], ok["labels"], ok["kernel"], ok["bias"])
+@pytest.mark.parametrize("size", [12, 300_000])  # checked on the host; on the device
+def test_jax_labels_out_of_range_are_named_wherever_they_are_checked(size):
+  from line_jax import _validation  # pylint: disable=import-outside-toplevel
+  y = np.zeros(size, np.int32)
+  _validation.labels(jnp.asarray(y), size, 3)
+  y[size // 2] = 3
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[0, 3\]"):
+    _validation.labels(jnp.asarray(y), size, 3)
+  y[size // 2] = -2
+  with pytest.raises(ValueError, match=r"got values in \[-2, 0\]"):
+    _validation.labels(jnp.asarray(y), size, 3)

@@ -156,8 +156,7 @@ def mean_acc(kernel, bias, setting: float) -> MeanAcc:
                    jnp.zeros((), jnp.int64), jnp.asarray(setting, jnp.float64))
 
 
-def check_train(features, labels, kernel, bias, *, needs_labels: bool = False,
-                reads_data: bool = True) -> int:
+def check_train(features, labels, kernel, bias, *, needs_labels: bool = False) -> int:
   """Validates in-memory training data and the head; returns the class count.
 
   Args:
@@ -166,11 +165,8 @@ def check_train(features, labels, kernel, bias, *, needs_labels: bool = False,
     kernel: `[features, classes]` head kernel.
     bias: `[classes]` head bias or None.
     needs_labels: whether None labels are an error.
-    reads_data: False for a scorer that fits nothing from data: its features
-      are checked for shape and dtype, not scanned for NaN / Inf (as its
-      streamed fit never reads them).
   """
-  _validation.features(features, values=reads_data)
+  _validation.features(features)
   num_classes = _validation.head(kernel, bias, features.shape[1])
   _validation.train_labels(labels, features.shape[0], num_classes, needs_labels=needs_labels)
   return num_classes

@@ -113,7 +113,7 @@ class Scorer(NamedTuple):
     self.check_hparams(hparams)
     features, labels, kernel, bias = _validation.train_arrays(features, labels, kernel, bias)
     _common.check_train(features, labels, kernel, bias,
-                        needs_labels=self.fold.needs_labels, reads_data=self.fold.reads_data)
+                        needs_labels=self.fold.needs_labels)
     # In-memory data is the whole training set, on every process alike.
     return fold_lib.fit(self.fold, [(features, labels)], kernel, bias, validate=False,
                         across_processes=False, **hparams)
