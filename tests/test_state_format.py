@@ -36,7 +36,14 @@ def test_a_v1_state_of_every_scorer_loads_and_scores_as_before(name):
     assert json.load(f)["format"] == "line_jax.state/1"
   state = line_jax.load(path)
   scores = np.asarray(scorers.get(name).score(state, EXPECTED["test"]))
-  np.testing.assert_array_equal(scores, EXPECTED[name])
+  if name == "knn":
+    # The v1 release's CPU path multiplied bank-major, `bank @ z^T`, for its
+    # radix selection; KNN now selects with `lax.top_k` over `z @ bank^T` on
+    # every device (as the accelerator path did), which rounds the affinity
+    # differently in the last bit. The k-th neighbour itself is exact either way.
+    np.testing.assert_allclose(scores, EXPECTED[name], rtol=1e-6, atol=0)
+  else:
+    np.testing.assert_array_equal(scores, EXPECTED[name])
 
 
 def test_a_v1_line_module_state_loads_and_scores_as_before():

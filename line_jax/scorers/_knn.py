@@ -26,7 +26,7 @@ Scale: the bank lives on the device as `[blocks, block_rows, features]`
 float32 (ImageNet: 1.28 M x 2048 = 10.5 GB; 105 MB at `bank_fraction=0.01`).
 A score call walks the blocks with `lax.scan`, merging each block's
 similarities into a running exact top-k (`[batch, k]`), so its temporaries
-are `[batch, block_rows + k]` floats whatever the bank size. Work is
+are `[batch, block_rows]` floats whatever the bank size. Work is
 `2 x batch x bank x features` flops for the products plus one top-k per
 block (timings: `benchmarks/results/`). A bank of one block skips the merge.
 The bank's blocks are equal, at most `block_rows` each, so a bank pads less

@@ -27,7 +27,7 @@ merged or re-ordered fit keeps the same rows. The accumulator holds at most
 `bank_size` rows plus one batch (host memory); the fitted bank `bank_size x
 features` float32 on the device (105 MB at 2048 features); a score call
 walks it in blocks of `block_rows` with a running top-k, so its temporaries
-are `[batch, block_rows + k]` whatever the bank. (A bank of the whole training set,
+are `[batch, block_rows]` whatever the bank. (A bank of the whole training set,
 as pytorch-ood's NNGuide keeps, was reported at 34 GiB on ImageNet.) A training set smaller
 than `bank_size` is kept whole.
 """
