@@ -273,7 +273,8 @@ def torch_fit(name: str) -> Callable[..., dict] | None:
   return None
 
 
-def _rel(a, b) -> float:
+def max_rel_diff(a, b) -> float:
+  """The largest difference of `a` and `b` over `b`'s largest magnitude."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
@@ -297,21 +298,21 @@ def agreement(name: str, state: Any, stats: dict, kernel: np.ndarray, bias: np.n
     return {"mask_mismatches": mismatches, "ok": mismatches == 0}
   if name in ("mahalanobis", "rmds"):
     means = np.asarray(state.means, np.float64) + np.asarray(state.center, np.float64)
-    out = {"means_rel": _rel(means, t["means"]), "precision_rel": _rel(state.precision,
-                                                                      t["precision"])}
+    out = {"means_rel": max_rel_diff(means, t["means"]),
+           "precision_rel": max_rel_diff(state.precision, t["precision"])}
     if name == "rmds":
-      out["background_precision_rel"] = _rel(state.background_precision,
-                                             t["background_precision"])
+      out["background_precision_rel"] = max_rel_diff(state.background_precision,
+                                                     t["background_precision"])
     out["ok"] = max(out.values()) <= RTOL
     return out
   if name == "knn":
     bank = np.asarray(state.bank).reshape(-1, state.bank.shape[-1])[: state.size]
-    out = {"bank_rel": _rel(bank, t["bank"])}
+    out = {"bank_rel": max_rel_diff(bank, t["bank"])}
     out["ok"] = out["bank_rel"] <= RTOL
     return out
   if name == "vim":
     r, q = np.asarray(state.residual, np.float64), t["residual"]
-    out = {"alpha_rel": _rel(state.alpha, t["alpha"]),
+    out = {"alpha_rel": max_rel_diff(state.alpha, t["alpha"]),
            "residual_projection_max_diff": float(np.max(np.abs(r @ r.T - q @ q.T)))}
     out["ok"] = max(out.values()) <= RTOL
     return out
@@ -338,16 +339,17 @@ def ood_accuracy(name: str, ood: dict, reference: dict, samples: int) -> dict:
   (`{}` where there is nothing to compare)."""
   if name in ("mahalanobis", "rmds"):
     # pytorch-ood's scatter is not divided by n: its precision is n times smaller.
-    out = {"precision_rel": _rel(samples * ood["precision"].double().numpy(),
+    out = {"precision_rel": max_rel_diff(samples * ood["precision"].double().numpy(),
                                  reference["precision"].numpy())}
     if name == "rmds":
-      out["background_precision_rel"] = _rel(
+      out["background_precision_rel"] = max_rel_diff(
           samples * ood["background_precision"].double().numpy(),
           reference["background_precision"].numpy())
     return out
   if name == "vim":
     r, q = ood["residual"].double().numpy(), reference["residual"].numpy()
-    return {"alpha_rel": _rel(ood["alpha"].double().numpy(), reference["alpha"].numpy()),
+    return {"alpha_rel": max_rel_diff(ood["alpha"].double().numpy(),
+                                      reference["alpha"].numpy()),
             "residual_projection_max_diff": float(np.max(np.abs(r @ r.T - q @ q.T)))}
   return {}
 

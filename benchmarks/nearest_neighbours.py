@@ -109,11 +109,6 @@ def _chunks(x, batch):
   return [x[i:i + batch] for i in range(0, len(x), batch)]
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
 def scoring(train, test, kernel, bias, *, banks=BANKS, batches=BATCHES, rounds: int = 3,
             settle_s: float = 0.1, knn_k=None, nnguide_k=None) -> list[dict]:
   """Times KNN's and NNGuide's scoring of `test` against banks of `train`'s rows.
@@ -155,7 +150,8 @@ def scoring(train, test, kernel, bias, *, banks=BANKS, batches=BATCHES, rounds: 
                 return [fn(p) for p in inputs]
             sides[side] = call
           ours = np.concatenate([np.asarray(s) for s in jax_call()])
-          agree = {side: _rel(ours, np.concatenate([np.asarray(s) for s in call()]))
+          agree = {side: fit_throughput.max_rel_diff(
+                       ours, np.concatenate([np.asarray(s) for s in call()]))
                    for side, call in sides.items() if side != "line_jax"}
           cells.append(dict(method=name, bank=rows, k=k, batch=size, queries=len(test),
                             sides=list(sides), rel_diff=agree,
