@@ -13,7 +13,8 @@ without patching anything:
 A computation that runs a network is also compiled with XLA options of its
 own on the CPU (`network_jit`, `Layout.network_compiler_options`).
 
-The only module that asks JAX for the backend (`default`, `for_arrays`).
+The only module that asks JAX for the backend (`default`, `for_arrays`,
+`for_device`).
 """
 
 from __future__ import annotations
@@ -152,8 +153,13 @@ def for_arrays(*arrays: Any) -> Layout:
   for array in arrays:
     if isinstance(array, jax.Array) and not isinstance(array, jax.core.Tracer):
       try:
-        platform = next(iter(array.devices())).platform
+        device = next(iter(array.devices()))
       except (RuntimeError, StopIteration):  # Deleted or donated buffers.
         continue
-      return CPU if platform == "cpu" else ACCELERATOR
+      return for_device(device)
   return default()
+
+
+def for_device(device: jax.Device) -> Layout:
+  """The layout of computations on `device`."""
+  return CPU if device.platform == "cpu" else ACCELERATOR

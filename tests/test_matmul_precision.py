@@ -79,7 +79,7 @@ def test_a_default_precision_the_user_chose_applies_instead(problem):
     assert _matmul.precision() is None
     precisions = _traced(scorers.get("energy").score, state, test)
   tf32 = (jax.lax.Precision.HIGH, jax.lax.Precision.HIGH)  # what JAX makes of "tensorfloat32"
-  assert precisions == [tf32]
+  assert precisions == [tf32, tf32]  # The head's product and the guard's (`_scoring.finite_rows`).
 
 
 @pytest.mark.parametrize("method", sorted(tune.GRIDS))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from line_jax import _buckets
+from line_jax import layout
 from line_jax import line
 from line_jax import scorers
 
@@ -137,6 +138,26 @@ def test_traced_calls_use_the_jitted_function(problem):
   assert jax.make_jaxpr(scorer.score)(states[0], test[:5]).out_avals[0].shape == (5,)
   assert (scorer.score.lower(states[0], test[:8]).as_text()
           == scorer.score_fn.lower(states[0], test[:8]).as_text())
+
+
+def test_placed_features_at_a_bucket_run_as_they_are_with_their_devices_layout(problem):
+  # The short path of `Bucketed`: one device's array, batch already a bucket.
+  *_, test = problem
+  state = _fit("energy", problem)
+  scorer = scorers.get("energy")
+  rows = jax.device_put(test[:8])
+  device_layout = layout.for_device(next(iter(rows.devices())))
+  want = np.asarray(scorer.score_fn(state, rows, layout=device_layout))
+  np.testing.assert_array_equal(np.asarray(scorer.score(state, rows)), want)
+  # A traced state with concrete features takes the same path.
+  traced = jax.jit(lambda s: scorer.score(s, rows))(state)
+  np.testing.assert_allclose(np.asarray(traced), want, rtol=1e-6)
+  # A layout given by the caller is the caller's.
+  other = layout.ACCELERATOR if device_layout.cpu else layout.CPU
+  np.testing.assert_allclose(np.asarray(scorer.score(state, rows, layout=other)), want,
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(TypeError, match="cannot score"):  # The state is still checked.
+    scorer.score(_fit("react", problem), rows)
 
 
 def test_inputs_it_cannot_pad_reach_the_jitted_functions_own_errors(problem):
