@@ -8,7 +8,13 @@ CIFAR value). The PyTorch version of the same method
 fitted state, and both score the same batch. After a warm-up call
 (compilation) of every implementation of every cell (method and shape),
 `rounds` rounds each run one block of `repeats` calls of each, cell after
-cell, line_jax's block next to PyTorch's (`timing.interleaved_blocks`); every
+cell, line_jax's block next to PyTorch's (`timing.interleaved_blocks`). Each
+block starts with `WAKE_S` seconds of untimed calls of the same
+implementation, both sides alike, so the figure is that of steady scoring (a
+stream of batches): on this project's 2-core VM a call of a few hundred
+microseconds stays up to 1.7x slower for the first tens of milliseconds
+after its framework was idle, more so for XLA's workers than for PyTorch's
+spinning OpenMP ones (`--wake-s 0` times those first calls). Every
 call is waited for (`block_until_ready`), and a cell's median call time gives
 its samples/s. A round visits all cells, so a spell of a few seconds in which
 a shared machine runs slow falls into one round of many cells rather than into
@@ -20,10 +26,10 @@ shows how far such a spell moves the figure.
 On a shared CPU run it while nothing else does: PyTorch's OpenMP barriers
 slow down far more than XLA under foreign load.
 
-Run from the repository root (about 24 minutes on 2 cores for batches of
+Run from the repository root (about 27 minutes on 2 cores for batches of
 256 and 1,024):
 
-    python -m benchmarks.scorer_throughput [--batches 256 1024] [--out benchmarks/results]
+    python -m benchmarks.scorer_throughput [--batches 256 1024] [--wake-s 0.05] [--out benchmarks/results]
 
 `--out DIR` writes `DIR/<device>/scorers.json` (records and environment) and
 `scorers.md` (the table).
@@ -50,6 +56,9 @@ from benchmarks import torch_baselines  # pylint: disable=wrong-import-position
 from line_jax import scorers  # pylint: disable=wrong-import-position
 
 SHAPES = ((10, 342), (100, 342), (1000, 2048))
+# Each block starts with this long a spell of untimed calls, so that it times
+# steady scoring (a stream of batches), not the wake-up of idle workers.
+WAKE_S = 0.05
 
 
 def _problem(num_classes: int, num_features: int, train: int, batch: int, seed: int):
@@ -63,7 +72,8 @@ def _problem(num_classes: int, num_features: int, train: int, batch: int, seed: 
 
 
 def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 7,
-        train: int = 2048, knn_k: int = 50, names=None, seed: int = 0) -> list[dict]:
+        train: int = 2048, knn_k: int = 50, names=None, seed: int = 0,
+        wake_s: float = WAKE_S) -> list[dict]:
   """Measures samples/s of every scorer in line_jax and in PyTorch.
 
   Args:
@@ -75,6 +85,8 @@ def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 7,
     knn_k: KNN's k (its default 1000 suits a full ImageNet bank, not this).
     names: scorers to measure (default: all registered).
     seed: seed of the random problem.
+    wake_s: untimed calls before each block, in seconds
+      (`timing.interleaved_blocks`); 0 for one call.
 
   Returns:
     One dict per (scorer, shape, implementation): what, method, classes,
@@ -89,12 +101,12 @@ def run(shapes=SHAPES, batch: int = 256, repeats: int = 10, *, rounds: int = 7,
   async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   try:
-    return _run(shapes, batch, repeats, rounds, train, knn_k, names, seed)
+    return _run(shapes, batch, repeats, rounds, train, knn_k, names, seed, wake_s)
   finally:
     jax.config.update("jax_cpu_enable_async_dispatch", async_dispatch)
 
 
-def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict]:
+def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed, wake_s) -> list[dict]:
   cells, fns = [], []  # cells: (method, classes, features, implementations)
   for num_classes, num_features in shapes:
     features, labels, kernel, bias, test = _problem(
@@ -127,7 +139,7 @@ def _run(shapes, batch, repeats, rounds, train, knn_k, names, seed) -> list[dict
       fns += [fn for _, fn in implementations]
   # One round visits every cell, so a slow spell of the machine lasting a
   # few seconds lands in one round of many cells, not in every round of one.
-  times = iter(timing.interleaved_blocks(fns, repeats=repeats, rounds=rounds))
+  times = iter(timing.interleaved_blocks(fns, repeats=repeats, rounds=rounds, wake_s=wake_s))
   records = []
   for name, num_classes, num_features, implementations in cells:
     blocks_of = {implementation: next(times) for implementation in implementations}
@@ -169,26 +181,30 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=10, help="timed calls per block")
   parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024],
                       help="test samples per score call, one run each")
+  parser.add_argument("--wake-s", type=float, default=WAKE_S,
+                      help="seconds of untimed calls before each timed block")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   records = [r for batch in args.batches
-             for r in run(batch=batch, rounds=args.rounds, repeats=args.repeats)]
+             for r in run(batch=batch, rounds=args.rounds, repeats=args.repeats,
+                          wake_s=args.wake_s)]
   markdown = table(records)
   env = timing.environment()
   footer = (f"{jax.default_backend()} backend ({env['device']}), torch threads "
-            f"{torch.get_num_threads()}, rounds {args.rounds} x {args.repeats} calls, "
+            f"{torch.get_num_threads()}, rounds {args.rounds} x {args.repeats} calls after "
+            f"{args.wake_s * 1e3:.0f} ms of untimed calls, "
             f"{time.perf_counter() - start:.0f} s")
   print(markdown + "\n\n" + footer)
   if args.out:
     folder = report.write_table(
         args.out, "scorers",
         {"environment": env, "settings": {"rounds": args.rounds, "repeats": args.repeats,
-                                          "batches": args.batches},
+                                          "batches": args.batches, "wake_s": args.wake_s},
          "records": records},
         title=f"Every scorer, line_jax vs PyTorch, batch "
               f"{' and '.join(map(str, args.batches))} (samples/s)",
         command=(f"python -m benchmarks.scorer_throughput --batches "
-                 f"{' '.join(map(str, args.batches))} --out {args.out}"),
+                 f"{' '.join(map(str, args.batches))} --wake-s {args.wake_s} --out {args.out}"),
         footer=footer, table=markdown)
     print(f"wrote {folder}/scorers.json and scorers.md")
 

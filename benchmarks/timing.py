@@ -50,7 +50,8 @@ def interleaved_rates(fns: Sequence[Callable[[], object]], samples: int, *, repe
 
 
 def interleaved_blocks(fns: Sequence[Callable[[], object]], *, repeats: int, rounds: int,
-                       settle_s: float = 0.03, wake: bool = True) -> list[list[list[float]]]:
+                       settle_s: float = 0.03, wake: bool = True,
+                       wake_s: float = 0.0) -> list[list[list[float]]]:
   """Call times of each of `fns`, `[fn][round][repeat]` seconds, taken in turns.
 
   Each `fn` must wait for its own result (`block_until_ready`,
@@ -70,6 +71,12 @@ def interleaved_blocks(fns: Sequence[Callable[[], object]], *, repeats: int, rou
       milliseconds and more (a backbone) need neither it nor the pause:
       with `repeats=1, settle_s=0, wake=False` the implementations simply
       alternate call by call.
+    wake_s: with `wake`, untimed calls go on until this many seconds have
+      passed, so that the block times the implementation running steadily.
+      On this project's 2-core VM a multi-threaded call stays slow for tens
+      of milliseconds after its workers were idle (XLA's park sooner than
+      PyTorch's spinning OpenMP workers), which a block of a few short
+      calls would time instead.
   """
   for fn in fns:
     fn()
@@ -78,7 +85,10 @@ def interleaved_blocks(fns: Sequence[Callable[[], object]], *, repeats: int, rou
     for fn, blocks in zip(fns, times):
       time.sleep(settle_s)
       if wake:
+        woken = time.perf_counter()
         fn()  # untimed: wakes the thread pools after the pause
+        while time.perf_counter() - woken < wake_s:
+          fn()
       spent = []
       for _ in range(repeats):
         start = time.perf_counter()

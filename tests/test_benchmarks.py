@@ -5,6 +5,7 @@ nothing (smoke sizes, seconds).
 """
 
 import json
+import time
 
 import pytest
 
@@ -193,3 +194,27 @@ def test_speed_chart_ratios_and_png(tmp_path):
   assert open(out, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="no scorers.json"):
     speed_chart.draw(str(tmp_path / "missing"))
+
+
+def test_interleaved_blocks_wake_each_block_for_wake_s_untimed():
+  from benchmarks import timing  # pylint: disable=import-outside-toplevel
+  calls = {"a": 0, "b": 0}
+
+  def call(name):
+    def fn():
+      calls[name] += 1
+      time.sleep(0.001)
+    return fn
+
+  times = timing.interleaved_blocks([call("a"), call("b")], repeats=3, rounds=2,
+                                    settle_s=0.0, wake_s=0.02)
+  assert [[len(block) for block in blocks] for blocks in times] == [[3, 3], [3, 3]]
+  # Per block: 3 timed calls after at least 0.02 s of untimed ones (each over 1 ms,
+  # so at most 20, at least 2); one warm-up call first.
+  for name in calls:
+    untimed = calls[name] - 1 - 2 * 3
+    assert 2 * 2 <= untimed <= 2 * 21, calls
+  one = {"a": 0}
+  timing.interleaved_blocks([lambda: one.__setitem__("a", one["a"] + 1)], repeats=3, rounds=2,
+                            settle_s=0.0)
+  assert one["a"] == 1 + 2 * (1 + 3)  # wake_s=0: one untimed call per block

@@ -21,7 +21,7 @@ from conftest import random_problem
 from line_jax import fold as fold_lib
 from line_jax import layout
 from line_jax.scorers import _cfood
-from line_jax.scorers import _nnguide
+from line_jax.scorers import _row_subset
 from line_jax.scorers import _registry
 from line_jax.scorers._registry import _scorer
 
@@ -55,7 +55,7 @@ def _normalise(h):
 def _reference_rows(train, alpha, bank_size=10**9, seed=0):
   """The official n = int(alpha N) rows, as the rows of smallest seeded hash."""
   n = min(int(alpha * len(train)) if alpha < 1 else len(train), bank_size)
-  keys = _nnguide.row_keys(train, seed)
+  keys = _row_subset.row_keys(train, seed)
   return train[np.argsort(keys, kind="stable")[:n]]
 
 

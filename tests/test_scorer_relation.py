@@ -17,7 +17,7 @@ import line_jax
 from conftest import random_problem
 from line_jax import fold as fold_lib
 from line_jax import layout
-from line_jax.scorers import _nnguide
+from line_jax.scorers import _row_subset
 from line_jax.scorers import _registry
 from line_jax.scorers import _relation
 from line_jax.scorers._registry import _scorer
@@ -73,7 +73,7 @@ def _close(got, want, rtol=1e-5):
 
 def _bank_rows(train, bank_size, seed=0):
   """The rows of the `bank_size` smallest seeded row hashes."""
-  keys = _nnguide.row_keys(train, seed)
+  keys = _row_subset.row_keys(train, seed)
   return train[np.sort(np.argsort(keys, kind="stable")[:bank_size])]
 
 

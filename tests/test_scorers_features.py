@@ -10,7 +10,6 @@ default dim and its limit; SHE's classes without correct samples; fDBD's
 identical classes.
 """
 
-import hashlib
 
 import chex
 import jax
@@ -32,6 +31,7 @@ from _scorer_references import _problem
 from line_jax import fold as fold_lib
 from line_jax import scorers
 from line_jax.scorers import _knn
+from line_jax.scorers import _row_subset
 from line_jax.scorers import _vim
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -217,9 +217,7 @@ def test_nnguide_states_at_several_k_stack_under_vmap(block_rows):
 
 def test_nnguide_bank_is_the_seeded_hash_subset_however_the_data_arrive():
   train, labels, kernel, bias, test = _big_problem()
-  keys = np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8,
-                                                  salt=(7).to_bytes(16, "little")).digest(),
-                                  "little") for row in train], dtype=np.uint64)
+  keys = _row_subset.row_keys(train, 7)  # The hash itself: tests/test_row_subset.py.
   kept = train[np.sort(np.argsort(keys)[:40])]
   hp = dict(k=5, bank_size=40, seed=7)
   whole = scorers.get("nnguide").fit(train, labels, kernel, bias, **hp)

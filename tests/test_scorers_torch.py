@@ -43,7 +43,7 @@ def test_throughput_benchmark_reports_every_scorer_in_both_implementations():
   async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
   # 24 training rows: CFOOD's reference set (a tenth) needs at least two.
   records = throughput.run(shapes=((3, 8), (4, 6)), batch=4, repeats=1, rounds=2, train=24,
-                           knn_k=2)
+                           knn_k=2, wake_s=0.0)
   assert len(records) == 2 * 2 * len(scorers.names())
   assert {(r["method"], r["classes"], r["implementation"]) for r in records} == {
       (name, c, impl) for name in scorers.names() for c in (3, 4) for impl in ("line_jax", "torch")}

@@ -32,7 +32,7 @@ reaches k is the number of j that do not.
 Departures, both for bounded memory and reproducibility. (1) The official
 reference set is an unseeded `torch.randperm` subset of all extracted
 features, held in memory; here it is the n rows of smallest seeded 64-bit
-hash of the feature row's bytes (`_nnguide.row_keys`), a uniform random
+hash of the feature row's bytes (`_row_subset.row_keys`), a uniform random
 subset fixed by the data and `seed`, so a streamed, merged or re-ordered fit
 keeps the same rows; and n is at most `bank_size` (default 50,000: every
 alpha of the sweep is exact on CIFAR-10 and CIFAR-100's 50,000 training
@@ -74,7 +74,7 @@ from line_jax import _validation
 from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _nnguide
+from line_jax.scorers import _row_subset
 
 ALPHA = 0.1
 K = 0.01
@@ -185,18 +185,12 @@ def init(kernel, bias, *, alpha=ALPHA, k=K, bank_size=BANK_SIZE, seed=0,
                   np.zeros((), np.int64), alpha, k, bank_size, seed, block_rows)
 
 
-def _smallest(rows: np.ndarray, keys: np.ndarray, size: int):
-  """The `size` rows of smallest key, ordered by key (all, if fewer)."""
-  order = np.argsort(keys, kind="stable")[:size]
-  return rows[order], keys[order]
-
-
 def update(acc: CfoodAcc, features, labels) -> CfoodAcc:
   """Adds a `[batch, features]` batch; keeps the `bank_size` smallest keys."""
   del labels
   features = np.asarray(features, np.float32)
-  rows, keys = _smallest(np.concatenate([acc.rows, features]),
-                         np.concatenate([acc.keys, _nnguide.row_keys(features, acc.seed)]),
+  rows, keys = _row_subset.smallest(np.concatenate([acc.rows, features]),
+                         np.concatenate([acc.keys, _row_subset.row_keys(features, acc.seed)]),
                          acc.bank_size)
   return acc.replace(rows=rows, keys=keys,
                      seen=np.asarray(int(acc.seen) + features.shape[0], np.int64))
@@ -204,7 +198,7 @@ def update(acc: CfoodAcc, features, labels) -> CfoodAcc:
 
 def merge(a: CfoodAcc, b: CfoodAcc) -> CfoodAcc:
   """The smallest keys of both parts, and both counts."""
-  rows, keys = _smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
+  rows, keys = _row_subset.smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
                          a.bank_size)
   return a.replace(rows=rows, keys=keys,
                    seen=np.asarray(int(a.seen) + int(b.seen), np.int64))

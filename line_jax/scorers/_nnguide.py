@@ -21,8 +21,8 @@ and `score` to reproduce them.
 
 Bounded memory: the bank holds at most `bank_size` rows (default 12,811 =
 1 % of ImageNet's 1,281,167 training images, the official bank's size): the
-rows whose seeded 64-bit hash of the feature row's bytes is smallest, a
-uniform random subset fixed by the data and `seed` alone, so a streamed,
+rows whose seeded 64-bit hash of the feature row's bytes is smallest
+(`_row_subset.row_keys`), a uniform random subset fixed by the data and `seed` alone, so a streamed,
 merged or re-ordered fit keeps the same rows. The accumulator holds at most
 `bank_size` rows plus one batch (host memory); the fitted bank `bank_size x
 features` float32 on the device (105 MB at 2048 features); a score call
@@ -34,8 +34,6 @@ than `bank_size` is kept whole.
 
 from __future__ import annotations
 
-import hashlib
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -46,6 +44,7 @@ from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
 from line_jax.scorers import _knn
+from line_jax.scorers import _row_subset
 
 K = 10
 BANK_SIZE = 12_811
@@ -141,33 +140,18 @@ def _guidance_rows(head: _common.HeadState, features: jax.Array) -> jax.Array:
   return normalise(h) * energy[:, None]
 
 
-def row_keys(features, seed: int) -> np.ndarray:
-  """`[n]` uint64 seeded BLAKE2b hashes of the float32 bytes of each row."""
-  rows = np.ascontiguousarray(np.asarray(features, np.float32))
-  salt = seed.to_bytes(16, "little")
-  return np.fromiter(
-      (int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8, salt=salt).digest(), "little")
-       for row in rows), dtype=np.uint64, count=rows.shape[0])
-
-
-def _smallest(rows: np.ndarray, keys: np.ndarray, size: int):
-  """The `size` rows of smallest key, ordered by key (all, if fewer)."""
-  order = np.argsort(keys, kind="stable")[:size]
-  return rows[order], keys[order]
-
-
 def update(acc: NnguideAcc, features, labels) -> NnguideAcc:
   """Adds a `[batch, features]` batch's guidance rows; keeps the smallest keys."""
   del labels
   rows = np.concatenate([acc.rows, np.asarray(_guidance_rows(acc.head, features))])
-  keys = np.concatenate([acc.keys, row_keys(features, acc.seed)])
-  rows, keys = _smallest(rows, keys, acc.bank_size)
+  keys = np.concatenate([acc.keys, _row_subset.row_keys(features, acc.seed)])
+  rows, keys = _row_subset.smallest(rows, keys, acc.bank_size)
   return acc.replace(rows=rows, keys=keys)
 
 
 def merge(a: NnguideAcc, b: NnguideAcc) -> NnguideAcc:
   """The smallest keys of both parts: what one fit over both would keep."""
-  rows, keys = _smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
+  rows, keys = _row_subset.smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
                          a.bank_size)
   return a.replace(rows=rows, keys=keys)
 

@@ -29,7 +29,7 @@ Bounded memory: OpenOOD keeps every training row (ImageNet-1k: 1.28 M x
 rows (default 50,000: CIFAR-10's and CIFAR-100's whole training sets, so
 OpenOOD's CIFAR benchmarks are exact; 3.9 % of ImageNet-1k): the rows whose
 seeded 64-bit hash of the feature row's bytes is smallest
-(`_nnguide.row_keys`), a uniform random subset fixed by the data and `seed`
+(`_row_subset.row_keys`), a uniform random subset fixed by the data and `seed`
 alone, so a streamed, merged or re-ordered fit keeps the same rows. On a
 subsample the score is the edge sum over the kept rows, which estimates
 `bank / training` times the full sum: the same ranking in expectation, not
@@ -58,7 +58,7 @@ from line_jax import _validation
 from line_jax import fold
 from line_jax import layout as layout_lib
 from line_jax.scorers import _common
-from line_jax.scorers import _nnguide
+from line_jax.scorers import _row_subset
 
 POWER = 1
 THRESHOLD = 0.03
@@ -145,25 +145,19 @@ def init(kernel, bias, *, power=POWER, threshold=THRESHOLD, bank_size=BANK_SIZE,
                      np.zeros((0,), np.uint64), power, threshold, bank_size, seed, block_rows)
 
 
-def _smallest(rows: np.ndarray, keys: np.ndarray, size: int):
-  """The `size` rows of smallest key, ordered by key (all, if fewer)."""
-  order = np.argsort(keys, kind="stable")[:size]
-  return rows[order], keys[order]
-
-
 def update(acc: RelationAcc, features, labels) -> RelationAcc:
   """Adds a `[batch, features]` batch's rows; keeps the `bank_size` smallest keys."""
   del labels
   features = np.asarray(features, np.float32)
-  rows, keys = _smallest(np.concatenate([acc.rows, features]),
-                         np.concatenate([acc.keys, _nnguide.row_keys(features, acc.seed)]),
+  rows, keys = _row_subset.smallest(np.concatenate([acc.rows, features]),
+                         np.concatenate([acc.keys, _row_subset.row_keys(features, acc.seed)]),
                          acc.bank_size)
   return acc.replace(rows=rows, keys=keys)
 
 
 def merge(a: RelationAcc, b: RelationAcc) -> RelationAcc:
   """The smallest keys of both parts: what one fit over both would keep."""
-  rows, keys = _smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
+  rows, keys = _row_subset.smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
                          a.bank_size)
   return a.replace(rows=rows, keys=keys)
 
