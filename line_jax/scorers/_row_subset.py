@@ -24,8 +24,9 @@ is then a multilinear hash of the mixed words (two rows that differ collide
 with probability about 2^-32 per half), and the final mix spreads every bit
 over the key, so ordering rows by key is ordering them by a uniform random
 number. Sums modulo 2^32 do not depend on the order NumPy adds in, so the
-keys are the same on every machine. Vectorised over rows: 50,000 x 342
-features hash in about 40 ms, where a per-row `hashlib` call took 150 ms.
+keys are the same on every machine. Every step is a NumPy pass over a block
+of rows, not a Python call per row (`benchmarks/results/cpu/nearest_neighbours.md`
+times NNGuide's fit).
 """
 
 from __future__ import annotations
