@@ -126,3 +126,22 @@ def test_smallest_keeps_the_rows_of_smallest_key_in_key_order():
   every_rows, every_keys = _row_subset.smallest(rows, keys, 10)
   assert every_keys.tolist() == [1, 3, 3, 7, 8, 9]
   assert every_rows[:, 0].tolist() == [4.0, 1.0, 3.0, 2.0, 5.0, 0.0]
+
+
+def test_add_and_merge_keep_what_one_pass_over_all_rows_keeps():
+  rows = np.random.default_rng(5).normal(size=(90, 4)).astype(np.float32)
+  want_rows, want_keys = _row_subset.smallest(rows, _row_subset.row_keys(rows, 2), 25)
+  parts = []
+  for part in (rows[:40], rows[40:]):
+    kept = (np.zeros((0, 4), np.float32), np.zeros((0,), np.uint64))
+    for start in range(0, len(part), 7):
+      batch = part[start:start + 7]
+      kept = _row_subset.add(*kept, batch, batch, 2, 25)
+      assert kept[0].shape[0] <= 25
+    parts.append(kept)
+  got_rows, got_keys = _row_subset.merge(*parts[0], *parts[1], 25)
+  np.testing.assert_array_equal(got_rows, want_rows)
+  np.testing.assert_array_equal(got_keys, want_keys)
+  # The rows kept may be derived from the hashed ones (NNGuide keeps guidance rows).
+  derived, _ = _row_subset.add(np.zeros((0, 4)), np.zeros((0,), np.uint64), 2 * rows, rows, 2, 25)
+  np.testing.assert_array_equal(derived, 2 * want_rows)

@@ -189,17 +189,15 @@ def update(acc: CfoodAcc, features, labels) -> CfoodAcc:
   """Adds a `[batch, features]` batch; keeps the `bank_size` smallest keys."""
   del labels
   features = np.asarray(features, np.float32)
-  rows, keys = _row_subset.smallest(np.concatenate([acc.rows, features]),
-                         np.concatenate([acc.keys, _row_subset.row_keys(features, acc.seed)]),
-                         acc.bank_size)
+  rows, keys = _row_subset.add(acc.rows, acc.keys, features, features, acc.seed,
+                               acc.bank_size)
   return acc.replace(rows=rows, keys=keys,
                      seen=np.asarray(int(acc.seen) + features.shape[0], np.int64))
 
 
 def merge(a: CfoodAcc, b: CfoodAcc) -> CfoodAcc:
   """The smallest keys of both parts, and both counts."""
-  rows, keys = _row_subset.smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
-                         a.bank_size)
+  rows, keys = _row_subset.merge(a.rows, a.keys, b.rows, b.keys, a.bank_size)
   return a.replace(rows=rows, keys=keys,
                    seen=np.asarray(int(a.seen) + int(b.seen), np.int64))
 

@@ -22,14 +22,15 @@ and `score` to reproduce them.
 Bounded memory: the bank holds at most `bank_size` rows (default 12,811 =
 1 % of ImageNet's 1,281,167 training images, the official bank's size): the
 rows whose seeded 64-bit hash of the feature row's bytes is smallest
-(`_row_subset.row_keys`), a uniform random subset fixed by the data and `seed` alone, so a streamed,
-merged or re-ordered fit keeps the same rows. The accumulator holds at most
-`bank_size` rows plus one batch (host memory); the fitted bank `bank_size x
-features` float32 on the device (105 MB at 2048 features); a score call
-walks it in blocks of `block_rows` with a running top-k, so its temporaries
-are `[batch, block_rows]` whatever the bank. (A bank of the whole training set,
-as pytorch-ood's NNGuide keeps, was reported at 34 GiB on ImageNet.) A training set smaller
-than `bank_size` is kept whole.
+(`_row_subset.row_keys`), a uniform random subset fixed by the data and
+`seed` alone, so a streamed, merged or re-ordered fit keeps the same rows.
+The accumulator holds at most `bank_size` rows plus one batch (host memory);
+the fitted bank `bank_size x features` float32 on the device (105 MB at 2048
+features); a score call walks it in blocks of `block_rows` with a running
+top-k, so its temporaries are `[batch, block_rows]` whatever the bank. (A
+bank of the whole training set, as pytorch-ood's NNGuide keeps, was reported
+at 34 GiB on ImageNet.) A training set smaller than `bank_size` is kept
+whole.
 """
 
 from __future__ import annotations
@@ -143,16 +144,15 @@ def _guidance_rows(head: _common.HeadState, features: jax.Array) -> jax.Array:
 def update(acc: NnguideAcc, features, labels) -> NnguideAcc:
   """Adds a `[batch, features]` batch's guidance rows; keeps the smallest keys."""
   del labels
-  rows = np.concatenate([acc.rows, np.asarray(_guidance_rows(acc.head, features))])
-  keys = np.concatenate([acc.keys, _row_subset.row_keys(features, acc.seed)])
-  rows, keys = _row_subset.smallest(rows, keys, acc.bank_size)
+  rows, keys = _row_subset.add(acc.rows, acc.keys,
+                               np.asarray(_guidance_rows(acc.head, features)), features,
+                               acc.seed, acc.bank_size)
   return acc.replace(rows=rows, keys=keys)
 
 
 def merge(a: NnguideAcc, b: NnguideAcc) -> NnguideAcc:
   """The smallest keys of both parts: what one fit over both would keep."""
-  rows, keys = _row_subset.smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
-                         a.bank_size)
+  rows, keys = _row_subset.merge(a.rows, a.keys, b.rows, b.keys, a.bank_size)
   return a.replace(rows=rows, keys=keys)
 
 

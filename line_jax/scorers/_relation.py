@@ -149,16 +149,14 @@ def update(acc: RelationAcc, features, labels) -> RelationAcc:
   """Adds a `[batch, features]` batch's rows; keeps the `bank_size` smallest keys."""
   del labels
   features = np.asarray(features, np.float32)
-  rows, keys = _row_subset.smallest(np.concatenate([acc.rows, features]),
-                         np.concatenate([acc.keys, _row_subset.row_keys(features, acc.seed)]),
-                         acc.bank_size)
+  rows, keys = _row_subset.add(acc.rows, acc.keys, features, features, acc.seed,
+                               acc.bank_size)
   return acc.replace(rows=rows, keys=keys)
 
 
 def merge(a: RelationAcc, b: RelationAcc) -> RelationAcc:
   """The smallest keys of both parts: what one fit over both would keep."""
-  rows, keys = _row_subset.smallest(np.concatenate([a.rows, b.rows]), np.concatenate([a.keys, b.keys]),
-                         a.bank_size)
+  rows, keys = _row_subset.merge(a.rows, a.keys, b.rows, b.keys, a.bank_size)
   return a.replace(rows=rows, keys=keys)
 
 

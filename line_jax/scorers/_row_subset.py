@@ -92,9 +92,24 @@ def smallest(rows: np.ndarray, keys: np.ndarray, size: int) -> tuple[np.ndarray,
   Equal keys keep their order in `rows`, as in a stable sort of all keys.
   """
   if keys.shape[0] > size:
-    # In index order first, so equal keys keep their order as in a full sort.
-    part = np.sort(np.argpartition(keys, size - 1)[:size])
+    part = np.sort(np.argpartition(keys, size - 1)[:size])  # index order, then by key
     order = part[np.argsort(keys[part], kind="stable")]
   else:
     order = np.argsort(keys, kind="stable")
   return rows[order], keys[order]
+
+
+def add(rows: np.ndarray, keys: np.ndarray, new_rows: np.ndarray, features, seed: int,
+        size: int) -> tuple[np.ndarray, np.ndarray]:
+  """A fold's update: the `size` smallest-key rows of the kept `rows` / `keys`
+  and `new_rows`, whose keys hash the batch's `features` (`[batch, m]`; the
+  rows kept may be derived from them, as NNGuide's are)."""
+  return smallest(np.concatenate([rows, new_rows]),
+                  np.concatenate([keys, row_keys(features, seed)]), size)
+
+
+def merge(rows_a: np.ndarray, keys_a: np.ndarray, rows_b: np.ndarray, keys_b: np.ndarray,
+          size: int) -> tuple[np.ndarray, np.ndarray]:
+  """A fold's merge: the `size` smallest-key rows of two kept parts, what
+  one fit over both would keep."""
+  return smallest(np.concatenate([rows_a, rows_b]), np.concatenate([keys_a, keys_b]), size)
