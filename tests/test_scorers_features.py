@@ -88,7 +88,7 @@ def test_knn_matches_numpy():
   want = -np.sort(distances, axis=1)[:, 6]
   scores, state = _fit_score("knn", k=7)
   np.testing.assert_allclose(scores, want, atol=2e-6)
-  kth = np.asarray(_knn._kth_one_block(state, jnp.asarray(z, jnp.float32)), np.float64)
+  kth = np.asarray(_knn.kth_affinity(state, jnp.asarray(z, jnp.float32)), np.float64)
   np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - kth, 0.0)), want, atol=2e-6)
 
 
@@ -108,7 +108,7 @@ def test_knn_scores_under_vmap_over_k_as_each_k_alone(block_rows):
     want = np.asarray(knn.score(alone, test))
     np.testing.assert_allclose(np.asarray(knn.score(state, test)), want, rtol=1e-6, atol=1e-6)
     if block_rows is None:  # the one-block selection, traced k
-      kth = jax.vmap(lambda s: _knn._kth_one_block(s, z))(stacked)
+      kth = jax.vmap(lambda s: _knn.kth_affinity(s, z))(stacked)
       np.testing.assert_allclose(-np.sqrt(np.maximum(1.0 - np.asarray(kth[ks.index(k)]), 0)),
                                  want, atol=2e-6)
   vmapped = np.asarray(jax.vmap(knn.score, in_axes=(0, None))(stacked, test))

@@ -278,20 +278,6 @@ def _affinity(z: jax.Array, block: jax.Array, sq_norms: jax.Array) -> jax.Array:
   return 2.0 * jnp.matmul(z, block.T, precision=_PRECISION) - sq_norms
 
 
-def _kth(best: jax.Array, k: jax.Array) -> jax.Array:
-  """`[batch]` entry k - 1 of `[batch, k_max]` values sorted largest first."""
-  return jax.lax.dynamic_index_in_dim(best, k - 1, axis=1, keepdims=False)
-
-
-def _kth_one_block(state: KnnState, z: jax.Array) -> jax.Array:
-  """`[batch]` k-th largest affinity to a one-block bank: `lax.top_k` of width
-  `k_max`, read at the traced k - 1. (A static slice of the top-k values
-  would make XLA:CPU sort every row instead; radix selection over the rows
-  ran 2-3x slower than this on CPU: `benchmarks/kernel_variants.py`.)"""
-  return _kth(jax.lax.top_k(_affinity(z, state.bank[0], state.sq_norms[0]), state.k_max)[0],
-              state.k)
-
-
 def merged_top_k(best: jax.Array, values: jax.Array, k: int) -> jax.Array:
   """`[batch, k]` the k largest of `best` `[batch, k]` and `values` `[batch, n]`,
   largest first. The block's own top-k first: merging those copies
@@ -300,22 +286,46 @@ def merged_top_k(best: jax.Array, values: jax.Array, k: int) -> jax.Array:
   return jax.lax.top_k(jnp.concatenate([best, block_best], axis=1), k)[0]
 
 
-def _kth_blocks(state: KnnState, z: jax.Array) -> jax.Array:
-  blocks, block_rows, _ = state.bank.shape
+def top_k_over_blocks(similarity, blocks: tuple, size: int, k_max: int) -> jax.Array:
+  """`[batch, k_max]` the k_max largest similarities to a blocked bank, largest first.
+
+  Args:
+    similarity: `similarity(*block) -> [batch, rows per block]`, larger = nearer.
+    blocks: arrays with a leading `[blocks, rows per block]`: the bank (`blocked`)
+      and any per-row values `similarity` takes with it.
+    size: real rows of the bank (the padding rows of the last block are dropped).
+    k_max: static width of the selection.
+
+  A one-block bank is one `lax.top_k`; several run it over each block in a
+  scan, merged into the running best. The caller reads its traced k from
+  the result: a static slice of the top-k values would make XLA:CPU sort
+  every row instead, and radix selection over the rows ran 2-3x slower
+  than `top_k` on CPU (`benchmarks/kernel_variants.py`).
+  """
+  num_blocks, block_rows = blocks[0].shape[:2]
+  first = tuple(b[0] for b in blocks)
+  if num_blocks == 1:
+    return jax.lax.top_k(similarity(*first), k_max)[0]
+  batch = jax.eval_shape(similarity, *first).shape[0]
   rows = jnp.arange(block_rows)
-  padded = blocks * block_rows > state.size
 
-  def merge(best, inputs):
-    block, sq_norms, start = inputs
-    affinity = _affinity(z, block, sq_norms)
-    if padded:  # Only the last block holds padding rows.
-      affinity = jnp.where(start + rows < state.size, affinity, -jnp.inf)
-    return merged_top_k(best, affinity, state.k_max), None
+  def step(best, inputs):
+    start, block = inputs[0], inputs[1:]
+    values = similarity(*block)
+    if num_blocks * block_rows > size:  # Only the last block holds padding rows.
+      values = jnp.where(start + rows < size, values, -jnp.inf)
+    return merged_top_k(best, values, k_max), None
 
-  best = jnp.full((z.shape[0], state.k_max), -jnp.inf, jnp.float32)
-  starts = jnp.arange(blocks) * block_rows
-  best, _ = jax.lax.scan(merge, best, (state.bank, state.sq_norms, starts))
-  return _kth(best, state.k)
+  best = jnp.full((batch, k_max), -jnp.inf, jnp.float32)
+  best, _ = jax.lax.scan(step, best, (jnp.arange(num_blocks) * block_rows, *blocks))
+  return best
+
+
+def kth_affinity(state: KnnState, z: jax.Array) -> jax.Array:
+  """`[batch]` the k-th largest affinity of normalised `z` to the bank."""
+  best = top_k_over_blocks(lambda block, sq_norms: _affinity(z, block, sq_norms),
+                           (state.bank, state.sq_norms), state.size, state.k_max)
+  return jax.lax.dynamic_index_in_dim(best, state.k - 1, axis=1, keepdims=False)
 
 
 @_common.score_jit
@@ -329,9 +339,6 @@ def score(state: KnnState, features: jax.Array,
   """
   _common.check_width(features, state.bank.shape[2])
   z = _normalise(features)
-  if state.bank.shape[0] == 1:
-    kth = _kth_one_block(state, z)
-  else:
-    kth = _kth_blocks(state, z)
+  kth = kth_affinity(state, z)
   sq_distance = jnp.sum(z * z, axis=1) - kth
   return -jnp.sqrt(jnp.maximum(sq_distance, 0.0))

@@ -250,12 +250,18 @@ def merge(a: ClassMoments, b: ClassMoments) -> ClassMoments:
 def from_moments(acc: ClassMoments) -> MahalanobisState:
   """The scorer from accumulated moments (pseudo-inverse in float64)."""
   _validation.nonempty_classes(acc.counts)
-  with jax.enable_x64(True), one_blas_thread(layout_lib.for_arrays(acc.scatter)):
-    return jax.block_until_ready(_state(acc))
+  return float64_linalg(_state, acc, like=acc.scatter)
+
+
+def float64_linalg(fn, *args, like: jax.Array):
+  """`fn(*args)` with float64 on and its host LAPACK calls on one BLAS thread
+  (`_one_blas_thread` on `like`'s device), blocked on before it returns."""
+  with jax.enable_x64(True), _one_blas_thread(layout_lib.for_arrays(like)):
+    return jax.block_until_ready(fn(*args))
 
 
 @contextlib.contextmanager
-def one_blas_thread(layout: layout_lib.Layout | None = None):
+def _one_blas_thread(layout: layout_lib.Layout | None = None):
   """Host LAPACK calls (eigh, pinv, Cholesky) inside run on one BLAS thread.
 
   On CPU, jaxlib's LAPACK kernels run on scipy's OpenBLAS, whose idle

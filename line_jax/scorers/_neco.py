@@ -152,9 +152,8 @@ def _principal(moments: _mahalanobis.ClassMoments, dim: int):
 
 def finalize(acc: NecoAcc) -> NecoState:
   """The scaler and the principal axes (float64), and the state."""
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread(
-      layout_lib.for_arrays(acc.moments.scatter)):
-    mean, inv_scale, components = jax.block_until_ready(_principal(acc.moments, acc.dim))
+  mean, inv_scale, components = _mahalanobis.float64_linalg(
+      _principal, acc.moments, acc.dim, like=acc.moments.scatter)
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   return NecoState(acc.head.weight, acc.head.bias, f32(mean), f32(inv_scale), f32(components),
                    max_logit=acc.max_logit)

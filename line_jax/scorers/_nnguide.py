@@ -170,27 +170,6 @@ def finalize(acc: NnguideAcc) -> NnguideState:
 FOLD = fold.Fold(init=init, update=update, finalize=finalize, merge=merge)
 
 
-def _top_k_sum_blocks(state: NnguideState, z: jax.Array) -> jax.Array:
-  """`[batch]` sums of the k largest `z . b`: a top-`k_max` (running over the
-  blocks of a bank of several), of which the first k count."""
-  blocks, block_rows, _ = state.bank.shape
-  if blocks == 1:
-    best = jax.lax.top_k(_matmul.dot(z, state.bank[0].T), state.k_max)[0]
-  else:
-    rows = jnp.arange(block_rows)
-
-    def step(best, inputs):
-      block, start = inputs
-      sims = _matmul.dot(z, block.T)
-      if blocks * block_rows > state.size:  # Only the last block holds padding rows.
-        sims = jnp.where(start + rows < state.size, sims, -jnp.inf)
-      return _knn.merged_top_k(best, sims, state.k_max), None
-
-    best = jnp.full((z.shape[0], state.k_max), -jnp.inf, jnp.float32)
-    best, _ = jax.lax.scan(step, best, (state.bank, jnp.arange(blocks) * block_rows))
-  return jnp.sum(jnp.where(jnp.arange(state.k_max) < state.k, best, 0.0), axis=1)
-
-
 @_common.score_jit
 def score(state: NnguideState, features: jax.Array,
           layout: layout_lib.Layout | None = None) -> jax.Array:
@@ -204,5 +183,8 @@ def score(state: NnguideState, features: jax.Array,
   _common.check_width(features, state.bank.shape[2])
   h = features.astype(jnp.float32)
   z = normalise(h)
-  top = _top_k_sum_blocks(state, z)
+  # The k_max largest `z . b`, of which the first k count.
+  best = _knn.top_k_over_blocks(lambda block: _matmul.dot(z, block.T), (state.bank,),
+                                state.size, state.k_max)
+  top = jnp.sum(jnp.where(jnp.arange(state.k_max) < state.k, best, 0.0), axis=1)
   return _common.head_energy(state, h, layout) * (top / state.k.astype(jnp.float32))

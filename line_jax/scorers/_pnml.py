@@ -126,8 +126,7 @@ def _factor(gram: jax.Array) -> jax.Array:
 
 def finalize(acc: PnmlAcc) -> PnmlState:
   """The pseudo-inverse's factor (float64 eigendecomposition) and the state."""
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(acc.gram)):
-    factor = jax.block_until_ready(_factor(acc.gram))
+  factor = _mahalanobis.float64_linalg(_factor, acc.gram, like=acc.gram)
   return PnmlState(acc.head.weight, acc.head.bias, jnp.asarray(factor, jnp.float32))
 
 

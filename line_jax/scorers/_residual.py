@@ -126,8 +126,8 @@ def update(acc: ResidualAcc, features, labels) -> ResidualAcc:
 
 def finalize(acc: ResidualAcc) -> ResidualState:
   """The residual basis (float64 eigendecomposition) and the state."""
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(acc.scatter)):
-    residual = jax.block_until_ready(_vim.residual_basis(acc.scatter, acc.count, acc.dim))
+  residual = _mahalanobis.float64_linalg(_vim.residual_basis, acc.scatter, acc.count, acc.dim,
+                                         like=acc.scatter)
   return ResidualState(origin=jnp.asarray(acc.origin, jnp.float32), residual=residual)
 
 

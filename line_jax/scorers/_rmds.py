@@ -75,9 +75,7 @@ def _background(acc: _mahalanobis.ClassMoments) -> tuple[jax.Array, jax.Array]:
 def finalize(acc: _mahalanobis.ClassMoments) -> RmdsState:
   """Both Gaussians from the class moments (float64 pseudo-inverses)."""
   classes = _mahalanobis.from_moments(acc)  # checks that every class has a sample
-  layout = layout_lib.for_arrays(acc.scatter)
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout):
-    mean, precision = jax.block_until_ready(_background(acc))
+  mean, precision = _mahalanobis.float64_linalg(_background, acc, like=acc.scatter)
   return RmdsState(classes.center, classes.means, classes.precision, classes.mean_norms,
                    mean.astype(jnp.float32), precision.astype(jnp.float32))
 

@@ -109,8 +109,8 @@ def origin(kernel, bias) -> jax.Array:
   kernel = jnp.asarray(kernel, jnp.float32)
   if bias is None:
     return jnp.zeros((kernel.shape[0],), jnp.float32)
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(kernel)):
-    return jax.block_until_ready(_origin_of(kernel, jnp.asarray(bias, jnp.float32)))
+  return _mahalanobis.float64_linalg(_origin_of, kernel, jnp.asarray(bias, jnp.float32),
+                                     like=kernel)
 
 
 @jax.jit
@@ -202,8 +202,8 @@ def update(acc: VimAcc, features, labels) -> VimAcc:
 def next_pass(acc: VimAcc) -> VimAcc:
   """The residual basis: eigenvectors of the `features - D` smallest
   eigenvalues of the covariance around the origin (float64)."""
-  with jax.enable_x64(True), _mahalanobis.one_blas_thread(layout_lib.for_arrays(acc.scatter)):
-    residual = jax.block_until_ready(residual_basis(acc.scatter, acc.count, acc.dim))
+  residual = _mahalanobis.float64_linalg(residual_basis, acc.scatter, acc.count, acc.dim,
+                                         like=acc.scatter)
   return acc.replace(residual=residual, second=True)
 
 
