@@ -124,6 +124,39 @@ def test_scores_equal_the_float64_reference_and_larger_rows_score_lower(dyadic):
   assert got[: B // 2].mean() > got[B // 2:].mean()
 
 
+@pytest.mark.parametrize("columns, per_step", [(4, 1), (8, 2), (15, 3), (1024, R)])
+def test_any_number_of_repeats_per_step_scores_the_reference(dyadic, monkeypatch, columns,
+                                                             per_step):
+  """The walk over the repeats, `per_step` at a time, fits and scores as one pass over all."""
+  del dyadic
+  monkeypatch.setattr(_weiper, "COLUMNS_PER_STEP", columns)
+  assert _weiper.repeats_per_step(R, C) == per_step
+  train, kernel, bias, test = _problem()
+  state = SCORER.fit(train, None, kernel, bias, **HPARAMS)
+  _close(np.asarray(SCORER.score(state, test)), _reference(train, kernel, bias, test))
+
+
+def test_bin_index_is_searchsorted_at_and_beside_every_edge():
+  """The bin by arithmetic, corrected by the edges, is the binary search's,
+  for values at each edge, one float32 step either side and out of range,
+  over ranges from 1e-6 to 1e6 wide and offsets up to 1e7 (some of them a
+  few float32 steps per bin), and for edges all equal."""
+  rng = np.random.default_rng(0)
+  index = jax.jit(_weiper.bin_index)
+  for _ in range(100):
+    width = 10.0 ** rng.uniform(-6, 6)
+    low = np.float32(rng.normal() * 10.0 ** rng.uniform(-3, 7))
+    edges = _weiper.edges(low, np.float32(low + width), int(rng.integers(1, 120)))
+    values = np.concatenate([
+        edges, np.nextafter(edges, np.float32(-np.inf)), np.nextafter(edges, np.float32(np.inf)),
+        rng.uniform(low - width, low + 2 * width, 200)]).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(index(values[None], edges))[0],
+                                  np.searchsorted(edges, values, side="right"))
+  edges = _weiper.edges(np.float32(1000.0), np.float32(1000.0), 10)  # every edge 1000
+  values = np.array([999.99994, 1000.0, 1000.00006, -5.0], np.float32)
+  np.testing.assert_array_equal(np.asarray(index(values[None], edges))[0], [0, 11, 11, 0])
+
+
 @pytest.mark.parametrize("hparams", [
     {"smoothing": 1, "smoothing_perturbed": 2, "n_bins": 7},
     {"lambda_1": 0.0, "lambda_2": 5.0, "epsilon": 0.1, "epsilon_noise": 0.001},

@@ -51,9 +51,9 @@ defaults.
 
 Streaming, two passes, memory independent of the sample count: pass 1 the
 four scalar extremes, pass 2 the `n_bins` float64 sums of each density (merged
-by addition). Scores walk the repeats one `[batch, classes]` block at a time
-(the code materialises `[n, n_repeats x classes]`), accumulating bin counts
-by scatter-add. The state holds the perturbed head, `n_repeats x classes x
+by addition). Scores walk the repeats a few at a time, about `COLUMNS_PER_STEP`
+logits of each row a step (the code materialises `[n, n_repeats x
+classes]`), accumulating bin counts by scatter-add. The state holds the perturbed head, `n_repeats x classes x
 features` float32 (20 MB for CIFAR-100's ResNet-18 head, 820 MB for
 ResNet-50 on ImageNet at the default 100 repeats).
 """
@@ -81,6 +81,10 @@ LAMBDA_1 = 2.5
 LAMBDA_2 = 0.1
 EPSILON = 0.01
 EPSILON_NOISE = 0.025
+# Logit columns per step of the walk over the repeats: several repeats of a
+# small head in one product (100 single-repeat steps of a 10-class head were
+# each too small to keep the CPU busy), one repeat at a time of a wide head.
+COLUMNS_PER_STEP = 1024
 _UPPER_EPS = np.float32(1e-8)  # `batch_histogram`'s `max + eps`, in float32
 # The tuning grid (`python -m line_jax.tune`): the yml's lambda lists.
 GRID = {"lambda_1": (0.1, 1.0, 2.5, 4.0), "lambda_2": (0.1, 0.25, 1.0, 2.5, 5.0)}
@@ -216,11 +220,24 @@ def init(kernel, bias, *, n_repeats=N_REPEATS, perturbation_distance=PERTURBATIO
         edges, edges, sums, sums, jnp.zeros((), jnp.int64), 0, settings)
 
 
+def repeats_per_step(repeats: int, classes: int) -> int:
+  """Repeats whose logits one step of the walk computes: the largest divisor
+  of `repeats` with at most `COLUMNS_PER_STEP` logit columns (at least 1)."""
+  want = max(1, COLUMNS_PER_STEP // classes)
+  return max(d for d in range(1, min(want, repeats) + 1) if repeats % d == 0)
+
+
 def _perturbed_logits(perturbed, bias, h, step):
-  """Folds `step(carry, logits [batch, classes])` over the repeats."""
+  """Folds `step(carry, logits [batch, r, classes])` over the repeats, r at a
+  time (`repeats_per_step`): one product of `r x classes` columns a step."""
+  repeats, classes, num_features = perturbed.shape
+  r = repeats_per_step(repeats, classes)
+  blocks = perturbed.reshape(repeats // r, r * classes, num_features)
+
   def body(carry, weight):
-    return step(carry, _matmul.dot(h, weight.T) + bias), None
-  return lambda carry: jax.lax.scan(body, carry, perturbed)[0]
+    logits = _matmul.dot(h, weight.T).reshape(h.shape[0], r, classes) + bias
+    return step(carry, logits), None
+  return lambda carry: jax.lax.scan(body, carry, blocks)[0]
 
 
 @jax.jit
@@ -234,10 +251,34 @@ def _extremes(acc: WeiperAcc, features: jax.Array) -> WeiperAcc:
                      high=jnp.stack([jnp.maximum(acc.high[0], jnp.max(h)), high]))
 
 
+def bin_index(values: jax.Array, edges: jax.Array) -> jax.Array:
+  """`searchsorted(edges, values, side="right")` (int32, the count of edges
+  `<= v`) for finite `values` and increasing, evenly spaced `edges` (`edges()`).
+
+  The spacing gives each value's bin by one multiplication, within one of
+  the right one under rounding, and a comparison with the edges on either
+  side corrects it. Where it cannot (edges closer than the rounding,
+  as when the whole range is a few float32 steps) the binary search runs.
+  """
+  n = edges.shape[0] - 1
+  guess = jnp.floor((values - edges[0]) * (n / (edges[-1] - edges[0])))
+  index = jnp.clip(jnp.nan_to_num(guess, nan=-1.0), -1, n).astype(jnp.int32) + 1
+  # bounds[i] is edges[i - 1], with -inf and inf beyond: bin i is [bounds[i], bounds[i + 1]).
+  bounds = jnp.concatenate([jnp.full((1,), -jnp.inf, edges.dtype), edges,
+                            jnp.full((1,), jnp.inf, edges.dtype)])
+  index = jnp.where(values < bounds[index], index - 1, index)
+  index = jnp.where(values >= bounds[index + 1], index + 1, index)
+  exact = jnp.all((bounds[index] <= values) & (values < bounds[index + 1]))
+  return jax.lax.cond(exact, lambda: index,
+                      lambda: jnp.searchsorted(edges, values, side="right").astype(jnp.int32))
+
+
 def counts(values: jax.Array, edges: jax.Array) -> jax.Array:
-  """`[batch, n_bins + 2]` float32 counts of each row of `values` per bin:
-  below the first edge, `edges[k] <= v < edges[k + 1]`, at or above the last."""
-  index = jnp.searchsorted(edges, values, side="right")
+  """`[batch, n_bins + 2]` float32 counts of each row of `values` (`[batch, ...]`)
+  per bin: below the first edge, `edges[k] <= v < edges[k + 1]`, at or above
+  the last (`edges()`'s evenly spaced edges)."""
+  values = values.reshape(values.shape[0], -1)
+  index = bin_index(values, edges)
   rows = jax.lax.broadcasted_iota(jnp.int32, index.shape, 0)
   return jnp.zeros((values.shape[0], edges.shape[0] + 1), jnp.float32).at[rows, index].add(1.0)
 
@@ -250,7 +291,8 @@ def densities(perturbed, bias, edges_features, edges_perturbed, features
   repeats, classes, _ = perturbed.shape
   def step(carry, z):
     hist, msp = carry
-    return hist + counts(z, edges_perturbed), msp + jnp.max(jax.nn.softmax(z, axis=1), axis=1)
+    msp_z = jnp.sum(jnp.max(jax.nn.softmax(z, axis=2), axis=2), axis=1)
+    return hist + counts(z, edges_perturbed), msp + msp_z
   start = (jnp.zeros((h.shape[0], edges_perturbed.shape[0] + 1), jnp.float32),
            jnp.zeros((h.shape[0],), jnp.float32))
   hist, msp = _perturbed_logits(perturbed, bias, h, step)(start)
