@@ -8,7 +8,8 @@ for:
 
 * the k-th largest value per row (ASH, SCALE at 2048 and 342 features, and
   KNN's bank-major affinities): radix selection with rolled or unrolled
-  passes, `lax.top_k`, a full sort; `torch.topk` and `torch.kthvalue`;
+  passes (rolled passes counting by a reduction or by a product),
+  `lax.top_k`, a full sort; `torch.topk` and `torch.kthvalue`;
 * ASH's top-k mask with and without its tie branch;
 * the largest logit of a head (all products at float32): as registered,
   over a Flax-layout kernel, with the product kept out of the reduction's
@@ -54,7 +55,8 @@ BATCH = 1024
 # 34 of 342 activations per sample; KNN (k = 50) selects down a bank-major
 # `[bank, batch]` affinity block.
 SELECTIONS = (("ash 2048", BATCH, 2048, 205), ("ash 342", BATCH, 342, 34),
-              ("knn bank 2048", BATCH, 2048, 50))
+              ("knn bank 2048", BATCH, 2048, 50),
+              ("ash 2048, batch 256", 256, 2048, 205), ("ash 342, batch 256", 256, 342, 34))
 HEADS = ((100, 342), (1000, 2048))
 _ROLLING = {True: "unrolled", False: "rolled"}
 
@@ -121,6 +123,11 @@ def selections(repeats: int, rounds: int) -> list[dict]:
             lambda v: radix(v, k, unroll=default), operand),
         f"radix {_ROLLING[other]}": _jax_call(
             lambda v: radix(v, k, unroll=other), operand),
+        # How the rolled passes count (`_select.COUNT_BY_PRODUCT_COLUMNS`).
+        "radix rolled, counts by reduction": _jax_call(
+            lambda v: radix(v, k, unroll=False, count_by_product=False), operand),
+        "radix rolled, counts by product": _jax_call(
+            lambda v: radix(v, k, unroll=False, count_by_product=True), operand),
         # The k-th of `top_k`'s values at a traced index, as KNN reads it: a
         # static slice of them (`[:, -1]`) makes XLA:CPU run a full sort instead.
         "lax.top_k": _jax_call(lambda v, i: jax.lax.dynamic_index_in_dim(

@@ -283,6 +283,25 @@ def test_kth_largest_matches_numpy_on_signed_values_and_ties():
     np.testing.assert_array_equal(np.asarray(_select.kth_largest(jnp.asarray(x), k)), want)
     np.testing.assert_array_equal(
         np.asarray(_select.kth_largest(jnp.asarray(x), k, unroll=True)), want)
+    for by_product in (False, True):  # both ways the rolled passes count
+      np.testing.assert_array_equal(np.asarray(_select.kth_largest(
+          jnp.asarray(x), k, unroll=False, count_by_product=by_product)), want)
+
+
+def test_rolled_passes_count_by_product_from_the_column_threshold(monkeypatch):
+  """Rows at and above `COUNT_BY_PRODUCT_COLUMNS` (the columns of the passes)
+  take the product, which selects what the reduction does, ties included."""
+  rng = np.random.default_rng(3)
+  x = np.round(rng.normal(size=(40, 30)), 1).astype(np.float32)  # many ties
+  want = np.asarray(_select.kth_largest(jnp.asarray(x), 9, unroll=False,
+                                        count_by_product=False))
+  jaxpr = lambda rows: str(jax.make_jaxpr(
+      lambda v: _select.kth_largest(v, 9, unroll=False))(jnp.asarray(x[:rows])))
+  monkeypatch.setattr(_select, "COUNT_BY_PRODUCT_COLUMNS", 32)
+  assert "dot_general" in jaxpr(32) and "dot_general" not in jaxpr(31)
+  np.testing.assert_array_equal(np.asarray(_select.kth_largest(jnp.asarray(x), 9, unroll=False)),
+                                want)
+  np.testing.assert_array_equal(want, -np.sort(-x, axis=1)[:, 8])
 
 
 # ---- Percentiles of the training features ------------------------------------

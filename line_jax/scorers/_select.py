@@ -19,6 +19,12 @@ import numpy as np
 from line_jax import layout as layout_lib
 
 _SIGN = np.uint32(1 << 31)
+# From this many columns the rolled (CPU) passes count by a product of the
+# comparisons with a ones vector rather than by XLA:CPU's column reduction,
+# which writes the comparisons out and sums them in a tree of reductions:
+# 1.2-1.7x faster from 1,024 columns (of 342-2,048 keys), 0.7-1.1x at 256
+# and 512 (`benchmarks/kernel_variants.py`).
+COUNT_BY_PRODUCT_COLUMNS = 1024
 
 
 def to_key(x: jax.Array) -> jax.Array:
@@ -43,27 +49,41 @@ def unrolled(layout: layout_lib.Layout | None = None) -> bool:
   return not layout_lib.resolve(layout).cpu
 
 
-def kth_largest_key_per_column(keys: jax.Array, k: int, *,
-                               unroll: bool | None = None) -> jax.Array:
+def kth_largest_key_per_column(keys: jax.Array, k: int, *, unroll: bool | None = None,
+                               count_by_product: bool | None = None) -> jax.Array:
   """The k-th largest of each column of `keys` (`[n, columns]` uint32).
 
   A bit of the answer stays set when at least k keys are >= the prefix with
-  that bit set. Requires 1 <= k <= n. `unroll` defaults to `unrolled()`.
+  that bit set. Requires 1 <= k <= n. `unroll` defaults to `unrolled()`;
+  `count_by_product` (how each pass counts; the same answer) defaults to
+  rolled passes over at least `COUNT_BY_PRODUCT_COLUMNS` columns.
   """
+  unroll = unrolled() if unroll is None else unroll
+  n, columns = keys.shape
+  if count_by_product is None:
+    count_by_product = not unroll and columns >= COUNT_BY_PRODUCT_COLUMNS
+  by_product = count_by_product and n < 2**24
+  ones = jnp.ones((n,), jnp.float32)
+
   def step(i, prefix):
     candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-    count = jnp.sum(keys >= candidate[None, :], axis=0, dtype=jnp.int32)
+    above = keys >= candidate[None, :]
+    if by_product:  # float32 sums of 0 and 1 are exact below 2^24
+      count = jnp.matmul(ones, above.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    else:
+      count = jnp.sum(above, axis=0, dtype=jnp.int32)
     return jnp.where(count >= k, candidate, prefix)
 
-  unroll = unrolled() if unroll is None else unroll
   return jax.lax.fori_loop(0, 32, step, jnp.zeros(keys.shape[1:], jnp.uint32), unroll=unroll)
 
 
-def kth_largest_per_column(x: jax.Array, k: int, *, unroll: bool | None = None) -> jax.Array:
-  """The k-th largest value of each column of float32 `[n, columns]`."""
-  return from_key(kth_largest_key_per_column(to_key(x), k, unroll=unroll))
+def kth_largest_per_column(x: jax.Array, k: int, **options) -> jax.Array:
+  """The k-th largest value of each column of float32 `[n, columns]`
+  (`options`: `kth_largest_key_per_column`'s)."""
+  return from_key(kth_largest_key_per_column(to_key(x), k, **options))
 
 
-def kth_largest(x: jax.Array, k: int, *, unroll: bool | None = None) -> jax.Array:
-  """The k-th largest value of each row of float32 `[rows, n]`."""
-  return kth_largest_per_column(x.T, k, unroll=unroll)
+def kth_largest(x: jax.Array, k: int, **options) -> jax.Array:
+  """The k-th largest value of each row of float32 `[rows, n]`
+  (`options`: `kth_largest_key_per_column`'s)."""
+  return kth_largest_per_column(x.T, k, **options)
