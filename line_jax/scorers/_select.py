@@ -63,13 +63,13 @@ def kth_largest_key_per_column(keys: jax.Array, k: int, *, unroll: bool | None =
   if count_by_product is None:
     count_by_product = not unroll and columns >= COUNT_BY_PRODUCT_COLUMNS
   by_product = count_by_product and n < 2**24
-  ones = jnp.ones((n,), jnp.float32)
 
   def step(i, prefix):
     candidate = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
     above = keys >= candidate[None, :]
     if by_product:  # float32 sums of 0 and 1 are exact below 2^24
-      count = jnp.matmul(ones, above.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+      count = jnp.matmul(jnp.ones((n,), jnp.float32), above.astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
     else:
       count = jnp.sum(above, axis=0, dtype=jnp.int32)
     return jnp.where(count >= k, candidate, prefix)

@@ -51,11 +51,12 @@ defaults.
 
 Streaming, two passes, memory independent of the sample count: pass 1 the
 four scalar extremes, pass 2 the `n_bins` float64 sums of each density (merged
-by addition). Scores walk the repeats a few at a time, about `COLUMNS_PER_STEP`
-logits of each row a step (the code materialises `[n, n_repeats x
-classes]`), accumulating bin counts by scatter-add. The state holds the perturbed head, `n_repeats x classes x
-features` float32 (20 MB for CIFAR-100's ResNet-18 head, 820 MB for
-ResNet-50 on ImageNet at the default 100 repeats).
+by addition). Scores walk the repeats a few at a time, about
+`COLUMNS_PER_STEP` logits of each row a step (the code materialises
+`[n, n_repeats x classes]`), accumulating bin counts by scatter-add. The
+state holds the perturbed head, `n_repeats x classes x features` float32
+(20 MB for CIFAR-100's ResNet-18 head, 820 MB for ResNet-50 on ImageNet at
+the default 100 repeats).
 """
 
 from __future__ import annotations
